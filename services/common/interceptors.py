@@ -1,0 +1,233 @@
+"""Server interceptors: request id, access log, metrics, errors → statuses.
+
+Only this module turns domain errors (`services.common.errors`) into gRPC
+statuses. Anything unexpected becomes INTERNAL with a generic message; the
+stack trace goes to the log alone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection
+from typing import Any
+
+import grpc
+from prometheus_client import Counter, Histogram
+
+from services.common.errors import TokenyardError, Unauthenticated
+from services.common.logs import request_id_var
+from services.common.status import grpc_code_name, trailers_for
+
+log = logging.getLogger("tokenyard.access")
+errlog = logging.getLogger("tokenyard.errors")
+
+REQUEST_ID_HEADER = "x-request-id"
+SERVICE_TOKEN_HEADER = "x-tokenyard-service-token"
+_QUIET_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
+_MAX_REQUEST_ID = 128
+
+RPC_REQUESTS = Counter(
+    "tokenyard_grpc_requests_total", "gRPC calls served, by method and status.", ["method", "code"]
+)
+RPC_SECONDS = Histogram(
+    "tokenyard_grpc_request_duration_seconds",
+    "Time from call start to its end (whole stream for streaming calls).",
+    ["method"],
+    buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300),
+)
+
+Behaviour = Callable[..., Any]
+
+
+def metadata_value(context: grpc.aio.ServicerContext[Any, Any], key: str) -> str | None:
+    """The single value of `key` in the call's metadata (None when absent)."""
+    values = [v for k, v in (context.invocation_metadata() or ()) if k == key]
+    return str(values[0]) if values else None
+
+
+async def abort_with(context: grpc.aio.ServicerContext[Any, Any], err: TokenyardError) -> None:
+    """End the call with `err`'s status, message and `google.rpc.Status` details."""
+    await context.abort(err.code, err.message, trailing_metadata=trailers_for(err))
+
+
+def _rewrap(handler: grpc.RpcMethodHandler, wrap: Callable[[Behaviour, bool], Behaviour]) -> Any:
+    """A copy of `handler` whose behaviour is `wrap(behaviour, streaming_response)`."""
+    if handler.unary_unary:
+        return grpc.unary_unary_rpc_method_handler(
+            wrap(handler.unary_unary, False),
+            handler.request_deserializer,
+            handler.response_serializer,
+        )
+    if handler.unary_stream:
+        return grpc.unary_stream_rpc_method_handler(
+            wrap(handler.unary_stream, True),
+            handler.request_deserializer,
+            handler.response_serializer,
+        )
+    if handler.stream_unary:
+        return grpc.stream_unary_rpc_method_handler(
+            wrap(handler.stream_unary, False),
+            handler.request_deserializer,
+            handler.response_serializer,
+        )
+    return grpc.stream_stream_rpc_method_handler(
+        wrap(handler.stream_stream, True),
+        handler.request_deserializer,
+        handler.response_serializer,
+    )
+
+
+class ServerErrorInterceptor(grpc.aio.ServerInterceptor):
+    """Request id, one access-log line per call, metrics, and error mapping."""
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(details)
+        if handler is None:
+            return handler
+        method: str = details.method  # type: ignore[attr-defined]
+        quiet = method.startswith(_QUIET_PREFIXES)
+
+        def wrap(behaviour: Behaviour, streaming: bool) -> Behaviour:
+            if streaming:
+
+                async def stream(request: Any, context: Any) -> AsyncIterator[Any]:
+                    state = _Call(method, context, quiet)
+                    try:
+                        result = behaviour(request, context)
+                        if hasattr(result, "__aiter__"):
+                            async for item in result:
+                                yield item
+                        else:  # a coroutine that writes with context.write
+                            await result
+                    except BaseException as exc:
+                        await state.fail(exc)
+                    finally:
+                        state.finish()
+
+                return stream
+
+            async def unary(request: Any, context: Any) -> Any:
+                state = _Call(method, context, quiet)
+                try:
+                    return await behaviour(request, context)
+                except BaseException as exc:
+                    await state.fail(exc)
+                finally:
+                    state.finish()
+
+            return unary
+
+        return _rewrap(handler, wrap)  # type: ignore[no-any-return]
+
+
+class _Call:
+    """Bookkeeping of one call: its request id, timing and final status."""
+
+    def __init__(self, method: str, context: Any, quiet: bool) -> None:
+        self.method, self.context, self.quiet = method, context, quiet
+        self.start = time.perf_counter()
+        self.code = grpc.StatusCode.OK
+        given = metadata_value(context, REQUEST_ID_HEADER) or ""
+        rid = given if 0 < len(given) <= _MAX_REQUEST_ID and given.isprintable() else ""
+        self.request_id = rid or uuid.uuid4().hex
+        self.token = request_id_var.set(self.request_id)
+
+    async def fail(self, exc: BaseException) -> None:
+        """Map `exc` to a status and end the call with it (re-raises control flow)."""
+        if isinstance(exc, TokenyardError):
+            self.code = exc.code
+            await abort_with(self.context, exc)
+        if isinstance(exc, grpc.aio.AbortError | GeneratorExit):
+            self.code = self.context.code() or grpc.StatusCode.UNKNOWN
+            raise exc
+        if isinstance(exc, asyncio.CancelledError):
+            self.code = grpc.StatusCode.CANCELLED
+            raise exc
+        self.code = grpc.StatusCode.INTERNAL
+        errlog.error(
+            "unexpected error in %s", self.method, exc_info=exc, extra={"method": self.method}
+        )
+        await self.context.abort(
+            grpc.StatusCode.INTERNAL, f"internal error (request id {self.request_id})"
+        )
+
+    def finish(self) -> None:
+        elapsed = time.perf_counter() - self.start
+        name = grpc_code_name(self.code)
+        RPC_REQUESTS.labels(self.method, name).inc()
+        RPC_SECONDS.labels(self.method).observe(elapsed)
+        level = logging.DEBUG if self.quiet else logging.INFO
+        log.log(
+            level,
+            "%s %s",
+            self.method,
+            name,
+            extra={
+                "method": self.method,
+                "code": name,
+                "duration_ms": round(elapsed * 1000, 3),
+                "peer": self.context.peer(),
+                "request_id": self.request_id,
+            },
+        )
+        request_id_var.reset(self.token)
+
+
+class ServiceTokenInterceptor(grpc.aio.ServerInterceptor):
+    """Refuses internal RPCs that do not carry the shared service token.
+
+    `methods` lists the full method names to protect; None protects every method
+    but health and reflection (a worker: only the router may call it).
+    """
+
+    def __init__(self, token: str, methods: Collection[str] | None = None) -> None:
+        self._token = token.encode()
+        self._methods = set(methods) if methods is not None else None
+
+    def _protected(self, method: str) -> bool:
+        if self._methods is not None:
+            return method in self._methods
+        return not method.startswith(_QUIET_PREFIXES)
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(details)
+        method: str = details.method  # type: ignore[attr-defined]
+        if handler is None or not self._protected(method):
+            return handler
+        given = ""
+        for key, value in details.invocation_metadata or ():  # type: ignore[attr-defined]
+            if key == SERVICE_TOKEN_HEADER and isinstance(value, str):
+                given = value
+        if hmac.compare_digest(given.encode(), self._token):
+            return handler
+
+        def wrap(behaviour: Behaviour, streaming: bool) -> Behaviour:
+            err = Unauthenticated(
+                "this internal endpoint needs the service credential", reason="SERVICE_TOKEN"
+            )
+            if streaming:
+
+                async def refuse_stream(request: Any, context: Any) -> AsyncIterator[Any]:
+                    await abort_with(context, err)
+                    yield  # pragma: no cover - abort raises
+
+                return refuse_stream
+
+            async def refuse(request: Any, context: Any) -> Any:
+                await abort_with(context, err)
+
+            return refuse
+
+        return _rewrap(handler, wrap)  # type: ignore[no-any-return]

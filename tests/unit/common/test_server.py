@@ -1,0 +1,192 @@
+"""The shared server core: health, reflection, error mapping, graceful stop."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from tokenyard.generation.v1 import generation_service_pb2 as gen
+from tokenyard.generation.v1 import generation_service_pb2_grpc as gen_grpc
+
+from services.common import errors
+from services.common.config import ServerSettings
+from services.common.interceptors import SERVICE_TOKEN_HEADER
+from services.common.server import GrpcServer
+from services.common.status import parse_details
+
+SERVICE = "tokenyard.generation.v1.GenerationService"
+
+ERRORS: dict[str, errors.TokenyardError] = {
+    "bad": errors.InvalidArgument("sampling.top_p", "must be in (0, 1]"),
+    "missing": errors.NotFound("model 'missing' is not served", reason="MODEL_NOT_FOUND"),
+    "nokey": errors.Unauthenticated(),
+    "denied": errors.PermissionDenied("model not allowed", reason="MODEL_NOT_ALLOWED"),
+    "limited": errors.ResourceExhausted(
+        "rate limit", reason="RATE_LIMITED", retry_after=1.5, quota_subject="key:k1"
+    ),
+    "down": errors.Unavailable("no worker", retry_after=0.5),
+}
+
+
+class Servicer(gen_grpc.GenerationServiceServicer):
+    """Raises a domain error chosen by the model name; streams slowly."""
+
+    def __init__(self) -> None:
+        self.streaming = asyncio.Event()
+
+    async def Generate(self, request: gen.GenerateRequest, context: Any) -> gen.GenerateResponse:
+        if request.model in ERRORS:
+            raise ERRORS[request.model]
+        if request.model == "crash":
+            raise RuntimeError("SELECT secret FROM keys -- must not reach the client")
+        return gen.GenerateResponse(model=request.model, text="ok")
+
+    async def StreamGenerate(
+        self, request: gen.StreamGenerateRequest, context: Any
+    ) -> AsyncIterator[gen.StreamGenerateResponse]:
+        for i in range(5):
+            self.streaming.set()
+            yield gen.StreamGenerateResponse(text=str(i))
+            await asyncio.sleep(0.1)
+
+
+async def start(token: str | None = None) -> tuple[GrpcServer, Servicer, grpc.aio.Channel]:
+    server = GrpcServer(ServerSettings(grace_period=5.0), service_token=token)
+    servicer = Servicer()
+    server.add(gen_grpc.add_GenerationServiceServicer_to_server, servicer, SERVICE)
+    port = await server.start()
+    await server.set_serving(True)
+    return server, servicer, grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+
+
+async def test_health_reports_serving_and_not_serving() -> None:
+    server, _, channel = await start()
+    stub = health_pb2_grpc.HealthStub(channel)
+    reply = await stub.Check(health_pb2.HealthCheckRequest(service=SERVICE))
+    assert reply.status == health_pb2.HealthCheckResponse.SERVING
+    watch = stub.Watch(health_pb2.HealthCheckRequest(service=""))
+    first = await watch.read()
+    assert first.status == health_pb2.HealthCheckResponse.SERVING
+    await server.set_serving(False)
+    second = await watch.read()
+    assert second.status == health_pb2.HealthCheckResponse.NOT_SERVING
+    watch.cancel()
+    await channel.close()
+    await server.stop(0)
+
+
+async def test_reflection_lists_services() -> None:
+    server, _, channel = await start()
+    stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+
+    async def requests() -> AsyncIterator[reflection_pb2.ServerReflectionRequest]:
+        yield reflection_pb2.ServerReflectionRequest(list_services="")
+
+    names: list[str] = []
+    async for reply in stub.ServerReflectionInfo(requests()):
+        names = [s.name for s in reply.list_services_response.service]
+    assert SERVICE in names
+    assert "grpc.health.v1.Health" in names
+    await channel.close()
+    await server.stop(0)
+
+
+@pytest.mark.parametrize(
+    ("model", "code", "reason"),
+    [
+        ("bad", grpc.StatusCode.INVALID_ARGUMENT, "INVALID_ARGUMENT"),
+        ("missing", grpc.StatusCode.NOT_FOUND, "MODEL_NOT_FOUND"),
+        ("nokey", grpc.StatusCode.UNAUTHENTICATED, "UNAUTHENTICATED"),
+        ("denied", grpc.StatusCode.PERMISSION_DENIED, "MODEL_NOT_ALLOWED"),
+        ("limited", grpc.StatusCode.RESOURCE_EXHAUSTED, "RATE_LIMITED"),
+        ("down", grpc.StatusCode.UNAVAILABLE, "UNAVAILABLE"),
+    ],
+)
+async def test_domain_errors_map_to_status_with_details(
+    model: str, code: grpc.StatusCode, reason: str
+) -> None:
+    server, _, channel = await start()
+    stub = gen_grpc.GenerationServiceStub(channel)
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stub.Generate(gen.GenerateRequest(model=model))
+    err = caught.value
+    details = parse_details(err.code(), err.details() or "", await _trailers(err))
+    assert details.code == code
+    assert details.reason == reason
+    if model == "bad":
+        assert details.metadata["field"] == "sampling.top_p"
+        assert "sampling.top_p" in details.message
+    if model == "limited":
+        assert details.retry_after == pytest.approx(1.5)
+        assert details.quota_violations == [("key:k1", "rate limit")]
+    await channel.close()
+    await server.stop(0)
+
+
+async def _trailers(err: grpc.aio.AioRpcError) -> Any:
+    return tuple(err.trailing_metadata() or ())
+
+
+async def test_unexpected_error_is_internal_without_leaking() -> None:
+    server, _, channel = await start()
+    stub = gen_grpc.GenerationServiceStub(channel)
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stub.Generate(gen.GenerateRequest(model="crash"))
+    assert caught.value.code() == grpc.StatusCode.INTERNAL
+    assert "SELECT" not in (caught.value.details() or "")
+    assert "Traceback" not in (caught.value.details() or "")
+    # The server keeps serving after the error.
+    reply = await stub.Generate(gen.GenerateRequest(model="fine"))
+    assert reply.text == "ok"
+    await channel.close()
+    await server.stop(0)
+
+
+async def test_graceful_stop_finishes_stream_and_refuses_new_calls() -> None:
+    server, servicer, channel = await start()
+    stub = gen_grpc.GenerationServiceStub(channel)
+    call = stub.StreamGenerate(gen.StreamGenerateRequest(model="m"))
+    received = [(await call.read()).text]
+    await servicer.streaming.wait()
+    stopping = asyncio.create_task(server.stop(5.0))
+    await asyncio.sleep(0.05)
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stub.Generate(gen.GenerateRequest(model="new"), timeout=2)
+    assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+    while (msg := await call.read()) is not grpc.aio.EOF:
+        received.append(msg.text)
+    assert received == ["0", "1", "2", "3", "4"]
+    assert await call.code() == grpc.StatusCode.OK
+    await stopping
+    await channel.close()
+
+
+async def test_service_token_required_when_configured() -> None:
+    server, _, channel = await start(token="s3cret-token")
+    stub = gen_grpc.GenerationServiceStub(channel)
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stub.Generate(gen.GenerateRequest(model="fine"))
+    assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stub.Generate(
+            gen.GenerateRequest(model="fine"), metadata=((SERVICE_TOKEN_HEADER, "wrong"),)
+        )
+    assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    stream = stub.StreamGenerate(gen.StreamGenerateRequest(model="m"))
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stream.read()
+    assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    reply = await stub.Generate(
+        gen.GenerateRequest(model="fine"), metadata=((SERVICE_TOKEN_HEADER, "s3cret-token"),)
+    )
+    assert reply.text == "ok"
+    # Health stays open to probes without the token.
+    health = health_pb2_grpc.HealthStub(channel)
+    assert (await health.Check(health_pb2.HealthCheckRequest())).status == 1
+    await channel.close()
+    await server.stop(0)
