@@ -45,8 +45,12 @@ def retry_service_config(methods: Sequence[tuple[str, str]]) -> str:
     )
 
 
-class _Metadata(grpc.aio.UnaryUnaryClientInterceptor, grpc.aio.UnaryStreamClientInterceptor):  # type: ignore[misc]
-    """Adds fixed metadata and, for unary calls, a default deadline."""
+class _MetadataBase:
+    """Adds fixed metadata and, for unary calls, a default deadline.
+
+    grpc.aio files an interceptor under the first call kind it implements only,
+    so unary and streaming calls each get their own subclass.
+    """
 
     def __init__(self, extra: Sequence[tuple[str, str]], default_timeout: float | None) -> None:
         self.extra = tuple(extra)
@@ -61,10 +65,18 @@ class _Metadata(grpc.aio.UnaryUnaryClientInterceptor, grpc.aio.UnaryStreamClient
             details.method, timeout, metadata, details.credentials, details.wait_for_ready
         )
 
+
+class _Metadata(_MetadataBase, grpc.aio.UnaryUnaryClientInterceptor):  # type: ignore[misc]
+    """Metadata and the default deadline for unary calls."""
+
     async def intercept_unary_unary(
         self, continuation: Callable[..., Any], details: Any, request: Any
     ) -> Any:
         return await continuation(self._details(details, True), request)
+
+
+class _StreamMetadata(_MetadataBase, grpc.aio.UnaryStreamClientInterceptor):  # type: ignore[misc]
+    """The same metadata for server-streaming calls (no default deadline)."""
 
     async def intercept_unary_stream(
         self, continuation: Callable[..., Any], details: Any, request: Any
@@ -94,7 +106,10 @@ def make_channel(
         options.append(("grpc.service_config", retry_service_config(retry_methods)))
     if server_name:
         options.append(("grpc.ssl_target_name_override", server_name))
-    interceptors: list[Any] = [_Metadata(metadata, default_timeout)]
+    interceptors: list[Any] = [
+        _Metadata(metadata, default_timeout),
+        _StreamMetadata(metadata, default_timeout),
+    ]
     if tracing:
         interceptors = client_tracing_interceptors() + interceptors
     if credentials is None:
