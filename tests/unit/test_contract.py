@@ -22,7 +22,14 @@ def _descriptor_set(tmp_path: Path) -> descriptor_pb2.FileDescriptorSet:
     files = sorted(str(p.relative_to(PROTOS)) for p in PROTOS.rglob("*.proto"))
     well_known = resources.files("grpc_tools") / "_proto"
     rc = protoc.main(
-        ["protoc", f"-I{PROTOS}", f"-I{well_known}", "--include_source_info", f"--descriptor_set_out={out}", *files]
+        [
+            "protoc",
+            f"-I{PROTOS}",
+            f"-I{well_known}",
+            "--include_source_info",
+            f"--descriptor_set_out={out}",
+            *files,
+        ]
     )
     assert rc == 0
     return descriptor_pb2.FileDescriptorSet.FromString(out.read_bytes())
@@ -36,7 +43,12 @@ def test_every_service_rpc_message_field_and_enum_value_has_a_comment(tmp_path: 
             tuple(loc.path) for loc in file.source_code_info.location if loc.leading_comments
         }
 
-        def need(path: tuple[int, ...], name: str, file_name: str = file.name) -> None:
+        def need(
+            path: tuple[int, ...],
+            name: str,
+            file_name: str = file.name,
+            commented: set[tuple[int, ...]] = commented,
+        ) -> None:
             if path not in commented:
                 missing.append(f"{file_name}: {name}")
 
@@ -65,7 +77,7 @@ def test_generation_request_carries_the_designed_fields(tmp_path: Path) -> None:
         if fld.label != descriptor_pb2.FieldDescriptorProto.LABEL_REPEATED:
             assert fld.proto3_optional, f"SamplingParams.{fld.name} must be optional"
     request = messages["StreamGenerateRequest"]
-    assert [o.name for o in request.oneof_decl][0] == "input"
+    assert next(o.name for o in request.oneof_decl) == "input"
 
 
 @needs_buf
