@@ -1,0 +1,314 @@
+"""The inference engine: continuous batching on a compute thread, streams on asyncio.
+
+`Engine.generate` is called on the event loop and returns an async iterator of token
+event lists. The model runs on one dedicated thread (torch releases the GIL inside
+its kernels, so the loop stays responsive); after each step the thread hands every
+stream its new events with a single `call_soon_threadsafe` per event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import threading
+import time
+import weakref
+from collections import deque
+from collections.abc import AsyncIterator
+import torch
+
+from services.inference.engine.prefix_cache import PrefixCache
+from services.inference.engine.runner import Runner
+from services.inference.engine.sampling import SampleRow, sample
+from services.inference.engine.scheduler import Scheduler, Sequence
+from services.inference.engine.stream import RequestStream
+from services.inference.engine.types import (
+    MAX_LOGPROBS,
+    EngineClosed,
+    EngineError,
+    EngineFull,
+    EngineRequest,
+    EngineStats,
+    InvalidRequest,
+    SamplingConfig,
+    TokenEvent,
+)
+from services.inference.model_loading import LoadedModel
+
+log = logging.getLogger(__name__)
+_RATE_WINDOW_S = 10.0
+
+
+class Engine:
+    """Serves one loaded model to many concurrent requests with continuous batching.
+
+    At most `max_running` sequences decode together; up to `max_queued` more wait, and
+    `generate` raises `EngineFull` beyond that. Each step computes at most
+    `max_batch_tokens` tokens (one per decoding sequence plus prompt chunks).
+    """
+
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        *,
+        max_running: int,
+        max_queued: int,
+        max_batch_tokens: int,
+        prefix_cache: bool = True,
+        prefix_cache_bytes: int = 256 * 2**20,
+        prefix_block_size: int = 16,
+    ) -> None:
+        if max_running < 1:
+            raise ValueError("max_running must be at least 1")
+        if max_queued < 0:
+            raise ValueError("max_queued must not be negative")
+        if max_batch_tokens <= max_running:
+            raise ValueError("max_batch_tokens must exceed max_running (room for a prefill)")
+        self.loaded = loaded
+        self.max_running = max_running
+        self.max_queued = max_queued
+        self.max_batch_tokens = max_batch_tokens
+        self.runner = Runner(loaded.model)
+        self.context_length = min(loaded.context_length, self.runner.context_length)
+        cache = PrefixCache(prefix_block_size, prefix_cache_bytes) if prefix_cache else None
+        self._scheduler = Scheduler(
+            self.runner,
+            max_running=max_running,
+            max_batch_tokens=max_batch_tokens,
+            eos_token_ids=loaded.eos_token_ids,
+            prefix_cache=cache,
+            deliver=self._deliver,
+            on_removed=self._on_removed,
+        )
+        self._prefix_cache = cache
+        self._cond = threading.Condition()
+        self._step_lock = threading.Lock()
+        self._inbox: list[Sequence] = []
+        self._outstanding = 0
+        self._closed = False
+        self._thread: threading.Thread | None = None
+        self._idle_waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]] = []
+        self._rate: deque[tuple[float, int]] = deque()
+        self._pending_tokens = 0
+        self._total_requests = 0
+        self._total_prompt_tokens = 0
+
+    # -- lifecycle -------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start the compute thread."""
+        with self._cond:
+            if self._closed:
+                raise EngineClosed("engine is stopped")
+            if self._thread is not None:
+                return
+            self._thread = threading.Thread(
+                target=self._run, name=f"engine-{self.loaded.name}", daemon=True
+            )
+            self._thread.start()
+
+    async def stop(self) -> None:
+        """Stop the compute thread; every pending request ends "cancelled"."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+            thread = self._thread
+        if thread is not None:
+            await asyncio.to_thread(thread.join)
+        else:
+            self._cancel_everything()
+
+    def warmup(self) -> None:
+        """Run one tiny generation so the first request does not pay one-time setup."""
+        vocab = self.runner.vocab_size
+        prompt = torch.arange(1, 9, dtype=torch.long, device=self.runner.device) % vocab
+        config = SamplingConfig(max_tokens=4, temperature=0.7, top_p=0.9, top_k=20, logprobs=2)
+        with self._step_lock:
+            cache = self.runner.new_cache(1, 16)
+            logits = self.runner.prefill(cache, 0, prompt, 0)[None]
+            for position in range(prompt.shape[0], prompt.shape[0] + 3):
+                token = sample(logits, [SampleRow(config, 0, position, [])])[0].token_id
+                mask = torch.ones((1, 1, 1, position + 1), dtype=torch.bool)
+                pos = torch.tensor([position], device=self.runner.device)
+                tok = torch.tensor([token], device=self.runner.device)
+                logits = self.runner.decode(cache, tok, pos, self.runner.write_rows(cache, pos), mask)
+
+    # -- requests --------------------------------------------------------------
+
+    def _validate(self, req: EngineRequest) -> None:
+        s = req.sampling
+        vocab = self.runner.vocab_size
+        if not req.prompt_ids:
+            raise InvalidRequest("prompt_ids", "must not be empty")
+        if any(not 0 <= t < vocab for t in (*req.prompt_ids, *req.continuation_ids)):
+            raise InvalidRequest("prompt_ids", f"token ids must be in [0, {vocab})")
+        if len(req.prompt_ids) + len(req.continuation_ids) >= self.context_length:
+            raise InvalidRequest(
+                "prompt_ids", f"prompt is longer than the context ({self.context_length})"
+            )
+        if s.max_tokens < 1:
+            raise InvalidRequest("max_tokens", "must be at least 1")
+        if len(req.continuation_ids) >= s.max_tokens:
+            raise InvalidRequest("continuation_ids", "already reach max_tokens")
+        if not s.temperature >= 0.0:
+            raise InvalidRequest("temperature", "must be >= 0")
+        if not 0.0 < s.top_p <= 1.0:
+            raise InvalidRequest("top_p", "must be in (0, 1]")
+        if s.top_k < 0:
+            raise InvalidRequest("top_k", "must be >= 0")
+        if not 0.0 <= s.min_p <= 1.0:
+            raise InvalidRequest("min_p", "must be in [0, 1]")
+        if not s.repetition_penalty > 0.0:
+            raise InvalidRequest("repetition_penalty", "must be > 0")
+        if s.logprobs is not None and not 0 <= s.logprobs <= MAX_LOGPROBS:
+            raise InvalidRequest("logprobs", f"must be in [0, {MAX_LOGPROBS}]")
+
+    def generate(self, req: EngineRequest) -> AsyncIterator[list[TokenEvent]]:
+        """Submit `req`; iterate the result for its token events (see module docstring).
+
+        Raises `InvalidRequest`, `EngineFull` (queue full) or `EngineClosed` at once.
+        Closing or cancelling the iterator aborts the request within one step.
+        """
+        self._validate(req)
+        loop = asyncio.get_running_loop()
+        seed = req.sampling.seed if req.sampling.seed is not None else secrets.randbits(63)
+        stream = RequestStream(loop)
+        seq = Sequence.create(req, seed, weakref.ref(stream))
+        stream.bind(seq)
+        with self._cond:
+            if self._closed:
+                raise EngineClosed("engine is stopped")
+            if self._outstanding >= self.max_running + self.max_queued:
+                raise EngineFull(
+                    f"{self._outstanding} requests running or queued "
+                    f"(max_running={self.max_running}, max_queued={self.max_queued})"
+                )
+            self._outstanding += 1
+            self._total_requests += 1
+            self._total_prompt_tokens += seq.n_prefill
+            self._inbox.append(seq)
+            self._cond.notify()
+        return stream
+
+    async def wait_idle(self) -> None:
+        """Return once nothing is running or queued (for drain)."""
+        loop = asyncio.get_running_loop()
+        with self._cond:
+            if self._outstanding == 0:
+                return
+            future: asyncio.Future[None] = loop.create_future()
+            self._idle_waiters.append((loop, future))
+        await future
+
+    def stats(self) -> EngineStats:
+        """A cheap, thread-safe snapshot of load and counters."""
+        sched = self._scheduler
+        now = time.monotonic()
+        with self._cond:
+            outstanding = self._outstanding
+            rate = list(self._rate)
+            pending = self._pending_tokens
+            requests, prompt_tokens = self._total_requests, self._total_prompt_tokens
+        running = min(len(sched.running), outstanding)
+        recent = [(t, n) for t, n in rate if now - t <= _RATE_WINDOW_S]
+        span = now - recent[0][0] if len(recent) > 1 else 0.0
+        tps = sum(n for _, n in recent[1:]) / span if span > 0 else 0.0
+        pc = self._prefix_cache
+        return EngineStats(
+            running=running,
+            queued=outstanding - running,
+            free_slots=self.max_running - running,
+            pending_tokens=pending,
+            tokens_per_second=tps,
+            prefix_cache_hits=sched.prefix_hits,
+            prefix_cache_queries=sched.prefix_queries,
+            prefix_cache_reused_tokens=sched.prefix_reused_tokens,
+            prefix_cache_bytes=pc.nbytes if pc is not None else 0,
+            kv_cache_bytes=sched.cache.nbytes(),
+            total_requests=requests,
+            total_finished=sched.total_finished,
+            total_cancelled=sched.total_cancelled,
+            total_prompt_tokens=prompt_tokens,
+            total_generated_tokens=sched.total_generated,
+            total_steps=sched.total_steps,
+        )
+
+    # -- compute thread ----------------------------------------------------------
+
+    def _run(self) -> None:
+        sched = self._scheduler
+        while True:
+            with self._cond:
+                while not self._closed and not self._inbox and not sched.has_work():
+                    self._cond.wait()
+                if self._closed:
+                    break
+                new, self._inbox = self._inbox, []
+            for seq in new:
+                sched.add(seq)
+            try:
+                with self._step_lock:
+                    produced = sched.step(time.monotonic())
+            except Exception as exc:
+                log.exception("engine step failed; failing %d requests", len(sched.running))
+                for seq in sched.fail_all():
+                    stream = seq.sink()
+                    if stream is not None:
+                        self._push(stream, EngineError(f"model computation failed: {exc}"))
+                produced = 0
+            now = time.monotonic()
+            pending = sched.pending_tokens()
+            with self._cond:
+                self._rate.append((now, produced))
+                while self._rate and now - self._rate[0][0] > _RATE_WINDOW_S:
+                    self._rate.popleft()
+                self._pending_tokens = pending
+        self._cancel_everything()
+
+    def _cancel_everything(self) -> None:
+        with self._cond:
+            new, self._inbox = self._inbox, []
+        for seq in new:
+            self._scheduler.add(seq)
+        with self._step_lock:
+            self._scheduler.cancel_all()
+
+    @staticmethod
+    def _push(stream: RequestStream, item: list[TokenEvent] | BaseException) -> None:
+        try:
+            stream.loop.call_soon_threadsafe(stream.push, item)
+        except RuntimeError:  # the loop is closed: nobody is listening any more
+            pass
+
+    def _deliver(self, batch: list[tuple[Sequence, list[TokenEvent]]]) -> None:
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[RequestStream, list[TokenEvent]]]]
+        by_loop = {}
+        for seq, events in batch:
+            stream: RequestStream | None = seq.sink()
+            if stream is None:  # the consumer dropped its iterator
+                seq.aborted = True
+                continue
+            by_loop.setdefault(stream.loop, []).append((stream, events))
+        for loop, items in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(RequestStream.push_many, items)
+            except RuntimeError:
+                pass
+
+    def _on_removed(self, seq: Sequence) -> None:
+        with self._cond:
+            self._outstanding -= 1
+            if self._outstanding or not self._idle_waiters:
+                return
+            waiters, self._idle_waiters = self._idle_waiters, []
+        for loop, future in waiters:
+            try:
+                loop.call_soon_threadsafe(_resolve, future)
+            except RuntimeError:
+                pass
+
+
+def _resolve(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)

@@ -1,0 +1,318 @@
+"""Continuous batching: which sequences run, and what one engine step computes.
+
+Runs only on the engine's compute thread. Each step: drop cancelled and expired
+sequences, admit waiting ones into free slots (reusing cached prefix blocks), run
+one decode token for every sequence past its prompt, then spend what is left of the
+token budget on prompt chunks, so a long prompt never stalls running streams.
+Running sequences occupy cache slots ``0..n-1``: a finished sequence's slot is
+refilled by moving the last one down, so the decode batch is one contiguous view.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from services.inference.engine.prefix_cache import PrefixCache
+from services.inference.engine.runner import KVCache, Runner
+from services.inference.engine.sampling import SampleRow, Sampled, sample
+from services.inference.engine.types import (
+    FINISH_CANCELLED,
+    FINISH_LENGTH,
+    FINISH_STOP,
+    NO_TOKEN,
+    EngineRequest,
+    TokenEvent,
+)
+
+_order = itertools.count()
+
+
+@dataclass(eq=False)
+class Sequence:
+    """A request's state inside the engine."""
+
+    request: EngineRequest
+    seed: int
+    sink: Any  # opaque here: the engine's weak reference to the request's stream
+    tokens: list[int] = field(default_factory=list)  # prompt + continuation + generated
+    n_prefill: int = 0  # tokens fed by prefill (prompt + continuation)
+    generated: int = 0  # continuation + newly generated
+    computed: int = 0  # positions whose keys/values are in the cache
+    slot: int = -1
+    cached_tokens: int = 0
+    first_sent: bool = False
+    aborted: bool = False  # set from any thread when the consumer goes away
+    order: int = field(default_factory=lambda: next(_order))
+
+    @classmethod
+    def create(cls, request: EngineRequest, seed: int, sink: Any) -> Sequence:
+        """State for a new request: the continuation counts as already generated."""
+        tokens = [*request.prompt_ids, *request.continuation_ids]
+        return cls(
+            request=request,
+            seed=seed,
+            sink=sink,
+            tokens=tokens,
+            n_prefill=len(tokens),
+            generated=len(request.continuation_ids),
+        )
+
+    @property
+    def prefilling(self) -> bool:
+        """True until the whole prompt (and continuation) is in the cache."""
+        return self.computed < self.n_prefill
+
+    def pending_tokens(self) -> int:
+        """Prompt tokens still to compute plus tokens still allowed to generate."""
+        return (self.n_prefill - min(self.computed, self.n_prefill)) + max(
+            self.request.sampling.max_tokens - self.generated, 0
+        )
+
+
+Deliver = Callable[[list[tuple[Sequence, list[TokenEvent]]]], None]
+
+
+class Scheduler:
+    """Owns the running batch, the waiting queue and the KV cache."""
+
+    def __init__(
+        self,
+        runner: Runner,
+        *,
+        max_running: int,
+        max_batch_tokens: int,
+        eos_token_ids: frozenset[int],
+        prefix_cache: PrefixCache | None,
+        deliver: Deliver,
+        on_removed: Callable[[Sequence], None],
+        initial_capacity: int = 256,
+    ) -> None:
+        self.runner = runner
+        self.max_running = max_running
+        self.max_batch_tokens = max_batch_tokens
+        self.eos_token_ids = eos_token_ids
+        self.prefix_cache = prefix_cache
+        self.cache: KVCache = runner.new_cache(max_running, initial_capacity)
+        self.running: list[Sequence] = []
+        self.waiting: deque[Sequence] = deque()
+        self._deliver = deliver
+        self._on_removed = on_removed
+        self._out: list[tuple[Sequence, list[TokenEvent]]] = []
+        self.prefix_hits = 0
+        self.prefix_queries = 0
+        self.prefix_reused_tokens = 0
+        self.total_steps = 0
+        self.total_generated = 0
+        self.total_cancelled = 0
+        self.total_finished = 0
+
+    def add(self, seq: Sequence) -> None:
+        """Queue a new sequence; it joins the batch at a step boundary."""
+        self.waiting.append(seq)
+
+    def has_work(self) -> bool:
+        """True while anything is running or waiting."""
+        return bool(self.running or self.waiting)
+
+    def pending_tokens(self) -> int:
+        """Work still owed to admitted and waiting sequences, in tokens."""
+        return sum(s.pending_tokens() for s in itertools.chain(self.running, self.waiting))
+
+    # -- removal ---------------------------------------------------------------
+
+    def _remove(self, seq: Sequence) -> None:
+        if seq.slot >= 0:
+            last = self.running[-1]
+            if last is not seq:
+                self.cache.move(last.slot, seq.slot, last.computed)
+                last.slot = seq.slot
+                self.running[seq.slot] = last
+            self.running.pop()
+            seq.slot = -1
+        self._on_removed(seq)
+
+    def _cancel(self, seq: Sequence) -> None:
+        self.total_cancelled += 1
+        if not seq.aborted:
+            event = TokenEvent(NO_TOKEN, None, (), FINISH_CANCELLED, self._cached_for_event(seq))
+            self._out.append((seq, [event]))
+
+    def cancel_all(self) -> None:
+        """End every sequence as cancelled (engine stop)."""
+        for seq in [*self.running, *self.waiting]:
+            self._cancel(seq)
+        for seq in list(reversed(self.running)):
+            self._remove(seq)
+        while self.waiting:
+            self._remove(self.waiting.popleft())
+        self._flush()
+
+    def fail_all(self) -> list[Sequence]:
+        """Drop every sequence without events (after a compute error); returns them."""
+        dropped = [*self.running, *self.waiting]
+        for seq in list(reversed(self.running)):
+            self._remove(seq)
+        while self.waiting:
+            self._remove(self.waiting.popleft())
+        self._out.clear()
+        return dropped
+
+    def _drop_expired(self, now: float) -> None:
+        def gone(seq: Sequence) -> bool:
+            deadline = seq.request.deadline
+            return seq.aborted or (deadline is not None and now >= deadline)
+
+        for seq in [s for s in self.running if gone(s)]:
+            self._cancel(seq)
+            self._remove(seq)
+        if any(gone(s) for s in self.waiting):
+            keep: deque[Sequence] = deque()
+            for seq in self.waiting:
+                if gone(seq):
+                    self._cancel(seq)
+                    self._on_removed(seq)
+                else:
+                    keep.append(seq)
+            self.waiting = keep
+
+    # -- admission ---------------------------------------------------------------
+
+    def _admit(self) -> None:
+        while self.waiting and len(self.running) < self.max_running:
+            seq = self.waiting.popleft()
+            seq.slot = len(self.running)
+            self.running.append(seq)
+            if self.prefix_cache is None:
+                continue
+            self.prefix_queries += 1
+            # Keep at least one prompt token to compute: its logits give the first token.
+            length, ks, vs = self.prefix_cache.lookup(seq.tokens, seq.n_prefill - 1)
+            if length:
+                self._ensure_capacity(length + 1)
+                self.cache.write(seq.slot, 0, torch.cat(ks, dim=2), torch.cat(vs, dim=2))
+                seq.computed = length
+                seq.cached_tokens = length
+                self.prefix_hits += 1
+                self.prefix_reused_tokens += length
+
+    def _ensure_capacity(self, needed: int) -> None:
+        self.cache.ensure_capacity(needed, self.runner.context_length)
+
+    def _store_prefix(self, seq: Sequence, limit: int) -> None:
+        if self.prefix_cache is None:
+            return
+        start, end = self.prefix_cache.missing(seq.tokens, limit)
+        if end > start:
+            k, v = self.cache.read(seq.slot, start, end)
+            self.prefix_cache.insert(seq.tokens, start, k, v)
+
+    # -- one step ----------------------------------------------------------------
+
+    def step(self, now: float) -> int:
+        """Run one engine step; returns how many tokens it generated."""
+        self._drop_expired(now)
+        self._admit()
+        self.total_steps += 1
+        ready: list[Sequence] = []
+        logits: list[torch.Tensor] = []
+        decoding = [s for s in self.running if not s.prefilling]
+        if decoding:
+            logits.append(self._decode(decoding))
+            ready.extend(decoding)
+        budget = self.max_batch_tokens - len(decoding)
+        for seq in sorted((s for s in self.running if s.prefilling), key=lambda s: s.order):
+            if budget <= 0:
+                break
+            n = min(seq.n_prefill - seq.computed, budget)
+            budget -= n
+            self._ensure_capacity(seq.computed + n + 1)
+            chunk = torch.tensor(seq.tokens[seq.computed : seq.computed + n], dtype=torch.long)
+            last = self.runner.prefill(self.cache, seq.slot, chunk, seq.computed)
+            seq.computed += n
+            if not seq.prefilling:
+                self._store_prefix(seq, seq.n_prefill)
+                logits.append(last[None])
+                ready.append(seq)
+        if ready:
+            rows = [
+                SampleRow(s.request.sampling, s.seed, s.generated, s.tokens) for s in ready
+            ]
+            for seq, choice in zip(ready, sample(torch.cat(logits), rows), strict=True):
+                self._advance(seq, choice)
+        self._flush()
+        return len(ready)
+
+    def _decode(self, decoding: list[Sequence]) -> torch.Tensor:
+        """One decode token for `decoding`; other occupied slots ride along as no-ops."""
+        length = max(s.computed for s in decoding) + 1
+        self._ensure_capacity(max(length, *(s.computed + 1 for s in self.running)))
+        tokens: list[int] = []
+        positions: list[int] = []
+        writes: list[int] = []
+        limits: list[int] = []
+        for seq in self.running:
+            if seq.prefilling:
+                # Its next prompt chunk overwrites position `computed` after this step.
+                tokens.append(0)
+                positions.append(0)
+                writes.append(seq.computed)
+                limits.append(0)
+            else:
+                tokens.append(seq.tokens[-1])
+                positions.append(seq.computed)
+                writes.append(seq.computed)
+                limits.append(seq.computed)
+        device = self.runner.device
+        pos = torch.tensor(positions, dtype=torch.long, device=device)
+        cols = torch.arange(length, device=device)
+        mask = (cols[None] <= torch.tensor(limits, device=device)[:, None])[:, None, None]
+        out = self.runner.decode(
+            self.cache,
+            torch.tensor(tokens, dtype=torch.long, device=device),
+            pos,
+            self.runner.write_rows(self.cache, torch.tensor(writes, device=device)),
+            mask,
+        )
+        for seq in decoding:
+            seq.computed += 1
+        slots = torch.tensor([s.slot for s in decoding], device=device)
+        return out.index_select(0, slots)
+
+    def _cached_for_event(self, seq: Sequence) -> int:
+        if seq.first_sent:
+            return 0
+        seq.first_sent = True
+        return seq.cached_tokens
+
+    def _advance(self, seq: Sequence, choice: Sampled) -> None:
+        sampling = seq.request.sampling
+        token = choice.token_id
+        seq.tokens.append(token)
+        seq.generated += 1
+        self.total_generated += 1
+        finish: str | None = None
+        if (token in self.eos_token_ids and not sampling.ignore_eos) or (
+            token in sampling.stop_token_ids
+        ):
+            finish = FINISH_STOP
+        elif seq.generated >= sampling.max_tokens or len(seq.tokens) >= self.runner.context_length:
+            finish = FINISH_LENGTH
+        event = TokenEvent(
+            token, choice.logprob, choice.top_logprobs, finish, self._cached_for_event(seq)
+        )
+        self._out.append((seq, [event]))
+        if finish is not None:
+            self.total_finished += 1
+            self._store_prefix(seq, seq.computed)
+            self._remove(seq)
+
+    def _flush(self) -> None:
+        if self._out:
+            out, self._out = self._out, []
+            self._deliver(out)
