@@ -41,6 +41,7 @@ class ChildSpec:
     env: dict[str, str]
     health_target: str
     credentials: Credentials = field(default=lambda: None)
+    start_order: int = 0  # lower starts first; equal ones start together
     stop_order: int = 0  # lower stops first
     server_name: str | None = None
 
@@ -181,12 +182,22 @@ class Supervisor:
             await self._exits.put(child)
 
     async def start(self) -> None:
-        """Start each child and wait until it is SERVING (then the next one)."""
-        for child in self.children:
+        """Start the children group by group (start order), each group once SERVING."""
+        for order in sorted({c.spec.start_order for c in self.children}):
             if self._stop.is_set():
                 return
-            await self._launch(child)
-            await self._until_stop(child.wait_healthy(self.policy.startup_timeout))
+            group = [c for c in self.children if c.spec.start_order == order]
+            for child in group:
+                await self._launch(child)
+            await self._until_stop(self._all_healthy(group))
+
+    async def _all_healthy(self, group: Sequence[Child]) -> None:
+        try:
+            async with asyncio.TaskGroup() as tasks:
+                for child in group:
+                    tasks.create_task(child.wait_healthy(self.policy.startup_timeout))
+        except* StackError as failed:
+            raise failed.exceptions[0] from None
 
     async def _until_stop(self, work: Coroutine[Any, Any, None]) -> None:
         """Run `work` unless a stop is requested first (then cancel it)."""

@@ -1,13 +1,15 @@
 """A stand-in service for supervisor tests: a real gRPC health server in its own process.
 
-`python health_child.py PORT NAME LOG [--die-after S] [--fail-start]` serves health
-SERVING on PORT, prints a line, and appends `NAME stopped` to LOG on SIGTERM.
+`python health_child.py PORT NAME LOG [--die-if FILE] [--fail-start]` serves health
+SERVING on PORT, prints a line, appends `NAME stopped` to LOG on SIGTERM, and
+exits with code 1 ("crashes") whenever FILE exists.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import signal
 import sys
 
@@ -21,7 +23,7 @@ async def main() -> int:
     parser.add_argument("port", type=int)
     parser.add_argument("name")
     parser.add_argument("log")
-    parser.add_argument("--die-after", type=float, default=None)
+    parser.add_argument("--die-if", default=None)
     parser.add_argument("--fail-start", action="store_true")
     args = parser.parse_args()
     if args.fail_start:
@@ -36,11 +38,11 @@ async def main() -> int:
     print(f"{args.name} serving", flush=True)
     stop = asyncio.Event()
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
-    try:
-        await asyncio.wait_for(stop.wait(), args.die_after)
-    except TimeoutError:
-        print("crashing", flush=True)
-        return 1
+    while not stop.is_set():
+        if args.die_if and os.path.exists(args.die_if):  # noqa: ASYNC240 - a stat, tiny
+            print("crashing", flush=True)
+            return 1
+        await asyncio.sleep(0.1)
     await server.stop(0)
     with open(args.log, "a") as f:  # noqa: ASYNC230 - the server has stopped
         f.write(f"{args.name} stopped\n")

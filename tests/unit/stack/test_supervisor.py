@@ -72,9 +72,11 @@ async def test_a_child_that_keeps_dying_stops_the_whole_stack(tmp_path: Path) ->
     log = tmp_path / "stops"
     out = io.StringIO()
     steady = spec("auth", log, 1)
-    flaky = spec("worker-1", log, 0, "--die-after", "1.0")
+    crash = tmp_path / "crash"
+    flaky = spec("worker-1", log, 0, "--die-if", str(crash))
     sup = Supervisor([steady, flaky], FAST, out)
     await sup.start()
+    crash.touch()
     with pytest.raises(StackError, match="worker-1 exited with code 1 and was restarted 2 times"):
         await sup.run()
     await sup.stop()
