@@ -1,0 +1,109 @@
+"""Assembles a router from its settings; used by the CLI, tests and the benchmark.
+
+app = RouterApp(settings)
+port = await app.start()      # serving, health SERVING
+...
+await app.stop()              # graceful: streams finish, usage flushed
+"""
+
+from __future__ import annotations
+
+import logging
+
+from services.common.channels import internal_channel
+from services.common.server import GrpcServer
+from services.router.auth_client import AuthClient
+from services.router.core import Deps, RouterCore
+from services.router.limits import Limits, LocalLimits
+from services.router.relay import Chooser, Relay
+from services.router.servicer import SERVICE_NAME, RouterServicer, add_router_servicer
+from services.router.settings import RouterSettings
+from services.router.usage import UsageReporter
+from services.router.workers import PoolSettings, WorkerPool
+
+log = logging.getLogger("tokenyard.router")
+
+AUTH_RETRY = (("tokenyard.auth.v1.AuthService", "Authenticate"),)
+
+
+def build_limits(settings: RouterSettings) -> Limits:
+    """Redis-backed limits when TOKENYARD_REDIS_URL is set, in-process otherwise."""
+    if settings.redis_url:
+        from services.router.redis_limits import RedisLimits
+
+        return RedisLimits(
+            settings.redis_url, prefix=settings.redis_prefix, lease=settings.slot_lease
+        )
+    return LocalLimits()
+
+
+class RouterApp:
+    """A router: its server, auth client, worker pool, limits and usage reporter."""
+
+    def __init__(self, settings: RouterSettings) -> None:
+        self.settings = settings
+        self.auth_channel = internal_channel(settings.auth_address, settings.internal)
+        self.auth = AuthClient(
+            self.auth_channel,
+            default_ttl=settings.auth_cache_ttl,
+            max_ttl=settings.auth_cache_max_ttl,
+            failure_ttl=settings.auth_failure_ttl,
+            timeout=settings.auth_timeout,
+        )
+        self.usage = UsageReporter(
+            self.auth_channel,
+            interval=settings.usage_flush_interval,
+            batch_size=settings.usage_batch_size,
+            capacity=settings.usage_buffer,
+        )
+        self.limits = build_limits(settings)
+        self.pool = WorkerPool(
+            settings.internal,
+            PoolSettings(
+                load_interval_ms=settings.load_interval_ms,
+                ejection_base=settings.ejection_base,
+                ejection_max=settings.ejection_max,
+                dns_interval=settings.dns_interval,
+            ),
+            static=settings.workers,
+            dns=settings.worker_dns,
+        )
+        chooser = Chooser(
+            settings.policy,
+            threshold=settings.prefix_balance_threshold,
+            block_chars=settings.prefix_block_chars,
+        )
+        self.relay = Relay(
+            self.pool,
+            chooser,
+            max_attempts=settings.max_attempts,
+            interval=settings.stream_interval,
+        )
+        self.core = RouterCore(Deps(self.auth, self.limits, self.pool, self.relay, self.usage))
+        self.server = GrpcServer(settings.server)
+        self.server.add(add_router_servicer, RouterServicer(self.core), SERVICE_NAME)
+        self.port = 0
+
+    @property
+    def address(self) -> str:
+        """host:port clients connect to."""
+        return f"{self.settings.server.host}:{self.port}"
+
+    async def start(self) -> int:
+        """Start background work and serve; health turns SERVING at once."""
+        self.auth.start()
+        self.usage.start()
+        await self.pool.start()
+        self.port = await self.server.start()
+        await self.server.set_serving(True)
+        return self.port
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Stop taking calls, let running streams finish, flush usage, close channels."""
+        await self.server.stop(grace)
+        await self.core.drain_background()
+        await self.usage.close()
+        await self.auth.close()
+        await self.pool.close()
+        await self.limits.close()
+        await self.auth_channel.close()

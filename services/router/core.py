@@ -1,0 +1,280 @@
+"""What the router does for each call, in order, free of gRPC server types.
+
+authenticate → validate → authorize (permission, model) → limits and quota →
+relay across workers → settle limits and record usage. A request never reaches
+a worker before it passed every check. Usage is recorded for every stream that
+was admitted, whether it completed, was cancelled or failed, billing the tokens
+the client received.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import logging
+import time
+import uuid
+from collections.abc import Coroutine
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+from tokenyard.generation.v1 import generation_service_pb2 as gen
+
+from services.common.errors import (
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+    TokenyardError,
+    Unavailable,
+)
+from services.router import metrics
+from services.router.auth_client import AuthClient, CachedPrincipal, bearer_credential
+from services.router.limits import Limits, LimitSpec, check_quota, effective_max_tokens
+from services.router.relay import PASS_THROUGH, Emit, Relay, StreamState, WorkerError
+from services.router.usage import UsageReporter
+from services.router.validation import validate_generation, validate_input
+from services.router.workers import WorkerPool
+
+log = logging.getLogger("tokenyard.router")
+
+DEFAULT_PAGE = 100
+MAX_PAGE = 1000
+
+
+@dataclass
+class Deps:
+    """The router's collaborators, built by `services.router.app`."""
+
+    auth: AuthClient
+    limits: Limits
+    pool: WorkerPool
+    relay: Relay
+    usage: UsageReporter
+
+
+class RouterCore:
+    """Authorizes, limits, relays and accounts each generation request."""
+
+    def __init__(self, deps: Deps) -> None:
+        self.auth, self.limits, self.pool = deps.auth, deps.limits, deps.pool
+        self.relay, self.usage = deps.relay, deps.usage
+        self._background: set[asyncio.Task[None]] = set()
+
+    # -- checks -----------------------------------------------------------------
+
+    async def principal(self, authorization: str | None) -> CachedPrincipal:
+        """The caller's principal (UNAUTHENTICATED / UNAVAILABLE otherwise)."""
+        return await self.auth.authenticate(bearer_credential(authorization))
+
+    def authorize_model(self, entry: CachedPrincipal, model: str, permission: str) -> None:
+        """PERMISSION_DENIED unless `entry` holds `permission` and may use `model`."""
+        if not entry.may(permission):
+            raise PermissionDenied(
+                f"this credential lacks the {permission!r} permission", reason="PERMISSION_MISSING"
+            )
+        if not entry.may_use(model):
+            raise PermissionDenied(
+                f"model {model!r} is not allowed for this credential", reason="MODEL_NOT_ALLOWED"
+            )
+        if not self.pool.model_known(model):
+            if self.pool.undescribed() or not self.pool.workers:
+                raise Unavailable("no worker is reachable yet", reason="NO_HEALTHY_WORKER")
+            raise NotFound(
+                f"model {model!r} is not served", reason="MODEL_NOT_FOUND", field="model"
+            )
+
+    # -- generation -------------------------------------------------------------
+
+    async def generate(
+        self,
+        authorization: str | None,
+        request: gen.StreamGenerateRequest,
+        emit: Emit,
+        *,
+        deadline: float | None,
+        method: str,
+    ) -> StreamState:
+        """Run one generation, emitting its messages; the state says what was produced."""
+        started = time.perf_counter()
+        wall_start = time.time()
+        entry = await self.principal(authorization)
+        validate_generation(request)
+        self.authorize_model(entry, request.model, "generate")
+        limits = entry.principal.limits
+        requested = request.sampling.max_tokens if request.sampling.HasField("max_tokens") else None
+        max_tokens = effective_max_tokens(requested, limits)
+        if max_tokens is not None and max_tokens != requested:
+            request.sampling.max_tokens = max_tokens
+        check_quota(
+            limits,
+            entry.principal.quota_used_tokens + entry.local_tokens,
+            entry.credential_id,
+            wall_start,
+        )
+        router_id = uuid.uuid4().hex
+        if not request.request_id:
+            request.request_id = router_id
+        slot = await self.limits.admit(LimitSpec.of(entry.credential_id, limits), router_id)
+        state = StreamState()
+        code = grpc.StatusCode.OK
+        try:
+            await self.relay.run(request, emit, state, deadline=deadline, started=started)
+        except TokenyardError as exc:
+            code = exc.code
+            raise
+        except asyncio.CancelledError:
+            code = grpc.StatusCode.CANCELLED
+            raise
+        except BaseException:
+            code = grpc.StatusCode.INTERNAL
+            raise
+        finally:
+            if (
+                code == grpc.StatusCode.CANCELLED
+                and deadline is not None
+                and time.monotonic() >= deadline
+            ):
+                code = grpc.StatusCode.DEADLINE_EXCEEDED
+            metrics.REQUESTS.labels(method, request.model, code.name).inc()
+            self._spawn(
+                self._settle(
+                    entry=entry,
+                    request=request,
+                    state=state,
+                    slot=slot,
+                    router_id=router_id,
+                    wall_start=wall_start,
+                    code=code,
+                )
+            )
+        return state
+
+    async def _settle(
+        self,
+        *,
+        entry: CachedPrincipal,
+        request: gen.StreamGenerateRequest,
+        state: StreamState,
+        slot: Any,
+        router_id: str,
+        wall_start: float,
+        code: grpc.StatusCode,
+    ) -> None:
+        """Free the limit slot and record usage (after the stream, off the client's path)."""
+        completion = len(state.tokens)
+        prompt = state.prompt_tokens
+        if prompt is None:
+            prompt = await self._count_prompt(request) if state.attempts else 0
+        entry.local_tokens += prompt + completion
+        metrics.TOKENS_IN.labels(request.model).inc(prompt)
+        metrics.TOKENS_OUT.labels(request.model).inc(completion)
+        try:
+            await slot.settle(prompt + completion)
+        finally:
+            self.usage.record(
+                request_id=router_id,
+                credential_id=entry.credential_id,
+                user_id=entry.principal.user_id,
+                model=request.model,
+                prompt_tokens=prompt,
+                completion_tokens=completion,
+                start_time=wall_start,
+                status=code.name,
+            )
+
+    async def _count_prompt(self, request: gen.StreamGenerateRequest) -> int:
+        """Prompt tokens of a stream that ended before the worker said (cancel, failure)."""
+        if request.WhichOneof("input") == "token_ids":
+            return len(request.token_ids.ids)
+        count = gen.CountTokensRequest(model=request.model)
+        if request.WhichOneof("input") == "prompt":
+            count.prompt = request.prompt
+        else:
+            count.messages.CopyFrom(request.messages)
+        try:
+            raw = await self.count_tokens_raw(count, timeout=2.0)
+        except TokenyardError:
+            return 0
+        return gen.CountTokensResponse.FromString(raw).token_count
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.ensure_future(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def drain_background(self, timeout: float = 5.0) -> None:
+        """Wait for pending settlements (graceful stop, tests)."""
+        if self._background:
+            await asyncio.wait(set(self._background), timeout=timeout)
+
+    # -- side calls ---------------------------------------------------------------
+
+    async def count_tokens_raw(self, request: gen.CountTokensRequest, timeout: float) -> bytes:
+        """A worker's CountTokens answer (raw bytes), failing over between workers."""
+        tried: set[str] = set()
+        for _ in range(self.relay.max_attempts):
+            workers = [w for w in self.pool.for_model(request.model) if w.address not in tried]
+            if not workers:
+                break
+            worker = min(workers, key=lambda w: w.inflight)
+            tried.add(worker.address)
+            try:
+                raw = await worker.count_tokens(request, timeout=timeout, metadata=worker.metadata)
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() in PASS_THROUGH:
+                    raise WorkerError(exc) from None
+                worker.eject(exc.code().name)
+                continue
+            assert isinstance(raw, bytes)
+            return raw
+        raise Unavailable(
+            f"no healthy worker for model {request.model!r}", reason="NO_HEALTHY_WORKER"
+        )
+
+    async def count_tokens(
+        self, authorization: str | None, request: gen.CountTokensRequest, timeout: float | None
+    ) -> bytes:
+        """CountTokens for a caller allowed to generate with the model."""
+        entry = await self.principal(authorization)
+        validate_input(request)
+        self.authorize_model(entry, request.model, "generate")
+        return await self.count_tokens_raw(request, timeout or 10.0)
+
+    async def list_models(
+        self, authorization: str | None, request: gen.ListModelsRequest
+    ) -> gen.ListModelsResponse:
+        """The models the caller may use, with the capacity behind them, by name."""
+        entry = await self.principal(authorization)
+        if not (entry.may("models.list") or entry.may("generate")):
+            raise PermissionDenied(
+                "this credential lacks the 'models.list' permission", reason="PERMISSION_MISSING"
+            )
+        if request.page_size < 0:
+            raise InvalidArgument("page_size", "must be >= 0")
+        size = min(request.page_size or DEFAULT_PAGE, MAX_PAGE)
+        after = ""
+        if request.page_token:
+            try:
+                after = base64.urlsafe_b64decode(request.page_token.encode()).decode()
+            except (binascii.Error, UnicodeDecodeError, ValueError):
+                raise InvalidArgument("page_token", "not a token this service issued") from None
+        names = sorted(name for name in self.pool.models() if entry.may_use(name) and name > after)
+        by_model = self.pool.models()
+        reply = gen.ListModelsResponse()
+        for name in names[:size]:
+            workers = by_model[name]
+            reply.models.append(
+                gen.Model(
+                    name=name,
+                    context_length=max(w.context_length for w in workers),
+                    workers=len(workers),
+                    max_running=sum(w.max_running for w in workers),
+                    running=sum(w.running for w in workers),
+                    queued=sum(w.queued for w in workers),
+                )
+            )
+        if len(names) > size:
+            reply.next_page_token = base64.urlsafe_b64encode(names[size - 1].encode()).decode()
+        return reply

@@ -1,0 +1,296 @@
+"""The stream relay: pick a worker, forward its tokens, fail over, resume.
+
+Worker messages arrive as raw bytes and, unless they must be merged, go to the
+client as the same bytes: each is parsed once (to track tokens) and never
+re-serialized. A worker that fails, refuses (RESOURCE_EXHAUSTED) or cannot be
+reached before its first token is replaced by the next one the policy ranks,
+invisibly. A worker that dies mid-stream is replaced too, with the original
+request plus `continuation_token_ids` = every token already relayed, so the
+client's stream continues without a gap or a repeat. Where no worker can take
+over, the stream ends with UNAVAILABLE. A failed worker is ejected.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+import grpc
+from tokenyard.generation.v1 import generation_service_pb2 as gen
+
+from services.common.errors import (
+    DeadlineExceeded,
+    ResourceExhausted,
+    TokenyardError,
+    Unavailable,
+)
+from services.common.status import parse_details
+from services.router import metrics
+from services.router.policies import (
+    PrefixTable,
+    affinity_key,
+    least_load,
+    prefix_affinity,
+    prefix_blocks,
+    round_robin,
+)
+from services.router.workers import Worker, WorkerPool
+
+log = logging.getLogger("tokenyard.router.relay")
+
+# Worker statuses that are the request's fault: passed to the client as they are.
+PASS_THROUGH = frozenset(
+    {
+        grpc.StatusCode.INVALID_ARGUMENT,
+        grpc.StatusCode.NOT_FOUND,
+        grpc.StatusCode.FAILED_PRECONDITION,
+        grpc.StatusCode.OUT_OF_RANGE,
+        grpc.StatusCode.PERMISSION_DENIED,
+    }
+)
+
+Emit = Callable[[bytes | None, gen.StreamGenerateResponse], Awaitable[None]]
+_parse = gen.StreamGenerateResponse.FromString
+
+
+@dataclass(slots=True)
+class StreamState:
+    """What one request has produced so far (read by the caller for usage)."""
+
+    tokens: list[int] = field(default_factory=list)
+    prompt_tokens: int | None = None
+    finish_reason: int = 0
+    first_token_at: float = 0.0
+    attempts: int = 0
+
+
+class WorkerError(TokenyardError):
+    """A worker's own error status, passed on to the client unchanged."""
+
+    def __init__(self, exc: grpc.aio.AioRpcError) -> None:
+        details = parse_details(exc.code(), exc.details() or "", exc.trailing_metadata())
+        super().__init__(
+            details.message,
+            reason=details.reason or None,
+            field=details.metadata.get("field"),
+            retry_after=details.retry_after,
+        )
+        self.code = exc.code()
+
+
+class Chooser:
+    """Applies the configured routing policy to the pool's workers."""
+
+    def __init__(self, policy: str, *, threshold: float = 8.0, block_chars: int = 64) -> None:
+        self.policy, self.threshold, self.block_chars = policy, threshold, block_chars
+        self.table = PrefixTable()
+        self._counter = 0
+
+    def blocks(self, request: gen.StreamGenerateRequest) -> list[bytes]:
+        """Prefix-block hashes of the request's input (prefix_affinity only)."""
+        if self.policy != "prefix_affinity":
+            return []
+        kind = request.WhichOneof("input")
+        if kind == "prompt":
+            text = request.prompt
+        elif kind == "messages":
+            text = "".join(f"\x1e{m.role}\x1f{m.content}" for m in request.messages.messages)
+        elif kind == "token_ids":
+            text = ",".join(map(str, request.token_ids.ids))
+        else:
+            text = ""
+        return prefix_blocks(text, self.block_chars)
+
+    def pick(
+        self, workers: list[Worker], request: gen.StreamGenerateRequest, blocks: list[bytes]
+    ) -> Worker:
+        """The best worker of `workers` (non-empty) for `request`."""
+        if len(workers) == 1:
+            chosen = workers[0]
+        else:
+            by_id = {w.worker_id: w for w in workers}
+            candidates = [w.candidate() for w in workers]
+            if self.policy == "round_robin":
+                self._counter += 1
+                ordered = round_robin(candidates, self._counter)
+            elif self.policy == "affinity_key":
+                ordered = affinity_key(candidates, request.affinity_key)
+            elif self.policy == "prefix_affinity":
+                ordered = prefix_affinity(candidates, blocks, self.table, self.threshold)
+            else:
+                ordered = least_load(candidates)
+            chosen = by_id[ordered[0].worker_id]
+        if blocks:
+            self.table.record(blocks, chosen.worker_id)
+        return chosen
+
+
+class Relay:
+    """Runs one generation across workers, emitting tokens as they come."""
+
+    def __init__(
+        self, pool: WorkerPool, chooser: Chooser, *, max_attempts: int = 4, interval: int = 1
+    ) -> None:
+        self.pool, self.chooser = pool, chooser
+        self.max_attempts, self.interval = max_attempts, interval
+
+    async def run(
+        self,
+        request: gen.StreamGenerateRequest,
+        emit: Emit,
+        state: StreamState,
+        *,
+        deadline: float | None,
+        started: float,
+    ) -> None:
+        """Relay `request` until its last message; raise a domain error otherwise."""
+        model = request.model
+        tried: set[str] = set()
+        full: list[float] = []
+        blocks = self.chooser.blocks(request)
+        base = list(request.continuation_token_ids)
+        while True:
+            workers = [w for w in self.pool.for_model(model) if w.address not in tried]
+            if not workers or state.attempts >= self.max_attempts:
+                raise self._exhausted(model, state, full)
+            worker = self.chooser.pick(workers, request, blocks)
+            tried.add(worker.address)
+            state.attempts += 1
+            attempt = request
+            if state.tokens:
+                attempt = gen.StreamGenerateRequest()
+                attempt.CopyFrom(request)
+                del attempt.continuation_token_ids[:]
+                attempt.continuation_token_ids.extend(base + state.tokens)
+            timeout = None
+            if deadline is not None:
+                timeout = deadline - time.monotonic()
+                if timeout <= 0:
+                    raise DeadlineExceeded("deadline exceeded")
+            relayed_before = len(state.tokens)
+            try:
+                if await self._attempt(
+                    worker, attempt, emit, state, timeout=timeout, started=started
+                ):
+                    worker.succeeded()
+                    return
+                # The worker ended the stream without a last message: as if it failed.
+                worker.eject("stream ended early")
+            except grpc.aio.AioRpcError as exc:
+                code = exc.code()
+                if code in PASS_THROUGH:
+                    raise WorkerError(exc) from None
+                if code == grpc.StatusCode.DEADLINE_EXCEEDED and (
+                    deadline is not None and time.monotonic() >= deadline - 0.001
+                ):
+                    raise DeadlineExceeded("deadline exceeded") from None
+                if (
+                    code == grpc.StatusCode.RESOURCE_EXHAUSTED
+                    and len(state.tokens) == relayed_before
+                ):
+                    details = parse_details(code, "", exc.trailing_metadata())
+                    full.append(details.retry_after or 0.5)
+                    metrics.FAILOVERS.labels("full").inc()
+                    continue
+                worker.eject(code.name)
+            kind = "mid_stream" if state.tokens else "before_first_token"
+            metrics.FAILOVERS.labels(kind).inc()
+            log.warning(
+                "worker failed; moving the request",
+                extra={"worker": worker.address, "kind": kind, "relayed": len(state.tokens)},
+            )
+
+    def _exhausted(self, model: str, state: StreamState, full: list[float]) -> TokenyardError:
+        if state.tokens:
+            return Unavailable(
+                "the stream was interrupted and no worker could resume it",
+                reason="STREAM_INTERRUPTED",
+            )
+        if full:
+            return ResourceExhausted(
+                f"every worker for model {model!r} is full",
+                reason="WORKERS_FULL",
+                retry_after=min(full),
+            )
+        return Unavailable(
+            f"no healthy worker for model {model!r}", reason="NO_HEALTHY_WORKER", retry_after=1.0
+        )
+
+    async def _attempt(
+        self,
+        worker: Worker,
+        request: gen.StreamGenerateRequest,
+        emit: Emit,
+        state: StreamState,
+        *,
+        timeout: float | None,
+        started: float,
+    ) -> bool:
+        """Relay one worker's stream; True when its last message went out."""
+        call = worker.stream_generate(request, timeout=timeout, metadata=worker.metadata)
+        worker.inflight += 1
+        worker.dispatched += 1
+        interval = self.interval
+        pending: gen.StreamGenerateResponse | None = None
+        tokens = state.tokens
+        model = request.model
+        itl = metrics.INTER_TOKEN.labels(model)
+        last = time.perf_counter()
+        try:
+            while True:
+                raw = await call.read()
+                if raw is grpc.aio.EOF:
+                    if pending is not None:
+                        await emit(None, pending)
+                    return False
+                assert isinstance(raw, bytes)
+                msg = _parse(raw)
+                ids = msg.token_ids
+                now = time.perf_counter()
+                if ids:
+                    if not tokens:
+                        state.first_token_at = now
+                        metrics.TTFT.labels(model).observe(now - started)
+                    else:
+                        itl.observe(now - last)
+                    last = now
+                    tokens.extend(ids)
+                if msg.finish_reason:
+                    state.finish_reason = msg.finish_reason
+                    state.prompt_tokens = msg.usage.prompt_tokens
+                    if pending is not None:
+                        _merge(pending, msg)
+                        pending.finish_reason = msg.finish_reason
+                        pending.usage.CopyFrom(msg.usage)
+                        await emit(None, pending)
+                    else:
+                        await emit(raw, msg)
+                    return True
+                if interval > 1:
+                    if pending is None:
+                        pending = msg
+                    else:
+                        _merge(pending, msg)
+                    if len(pending.token_ids) < interval:
+                        continue
+                    msg, pending, raw = pending, None, b""
+                    await emit(None, msg)
+                    continue
+                await emit(raw, msg)
+        except grpc.aio.AioRpcError:
+            if pending is not None:
+                # Tokens already counted as relayed must reach the client before a resume.
+                await emit(None, pending)
+            raise
+        finally:
+            worker.inflight -= 1
+            call.cancel()
+
+
+def _merge(into: gen.StreamGenerateResponse, msg: gen.StreamGenerateResponse) -> None:
+    into.text += msg.text
+    into.token_ids.extend(msg.token_ids)
+    if msg.logprobs:
+        into.logprobs.extend(msg.logprobs)

@@ -1,0 +1,116 @@
+"""GenerationService on the public port: proto in, proto (or relayed bytes) out.
+
+Requests are registered with an identity deserializer so that invalid UTF-8 is
+reported as INVALID_ARGUMENT naming the field, and streamed responses with a
+serializer that passes bytes through, so worker messages are relayed as they
+came. Everything else is `services.router.core`.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import grpc
+from tokenyard.generation.v1 import generation_service_pb2 as gen
+
+from services.common.interceptors import metadata_value
+from services.router.core import RouterCore
+from services.router.relay import StreamState
+from services.router.validation import parse_request
+
+SERVICE_NAME = "tokenyard.generation.v1.GenerationService"
+
+
+def _identity(raw: bytes) -> bytes:
+    return raw
+
+
+def _serialize(message: Any) -> bytes:
+    return message if isinstance(message, bytes) else message.SerializeToString()
+
+
+def _deadline(context: grpc.aio.ServicerContext[Any, Any]) -> float | None:
+    remaining = context.time_remaining()
+    return None if remaining is None else time.monotonic() + remaining
+
+
+class RouterServicer:
+    """The public GenerationService."""
+
+    def __init__(self, core: RouterCore) -> None:
+        self.core = core
+
+    async def StreamGenerate(self, raw: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+        request = parse_request(raw, gen.StreamGenerateRequest)
+        write = context.write
+
+        async def emit(data: bytes | None, message: gen.StreamGenerateResponse) -> None:
+            await write(data or message)
+
+        await self.core.generate(
+            metadata_value(context, "authorization"),
+            request,
+            emit,
+            deadline=_deadline(context),
+            method="StreamGenerate",
+        )
+
+    async def Generate(
+        self, raw: bytes, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> gen.GenerateResponse:
+        unary = parse_request(raw, gen.GenerateRequest)
+        request = gen.StreamGenerateRequest.FromString(unary.SerializeToString())
+        reply = gen.GenerateResponse()
+
+        async def collect(data: bytes | None, message: gen.StreamGenerateResponse) -> None:
+            reply.text += message.text
+            reply.token_ids.extend(message.token_ids)
+            reply.logprobs.extend(message.logprobs)
+            if message.finish_reason:
+                reply.finish_reason = message.finish_reason
+                reply.usage.CopyFrom(message.usage)
+
+        state: StreamState = await self.core.generate(
+            metadata_value(context, "authorization"),
+            request,
+            collect,
+            deadline=_deadline(context),
+            method="Generate",
+        )
+        del state
+        reply.request_id = request.request_id
+        reply.model = request.model
+        return reply
+
+    async def CountTokens(self, raw: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> bytes:
+        request = parse_request(raw, gen.CountTokensRequest)
+        return await self.core.count_tokens(
+            metadata_value(context, "authorization"), request, context.time_remaining()
+        )
+
+    async def ListModels(
+        self, request: gen.ListModelsRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> gen.ListModelsResponse:
+        return await self.core.list_models(metadata_value(context, "authorization"), request)
+
+
+def add_router_servicer(servicer: RouterServicer, server: grpc.aio.Server) -> None:
+    """Register the servicer with raw-bytes requests and pass-through responses."""
+    handlers = {
+        "Generate": grpc.unary_unary_rpc_method_handler(
+            servicer.Generate, request_deserializer=_identity, response_serializer=_serialize
+        ),
+        "StreamGenerate": grpc.unary_stream_rpc_method_handler(
+            servicer.StreamGenerate, request_deserializer=_identity, response_serializer=_serialize
+        ),
+        "CountTokens": grpc.unary_unary_rpc_method_handler(
+            servicer.CountTokens, request_deserializer=_identity, response_serializer=_serialize
+        ),
+        "ListModels": grpc.unary_unary_rpc_method_handler(
+            servicer.ListModels,
+            request_deserializer=gen.ListModelsRequest.FromString,
+            response_serializer=_serialize,
+        ),
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))

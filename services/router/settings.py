@@ -1,0 +1,192 @@
+"""Router settings: where auth and the workers are, how to route, limits backend.
+
+Built once by the entry point (`tokenyard router serve`) from `TOKENYARD_ROUTER_*`
+variables and flags, then passed down. Nothing here reads the environment itself.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from services.common.config import InternalSettings, ObservabilitySettings, ServerSettings
+from services.common.settings import (
+    parse_address,
+    parse_choice,
+    parse_list,
+    parse_non_negative_float,
+    parse_port,
+    parse_positive_float,
+    parse_positive_int,
+    parse_url,
+    setting,
+)
+
+DEFAULT_PORT = 50051
+POLICIES = ("least_load", "prefix_affinity", "affinity_key", "round_robin")
+
+
+def parse_worker_list(raw: str) -> tuple[str, ...]:
+    """Comma-separated host:port worker addresses."""
+    return tuple(parse_address(part) for part in parse_list(raw))
+
+
+@dataclass(frozen=True)
+class RouterServerSettings(ServerSettings):
+    """The public listener; as every service's, but on port 50051 by default."""
+
+    port: int = setting(
+        "TOKENYARD_{service}_PORT",
+        parse_port,
+        default=DEFAULT_PORT,
+        flag="--port",
+        help="gRPC port.",
+    )
+
+
+@dataclass(frozen=True, kw_only=True)
+class RouterSettings:
+    """Everything `tokenyard router serve` needs (prefix TOKENYARD_ROUTER_)."""
+
+    server: RouterServerSettings = field(default_factory=RouterServerSettings)
+    observability: ObservabilitySettings = field(default_factory=ObservabilitySettings)
+    internal: InternalSettings = field(default_factory=InternalSettings)
+
+    auth_address: str = setting(
+        "TOKENYARD_{service}_AUTH_ADDRESS",
+        parse_address,
+        default="127.0.0.1:50052",
+        flag="--auth-address",
+        help="host:port of the auth service.",
+    )
+    workers: tuple[str, ...] = setting(
+        "TOKENYARD_{service}_WORKERS",
+        parse_worker_list,
+        default=(),
+        flag="--workers",
+        help="Comma-separated host:port of inference workers (static list).",
+    )
+    worker_dns: str | None = setting(
+        "TOKENYARD_{service}_WORKER_DNS",
+        parse_address,
+        default=None,
+        flag="--worker-dns",
+        help="name:port resolved periodically to find workers (a headless service).",
+    )
+    dns_interval: float = setting(
+        "TOKENYARD_{service}_DNS_INTERVAL",
+        parse_positive_float,
+        default=5.0,
+        help="Seconds between re-resolutions of the worker DNS name.",
+    )
+    policy: str = setting(
+        "TOKENYARD_{service}_POLICY",
+        parse_choice(*POLICIES),
+        default="least_load",
+        flag="--policy",
+        help="Worker choice: least_load, prefix_affinity, affinity_key or round_robin.",
+    )
+    prefix_balance_threshold: float = setting(
+        "TOKENYARD_{service}_PREFIX_BALANCE_THRESHOLD",
+        parse_non_negative_float,
+        default=8.0,
+        help="prefix_affinity leaves the cached worker when its load exceeds the least "
+        "loaded one's by more than this many sequences.",
+    )
+    prefix_block_chars: int = setting(
+        "TOKENYARD_{service}_PREFIX_BLOCK_CHARS",
+        parse_positive_int,
+        default=64,
+        help="Prompt characters per prefix block hashed by prefix_affinity.",
+    )
+    redis_url: str | None = setting(
+        "TOKENYARD_REDIS_URL",
+        parse_url("redis", "rediss", "unix"),
+        default=None,
+        secret=True,
+        help="Redis for rate limits shared by router replicas (unset: in-process).",
+    )
+    redis_prefix: str = setting(
+        "TOKENYARD_{service}_REDIS_PREFIX",
+        default="tokenyard:rl:",
+        help="Prefix of every Redis key the router writes.",
+    )
+    slot_lease: float = setting(
+        "TOKENYARD_{service}_SLOT_LEASE",
+        parse_positive_float,
+        default=60.0,
+        help="Seconds a concurrency slot in Redis lives unless renewed (crash safety).",
+    )
+    auth_cache_ttl: float = setting(
+        "TOKENYARD_{service}_AUTH_CACHE_TTL",
+        parse_non_negative_float,
+        default=5.0,
+        help="Seconds a principal is cached when auth gives no cache_ttl.",
+    )
+    auth_cache_max_ttl: float = setting(
+        "TOKENYARD_{service}_AUTH_CACHE_MAX_TTL",
+        parse_non_negative_float,
+        default=60.0,
+        help="Upper bound on the cache time auth may grant.",
+    )
+    auth_failure_ttl: float = setting(
+        "TOKENYARD_{service}_AUTH_FAILURE_TTL",
+        parse_non_negative_float,
+        default=2.0,
+        help="Seconds a rejected credential is remembered as rejected.",
+    )
+    auth_timeout: float = setting(
+        "TOKENYARD_{service}_AUTH_TIMEOUT",
+        parse_positive_float,
+        default=2.0,
+        help="Deadline of one Authenticate call.",
+    )
+    stream_interval: int = setting(
+        "TOKENYARD_{service}_STREAM_INTERVAL",
+        parse_positive_int,
+        default=1,
+        flag="--stream-interval",
+        help="Tokens gathered into one message to the client (1: every message as the "
+        "worker sends it).",
+    )
+    usage_flush_interval: float = setting(
+        "TOKENYARD_{service}_USAGE_FLUSH_INTERVAL",
+        parse_positive_float,
+        default=1.0,
+        help="Seconds between usage batches sent to auth.",
+    )
+    usage_batch_size: int = setting(
+        "TOKENYARD_{service}_USAGE_BATCH_SIZE",
+        parse_positive_int,
+        default=100,
+        help="Records that trigger an early usage batch (at most 1000 per call).",
+    )
+    usage_buffer: int = setting(
+        "TOKENYARD_{service}_USAGE_BUFFER",
+        parse_positive_int,
+        default=100_000,
+        help="Usage records kept while auth is down; the oldest are dropped past this.",
+    )
+    load_interval_ms: int = setting(
+        "TOKENYARD_{service}_LOAD_INTERVAL_MS",
+        parse_positive_int,
+        default=250,
+        help="Interval asked of workers' WatchLoad streams.",
+    )
+    ejection_base: float = setting(
+        "TOKENYARD_{service}_EJECTION_BASE",
+        parse_positive_float,
+        default=1.0,
+        help="Seconds a failed worker is ejected; doubles per failure in a row.",
+    )
+    ejection_max: float = setting(
+        "TOKENYARD_{service}_EJECTION_MAX",
+        parse_positive_float,
+        default=30.0,
+        help="Longest ejection.",
+    )
+    max_attempts: int = setting(
+        "TOKENYARD_{service}_MAX_ATTEMPTS",
+        parse_positive_int,
+        default=4,
+        help="Most workers one request is tried on (failover and resume).",
+    )
