@@ -1,0 +1,122 @@
+"""`tokenyard auth serve|migrate|bootstrap`."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import getpass
+import logging
+import os
+import sys
+from typing import Any
+
+log = logging.getLogger("tokenyard.auth")
+
+
+def register(subparsers: Any) -> None:
+    """Add the `auth` command group."""
+    auth = subparsers.add_parser("auth", help="the auth service (users, roles, API keys)")
+    sub = auth.add_subparsers(dest="auth_command", required=True, metavar="COMMAND")
+
+    serve = sub.add_parser("serve", help="run the auth gRPC service")
+    serve.add_argument("--port", type=int, default=None, help="gRPC port (default 50052)")
+    serve.add_argument("--database-url", default=None, help="SQLAlchemy database URL")
+    serve.add_argument("--migrate", action="store_true", help="apply migrations before serving")
+    serve.set_defaults(handler=_serve)
+
+    mig = sub.add_parser("migrate", help="apply database migrations")
+    mig.add_argument("--database-url", default=None, help="SQLAlchemy database URL")
+    mig.set_defaults(handler=_migrate)
+
+    boot = sub.add_parser("bootstrap", help="create the first admin; prints an admin API key")
+    boot.add_argument("--database-url", default=None, help="SQLAlchemy database URL")
+    boot.add_argument("--username", default="admin", help="admin login name")
+    boot.set_defaults(handler=_bootstrap)
+
+
+def _settings(args: argparse.Namespace) -> Any:
+    from services.auth.settings import load_auth_settings
+
+    overrides = {k: v for k, v in vars(args).items() if k in ("port", "database_url")}
+    return load_auth_settings(os.environ, overrides)
+
+
+def _migrate(args: argparse.Namespace) -> int:
+    from services.auth import migrate
+    from services.auth.db.engine import Database
+
+    settings = _settings(args)
+    db = Database(settings.database_url)
+    try:
+        migrate.upgrade(db.engine)
+        print(f"auth database at revision {migrate.current_revision(db.engine)}")
+    finally:
+        db.close()
+    return 0
+
+
+def _bootstrap(args: argparse.Namespace) -> int:
+    from services.auth.bootstrap import bootstrap_admin
+    from services.auth.domain.passwords import check_length
+    from services.common.errors import TokenyardError
+
+    settings = _settings(args)
+    password = os.environ.get("TOKENYARD_AUTH_BOOTSTRAP_PASSWORD") or ""
+    if not password:
+        if not sys.stdin.isatty():
+            print(
+                "tokenyard: set TOKENYARD_AUTH_BOOTSTRAP_PASSWORD or run in a terminal",
+                file=sys.stderr,
+            )
+            return 2
+        password = getpass.getpass("admin password: ")
+        if password != getpass.getpass("again: "):
+            print("tokenyard: the passwords differ", file=sys.stderr)
+            return 2
+    try:
+        check_length(password)
+        key = asyncio.run(bootstrap_admin(settings, args.username, password))
+    except TokenyardError as exc:
+        print(f"tokenyard: {exc.message}", file=sys.stderr)
+        return 1
+    print(f"admin {args.username!r} created. Admin API key (shown once, store it now):")
+    print(key)
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from services.common.errors import FailedPrecondition
+    from services.common.logs import configure_logging
+
+    settings = _settings(args)
+    obs = settings.observability
+    configure_logging("auth", obs.log_level, obs.log_format)
+    try:
+        asyncio.run(_run(settings, args.migrate))
+    except FailedPrecondition as exc:
+        print(f"tokenyard: {exc.message}", file=sys.stderr)
+        return 1
+    return 0
+
+
+async def _run(settings: Any, migrate_first: bool) -> None:
+    from prometheus_client import start_http_server
+
+    from services.auth import migrate
+    from services.auth.app import start_auth
+    from services.auth.core import AuthCore
+    from services.common.telemetry import configure_telemetry, shutdown_telemetry
+
+    configure_telemetry("auth", settings.observability.otlp_endpoint)
+    if settings.server.metrics_port is not None:
+        start_http_server(settings.server.metrics_port, addr=settings.server.host)
+    core = AuthCore(settings)
+    if migrate_first:
+        await asyncio.to_thread(migrate.upgrade, core.db.engine)
+    app = await start_auth(settings, core)
+    log.info("auth ready", extra={"port": app.port, "database": core.db.dialect})
+    try:
+        await app.server.wait_for_stop_signal()
+    finally:
+        await app.stop()
+        shutdown_telemetry()

@@ -1,0 +1,345 @@
+"""The auth service's shared state and its hot path: Authenticate, Login, Logout.
+
+`AuthCore` owns the database, the principal cache, the revocation hub and the
+last-used batcher; the admin domain modules (users, roles, keys, usage, audit)
+run their transactions through it. No grpc here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any, TypeVar
+
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session
+
+from services.auth import migrate
+from services.auth.db.engine import Database
+from services.auth.db.models import ApiKeyRow, SessionRow, UserRow
+from services.auth.domain import audit, credentials, validation
+from services.auth.domain.cache import PrincipalCache
+from services.auth.domain.last_used import LastUsedBatcher
+from services.auth.domain.passwords import MAX_PASSWORD_BYTES, Passwords
+from services.auth.domain.principal import (
+    Caller,
+    Principal,
+    key_principal,
+    session_principal,
+    utcnow,
+)
+from services.auth.domain.revocations import ALL_USERS, RevocationHub, Revocations, Revoked
+from services.auth.settings import AuthSettings
+from services.common.errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    PermissionDenied,
+    Unauthenticated,
+)
+
+log = logging.getLogger("tokenyard.auth")
+T = TypeVar("T")
+R = TypeVar("R", ApiKeyRow, SessionRow)
+LOGIN_FAILED = "invalid username or password"
+
+
+@dataclass(frozen=True)
+class LoginResult:
+    """A new session: its token (shown once), expiry and user."""
+
+    token: str
+    expire_time: datetime
+    user: UserRow
+
+
+class AuthCore:
+    """Database, caches and background tasks of one auth replica."""
+
+    def __init__(self, settings: AuthSettings, db: Database | None = None) -> None:
+        self.settings = settings
+        self.db = db or Database(settings.database_url)
+        a = settings.argon2
+        self.passwords = Passwords(a.time_cost, a.memory_kib, a.parallelism)
+        self.peppers = settings.peppers()
+        self.version = settings.key_pepper_version
+        self.cache = PrincipalCache(settings.principal_cache_ttl)
+        self.hub = RevocationHub(self.db, self._on_revoked, settings.revocation_poll_seconds)
+        self.last_used = LastUsedBatcher(self.db, settings.last_used_flush_seconds)
+
+    async def start(self) -> None:
+        """Check the schema and start the background tasks."""
+        await asyncio.to_thread(migrate.check_schema, self.db.engine)
+        await self.hub.start()
+        self.last_used.start()
+
+    async def close(self) -> None:
+        """Stop background tasks, flush last-used times, close the database."""
+        await self.hub.stop()
+        await self.last_used.stop()
+        self.db.close()
+
+    # -- transactions ---------------------------------------------------------------
+
+    def digest(self, credential: str) -> str:
+        """Digest of `credential` under the current pepper."""
+        return credentials.digest(self.peppers[self.version], credential)
+
+    async def mutate(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run `fn(session, revocations, *args)` in a write transaction, then push revocations."""
+        pending = Revocations()
+        result = await self.db.write(fn, pending, *args)
+        self.hub.publish(pending.revoked)
+        return result
+
+    def _on_revoked(self, revoked: Revoked) -> None:
+        if ALL_USERS in revoked.user_ids or revoked.reset:
+            self.cache.clear()
+        else:
+            self.cache.invalidate(revoked.credential_ids, revoked.user_ids)
+
+    async def deny(
+        self,
+        caller: Caller,
+        permission: str,
+        action: str,
+        object_type: str = "",
+        object_id: str = "",
+    ) -> PermissionDenied:
+        """Audit a refused call and return the error to raise."""
+        await self.db.write(
+            lambda s: audit.record(
+                s,
+                "permission.denied",
+                caller=caller,
+                object_type=object_type,
+                object_id=object_id,
+                outcome="failure",
+                details={"rpc": action, "permission": permission},
+            )
+        )
+        return PermissionDenied(
+            f"this call needs the {permission!r} permission",
+            reason="MISSING_PERMISSION",
+            metadata={"permission": permission},
+        )
+
+    async def require(
+        self,
+        caller: Caller,
+        permission: str,
+        action: str,
+        object_type: str = "",
+        object_id: str = "",
+    ) -> None:
+        """Refuse (and audit) unless the caller holds `permission`."""
+        if not caller.principal.has(permission):
+            raise await self.deny(caller, permission, action, object_type, object_id)
+
+    # -- Authenticate -----------------------------------------------------------------
+
+    async def authenticate(self, credential: str) -> Principal:
+        """The principal behind an API key or session token, cached briefly."""
+        parsed = credentials.parse(credential)
+        digest = self.digest(parsed.text)
+        cached = self.cache.get(digest)
+        if cached is not None:
+            principal = cached
+        else:
+            generation = self.cache.generation
+            principal, stale_version = await self.db.read(self._resolve, parsed)
+            if stale_version:
+                await self.db.write(self._rehash, parsed, principal)
+            self.cache.put(digest, principal, generation)
+        if principal.credential_type != "session":
+            self.last_used.touch(principal.credential_id)
+        return principal
+
+    async def caller(self, credential: str, peer: str) -> Caller:
+        """Authenticate the caller of an RPC."""
+        return Caller(await self.authenticate(credential), peer)
+
+    def _candidates(self, text: str) -> dict[int, str]:
+        return {v: credentials.digest(p, text) for v, p in self.peppers.items()}
+
+    def _resolve(self, session: Session, parsed: credentials.Parsed) -> tuple[Principal, bool]:
+        digests = self._candidates(parsed.text)
+        now = utcnow()
+        wanted = list(digests.values())
+        if parsed.prefix == credentials.SESSION_PREFIX:
+            sessions = session.scalars(select(SessionRow).where(SessionRow.digest.in_(wanted)))
+            srow = self._match(sessions, digests)
+            if srow is None or srow.revoked_at is not None or srow.expires_at <= now:
+                raise Unauthenticated(reason="UNKNOWN_CREDENTIAL")
+            user = self._active_user(session, srow.user_id)
+            return session_principal(session, srow, user, now), srow.hash_version != self.version
+        keys = session.scalars(select(ApiKeyRow).where(ApiKeyRow.digest.in_(wanted)))
+        key = self._match(keys, digests)
+        if key is None or key.revoked_at is not None or key.deleted_at is not None:
+            raise Unauthenticated(reason="UNKNOWN_CREDENTIAL")
+        if key.expires_at is not None and key.expires_at <= now:
+            raise Unauthenticated(reason="EXPIRED_CREDENTIAL")
+        user = self._active_user(session, key.user_id)
+        kind = (
+            credentials.SERVICE_KEY_PREFIX if user.service_account else credentials.USER_KEY_PREFIX
+        )
+        if parsed.prefix != kind:
+            raise Unauthenticated(reason="UNKNOWN_CREDENTIAL")
+        return key_principal(session, key, user, now), key.hash_version != self.version
+
+    @staticmethod
+    def _match(rows: Iterable[R], digests: dict[int, str]) -> R | None:
+        """The row whose digest equals ours under its own pepper version (constant time)."""
+        for row in rows:
+            if hmac.compare_digest(row.digest, digests.get(row.hash_version, "")):
+                return row
+        return None
+
+    @staticmethod
+    def _active_user(session: Session, user_id: str) -> UserRow:
+        user = session.get(UserRow, user_id)
+        if user is None or user.disabled:
+            raise Unauthenticated(reason="UNKNOWN_CREDENTIAL")
+        return user
+
+    def _rehash(self, session: Session, parsed: credentials.Parsed, principal: Principal) -> None:
+        """Move a credential found under an old pepper to the current one."""
+        model = SessionRow if parsed.prefix == credentials.SESSION_PREFIX else ApiKeyRow
+        session.execute(
+            update(model)
+            .where(model.id == principal.credential_id)
+            .values(digest=self.digest(parsed.text), hash_version=self.version)
+        )
+
+    # -- Login / Logout ---------------------------------------------------------------
+
+    async def login(self, username: str, password: str, peer: str) -> LoginResult:
+        """Check a password; lock out after repeated failures; open a session."""
+        if not username:
+            raise InvalidArgument("username", "must not be empty")
+        if len(username) > 64:
+            raise InvalidArgument("username", "must be at most 64 characters")
+        if not password:
+            raise InvalidArgument("password", "must not be empty")
+        if len(password.encode("utf-8", "surrogatepass")) > MAX_PASSWORD_BYTES:
+            raise InvalidArgument("password", f"must be at most {MAX_PASSWORD_BYTES} bytes")
+        user = await self.db.read(
+            lambda s: s.scalar(select(UserRow).where(UserRow.username == username))
+        )
+        now = utcnow()
+        locked = user is not None and user.locked_until is not None and user.locked_until > now
+        stored = user.password_hash if user is not None and not locked else None
+        ok = await asyncio.to_thread(self.passwords.verify, stored, password)
+        if user is None or not ok or user.disabled or locked:
+            reason = (
+                "unknown_user"
+                if user is None
+                else "locked"
+                if locked
+                else "disabled"
+                if user.disabled
+                else "bad_password"
+            )
+            await self.db.write(
+                self._login_failed, user.id if user else None, username, peer, reason
+            )
+            raise Unauthenticated(LOGIN_FAILED, reason="LOGIN_FAILED")
+        assert user.password_hash is not None
+        new_hash = None
+        if self.passwords.needs_rehash(user.password_hash):
+            new_hash = await asyncio.to_thread(self.passwords.hash, password)
+        token = credentials.generate(credentials.SESSION_PREFIX)
+        expires = now + timedelta(seconds=self.settings.session_ttl)
+        await self.db.write(self._login_ok, user.id, self.digest(token), expires, peer, new_hash)
+        return LoginResult(token, expires, user)
+
+    def _login_failed(
+        self, session: Session, user_id: str | None, username: str, peer: str, reason: str
+    ) -> None:
+        audit.record(
+            session,
+            "login.failure",
+            object_type="user",
+            object_id=user_id or username,
+            outcome="failure",
+            peer=peer,
+            actor_user_id=user_id or "",
+            details={"reason": reason},
+        )
+        if user_id is None or reason == "locked":
+            return
+        session.execute(
+            update(UserRow)
+            .where(UserRow.id == user_id)
+            .values(failed_logins=UserRow.failed_logins + 1)
+        )
+        user = session.get(UserRow, user_id)
+        s = self.settings
+        if user is None or user.failed_logins < s.lockout_threshold:
+            return
+        extra = user.failed_logins - s.lockout_threshold
+        seconds = min(s.lockout_seconds * 2 ** min(extra, 30), s.lockout_max_seconds)
+        user.locked_until = utcnow() + timedelta(seconds=seconds)
+        audit.record(
+            session,
+            "login.lockout",
+            object_type="user",
+            object_id=user_id,
+            outcome="failure",
+            peer=peer,
+            actor_user_id=user_id,
+            details={"failures": str(user.failed_logins), "seconds": str(int(seconds))},
+        )
+
+    def _login_ok(  # noqa: PLR0917 - one transaction, called positionally via db.write
+        self,
+        session: Session,
+        user_id: str,
+        digest: str,
+        expires: datetime,
+        peer: str,
+        new_hash: str | None,
+    ) -> None:
+        values: dict[str, Any] = {"failed_logins": 0, "locked_until": None}
+        if new_hash is not None:
+            values["password_hash"] = new_hash
+        session.execute(update(UserRow).where(UserRow.id == user_id).values(**values))
+        sid = validation.new_id()
+        session.add(
+            SessionRow(
+                id=sid,
+                user_id=user_id,
+                digest=digest,
+                hash_version=self.version,
+                created_at=utcnow(),
+                expires_at=expires,
+                peer=peer[:200],
+            )
+        )
+        audit.record(
+            session,
+            "login.success",
+            object_type="session",
+            object_id=sid,
+            peer=peer,
+            actor_user_id=user_id,
+            details={"rehashed": str(new_hash is not None).lower()},
+        )
+
+    async def logout(self, caller: Caller) -> None:
+        """End the caller's session."""
+        if caller.principal.credential_type != "session":
+            raise FailedPrecondition(
+                "Logout ends a session; revoke API keys with RevokeApiKey", reason="NOT_A_SESSION"
+            )
+        await self.mutate(self._logout, caller)
+
+    @staticmethod
+    def _logout(session: Session, pending: Revocations, caller: Caller) -> None:
+        sid = caller.principal.credential_id
+        session.execute(update(SessionRow).where(SessionRow.id == sid).values(revoked_at=utcnow()))
+        pending.add(session, credential_ids=[sid])
+        audit.record(session, "logout", caller=caller, object_type="session", object_id=sid)

@@ -1,0 +1,83 @@
+"""Engines and transactions: SQLite (WAL) or PostgreSQL, run off the event loop.
+
+Domain code is plain synchronous functions over an ORM `Session`; `Database`
+runs each in a worker thread (`asyncio.to_thread`) inside one transaction, so
+the event loop never waits on SQL. SQLite write transactions start with BEGIN
+IMMEDIATE so concurrent writers queue on the busy timeout instead of failing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.engine import make_url
+from sqlalchemy.orm import Session
+
+T = TypeVar("T")
+
+
+def make_engine(url: str) -> Engine:
+    """An engine for `url`; SQLite files get WAL, foreign keys and a busy timeout."""
+    parsed = make_url(url)
+    if parsed.get_backend_name() != "sqlite":
+        return create_engine(url, pool_pre_ping=True, pool_size=8, max_overflow=8)
+    if parsed.database and parsed.database != ":memory:":
+        Path(parsed.database).expanduser().parent.mkdir(parents=True, exist_ok=True)
+    engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
+
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_conn: Any, _record: Any) -> None:
+        dbapi_conn.isolation_level = None  # we issue BEGIN ourselves
+        cur = dbapi_conn.cursor()
+        cur.execute("PRAGMA journal_mode=WAL")
+        cur.execute("PRAGMA synchronous=NORMAL")
+        cur.execute("PRAGMA foreign_keys=ON")
+        cur.execute("PRAGMA busy_timeout=30000")
+        cur.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(conn: Any) -> None:
+        immediate = conn.get_execution_options().get("tokenyard_write", False)
+        conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
+
+    return engine
+
+
+class Database:
+    """One engine plus helpers that run a function in a transaction, in a thread."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.engine = make_engine(url)
+        self._writer = self.engine.execution_options(tokenyard_write=True)
+
+    @property
+    def dialect(self) -> str:
+        """ "sqlite" or "postgresql"."""
+        return self.engine.dialect.name
+
+    def read_sync(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run `fn(session, *args)` in a read transaction (rolled back after)."""
+        with Session(self.engine, expire_on_commit=False) as session:
+            return fn(session, *args)
+
+    def write_sync(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run `fn(session, *args)` in a write transaction, committed on success."""
+        with Session(self._writer, expire_on_commit=False) as session, session.begin():
+            return fn(session, *args)
+
+    async def read(self, fn: Callable[..., T], *args: Any) -> T:
+        """`read_sync` in a worker thread."""
+        return await asyncio.to_thread(self.read_sync, fn, *args)
+
+    async def write(self, fn: Callable[..., T], *args: Any) -> T:
+        """`write_sync` in a worker thread."""
+        return await asyncio.to_thread(self.write_sync, fn, *args)
+
+    def close(self) -> None:
+        """Close every pooled connection."""
+        self.engine.dispose()

@@ -1,0 +1,138 @@
+"""Revocations: recorded in the database, pushed to local watchers at once, and
+polled so revocations made by other auth replicas sharing the database reach
+this replica's watchers (and cache) within a poll interval.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Callable, Iterable
+from dataclasses import dataclass, field
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from services.auth.db.engine import Database
+from services.auth.db.models import RevocationRow
+from services.auth.domain.principal import utcnow
+
+log = logging.getLogger("tokenyard.auth.revocations")
+ALL_USERS = "*"  # a user_ids entry meaning "every user" (a role changed)
+
+
+@dataclass
+class Revoked:
+    """A batch of credentials and users whose cached principals are stale."""
+
+    credential_ids: set[str] = field(default_factory=set)
+    user_ids: set[str] = field(default_factory=set)
+    reset: bool = False
+
+    def __bool__(self) -> bool:
+        return bool(self.credential_ids or self.user_ids or self.reset)
+
+
+class Revocations:
+    """Revocations of one transaction: rows for other replicas, a batch for this one."""
+
+    def __init__(self) -> None:
+        self.revoked = Revoked()
+
+    def add(
+        self, session: Session, credential_ids: Iterable[str] = (), user_ids: Iterable[str] = ()
+    ) -> None:
+        """Record revocations in the transaction; pushed locally once it commits."""
+        now = utcnow()
+        for cid in credential_ids:
+            session.add(RevocationRow(credential_id=cid, created_at=now))
+            self.revoked.credential_ids.add(cid)
+        for uid in user_ids:
+            session.add(RevocationRow(user_id=uid, created_at=now))
+            self.revoked.user_ids.add(uid)
+
+
+class RevocationHub:
+    """Fans revocations out to WatchRevocations streams; polls for other replicas'."""
+
+    def __init__(
+        self, db: Database, on_revoked: Callable[[Revoked], None], poll_seconds: float
+    ) -> None:
+        self.db = db
+        self.on_revoked = on_revoked
+        self.poll_seconds = poll_seconds
+        self._watchers: set[asyncio.Queue[Revoked]] = set()
+        self._last_id = 0
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        """Remember where the table ends and start polling."""
+        self._last_id = await self.db.read(
+            lambda s: int(s.scalar(select(func.coalesce(func.max(RevocationRow.id), 0))) or 0)
+        )
+        self._task = asyncio.create_task(self._poll_forever(), name="revocation-poll")
+
+    async def stop(self) -> None:
+        """Stop polling and end every watcher's stream."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        for queue in list(self._watchers):
+            queue.put_nowait(Revoked(reset=True, user_ids={"__stop__"}))
+
+    def publish(self, revoked: Revoked) -> None:
+        """Push a batch to the cache and to every watcher (same event loop)."""
+        if not revoked:
+            return
+        self.on_revoked(revoked)
+        for queue in self._watchers:
+            queue.put_nowait(revoked)
+
+    async def poll_once(self) -> None:
+        """Read revocations newer than the last seen and publish them."""
+        rows = await self.db.read(self._read_new, self._last_id)
+        if not rows:
+            return
+        batch = Revoked()
+        for row_id, cid, uid in rows:
+            self._last_id = max(self._last_id, row_id)
+            if cid:
+                batch.credential_ids.add(cid)
+            if uid:
+                batch.user_ids.add(uid)
+        self.publish(batch)
+
+    @staticmethod
+    def _read_new(session: Session, after: int) -> list[tuple[int, str | None, str | None]]:
+        stmt = (
+            select(RevocationRow.id, RevocationRow.credential_id, RevocationRow.user_id)
+            .where(RevocationRow.id > after)
+            .order_by(RevocationRow.id)
+            .limit(10_000)
+        )
+        return [(r[0], r[1], r[2]) for r in session.execute(stmt)]
+
+    async def _poll_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.poll_seconds)
+            try:
+                await self.poll_once()
+            except Exception:  # a database blip must not end the poller
+                log.warning("revocation poll failed", exc_info=True)
+
+    async def watch(self) -> AsyncIterator[Revoked]:
+        """A stream of batches, starting with reset=True."""
+        queue: asyncio.Queue[Revoked] = asyncio.Queue()
+        self._watchers.add(queue)
+        try:
+            yield Revoked(reset=True)
+            while True:
+                batch = await queue.get()
+                if "__stop__" in batch.user_ids:
+                    return
+                yield batch
+        finally:
+            self._watchers.discard(queue)
