@@ -1,0 +1,183 @@
+"""Slots, queue limits, cancellation, deadlines, drain, stop, prefix cache and stats."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from services.inference.engine import (
+    FINISH_CANCELLED,
+    NO_TOKEN,
+    Engine,
+    EngineClosed,
+    EngineFull,
+    TokenEvent,
+)
+from services.inference.model_loading import LoadedModel
+from tests.unit.inference.conftest import EngineFactory
+from tests.unit.inference.helpers import collect, hf_greedy, request
+
+pytestmark = pytest.mark.timeout(60)
+ENDLESS = {"max_tokens": 400, "ignore_eos": True, "temperature": 0.0}
+
+
+async def wait_for(predicate: object, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():  # type: ignore[operator]
+        assert time.monotonic() < deadline, "condition not reached in time"
+        await asyncio.sleep(0.002)
+
+
+async def test_closing_the_stream_frees_the_slot(
+    make_engine: EngineFactory, prompts: list[list[int]]
+) -> None:
+    engine = make_engine(max_running=2)
+    stream = engine.generate(request(prompts[0], **ENDLESS))  # type: ignore[arg-type]
+    first = await anext(stream)
+    assert first[0].token_id != NO_TOKEN
+    assert engine.stats().running == 1
+    await stream.aclose()  # type: ignore[attr-defined]
+    started = engine.stats().total_steps
+    await wait_for(lambda: engine.stats().running == 0)
+    assert engine.stats().total_steps - started <= 2  # freed at the next step boundary
+    assert engine.stats().total_cancelled == 1
+    assert engine.stats().free_slots == 2
+
+
+async def test_cancelling_the_consumer_task_frees_the_slot(
+    make_engine: EngineFactory, prompts: list[list[int]]
+) -> None:
+    engine = make_engine()
+    got: list[TokenEvent] = []
+
+    async def consume() -> None:
+        async for batch in engine.generate(request(prompts[1], **ENDLESS)):  # type: ignore[arg-type]
+            got.extend(batch)
+
+    task = asyncio.create_task(consume())
+    await wait_for(lambda: len(got) >= 2)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    await wait_for(lambda: engine.stats().running == 0 and engine.stats().queued == 0)
+
+
+async def test_engine_full_when_queue_is_full(
+    make_engine: EngineFactory, prompts: list[list[int]]
+) -> None:
+    engine = make_engine(max_running=1, max_queued=1, max_batch_tokens=16, start=False)
+    first = engine.generate(request(prompts[0], "a", max_tokens=3))
+    second = engine.generate(request(prompts[1], "b", max_tokens=3))
+    with pytest.raises(EngineFull):
+        engine.generate(request(prompts[2], "c"))
+    assert engine.stats().queued == 2
+    engine.start()
+    for stream in (first, second):
+        events = [e async for batch in stream for e in batch]
+        assert len(events) >= 1 and events[-1].finish is not None
+    await engine.wait_idle()
+    third = await collect(engine, request(prompts[2], "c", max_tokens=2))  # room again
+    assert third[-1].finish is not None
+
+
+async def test_deadline_cancels_the_request(
+    make_engine: EngineFactory, prompts: list[list[int]]
+) -> None:
+    engine = make_engine()
+    req = request(prompts[0], **ENDLESS)  # type: ignore[arg-type]
+    req.deadline = time.monotonic() + 0.3
+    started = time.monotonic()
+    events = await collect(engine, req)
+    assert events[-1].finish == FINISH_CANCELLED and events[-1].token_id == NO_TOKEN
+    assert len(events) < 400
+    assert time.monotonic() - started < 2.0
+    assert engine.stats().running == 0
+
+
+async def test_stop_cancels_running_and_queued(
+    tiny: LoadedModel, prompts: list[list[int]]
+) -> None:
+    engine = Engine(tiny, max_running=1, max_queued=2, max_batch_tokens=16)
+    engine.start()
+    running = engine.generate(request(prompts[0], "a", **ENDLESS))  # type: ignore[arg-type]
+    queued = engine.generate(request(prompts[1], "b", **ENDLESS))  # type: ignore[arg-type]
+    await anext(running)
+    await engine.stop()
+    rest = [e async for batch in running for e in batch]
+    assert rest[-1].finish == FINISH_CANCELLED
+    waiting = [e async for batch in queued for e in batch]
+    assert [e.finish for e in waiting] == [FINISH_CANCELLED]
+    with pytest.raises(EngineClosed):
+        engine.generate(request(prompts[0]))
+
+
+async def test_wait_idle_waits_for_running_requests(
+    make_engine: EngineFactory, prompts: list[list[int]]
+) -> None:
+    engine = make_engine()
+    await asyncio.wait_for(engine.wait_idle(), 1.0)  # idle from the start
+    task = asyncio.create_task(collect(engine, request(prompts[0], max_tokens=400, ignore_eos=True)))
+    await wait_for(lambda: engine.stats().running == 1)
+    idle = asyncio.create_task(engine.wait_idle())
+    await asyncio.sleep(0.05)
+    assert not idle.done()
+    await asyncio.wait_for(idle, 10.0)
+    assert task.done() and len(task.result()) == 400
+
+
+async def test_prefix_cache_reuses_and_keeps_output(
+    make_engine: EngineFactory, tiny: LoadedModel, prompts: list[list[int]]
+) -> None:
+    system = prompts[7]  # a shared "system prompt" of several blocks
+    first = system + prompts[0]
+    second = system + prompts[2]
+    cached = make_engine(prefix_block_size=8)
+    uncached = make_engine(prefix_cache=False)
+    for prompt in (first, second):
+        with_cache = await collect(cached, request(prompt, temperature=0.0))
+        without = await collect(uncached, request(prompt, temperature=0.0))
+        assert [e.token_id for e in with_cache] == [e.token_id for e in without]
+        assert [e.token_id for e in with_cache] == hf_greedy(tiny, prompt, 12)
+    stats = cached.stats()
+    assert stats.prefix_cache_queries == 2
+    assert stats.prefix_cache_hits == 1
+    assert stats.prefix_cache_reused_tokens >= len(system) - 8
+    assert with_cache[0].cached_prompt_tokens == stats.prefix_cache_reused_tokens
+    assert all(e.cached_prompt_tokens == 0 for e in with_cache[1:])
+    assert uncached.stats().prefix_cache_hits == 0
+
+
+async def test_prefix_cache_serves_a_follow_up_turn(
+    make_engine: EngineFactory, tiny: LoadedModel, prompts: list[list[int]]
+) -> None:
+    engine = make_engine(prefix_block_size=4)
+    turn1 = prompts[4]
+    answer = [e.token_id for e in await collect(engine, request(turn1, temperature=0.0))]
+    turn2 = turn1 + answer + prompts[2]
+    events = await collect(engine, request(turn2, temperature=0.0))
+    # The earlier prompt and the generated answer (but its last token) were cached.
+    assert events[0].cached_prompt_tokens >= len(turn1) + len(answer) - 1 - 4
+    assert [e.token_id for e in events] == hf_greedy(tiny, turn2, 12)
+
+
+async def test_stats_count_tokens(make_engine: EngineFactory, prompts: list[list[int]]) -> None:
+    engine = make_engine()
+    await asyncio.gather(
+        *(collect(engine, request(p, str(i), max_tokens=10, ignore_eos=True)) for i, p in enumerate(prompts[:4]))
+    )
+    stats = engine.stats()
+    assert stats.total_requests == 4 and stats.total_finished == 4
+    assert stats.total_generated_tokens == 40
+    assert stats.total_prompt_tokens == sum(len(p) for p in prompts[:4])
+    assert stats.tokens_per_second > 0
+    assert stats.running == 0 and stats.queued == 0 and stats.pending_tokens == 0
+
+
+async def test_warmup_then_generate(make_engine: EngineFactory, tiny: LoadedModel, prompts: list[list[int]]) -> None:
+    engine = make_engine(start=False)
+    engine.warmup()
+    engine.start()
+    events = await collect(engine, request(prompts[1], temperature=0.0))
+    assert [e.token_id for e in events] == hf_greedy(tiny, prompts[1], 12)
