@@ -167,6 +167,11 @@ class Supervisor:
         self.out.write(f"{'tokenyard':<9}| {message}\n")
         self.out.flush()
 
+    @property
+    def stopping(self) -> bool:
+        """True once a stop was requested."""
+        return self._stop.is_set()
+
     def request_stop(self) -> None:
         """Begin stopping (what SIGTERM and Ctrl-C do)."""
         self._stop.set()

@@ -1,0 +1,292 @@
+"""`tokenyard up`: auth, inference workers and the router as supervised child processes.
+
+On first start it makes the state folder, a service token and a key pepper,
+migrates the SQLite database, bootstraps an admin and a demo user with a
+`generate` role, and prints the demo API key once. Later starts reuse all of it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO
+
+import grpc
+
+from services.stack.certs import make_dev_certs
+from services.stack.settings import DEMO_MODEL, StackSettings
+from services.stack.state import ADMIN_PASSWORD, KEY_PEPPER, SERVICE_TOKEN, StateDir, write_private
+from services.stack.supervisor import ChildSpec, Policy, StackError, Supervisor
+
+ADMIN_KEY = "admin-key"
+CLI = (sys.executable, "-m", "services.cli")
+
+
+def served_model_name(settings: StackSettings) -> str:
+    """The name clients put in requests: --model-name, else derived from --model."""
+    if settings.model_name:
+        return settings.model_name
+    if settings.model == DEMO_MODEL:
+        return DEMO_MODEL
+    path = Path(settings.model).expanduser()
+    if path.suffix == ".gguf":
+        return path.stem
+    return path.name if path.exists() else settings.model
+
+
+def threads_per_worker(settings: StackSettings) -> int:
+    """torch threads of each worker: the machine's cores shared out, at least one."""
+    if settings.threads:
+        return settings.threads
+    return max(1, (os.cpu_count() or 1) // settings.workers)
+
+
+@dataclass(frozen=True)
+class Tls:
+    """The certificate folder: ca.pem and <service>.pem/.key."""
+
+    folder: Path
+
+    def cert(self, name: str) -> str:
+        return str(self.folder / f"{name}.pem")
+
+    def key(self, name: str) -> str:
+        return str(self.folder / f"{name}.key")
+
+    @property
+    def ca(self) -> str:
+        return str(self.folder / "ca.pem")
+
+    def client_credentials(self, mutual: bool) -> Callable[[], grpc.ChannelCredentials]:
+        """Credentials the launcher probes health with (the router's client certificate)."""
+
+        def make() -> grpc.ChannelCredentials:
+            ca = Path(self.ca).read_bytes()
+            if not mutual:
+                return grpc.ssl_channel_credentials(ca)
+            key = Path(self.key("router")).read_bytes()
+            return grpc.ssl_channel_credentials(ca, key, Path(self.cert("router")).read_bytes())
+
+        return make
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Addresses of every service of one stack."""
+
+    settings: StackSettings
+
+    @property
+    def connect_host(self) -> str:
+        host = self.settings.host
+        return "127.0.0.1" if host in ("0.0.0.0", "", "::") else host
+
+    def address(self, port: int) -> str:
+        return f"{self.connect_host}:{port}"
+
+    @property
+    def router(self) -> str:
+        return self.address(self.settings.port)
+
+    @property
+    def auth(self) -> str:
+        return self.address(self.settings.auth_port)
+
+    def worker_ports(self) -> list[int]:
+        return [self.settings.worker_port + i for i in range(self.settings.workers)]
+
+    def metrics(self, index: int) -> dict[str, str]:
+        """Metrics port variables for service number `index` (router 0, auth 1, workers 2…)."""
+        if self.settings.metrics_port is None:
+            return {}
+        return {"port": str(self.settings.metrics_port + index)}
+
+
+def base_env(state: StateDir, tls: Tls | None) -> dict[str, str]:
+    """What every child gets: the inherited environment, the service token, internal TLS."""
+    env = dict(os.environ)
+    env.setdefault("TOKENYARD_LOG_FORMAT", "text")
+    env["PYTHONUNBUFFERED"] = "1"
+    env["TOKENYARD_SERVICE_TOKEN"] = state.secret(SERVICE_TOKEN)
+    if tls is not None:
+        env["TOKENYARD_INTERNAL_TLS_CA"] = tls.ca
+        env["TOKENYARD_INTERNAL_TLS_CERT"] = tls.cert("router")
+        env["TOKENYARD_INTERNAL_TLS_KEY"] = tls.key("router")
+    return env
+
+
+def auth_env(settings: StackSettings, state: StateDir, tls: Tls | None) -> dict[str, str]:
+    """Environment of the auth service (also used to bootstrap its database)."""
+    env = base_env(state, tls)
+    env.pop("TOKENYARD_AUTH_KEY_PEPPER", None)
+    state.secret(KEY_PEPPER)
+    env.update(
+        TOKENYARD_AUTH_HOST=settings.host,
+        TOKENYARD_AUTH_PORT=str(settings.auth_port),
+        TOKENYARD_AUTH_DATABASE_URL=state.database_url,
+        TOKENYARD_AUTH_KEY_PEPPER_FILE=str(state.path(KEY_PEPPER)),
+    )
+    _server_tls(env, "AUTH", tls, "auth", mutual=True)
+    return env
+
+
+def _server_tls(env: dict[str, str], svc: str, tls: Tls | None, name: str, mutual: bool) -> None:
+    if tls is None:
+        return
+    env[f"TOKENYARD_{svc}_TLS_CERT"] = tls.cert(name)
+    env[f"TOKENYARD_{svc}_TLS_KEY"] = tls.key(name)
+    if mutual:
+        env[f"TOKENYARD_{svc}_TLS_CLIENT_CA"] = tls.ca
+
+
+def plan(settings: StackSettings, state: StateDir, tls: Tls | None) -> list[ChildSpec]:
+    """The child processes of the stack: auth, then the workers together, then the router."""
+    layout = Layout(settings)
+    specs: list[ChildSpec] = []
+    env = auth_env(settings, state, tls)
+    if m := layout.metrics(1):
+        env["TOKENYARD_AUTH_METRICS_PORT"] = m["port"]
+    internal = tls.client_credentials(mutual=True) if tls else _plaintext
+    specs.append(
+        ChildSpec(
+            "auth", [*CLI, "auth", "serve"], env, layout.auth, internal, start_order=0, stop_order=2
+        )
+    )
+    threads = str(threads_per_worker(settings))
+    for i, port in enumerate(layout.worker_ports()):
+        env = base_env(state, tls)
+        env.update(
+            TOKENYARD_INFERENCE_HOST=settings.host, OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads
+        )
+        if m := layout.metrics(2 + i):
+            env["TOKENYARD_INFERENCE_METRICS_PORT"] = m["port"]
+        _server_tls(env, "INFERENCE", tls, "worker", mutual=True)
+        argv = [
+            *CLI, "inference", "serve", "--model", settings.model,
+            "--served-model-name", served_model_name(settings), "--port", str(port),
+        ]  # fmt: skip
+        specs.append(
+            ChildSpec(f"worker-{i + 1}", argv, env, layout.address(port), internal, 1, stop_order=1)
+        )
+    env = base_env(state, tls)
+    env.update(
+        TOKENYARD_ROUTER_HOST=settings.host,
+        TOKENYARD_ROUTER_PORT=str(settings.port),
+        TOKENYARD_ROUTER_AUTH_ADDRESS=layout.auth,
+        TOKENYARD_ROUTER_WORKERS=",".join(layout.address(p) for p in layout.worker_ports()),
+    )
+    env.pop("TOKENYARD_ROUTER_WORKER_DNS", None)
+    if m := layout.metrics(0):
+        env["TOKENYARD_ROUTER_METRICS_PORT"] = m["port"]
+    _server_tls(env, "ROUTER", tls, "router", mutual=False)
+    public = tls.client_credentials(mutual=False) if tls else _plaintext
+    specs.append(
+        ChildSpec("router", [*CLI, "router", "serve"], env, layout.router, public, 2, stop_order=0)
+    )
+    return specs
+
+
+def _plaintext() -> grpc.ChannelCredentials | None:
+    return None
+
+
+def prepare_auth(settings: StackSettings, state: StateDir, tls: Tls | None) -> tuple[str, bool]:
+    """Migrate, bootstrap the admin and demo user; return (demo key, created now)."""
+    from services.auth.bootstrap import bootstrap_admin, ensure_demo
+    from services.auth.settings import load_auth_settings
+    from services.common.errors import FailedPrecondition
+
+    auth = load_auth_settings(auth_env(settings, state, tls))
+    previous = state.demo_key()
+    if previous is None:
+        password = state.secret(ADMIN_PASSWORD, 18)
+        with contextlib.suppress(FailedPrecondition):
+            admin_key = asyncio.run(bootstrap_admin(auth, "admin", password))
+            write_private(state.path(ADMIN_KEY), admin_key)
+    key = ensure_demo(auth, state.path("demo-key"))
+    state.path("demo-key").chmod(0o600)
+    return key, key != previous
+
+
+def banner(
+    settings: StackSettings, state: StateDir, key: str, created: bool, tls: Tls | None
+) -> str:
+    """What `tokenyard up` prints once the stack is SERVING."""
+    layout = Layout(settings)
+    model = served_model_name(settings)
+    key_file = state.path("demo-key")
+    tls_flag = f" --tls-ca {tls.ca}" if tls else ""
+    lines = [
+        f"tokenyard is up: router {layout.router}, {settings.workers} worker(s) serving "
+        f"{model}, auth {layout.auth}, state in {state.root}",
+    ]
+    if created:
+        lines += [
+            "",
+            f"Your demo API key (shown once; saved to {key_file}, mode 0600):",
+            "",
+            f"    {key}",
+        ]
+    else:
+        lines += [f"Demo API key: in {key_file}"]
+    address = "" if settings.port == 50051 else f" --address {layout.router}"
+    lines += [
+        "",
+        "Stream tokens:",
+        "",
+        f'    tokenyard generate{address}{tls_flag} --model {model} "Write a haiku about gRPC"',
+        "",
+        "Press Ctrl-C to stop.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+async def supervise(
+    specs: list[ChildSpec], policy: Policy, out: IO[str], ready_message: str
+) -> int:
+    """Start the stack, print `ready_message`, run until a signal or an unrecoverable crash."""
+    sup = Supervisor(specs, policy, out)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, sup.request_stop)
+    code = 0
+    try:
+        await sup.start()
+        if not sup.stopping:
+            out.write(ready_message + "\n")
+            out.flush()
+            await sup.run()
+    except StackError as exc:
+        sup.say(f"error: {exc}")
+        code = 1
+    finally:
+        sup.say("stopping: router (drains), then workers, then auth")
+        await sup.stop()
+        sup.say("stopped")
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+    return code
+
+
+def run_stack(settings: StackSettings, out: IO[str]) -> int:
+    """Everything `tokenyard up` does; returns its exit status."""
+    state = StateDir(settings.state_dir)
+    state.ensure()
+    tls: Tls | None = None
+    if settings.tls or settings.tls_dir is not None:
+        folder = settings.tls_dir or state.path("tls")
+        if not (folder / "ca.pem").is_file():
+            make_dev_certs(folder)
+        tls = Tls(folder)
+    key, created = prepare_auth(settings, state, tls)
+    policy = Policy(max_restarts=settings.max_restarts, startup_timeout=settings.startup_timeout)
+    specs = plan(settings, state, tls)
+    message = banner(settings, state, key, created, tls)
+    return asyncio.run(supervise(specs, policy, out, message))

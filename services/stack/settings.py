@@ -1,0 +1,109 @@
+"""Settings of `tokenyard up`, the whole stack on one machine (flags override them)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from services.common.settings import (
+    parse_bool,
+    parse_non_negative_int,
+    parse_path,
+    parse_port,
+    parse_positive_float,
+    parse_positive_int,
+    setting,
+)
+
+DEMO_MODEL = "smollm2-135m"
+
+
+@dataclass(frozen=True, kw_only=True)
+class StackSettings:
+    """Where state lives, how many workers on which model, ports, restarts, TLS."""
+
+    state_dir: Path = setting(
+        "TOKENYARD_STATE_DIR",
+        parse_path,
+        default=Path(".tokenyard"),
+        flag="--state-dir",
+        help="Folder of the local stack's database, secrets and demo key.",
+    )
+    workers: int = setting(
+        "TOKENYARD_UP_WORKERS",
+        parse_positive_int,
+        default=2,
+        flag="--workers",
+        help="Inference workers to start.",
+    )
+    model: str = setting(
+        "TOKENYARD_UP_MODEL",
+        default=DEMO_MODEL,
+        flag="--model",
+        help="Model the workers serve: smollm2-135m, a model folder, a GGUF file or a hub id.",
+    )
+    model_name: str | None = setting(
+        "TOKENYARD_UP_MODEL_NAME",
+        default=None,
+        flag="--model-name",
+        help="Name clients use for the model (default: derived from --model).",
+    )
+    host: str = setting(
+        "TOKENYARD_UP_HOST", default="127.0.0.1", flag="--host", help="Address every service binds."
+    )
+    port: int = setting(
+        "TOKENYARD_UP_PORT", parse_port, default=50051, flag="--port", help="The router's port."
+    )
+    auth_port: int = setting(
+        "TOKENYARD_UP_AUTH_PORT", parse_port, default=50052, flag="--auth-port", help="Auth's port."
+    )
+    worker_port: int = setting(
+        "TOKENYARD_UP_WORKER_PORT",
+        parse_port,
+        default=50061,
+        flag="--worker-port",
+        help="The first worker's port; the others take the next ones.",
+    )
+    metrics_port: int | None = setting(
+        "TOKENYARD_UP_METRICS_PORT",
+        parse_port,
+        default=None,
+        flag="--metrics-port",
+        help="First Prometheus port: router, auth, then each worker on the next ones (unset: off).",
+    )
+    threads: int = setting(
+        "TOKENYARD_UP_THREADS",
+        parse_non_negative_int,
+        default=0,
+        flag="--threads",
+        help="torch threads per worker (0: this machine's cores divided by the workers).",
+    )
+    max_restarts: int = setting(
+        "TOKENYARD_UP_MAX_RESTARTS",
+        parse_non_negative_int,
+        default=3,
+        flag="--max-restarts",
+        help="Restarts in a row of a service that dies before the whole stack stops.",
+    )
+    startup_timeout: float = setting(
+        "TOKENYARD_UP_STARTUP_TIMEOUT",
+        parse_positive_float,
+        default=600.0,
+        flag="--startup-timeout",
+        help="Seconds a service may take to report SERVING (model conversion included).",
+    )
+    tls: bool = setting(
+        "TOKENYARD_UP_TLS",
+        parse_bool,
+        default=False,
+        flag="--tls",
+        help="TLS on the router's port and mutual TLS inside, with certificates from "
+        "--tls-dir (made there with openssl when missing).",
+    )
+    tls_dir: Path | None = setting(
+        "TOKENYARD_UP_TLS_DIR",
+        parse_path,
+        default=None,
+        flag="--tls-dir",
+        help="Folder with ca.pem and router/auth/worker .pem/.key (default: <state>/tls).",
+    )
