@@ -95,7 +95,8 @@ class Keys:
         p = caller.principal
         if owner_id == p.user_id and (p.has("keys.manage_own") or p.has("keys.admin")):
             return
-        await self.core.require(caller, "keys.admin", action, "user", owner_id[:64])
+        needed = "keys.manage_own" if owner_id == p.user_id else "keys.admin"
+        await self.core.require(caller, needed, action, "user", owner_id[:64])
 
     async def create(self, caller: Caller, owner_id: str, spec: KeySpec, request_id: str) -> NewKey:
         """Create a key; the secret is returned here and never again."""
