@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import grpc
@@ -87,4 +88,10 @@ async def stack() -> AsyncIterator[Stack]:
         await s.close()
 
 
-Factory = Callable[..., Coroutine[Any, Any, RouterApp]]
+async def eventually(check: Callable[[], bool], timeout: float = 5.0) -> None:
+    """Wait until `check()` holds; fail the test after `timeout` seconds."""
+    for _ in range(int(timeout / 0.01)):
+        if check():
+            return
+        await asyncio.sleep(0.01)
+    pytest.fail("condition not reached in time")

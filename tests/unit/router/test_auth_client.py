@@ -1,0 +1,124 @@
+"""The router's auth client against a real (test-double) AuthService on loopback."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import grpc
+import pytest
+
+from services.common.errors import Unauthenticated, Unavailable
+from services.router.auth_client import AuthClient, bearer_credential, model_matches
+from services.router.testing.fake_auth import FakeAuth, principal
+from tests.unit.router.conftest import eventually
+
+KEY = "ty_sk_aaaaaaaaaaaaaaaaaaaaaaaaaaaa"
+
+
+@pytest.fixture
+async def auth() -> AsyncIterator[FakeAuth]:
+    server = FakeAuth()
+    await server.start()
+    server.state.add_key(KEY, principal("cred-a", models=("smollm2-*", "exact-model")))
+    yield server
+    await server.stop()
+
+
+@pytest.fixture
+async def client(auth: FakeAuth) -> AsyncIterator[AuthClient]:
+    channel = grpc.aio.insecure_channel(auth.address)
+    c = AuthClient(channel, failure_ttl=30.0)
+    yield c
+    await c.close()
+    await channel.close()
+
+
+def test_bearer_header_parsing() -> None:
+    assert bearer_credential(f"Bearer {KEY}") == KEY
+    assert bearer_credential(f"bearer  {KEY}") == KEY
+    for bad in (None, "", "Bearer", "Basic abc", f"Token {KEY}", "Bearer " + "x" * 600):
+        with pytest.raises(Unauthenticated) as info:
+            bearer_credential(bad)
+        assert info.value.message == Unauthenticated().message
+
+
+def test_model_patterns() -> None:
+    assert model_matches("*", "anything")
+    assert model_matches("smollm2-*", "smollm2-135m")
+    assert not model_matches("smollm2-*", "llama-3")
+    assert model_matches("exact", "exact") and not model_matches("exact", "exact-2")
+
+
+async def test_principal_is_cached(auth: FakeAuth, client: AuthClient) -> None:
+    first = await client.authenticate(KEY)
+    second = await client.authenticate(KEY)
+    assert first is second
+    assert first.may_use("smollm2-135m") and not first.may_use("llama")
+    assert auth.state.authenticate_calls == 1
+
+
+async def test_concurrent_requests_share_one_call(auth: FakeAuth, client: AuthClient) -> None:
+    auth.state.authenticate_delay = 0.2
+    results = await asyncio.gather(*(client.authenticate(KEY) for _ in range(50)))
+    assert {r.credential_id for r in results} == {"cred-a"}
+    assert auth.state.authenticate_calls == 1
+
+
+async def test_unknown_key_is_rejected_and_remembered(auth: FakeAuth, client: AuthClient) -> None:
+    for _ in range(3):
+        with pytest.raises(Unauthenticated):
+            await client.authenticate("ty_sk_unknown")
+    assert auth.state.authenticate_calls == 1
+
+
+async def test_auth_down_keeps_cached_principals_and_fails_closed(
+    auth: FakeAuth, client: AuthClient
+) -> None:
+    await client.authenticate(KEY)
+    await auth.stop()
+    assert (await client.authenticate(KEY)).credential_id == "cred-a"
+    with pytest.raises(Unavailable):
+        await client.authenticate("ty_sk_never_seen")
+
+
+async def test_expired_cache_entry_is_not_used_when_auth_is_down(auth: FakeAuth) -> None:
+    auth.state.cache_ttl = 0.05
+    channel = grpc.aio.insecure_channel(auth.address)
+    c = AuthClient(channel)
+    try:
+        await c.authenticate(KEY)
+        await auth.stop()
+        await asyncio.sleep(0.1)
+        with pytest.raises(Unavailable):
+            await c.authenticate(KEY)
+    finally:
+        await channel.close()
+
+
+async def test_revocation_applies_at_once(auth: FakeAuth, client: AuthClient) -> None:
+    client.start()
+    await client.revocations_connected.wait()
+    await client.authenticate(KEY)
+    auth.state.revoke(KEY)
+    for _ in range(200):
+        try:
+            await client.authenticate(KEY)
+        except Unauthenticated:
+            break
+        await asyncio.sleep(0.01)
+    else:
+        pytest.fail("revoked key still accepted")
+
+
+async def test_reconnect_drops_the_cache(auth: FakeAuth, client: AuthClient) -> None:
+    client.start()
+    await client.revocations_connected.wait()
+    await client.authenticate(KEY)
+    await auth.stop()
+    await eventually(lambda: not client.revocations_connected.is_set())
+    await auth.start()
+    await client.revocations_connected.wait()
+    calls = auth.state.authenticate_calls
+    await client.authenticate(KEY)
+    assert auth.state.authenticate_calls == calls + 1
