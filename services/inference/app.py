@@ -1,0 +1,117 @@
+"""Assembles an inference worker from its settings; used by the CLI and tests.
+
+app = InferenceApp(settings, loaded)   # loaded: a LoadedModel (load_model or testing)
+port = await app.start()               # engine warmed up, health SERVING
+...
+await app.stop()                       # graceful: streams finish, engine stopped
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+from typing import Any
+
+from tokenyard.generation.v1 import generation_service_pb2_grpc as gen_grpc
+from tokenyard.inference.v1 import worker_service_pb2_grpc as worker_grpc
+
+from services.common.server import GrpcServer
+from services.inference import servicer, worker_service
+from services.inference.engine.engine import Engine
+from services.inference.metrics import LoadSampler
+from services.inference.model_loading import LoadedModel
+from services.inference.settings import InferenceSettings
+from services.inference.worker import Worker, WorkerInfo, tokenyard_version
+
+log = logging.getLogger("tokenyard.inference")
+
+
+def load(settings: InferenceSettings) -> LoadedModel:
+    """Load the configured model (blocking; raises ModelLoadError with a clear message)."""
+    from services.inference.model_loading import load_model
+
+    return load_model(
+        settings.model,
+        device=settings.device,
+        dtype=settings.dtype,
+        cache_dir=settings.cache_dir.expanduser(),
+    )
+
+
+def _dtype_name(dtype: Any) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+class InferenceApp:
+    """A worker: the engine over a loaded model, its servicers and its gRPC server."""
+
+    def __init__(self, settings: InferenceSettings, loaded: LoadedModel) -> None:
+        self.settings = settings
+        self.loaded = loaded
+        self.engine = Engine(
+            loaded,
+            max_running=settings.max_running,
+            max_queued=settings.max_queued,
+            max_batch_tokens=settings.max_batch_tokens,
+            prefix_cache=settings.prefix_cache,
+        )
+        info = WorkerInfo(
+            model=settings.served_model_name or loaded.name,
+            context_length=self.engine.context_length,
+            vocab_size=self.engine.runner.vocab_size,
+            max_running=settings.max_running,
+            max_queued=settings.max_queued,
+            device=str(loaded.device),
+            dtype=_dtype_name(loaded.dtype),
+            prefix_cache=settings.prefix_cache,
+            version=tokenyard_version(),
+        )
+        self.server = GrpcServer(
+            settings.server, service_token=settings.internal.service_token or None
+        )
+        self.worker = Worker(
+            self.engine,
+            loaded.tokenizer,
+            info,
+            eos_token_ids=loaded.eos_token_ids,
+            on_drained=lambda: self.server.set_serving(False),
+        )
+        self.server.add(
+            gen_grpc.add_GenerationServiceServicer_to_server,
+            servicer.GenerationServicer(self.worker),
+            servicer.SERVICE_NAME,
+        )
+        self.server.add(
+            worker_grpc.add_WorkerServiceServicer_to_server,
+            worker_service.WorkerServicer(self.worker),
+            worker_service.SERVICE_NAME,
+        )
+        self.sampler = LoadSampler(self.engine.stats)
+        self.port = 0
+
+    @property
+    def address(self) -> str:
+        """host:port the router connects to."""
+        return f"{self.settings.server.host}:{self.port}"
+
+    async def start(self) -> int:
+        """Warm the engine up, then serve; health turns SERVING only after the warmup."""
+        await asyncio.to_thread(self.engine.warmup)
+        self.engine.start()
+        self.port = await self.server.start()
+        self.worker.worker_id = f"{self.address}-{secrets.token_hex(4)}"
+        self.sampler.start()
+        await self.server.set_serving(True)
+        log.info(
+            "serving",
+            extra={"model": self.worker.info.model, "address": self.address},
+        )
+        return self.port
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Refuse new calls, let running ones finish within grace, then stop the engine."""
+        await self.server.stop(grace)
+        await self.worker.close()
+        await self.sampler.stop()
+        await self.engine.stop()

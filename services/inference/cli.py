@@ -1,0 +1,75 @@
+"""`tokenyard inference serve`: load one model and serve it to the router."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+from typing import Any
+
+
+def register(subparsers: Any) -> None:
+    """Add the `inference` command group to the `tokenyard` parser."""
+    group = subparsers.add_parser("inference", help="an inference worker")
+    sub = group.add_subparsers(dest="inference_command", required=True, metavar="COMMAND")
+    serve = sub.add_parser(
+        "serve",
+        help="load a model and serve GenerationService and WorkerService to the router",
+        description="Settings come from TOKENYARD_INFERENCE_* variables; flags override them.",
+    )
+    serve.add_argument(
+        "--model", default=None, help="smollm2-135m, a model directory, a GGUF file or a hub id"
+    )
+    serve.add_argument("--served-model-name", default=None, help="name clients use")
+    serve.add_argument("--device", default=None, help="auto, cpu, cuda or cuda:N")
+    serve.add_argument("--dtype", default=None, help="auto, float32, bfloat16 or float16")
+    serve.add_argument("--port", default=None, help="gRPC port (default 50061)")
+    serve.add_argument("--max-running", default=None, help="sequences decoded at once")
+    serve.add_argument("--max-queued", default=None, help="requests waiting for a slot")
+    serve.add_argument("--max-batch-tokens", default=None, help="tokens per engine step")
+    serve.add_argument("--prefix-cache", default=None, help="true or false")
+    serve.add_argument("--cache-dir", default=None, help="where converted models are kept")
+    serve.set_defaults(handler=_serve)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from services.inference.settings import load_inference_settings
+
+    settings = load_inference_settings(os.environ, vars(args))
+    return asyncio.run(_run(settings))
+
+
+async def _run(settings: Any) -> int:
+    from prometheus_client import start_http_server
+
+    from services.common.logs import configure_logging
+    from services.common.telemetry import configure_telemetry, shutdown_telemetry
+    from services.inference.app import InferenceApp, load
+    from services.inference.engine.runner import UnsupportedModelError
+    from services.inference.model_loading import ModelLoadError
+
+    obs = settings.observability
+    configure_logging("inference", obs.log_level, obs.log_format)
+    configure_telemetry("inference", obs.otlp_endpoint)
+    try:
+        loaded = await asyncio.to_thread(load, settings)
+        app = InferenceApp(settings, loaded)
+    except (ModelLoadError, UnsupportedModelError, OSError, ValueError) as exc:
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        print(f"tokenyard: cannot serve model {settings.model!r}: {reason}", file=sys.stderr)
+        shutdown_telemetry()
+        return 1
+    metrics_http = None
+    if settings.server.metrics_port is not None:
+        metrics_http, _ = start_http_server(settings.server.metrics_port, addr=settings.server.host)
+    try:
+        await app.start()
+        print(f"tokenyard inference listening on {app.address}", flush=True)
+        await app.server.wait_for_stop_signal()
+    finally:
+        await app.stop()
+        if metrics_http is not None:
+            metrics_http.shutdown()
+        shutdown_telemetry()
+    return 0

@@ -1,0 +1,331 @@
+"""The worker's domain layer: one model behind the engine, as the router needs it.
+
+Requests are checked and rendered here, run through the engine, and turned into
+stream messages; drain, load reports and the description live here too. Nothing
+in this module knows about gRPC: the servicers translate.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib.metadata
+import logging
+import time
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from opentelemetry.trace import Span, Status, StatusCode
+from tokenyard.generation.v1 import generation_service_pb2 as gen
+
+from services.common.errors import InvalidArgument, ResourceExhausted, Unavailable
+from services.common.telemetry import tracer
+from services.inference import metrics
+from services.inference.engine.engine import Engine
+from services.inference.engine.types import (
+    EngineClosed,
+    EngineError,
+    EngineFull,
+    EngineRequest,
+    EngineStats,
+    InvalidRequest,
+    SamplingConfig,
+)
+from services.inference.inputs import HasInput, render_input
+from services.inference.streaming import ResponseAssembler
+from services.inference.validation import (
+    SamplingChoice,
+    check_model,
+    check_token_ids,
+    request_id_of,
+    resolve_max_tokens,
+    sampling_choice,
+)
+
+log = logging.getLogger("tokenyard.inference")
+_tracer = tracer("tokenyard.inference")
+FULL_RETRY_AFTER_S = 0.5
+
+
+@contextlib.asynccontextmanager
+async def _closing(events: AsyncIterator[Any]) -> AsyncIterator[None]:
+    """Close an engine stream on exit: the engine then frees the request's slot."""
+    try:
+        yield
+    finally:
+        close = getattr(events, "aclose", None)
+        if close is not None:
+            await close()
+
+
+def tokenyard_version() -> str:
+    """The installed tokenyard version (0.0.0 when run from a bare checkout)."""
+    try:
+        return importlib.metadata.version("tokenyard")
+    except importlib.metadata.PackageNotFoundError:
+        return "0.0.0"
+
+
+@dataclass(frozen=True)
+class WorkerInfo:
+    """What Describe reports: the model, the limits and where it runs."""
+
+    model: str
+    context_length: int
+    vocab_size: int
+    max_running: int
+    max_queued: int
+    device: str
+    dtype: str
+    prefix_cache: bool
+    version: str
+
+
+@dataclass(frozen=True)
+class LoadReport:
+    """One WatchLoad report."""
+
+    stats: EngineStats
+    draining: bool
+
+    def key(self) -> tuple[int, int, int, bool]:
+        """The part of the report whose change triggers a report at once."""
+        return (self.stats.running, self.stats.queued, self.stats.free_slots, self.draining)
+
+
+@dataclass(frozen=True)
+class PreparedRequest:
+    """A checked request, ready for the engine."""
+
+    request_id: str
+    prompt_ids: list[int]
+    continuation_ids: list[int]
+    sampling: SamplingChoice
+    max_tokens: int
+
+
+class Worker:
+    """Serves one loaded model: checks, generation, counting, load and drain."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        tokenizer: Any,
+        info: WorkerInfo,
+        *,
+        eos_token_ids: frozenset[int] = frozenset(),
+        on_drained: Callable[[], Awaitable[None]] | None = None,
+    ) -> None:
+        self.engine = engine
+        self.tokenizer = tokenizer
+        self.info = info
+        self.worker_id = ""
+        self.eos_token_ids = eos_token_ids
+        self.draining = False
+        self._on_drained = on_drained
+        self._drain_task: asyncio.Task[None] | None = None
+        self._changed = asyncio.Event()
+
+    # -- requests ------------------------------------------------------------------
+
+    async def prepare(self, request: Any) -> PreparedRequest:
+        """Check a Generate/StreamGenerate request and render its prompt ids."""
+        request_id = request_id_of(request.request_id)
+        check_model(request.model, self.info.model)
+        logprobs = request.logprobs if request.HasField("logprobs") else None
+        choice = sampling_choice(request.sampling, logprobs, self.info.vocab_size)
+        continuation = check_token_ids(
+            request.continuation_token_ids, "continuation_token_ids", self.info.vocab_size
+        )
+        rendered = await asyncio.to_thread(
+            render_input, request, self.tokenizer, self.info.vocab_size
+        )
+        max_tokens = resolve_max_tokens(
+            choice,
+            input_field=rendered.field,
+            prompt_tokens=len(rendered.token_ids),
+            continuation_tokens=len(continuation),
+            context_length=self.info.context_length,
+        )
+        return PreparedRequest(request_id, rendered.token_ids, continuation, choice, max_tokens)
+
+    async def count_tokens(self, request: HasInput, model: str) -> int:
+        """Tokens of an input under this model's tokenizer (and chat template)."""
+        check_model(model, self.info.model)
+        rendered = await asyncio.to_thread(
+            render_input, request, self.tokenizer, self.info.vocab_size
+        )
+        return len(rendered.token_ids)
+
+    async def generate(
+        self, prep: PreparedRequest, deadline: float | None
+    ) -> AsyncGenerator[gen.StreamGenerateResponse, None]:
+        """Run a prepared request; yields stream messages, the last with finish and usage.
+
+        `deadline` is a `time.monotonic()` instant; past it the engine drops the
+        request. Closing the iterator aborts the request within one engine step.
+        """
+        if self.draining:
+            raise Unavailable("worker is draining: send new work elsewhere", reason="DRAINING")
+        assembler = ResponseAssembler(
+            tokenizer=self.tokenizer,
+            request_id=prep.request_id,
+            model=self.info.model,
+            prompt_ids=prep.prompt_ids,
+            continuation_ids=prep.continuation_ids,
+            stops=prep.sampling.stop,
+            stop_token_ids=prep.sampling.stop_token_ids,
+            eos_token_ids=self.eos_token_ids,
+            ignore_eos=prep.sampling.ignore_eos,
+            logprobs=prep.sampling.logprobs is not None,
+        )
+        if assembler.finished:  # the continuation had already ended the generation
+            yield assembler.final()
+            return
+        attributes: dict[str, str | int] = {
+            "tokenyard.request_id": prep.request_id,
+            "gen_ai.request.model": self.info.model,
+            "gen_ai.request.max_tokens": prep.max_tokens,
+            "gen_ai.usage.input_tokens": len(prep.prompt_ids),
+        }
+        with _tracer.start_as_current_span("inference.generate", attributes=attributes) as span:
+            run = self._run(prep, assembler, deadline, attributes, span)
+            async with contextlib.aclosing(run):
+                async for message in run:
+                    yield message
+
+    async def _run(
+        self,
+        prep: PreparedRequest,
+        assembler: ResponseAssembler,
+        deadline: float | None,
+        attributes: dict[str, str | int],
+        span: Span,
+    ) -> AsyncGenerator[gen.StreamGenerateResponse, None]:
+        events = self._submit(prep, deadline)
+        started = time.monotonic()
+        metrics.PROMPT_TOKENS.inc(len(prep.prompt_ids))
+        self._changed.set()
+        # Queueing and prefill end together at the first token: the engine does not
+        # report when a request is admitted, so one span covers both.
+        phase = _tracer.start_span("inference.queue_prefill", attributes=attributes)
+        last = started
+        first = True
+        try:
+            async with _closing(events):
+                async for batch in events:
+                    now = time.monotonic()
+                    produced = sum(1 for e in batch if e.token_id >= 0)
+                    if first and produced:
+                        first = False
+                        metrics.TTFT.observe(now - started)
+                        phase.end()
+                        phase = _tracer.start_span("inference.decode", attributes=attributes)
+                    elif produced:
+                        for _ in range(produced):
+                            metrics.INTER_TOKEN.observe((now - last) / produced)
+                    last = now
+                    message = assembler.feed(batch)
+                    if message is not None:
+                        metrics.GENERATED_TOKENS.inc(len(message.token_ids))
+                        yield message
+                    if assembler.finished:
+                        break  # leaving the `async with` aborts a request a stop string ended
+        except EngineError as exc:
+            log.error("generation failed", extra={"request_id": prep.request_id, "error": str(exc)})
+            span.set_status(Status(StatusCode.ERROR, "model computation failed"))
+            raise Unavailable(
+                "model computation failed on this worker", reason="ENGINE_ERROR"
+            ) from None
+        finally:
+            phase.end()
+            self._changed.set()
+            reason = gen.FinishReason.Name(assembler.finish_reason) if assembler.finished else ""
+            metrics.REQUESTS.labels(reason.removeprefix("FINISH_REASON_") or "ABORTED").inc()
+            span.set_attribute("gen_ai.usage.output_tokens", assembler.totals.completion_tokens)
+            span.set_attribute("tokenyard.finish_reason", reason or "ABORTED")
+
+    def _submit(self, prep: PreparedRequest, deadline: float | None) -> AsyncIterator[Any]:
+        choice = prep.sampling
+        request = EngineRequest(
+            request_id=prep.request_id,
+            prompt_ids=prep.prompt_ids,
+            sampling=SamplingConfig(
+                max_tokens=prep.max_tokens,
+                temperature=choice.temperature,
+                top_p=choice.top_p,
+                top_k=choice.top_k,
+                min_p=choice.min_p,
+                repetition_penalty=choice.repetition_penalty,
+                seed=choice.seed,
+                stop_token_ids=choice.stop_token_ids,
+                ignore_eos=choice.ignore_eos,
+                logprobs=choice.logprobs,
+            ),
+            continuation_ids=prep.continuation_ids,
+            deadline=deadline,
+        )
+        try:
+            return self.engine.generate(request)
+        except EngineFull:
+            raise ResourceExhausted(
+                "worker is full: every slot and queue place is taken",
+                reason="WORKER_FULL",
+                retry_after=FULL_RETRY_AFTER_S,
+            ) from None
+        except EngineClosed:
+            raise Unavailable("worker is shutting down", reason="SHUTTING_DOWN") from None
+        except InvalidRequest as exc:  # the checks above should have caught it
+            raise InvalidArgument(exc.field, str(exc).split(": ", 1)[-1]) from None
+
+    # -- load and drain ---------------------------------------------------------------
+
+    def load(self) -> LoadReport:
+        """The engine's load now, with the drain flag."""
+        return LoadReport(self.engine.stats(), self.draining)
+
+    async def load_reports(self, interval: float) -> AsyncIterator[LoadReport]:
+        """One report at once, then on every change and at least every `interval` while busy.
+
+        While idle, a report still goes out every 20 intervals as a heartbeat.
+        """
+        tick = min(interval, 0.05)
+        report = self.load()
+        yield report
+        sent_at, sent_key = time.monotonic(), report.key()
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._changed.wait(), tick)
+            self._changed.clear()
+            report = self.load()
+            now = time.monotonic()
+            busy = report.stats.running > 0 or report.stats.queued > 0
+            due = interval if busy else 20 * interval
+            if report.key() != sent_key or now - sent_at >= due:
+                yield report
+                sent_at, sent_key = now, report.key()
+
+    def drain(self) -> int:
+        """Refuse new work from now on; returns how many requests still run or wait."""
+        stats = self.engine.stats()
+        if not self.draining:
+            self.draining = True
+            self._changed.set()
+            log.info("draining", extra={"remaining": stats.running + stats.queued})
+            self._drain_task = asyncio.get_running_loop().create_task(self._finish_drain())
+        return stats.running + stats.queued
+
+    async def _finish_drain(self) -> None:
+        await self.engine.wait_idle()
+        log.info("drained: reporting NOT_SERVING")
+        if self._on_drained is not None:
+            await self._on_drained()
+
+    async def close(self) -> None:
+        """Cancel background work (a pending drain)."""
+        task, self._drain_task = self._drain_task, None
+        if task is not None and not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
