@@ -53,7 +53,8 @@ async def make_role(
         name=name, permissions=perms, allowed_models=models or ["*"], limits=limits
     )
     reply = await svc.roles.CreateRole(roles_pb.CreateRoleRequest(role=role), metadata=svc.admin)
-    return reply.role
+    out: resources_pb2.Role = reply.role
+    return out
 
 
 async def make_user(

@@ -28,7 +28,8 @@ def ts(when: datetime) -> timestamp_pb2.Timestamp:
 
 async def authenticate(svc: Auth, key: str) -> resources_pb2.Principal:
     reply = await svc.auth.Authenticate(auth_pb.AuthenticateRequest(credential=key))
-    return reply.principal
+    out: resources_pb2.Principal = reply.principal
+    return out
 
 
 async def test_key_is_shown_once_listed_by_hint_and_revocable(svc: Auth) -> None:
