@@ -19,6 +19,7 @@ from tokenyard.inference.v1 import worker_service_pb2_grpc as worker_grpc
 from services.common.server import GrpcServer
 from services.inference import servicer, worker_service
 from services.inference.engine.engine import Engine
+from services.inference.lenient import lenient
 from services.inference.metrics import LoadSampler
 from services.inference.model_loading import LoadedModel
 from services.inference.settings import InferenceSettings
@@ -78,7 +79,7 @@ class InferenceApp:
             on_drained=lambda: self.server.set_serving(False),
         )
         self.server.add(
-            gen_grpc.add_GenerationServiceServicer_to_server,
+            lenient(gen_grpc.add_GenerationServiceServicer_to_server),
             servicer.GenerationServicer(self.worker),
             servicer.SERVICE_NAME,
         )
