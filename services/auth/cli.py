@@ -91,6 +91,7 @@ def _serve(args: argparse.Namespace) -> int:
     settings = _settings(args)
     obs = settings.observability
     configure_logging("auth", obs.log_level, obs.log_format)
+    logging.getLogger("alembic").setLevel(logging.WARNING)
     try:
         asyncio.run(_run(settings, args.migrate))
     except FailedPrecondition as exc:

@@ -80,7 +80,7 @@ class AuthCore:
         """Stop background tasks, flush last-used times, close the database."""
         await self.hub.stop()
         await self.last_used.stop()
-        self.db.close()
+        await asyncio.to_thread(self.db.close)
 
     # -- transactions ---------------------------------------------------------------
 

@@ -9,7 +9,9 @@ IMMEDIATE so concurrent writers queue on the busy timeout instead of failing.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+import contextlib
+import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -54,20 +56,37 @@ class Database:
         self.url = url
         self.engine = make_engine(url)
         self._writer = self.engine.execution_options(tokenyard_write=True)
+        self._idle = threading.Condition()
+        self._in_flight = 0
 
     @property
     def dialect(self) -> str:
         """ "sqlite" or "postgresql"."""
         return self.engine.dialect.name
 
+    @contextlib.contextmanager
+    def _tracked(self) -> Iterator[None]:
+        with self._idle:
+            self._in_flight += 1
+        try:
+            yield
+        finally:
+            with self._idle:
+                self._in_flight -= 1
+                self._idle.notify_all()
+
     def read_sync(self, fn: Callable[..., T], *args: Any) -> T:
         """Run `fn(session, *args)` in a read transaction (rolled back after)."""
-        with Session(self.engine, expire_on_commit=False) as session:
+        with self._tracked(), Session(self.engine, expire_on_commit=False) as session:
             return fn(session, *args)
 
     def write_sync(self, fn: Callable[..., T], *args: Any) -> T:
         """Run `fn(session, *args)` in a write transaction, committed on success."""
-        with Session(self._writer, expire_on_commit=False) as session, session.begin():
+        with (
+            self._tracked(),
+            Session(self._writer, expire_on_commit=False) as session,
+            session.begin(),
+        ):
             return fn(session, *args)
 
     async def read(self, fn: Callable[..., T], *args: Any) -> T:
@@ -78,6 +97,8 @@ class Database:
         """`write_sync` in a worker thread."""
         return await asyncio.to_thread(self.write_sync, fn, *args)
 
-    def close(self) -> None:
-        """Close every pooled connection."""
+    def close(self, wait: float = 10.0) -> None:
+        """Close every pooled connection, after in-flight transactions end (up to `wait` s)."""
+        with self._idle:
+            self._idle.wait_for(lambda: self._in_flight == 0, timeout=wait)
         self.engine.dispose()

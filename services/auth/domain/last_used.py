@@ -27,6 +27,7 @@ class LastUsedBatcher:
         self.flush_seconds = flush_seconds
         self._seen: dict[str, datetime] = {}
         self._task: asyncio.Task[None] | None = None
+        self._stop = asyncio.Event()
 
     def touch(self, key_id: str) -> None:
         """Note a use of `key_id` now (no I/O)."""
@@ -52,17 +53,18 @@ class LastUsedBatcher:
 
     async def stop(self) -> None:
         """Stop and write what is pending."""
+        self._stop.set()
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await self._task
             self._task = None
         with contextlib.suppress(Exception):
             await self.flush()
 
     async def _run(self) -> None:
-        while True:
-            await asyncio.sleep(self.flush_seconds)
+        while not self._stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stop.wait(), self.flush_seconds)
+                return
             try:
                 await self.flush()
             except Exception:

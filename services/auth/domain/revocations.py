@@ -65,6 +65,7 @@ class RevocationHub:
         self._watchers: set[asyncio.Queue[Revoked]] = set()
         self._last_id = 0
         self._task: asyncio.Task[None] | None = None
+        self._stop = asyncio.Event()
 
     async def start(self) -> None:
         """Remember where the table ends and start polling."""
@@ -75,10 +76,9 @@ class RevocationHub:
 
     async def stop(self) -> None:
         """Stop polling and end every watcher's stream."""
+        self._stop.set()
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await self._task
             self._task = None
         for queue in list(self._watchers):
             queue.put_nowait(Revoked(reset=True, user_ids={"__stop__"}))
@@ -116,8 +116,10 @@ class RevocationHub:
         return [(r[0], r[1], r[2]) for r in session.execute(stmt)]
 
     async def _poll_forever(self) -> None:
-        while True:
-            await asyncio.sleep(self.poll_seconds)
+        while not self._stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stop.wait(), self.poll_seconds)
+                return
             try:
                 await self.poll_once()
             except Exception:  # a database blip must not end the poller
