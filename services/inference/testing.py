@@ -18,7 +18,7 @@ _CORPUS = [
     "What is the capital of France? The capital of France is Paris.",
     "Once upon a time in a faraway land there lived a curious engineer.",
     "Continuous batching lets requests join and leave between decode steps.",
-    "你好，世界！今天天气很好。我们在北京吃饭。",
+    "你好\uff0c世界\uff01今天天气很好。我们在北京吃饭。",
     "Emoji are fun 😀🎉🚀 and so are accents: café, naïve, über.",
     "0123456789 + - * / = ( ) [ ] { } < > ! ? , . ; :",
 ]
@@ -44,7 +44,9 @@ def build_tokenizer(vocab_size: int = 384) -> Any:
         show_progress=False,
     )
     tok.train_from_iterator(_CORPUS * 4, trainer=trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS_TOKEN, pad_token=EOS_TOKEN)
+    fast = PreTrainedTokenizerFast(  # type: ignore[no-untyped-call]
+        tokenizer_object=tok, eos_token=EOS_TOKEN, pad_token=EOS_TOKEN
+    )
     fast.chat_template = _CHAT_TEMPLATE
     return fast
 
@@ -77,7 +79,8 @@ def build_tiny_model(
         tie_word_embeddings=False,
     )
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(config).to(dtype).eval()
+    model: Any = LlamaForCausalLM(config)
+    model = model.to(dtype).eval()
     model.generation_config.pad_token_id = eos
     return LoadedModel(
         name="tiny-llama",

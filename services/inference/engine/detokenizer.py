@@ -58,7 +58,7 @@ class IncrementalDetokenizer:
         return "".join(out)
 
     def flush(self) -> str:
-        """Text still held back at the end of a stream (an incomplete character decodes to U+FFFD)."""
+        """Text held back at the end of a stream (an incomplete character shows as U+FFFD)."""
         prefix_text = self._decode(self._ids[self._prefix_offset : self._read_offset])
         new_text = self._decode(self._ids[self._prefix_offset :])
         self._prefix_offset = self._read_offset = len(self._ids)

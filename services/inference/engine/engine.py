@@ -9,6 +9,7 @@ stream its new events with a single `call_soon_threadsafe` per event loop.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import secrets
 import threading
@@ -16,6 +17,7 @@ import time
 import weakref
 from collections import deque
 from collections.abc import AsyncIterator
+
 import torch
 
 from services.inference.engine.prefix_cache import PrefixCache
@@ -132,7 +134,9 @@ class Engine:
                 mask = torch.ones((1, 1, 1, position + 1), dtype=torch.bool)
                 pos = torch.tensor([position], device=self.runner.device)
                 tok = torch.tensor([token], device=self.runner.device)
-                logits = self.runner.decode(cache, tok, pos, self.runner.write_rows(cache, pos), mask)
+                logits = self.runner.decode(
+                    cache, tok, pos, self.runner.write_rows(cache, pos), mask
+                )
 
     # -- requests --------------------------------------------------------------
 
@@ -208,7 +212,7 @@ class Engine:
         with self._cond:
             outstanding = self._outstanding
             rate = list(self._rate)
-            pending = self._pending_tokens
+            pending = self._pending_tokens if outstanding else 0
             requests, prompt_tokens = self._total_requests, self._total_prompt_tokens
         running = min(len(sched.running), outstanding)
         recent = [(t, n) for t, n in rate if now - t <= _RATE_WINDOW_S]
@@ -276,10 +280,9 @@ class Engine:
 
     @staticmethod
     def _push(stream: RequestStream, item: list[TokenEvent] | BaseException) -> None:
-        try:
+        # A closed loop raises RuntimeError: nobody is listening any more.
+        with contextlib.suppress(RuntimeError):
             stream.loop.call_soon_threadsafe(stream.push, item)
-        except RuntimeError:  # the loop is closed: nobody is listening any more
-            pass
 
     def _deliver(self, batch: list[tuple[Sequence, list[TokenEvent]]]) -> None:
         by_loop: dict[asyncio.AbstractEventLoop, list[tuple[RequestStream, list[TokenEvent]]]]
@@ -291,10 +294,8 @@ class Engine:
                 continue
             by_loop.setdefault(stream.loop, []).append((stream, events))
         for loop, items in by_loop.items():
-            try:
+            with contextlib.suppress(RuntimeError):
                 loop.call_soon_threadsafe(RequestStream.push_many, items)
-            except RuntimeError:
-                pass
 
     def _on_removed(self, seq: Sequence) -> None:
         with self._cond:
@@ -303,10 +304,8 @@ class Engine:
                 return
             waiters, self._idle_waiters = self._idle_waiters, []
         for loop, future in waiters:
-            try:
+            with contextlib.suppress(RuntimeError):
                 loop.call_soon_threadsafe(_resolve, future)
-            except RuntimeError:
-                pass
 
 
 def _resolve(future: asyncio.Future[None]) -> None:

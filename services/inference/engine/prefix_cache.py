@@ -43,7 +43,9 @@ class PrefixCache:
     def __len__(self) -> int:
         return len(self._blocks)
 
-    def _keys(self, tokens: Sequence[int], limit: int) -> list[tuple[int, int | None, tuple[int, ...]]]:
+    def _keys(
+        self, tokens: Sequence[int], limit: int
+    ) -> list[tuple[int, int | None, tuple[int, ...]]]:
         """(key, parent, block tokens) for each full block within tokens[:limit]."""
         out: list[tuple[int, int | None, tuple[int, ...]]] = []
         parent: int | None = None
@@ -55,7 +57,9 @@ class PrefixCache:
             parent = key
         return out
 
-    def lookup(self, tokens: Sequence[int], limit: int) -> tuple[int, list[torch.Tensor], list[torch.Tensor]]:
+    def lookup(
+        self, tokens: Sequence[int], limit: int
+    ) -> tuple[int, list[torch.Tensor], list[torch.Tensor]]:
         """Longest cached prefix of tokens[:limit]: (length, key blocks, value blocks)."""
         ks: list[torch.Tensor] = []
         vs: list[torch.Tensor] = []

@@ -124,9 +124,9 @@ class Runner:
         if getattr(config, "hidden_act", "silu") != "silu":
             raise UnsupportedModelError(f"activation {config.hidden_act!r} is not supported")
         window = getattr(config, "sliding_window", None)
-        if getattr(config, "use_sliding_window", window is not None) and window is not None:
-            if window < config.max_position_embeddings:
-                raise UnsupportedModelError("sliding-window attention is not supported")
+        uses_window = getattr(config, "use_sliding_window", window is not None)
+        if uses_window and window is not None and window < config.max_position_embeddings:
+            raise UnsupportedModelError("sliding-window attention is not supported")
         inner = model.model
         self.n_layers = int(config.num_hidden_layers)
         self.n_heads = int(config.num_attention_heads)

@@ -86,9 +86,10 @@ def _filter(logits: torch.Tensor, rows: Sequence[SampleRow]) -> torch.Tensor:
         idx = torch.tensor(min_p, device=device)
         sub = logits[idx]
         probs = torch.softmax(sub, dim=-1)
-        floor = probs.max(dim=-1, keepdim=True).values * torch.tensor(
-            [rows[i].config.min_p for i in min_p], device=device
-        )[:, None]
+        floor = (
+            probs.max(dim=-1, keepdim=True).values
+            * torch.tensor([rows[i].config.min_p for i in min_p], device=device)[:, None]
+        )
         logits[idx] = sub.masked_fill(probs < floor, neg_inf)
     return logits
 
@@ -110,9 +111,7 @@ def sample(logits: torch.Tensor, rows: Sequence[SampleRow]) -> list[Sampled]:
     """Choose one token per row of `logits` (``[rows, vocab]``, float32)."""
     want_logprobs = [r.config.logprobs is not None for r in rows]
     raw_logprobs = torch.log_softmax(logits, dim=-1) if any(want_logprobs) else None
-    simple = all(
-        r.config.temperature == 0.0 and r.config.repetition_penalty == 1.0 for r in rows
-    )
+    simple = all(r.config.temperature == 0.0 and r.config.repetition_penalty == 1.0 for r in rows)
     if simple:
         chosen = logits.argmax(dim=-1)
     else:

@@ -20,7 +20,7 @@ import torch
 
 from services.inference.engine.prefix_cache import PrefixCache
 from services.inference.engine.runner import KVCache, Runner
-from services.inference.engine.sampling import SampleRow, Sampled, sample
+from services.inference.engine.sampling import Sampled, SampleRow, sample
 from services.inference.engine.types import (
     FINISH_CANCELLED,
     FINISH_LENGTH,
@@ -104,6 +104,7 @@ class Scheduler:
         self._deliver = deliver
         self._on_removed = on_removed
         self._out: list[tuple[Sequence, list[TokenEvent]]] = []
+        self._removed: list[Sequence] = []  # reported after their last events go out
         self.prefix_hits = 0
         self.prefix_queries = 0
         self.prefix_reused_tokens = 0
@@ -135,7 +136,7 @@ class Scheduler:
                 self.running[seq.slot] = last
             self.running.pop()
             seq.slot = -1
-        self._on_removed(seq)
+        self._removed.append(seq)
 
     def _cancel(self, seq: Sequence) -> None:
         self.total_cancelled += 1
@@ -161,6 +162,7 @@ class Scheduler:
         while self.waiting:
             self._remove(self.waiting.popleft())
         self._out.clear()
+        self._flush()
         return dropped
 
     def _drop_expired(self, now: float) -> None:
@@ -176,7 +178,7 @@ class Scheduler:
             for seq in self.waiting:
                 if gone(seq):
                     self._cancel(seq)
-                    self._on_removed(seq)
+                    self._removed.append(seq)
                 else:
                     keep.append(seq)
             self.waiting = keep
@@ -240,9 +242,7 @@ class Scheduler:
                 logits.append(last[None])
                 ready.append(seq)
         if ready:
-            rows = [
-                SampleRow(s.request.sampling, s.seed, s.generated, s.tokens) for s in ready
-            ]
+            rows = [SampleRow(s.request.sampling, s.seed, s.generated, s.tokens) for s in ready]
             for seq, choice in zip(ready, sample(torch.cat(logits), rows), strict=True):
                 self._advance(seq, choice)
         self._flush()
@@ -316,3 +316,6 @@ class Scheduler:
         if self._out:
             out, self._out = self._out, []
             self._deliver(out)
+        removed, self._removed = self._removed, []
+        for seq in removed:
+            self._on_removed(seq)

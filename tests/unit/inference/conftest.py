@@ -6,6 +6,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import pytest
+
 from services.inference.engine import Engine
 from services.inference.model_loading import LoadedModel
 from services.inference.testing import build_tiny_model
@@ -26,7 +27,7 @@ def prompts(tiny: LoadedModel) -> list[list[int]]:
         "Hello",
         "The quick brown fox",
         "What is the capital of France?",
-        "你好，世界",
+        "你好\uff0c世界",
         "Once upon a time in a faraway land there lived a curious engineer who",
         "0123456789",
         "Emoji 😀🎉",

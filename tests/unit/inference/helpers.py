@@ -33,7 +33,11 @@ async def collect(engine: Engine, req: EngineRequest) -> list[TokenEvent]:
 
 
 def request(
-    prompt: list[int], request_id: str = "r", *, continuation: list[int] | None = None, **sampling: Any
+    prompt: list[int],
+    request_id: str = "r",
+    *,
+    continuation: list[int] | None = None,
+    **sampling: Any,
 ) -> EngineRequest:
     """An EngineRequest with sampling fields given as keywords (max_tokens defaults to 12)."""
     sampling.setdefault("max_tokens", 12)

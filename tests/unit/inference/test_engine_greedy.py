@@ -61,16 +61,17 @@ async def test_long_prefill_does_not_stall_running_streams(
 ) -> None:
     engine = make_engine(max_running=4, max_batch_tokens=12)
     arrivals: list[tuple[str, float]] = []
+    first_token = asyncio.Event()
 
     async def consume(name: str, prompt: list[int], max_tokens: int) -> None:
         async for batch in engine.generate(
             request(prompt, name, temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
         ):
             arrivals.extend((name, time.monotonic()) for _ in batch)
+            first_token.set()
 
     runner = asyncio.create_task(consume("a", prompts[0], 200))
-    while not arrivals:
-        await asyncio.sleep(0.001)
+    await first_token.wait()
     long_prompt = (prompts[7] * 4)[:300]  # needs about 27 prefill chunks of 11 tokens
     await consume("b", long_prompt, 1)
     await runner

@@ -87,18 +87,18 @@ async def test_deadline_cancels_the_request(
 ) -> None:
     engine = make_engine()
     req = request(prompts[0], **ENDLESS)  # type: ignore[arg-type]
-    req.deadline = time.monotonic() + 0.3
-    started = time.monotonic()
+    req.deadline = time.monotonic() + 0.02  # far less than 400 steps take
     events = await collect(engine, req)
     assert events[-1].finish == FINISH_CANCELLED and events[-1].token_id == NO_TOKEN
     assert len(events) < 400
-    assert time.monotonic() - started < 2.0
-    assert engine.stats().running == 0
+    await engine.wait_idle()
+    assert engine.stats().running == 0 and engine.stats().total_cancelled == 1
+    expired = request(prompts[1], **ENDLESS)  # type: ignore[arg-type]
+    expired.deadline = time.monotonic() - 1.0
+    assert [e.finish for e in await collect(engine, expired)] == [FINISH_CANCELLED]
 
 
-async def test_stop_cancels_running_and_queued(
-    tiny: LoadedModel, prompts: list[list[int]]
-) -> None:
+async def test_stop_cancels_running_and_queued(tiny: LoadedModel, prompts: list[list[int]]) -> None:
     engine = Engine(tiny, max_running=1, max_queued=2, max_batch_tokens=16)
     engine.start()
     running = engine.generate(request(prompts[0], "a", **ENDLESS))  # type: ignore[arg-type]
@@ -118,7 +118,9 @@ async def test_wait_idle_waits_for_running_requests(
 ) -> None:
     engine = make_engine()
     await asyncio.wait_for(engine.wait_idle(), 1.0)  # idle from the start
-    task = asyncio.create_task(collect(engine, request(prompts[0], max_tokens=400, ignore_eos=True)))
+    task = asyncio.create_task(
+        collect(engine, request(prompts[0], max_tokens=400, ignore_eos=True))
+    )
     await wait_for(lambda: engine.stats().running == 1)
     idle = asyncio.create_task(engine.wait_idle())
     await asyncio.sleep(0.05)
@@ -165,8 +167,12 @@ async def test_prefix_cache_serves_a_follow_up_turn(
 async def test_stats_count_tokens(make_engine: EngineFactory, prompts: list[list[int]]) -> None:
     engine = make_engine()
     await asyncio.gather(
-        *(collect(engine, request(p, str(i), max_tokens=10, ignore_eos=True)) for i, p in enumerate(prompts[:4]))
+        *(
+            collect(engine, request(p, str(i), max_tokens=10, ignore_eos=True))
+            for i, p in enumerate(prompts[:4])
+        )
     )
+    await engine.wait_idle()
     stats = engine.stats()
     assert stats.total_requests == 4 and stats.total_finished == 4
     assert stats.total_generated_tokens == 40
@@ -175,7 +181,9 @@ async def test_stats_count_tokens(make_engine: EngineFactory, prompts: list[list
     assert stats.running == 0 and stats.queued == 0 and stats.pending_tokens == 0
 
 
-async def test_warmup_then_generate(make_engine: EngineFactory, tiny: LoadedModel, prompts: list[list[int]]) -> None:
+async def test_warmup_then_generate(
+    make_engine: EngineFactory, tiny: LoadedModel, prompts: list[list[int]]
+) -> None:
     engine = make_engine(start=False)
     engine.warmup()
     engine.start()

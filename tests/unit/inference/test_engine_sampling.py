@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import math
+from typing import Any
 
 import pytest
 import torch
@@ -17,7 +18,13 @@ from tests.unit.inference.conftest import EngineFactory
 from tests.unit.inference.helpers import collect, hf_greedy, request
 
 pytestmark = pytest.mark.timeout(60)
-SAMPLED = {"temperature": 1.0, "top_p": 0.95, "top_k": 100, "max_tokens": 16, "ignore_eos": True}
+SAMPLED: dict[str, Any] = {
+    "temperature": 1.0,
+    "top_p": 0.95,
+    "top_k": 100,
+    "max_tokens": 16,
+    "ignore_eos": True,
+}
 
 
 def ids(events: list) -> list[int]:  # type: ignore[type-arg]
@@ -40,13 +47,17 @@ async def test_seeded_sampling_same_alone_and_batched(
     assert other_seed != alone  # the seed really drives the draw
 
 
-async def test_unseeded_requests_differ(make_engine: EngineFactory, prompts: list[list[int]]) -> None:
+async def test_unseeded_requests_differ(
+    make_engine: EngineFactory, prompts: list[list[int]]
+) -> None:
     engine = make_engine()
     runs = [ids(await collect(engine, request(prompts[1], **SAMPLED))) for _ in range(3)]
     assert len({tuple(r) for r in runs}) > 1
 
 
-@pytest.mark.parametrize("sampling", [SAMPLED | {"seed": 7}, {"temperature": 0.0, "max_tokens": 16}])
+@pytest.mark.parametrize(
+    "sampling", [SAMPLED | {"seed": 7}, {"temperature": 0.0, "max_tokens": 16}]
+)
 async def test_continuation_resumes_the_same_stream(
     make_engine: EngineFactory, prompts: list[list[int]], sampling: dict[str, object]
 ) -> None:
@@ -98,7 +109,8 @@ async def test_tight_filters_reduce_to_greedy(
 ) -> None:
     engine = make_engine()
     events = await collect(
-        engine, request(prompts[3], temperature=1.5, seed=5, max_tokens=12, **filters)  # type: ignore[arg-type]
+        engine,
+        request(prompts[3], temperature=1.5, seed=5, max_tokens=12, **filters),  # type: ignore[arg-type]
     )
     assert ids(events) == hf_greedy(tiny, prompts[3], 12)
 
@@ -115,7 +127,9 @@ async def test_repetition_penalty_matches_transformers(
     assert expected != hf_greedy(tiny, prompts[5], 12)  # the penalty changed the output
 
 
-async def test_logprobs(make_engine: EngineFactory, tiny: LoadedModel, prompts: list[list[int]]) -> None:
+async def test_logprobs(
+    make_engine: EngineFactory, tiny: LoadedModel, prompts: list[list[int]]
+) -> None:
     engine = make_engine()
     events = await collect(engine, request(prompts[2], temperature=0.0, logprobs=3))
     with torch.no_grad():

@@ -1,0 +1,47 @@
+"""End to end on the real demo model (SmolLM2-135M-Instruct): slow, marked."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from services.inference.engine import Engine
+from services.inference.engine.detokenizer import IncrementalDetokenizer
+from services.inference.model_loading import load_model
+from tests.unit.inference.helpers import collect, request
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
+
+
+def _cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    # Reuse the user's converted copy when present (2 s) instead of converting (25 s).
+    shared = Path(os.path.expanduser("~/.cache/tokenyard/models"))
+    if (shared / "smollm2-135m-instruct" / "config.json").is_file():
+        return shared
+    return tmp_path_factory.mktemp("models")
+
+
+async def test_demo_model_knows_the_capital_of_france(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    loaded = load_model("smollm2-135m", device="cpu", cache_dir=_cache_dir(tmp_path_factory))
+    tok = loaded.tokenizer
+    prompt = tok.apply_chat_template(
+        [{"role": "user", "content": "What is the capital of France?"}],
+        add_generation_prompt=True,
+        tokenize=False,
+    )
+    ids = list(tok(prompt, add_special_tokens=False)["input_ids"])
+    engine = Engine(loaded, max_running=4, max_queued=4, max_batch_tokens=256)
+    engine.warmup()
+    engine.start()
+    try:
+        events = await collect(engine, request(ids, temperature=0.0, max_tokens=32))
+    finally:
+        await engine.stop()
+    detok = IncrementalDetokenizer(tok, ids)
+    text = detok.feed(e.token_id for e in events) + detok.flush()
+    assert "Paris" in text
+    assert events[-1].finish == "stop"
