@@ -146,7 +146,7 @@ def _server_tls(env: dict[str, str], svc: str, tls: Tls | None, name: str, mutua
 
 
 def plan(settings: StackSettings, state: StateDir, tls: Tls | None) -> list[ChildSpec]:
-    """The child processes of the stack: auth, then the workers together, then the router."""
+    """The child processes: auth and the workers start together, then the router."""
     layout = Layout(settings)
     specs: list[ChildSpec] = []
     env = auth_env(settings, state, tls)
@@ -172,7 +172,7 @@ def plan(settings: StackSettings, state: StateDir, tls: Tls | None) -> list[Chil
             "--served-model-name", served_model_name(settings), "--port", str(port),
         ]  # fmt: skip
         specs.append(
-            ChildSpec(f"worker-{i + 1}", argv, env, layout.address(port), internal, 1, stop_order=1)
+            ChildSpec(f"worker-{i + 1}", argv, env, layout.address(port), internal, 0, stop_order=1)
         )
     env = base_env(state, tls)
     env.update(
@@ -187,7 +187,7 @@ def plan(settings: StackSettings, state: StateDir, tls: Tls | None) -> list[Chil
     _server_tls(env, "ROUTER", tls, "router", mutual=False)
     public = tls.client_credentials(mutual=False) if tls else _plaintext
     specs.append(
-        ChildSpec("router", [*CLI, "router", "serve"], env, layout.router, public, 2, stop_order=0)
+        ChildSpec("router", [*CLI, "router", "serve"], env, layout.router, public, 1, stop_order=0)
     )
     return specs
 
