@@ -57,7 +57,9 @@ async def _run(settings: Any) -> int:
         app = InferenceApp(settings, loaded)
     except (ModelLoadError, UnsupportedModelError, OSError, ValueError) as exc:
         reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        print(f"tokenyard: cannot serve model {settings.model!r}: {reason}", file=sys.stderr)
+        if not isinstance(exc, ModelLoadError):  # its messages name the model already
+            reason = f"cannot serve model {settings.model!r}: {reason}"
+        print(f"tokenyard: {reason}", file=sys.stderr)
         shutdown_telemetry()
         return 1
     metrics_http = None

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import grpc
@@ -140,10 +140,11 @@ async def test_bad_request_names_the_field(
     worker: Running, fields: dict[str, Any], field: str, words: str
 ) -> None:
     fields = build(fields)
-    for call in (
+    calls: list[Callable[[], Awaitable[Any]]] = [
         lambda: worker.gen.Generate(gen.GenerateRequest(**fields)),
         lambda: worker.gen.StreamGenerate(gen.StreamGenerateRequest(**fields)).read(),
-    ):
+    ]
+    for call in calls:
         with pytest.raises(grpc.aio.AioRpcError) as caught:
             await call()
         details = details_of(caught.value)
@@ -154,10 +155,11 @@ async def test_bad_request_names_the_field(
 
 
 async def test_unknown_model_is_not_found(worker: Running) -> None:
-    for call in (
+    calls: list[Callable[[], Awaitable[Any]]] = [
         lambda: worker.gen.Generate(gen.GenerateRequest(model="gpt-9", prompt="hi")),
         lambda: worker.gen.CountTokens(gen.CountTokensRequest(model="gpt-9", prompt="hi")),
-    ):
+    ]
+    for call in calls:
         with pytest.raises(grpc.aio.AioRpcError) as caught:
             await call()
         details = details_of(caught.value)
