@@ -86,16 +86,18 @@ def _up(args: argparse.Namespace) -> int:
 
 def _options(args: argparse.Namespace) -> Any:
     from services.client import Sampling
+    from services.common.settings import load_settings
+    from services.stack.settings import ClientSettings
     from services.stack.terminal import Options
 
-    state = Path(args.state_dir or os.environ.get("TOKENYARD_STATE_DIR") or ".tokenyard")
-    key = os.environ.get("TOKENYARD_API_KEY") or None
-    if key is None and (state / "demo-key").is_file():
-        key = (state / "demo-key").read_text().strip()
+    flags = {"address": args.address, "model": args.model, "state_dir": args.state_dir}
+    client = load_settings(ClientSettings, os.environ, flags)
+    key = client.api_key
+    demo = client.state_dir / "demo-key"
+    if key is None and demo.is_file():
+        key = demo.read_text().strip()
     if key is None:
-        raise SystemExit(
-            f"error: no API key: set TOKENYARD_API_KEY or start the stack ({state}/demo-key)"
-        )
+        raise SystemExit(f"error: no API key: set TOKENYARD_API_KEY or start the stack ({demo})")
     sampling = Sampling(
         max_tokens=args.max_tokens,
         temperature=args.temperature,
@@ -108,9 +110,9 @@ def _options(args: argparse.Namespace) -> Any:
         ignore_eos=args.ignore_eos,
     )
     return Options(
-        address=args.address or os.environ.get("TOKENYARD_ADDRESS") or DEFAULT_ADDRESS,
+        address=client.address,
         api_key=key,
-        model=args.model or os.environ.get("TOKENYARD_MODEL") or None,
+        model=client.model,
         sampling=sampling,
         logprobs=args.logprobs,
         system=args.system,

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from services.common.settings import (
+    parse_address,
     parse_bool,
     parse_non_negative_int,
     parse_path,
@@ -106,4 +107,36 @@ class StackSettings:
         default=None,
         flag="--tls-dir",
         help="Folder with ca.pem and router/auth/worker .pem/.key (default: <state>/tls).",
+    )
+
+
+@dataclass(frozen=True, kw_only=True)
+class ClientSettings:
+    """Where `tokenyard generate` and `tokenyard chat` connect, and with which key."""
+
+    address: str = setting(
+        "TOKENYARD_ADDRESS",
+        parse_address,
+        default="127.0.0.1:50051",
+        flag="--address",
+        help="Router host:port for generate and chat.",
+    )
+    api_key: str | None = setting(
+        "TOKENYARD_API_KEY",
+        default=None,
+        secret=True,
+        help="API key for generate and chat (default: the demo key in the state folder).",
+    )
+    model: str | None = setting(
+        "TOKENYARD_MODEL",
+        default=None,
+        flag="--model",
+        help="Model for generate and chat (default: the first one the router lists).",
+    )
+    state_dir: Path = setting(
+        "TOKENYARD_STATE_DIR",
+        parse_path,
+        default=Path(".tokenyard"),
+        flag="--state-dir",
+        help="Folder of the local stack's database, secrets and demo key.",
     )
