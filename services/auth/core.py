@@ -69,6 +69,7 @@ class AuthCore:
         self.cache = PrincipalCache(settings.principal_cache_ttl)
         self.hub = RevocationHub(self.db, self._on_revoked, settings.revocation_poll_seconds)
         self.last_used = LastUsedBatcher(self.db, settings.last_used_flush_seconds)
+        self._lookups: dict[str, asyncio.Future[Principal]] = {}
 
     async def start(self) -> None:
         """Check the schema and start the background tasks."""
@@ -145,17 +146,34 @@ class AuthCore:
         """The principal behind an API key or session token, cached briefly."""
         parsed = credentials.parse(credential)
         digest = self.digest(parsed.text)
-        cached = self.cache.get(digest)
-        if cached is not None:
-            principal = cached
-        else:
-            generation = self.cache.generation
-            principal, stale_version = await self.db.read(self._resolve, parsed)
-            if stale_version:
-                await self.db.write(self._rehash, parsed, principal)
-            self.cache.put(digest, principal, generation)
+        principal = self.cache.get(digest)
+        if principal is None:
+            principal = await self._lookup_once(digest, parsed)
         if principal.credential_type != "session":
             self.last_used.touch(principal.credential_id)
+        return principal
+
+    async def _lookup_once(self, digest: str, parsed: credentials.Parsed) -> Principal:
+        """One database lookup per digest at a time: concurrent callers share it."""
+        pending = self._lookups.get(digest)
+        if pending is not None:
+            return await asyncio.shield(pending)
+        task = asyncio.ensure_future(self._lookup(digest, parsed))
+        self._lookups[digest] = task
+        try:
+            return await asyncio.shield(task)
+        finally:
+            if task.done():
+                self._lookups.pop(digest, None)
+            else:
+                task.add_done_callback(lambda _: self._lookups.pop(digest, None))
+
+    async def _lookup(self, digest: str, parsed: credentials.Parsed) -> Principal:
+        generation = self.cache.generation
+        principal, stale_version = await self.db.read(self._resolve, parsed)
+        if stale_version:
+            await self.db.write(self._rehash, parsed, principal)
+        self.cache.put(digest, principal, generation)
         return principal
 
     async def caller(self, credential: str, peer: str) -> Caller:
