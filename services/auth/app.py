@@ -43,7 +43,10 @@ class AuthApp:
         return f"127.0.0.1:{self.port}"
 
     async def stop(self, grace: float | None = None) -> None:
-        """Stop serving, then close the core (flushes last-used times)."""
+        """Health NOT_SERVING, end revocation streams (routers reconnect elsewhere),
+        stop serving, then close the core (flushes last-used times)."""
+        await self.server.health.enter_graceful_shutdown()
+        await self.core.hub.stop()
         await self.server.stop(grace)
         await self.core.close()
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
+from prometheus_client import Counter
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
@@ -42,6 +43,12 @@ from services.common.errors import (
 )
 
 log = logging.getLogger("tokenyard.auth")
+AUTH_FAILURES = Counter(
+    "tokenyard_auth_failures_total", "Refused credentials and logins, by reason.", ["reason"]
+)
+CACHE_LOOKUPS = Counter(
+    "tokenyard_auth_cache_lookups_total", "Principal cache lookups, by result.", ["result"]
+)
 T = TypeVar("T")
 R = TypeVar("R", ApiKeyRow, SessionRow)
 LOGIN_FAILED = "invalid username or password"
@@ -144,11 +151,16 @@ class AuthCore:
 
     async def authenticate(self, credential: str) -> Principal:
         """The principal behind an API key or session token, cached briefly."""
-        parsed = credentials.parse(credential)
-        digest = self.digest(parsed.text)
-        principal = self.cache.get(digest)
-        if principal is None:
-            principal = await self._lookup_once(digest, parsed)
+        try:
+            parsed = credentials.parse(credential)
+            digest = self.digest(parsed.text)
+            principal = self.cache.get(digest)
+            CACHE_LOOKUPS.labels("hit" if principal else "miss").inc()
+            if principal is None:
+                principal = await self._lookup_once(digest, parsed)
+        except Unauthenticated as exc:
+            AUTH_FAILURES.labels(exc.reason).inc()
+            raise
         if principal.credential_type != "session":
             self.last_used.touch(principal.credential_id)
         return principal
@@ -264,6 +276,7 @@ class AuthCore:
             await self.db.write(
                 self._login_failed, user.id if user else None, username, peer, reason
             )
+            AUTH_FAILURES.labels("LOGIN_FAILED").inc()
             raise Unauthenticated(LOGIN_FAILED, reason="LOGIN_FAILED")
         assert user.password_hash is not None
         new_hash = None

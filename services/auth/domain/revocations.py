@@ -10,8 +10,9 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
+from datetime import timedelta
 
-from sqlalchemy import func, select
+from sqlalchemy import delete, func, select
 from sqlalchemy.orm import Session
 
 from services.auth.db.engine import Database
@@ -20,6 +21,8 @@ from services.auth.domain.principal import utcnow
 
 log = logging.getLogger("tokenyard.auth.revocations")
 ALL_USERS = "*"  # a user_ids entry meaning "every user" (a role changed)
+KEEP = timedelta(days=1)  # rows older than this are pruned: every replica has read them
+PRUNE_EVERY = 600  # polls
 
 
 @dataclass
@@ -115,13 +118,21 @@ class RevocationHub:
         )
         return [(r[0], r[1], r[2]) for r in session.execute(stmt)]
 
+    @staticmethod
+    def _prune(session: Session) -> None:
+        session.execute(delete(RevocationRow).where(RevocationRow.created_at < utcnow() - KEEP))
+
     async def _poll_forever(self) -> None:
+        polls = 0
         while not self._stop.is_set():
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stop.wait(), self.poll_seconds)
                 return
+            polls += 1
             try:
                 await self.poll_once()
+                if polls % PRUNE_EVERY == 0:
+                    await self.db.write(self._prune)
             except Exception:  # a database blip must not end the poller
                 log.warning("revocation poll failed", exc_info=True)
 

@@ -103,6 +103,17 @@ async def test_audit_log_pages_newest_first_and_filters(svc: Auth) -> None:
         if not token:
             break
     assert len(ids) == 6 and ids == sorted(ids, reverse=True)  # 5 + the bootstrap key
+    names: list[str] = []
+    token = ""
+    while True:
+        keys = await svc.keys.ListApiKeys(
+            keys_pb.ListApiKeysRequest(page_size=4, page_token=token), metadata=svc.admin
+        )
+        names += [k.name for k in keys.api_keys]
+        token = keys.next_page_token
+        if not token:
+            break
+    assert names == ["k4", "k3", "k2", "k1", "k0", "bootstrap"]
     first = await svc.audit.ListAuditEvents(
         audit_pb.ListAuditEventsRequest(action="key.create", page_size=2), metadata=svc.admin
     )
