@@ -112,6 +112,8 @@ class ResponseAssembler:
 
     def feed(self, events: Sequence[TokenEvent]) -> gen.StreamGenerateResponse | None:
         """The message for one batch of events; None when it carries nothing new."""
+        if self.finished:
+            return None
         out = gen.StreamGenerateResponse(request_id=self.request_id, model=self.model)
         text: list[str] = []
         for event in events:

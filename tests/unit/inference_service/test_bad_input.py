@@ -211,7 +211,9 @@ async def test_worker_keeps_serving_after_bad_requests(worker: Running) -> None:
             gen.GenerateRequest(model=MODEL, prompt="x", sampling=sampling(top_p=2.0))
         )
     reply = await worker.gen.Generate(
-        gen.GenerateRequest(model=MODEL, prompt="x", sampling=sampling(max_tokens=2))
+        gen.GenerateRequest(
+            model=MODEL, prompt="x", sampling=sampling(max_tokens=2, ignore_eos=True)
+        )
     )
     assert reply.usage.completion_tokens == 2
 

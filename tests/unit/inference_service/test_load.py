@@ -74,7 +74,9 @@ async def test_full_worker_answers_resource_exhausted_with_retry_info(
         # The slots come back: a new request runs to the end.
         await w.watch_until(lambda r: r.running == 0 and r.queued == 0)
         reply = await w.gen.Generate(
-            gen.GenerateRequest(model=MODEL, prompt="hi", sampling=gen.SamplingParams(max_tokens=2))
+            gen.GenerateRequest(
+                model=MODEL, prompt="hi", sampling=gen.SamplingParams(max_tokens=2, ignore_eos=True)
+            )
         )
     assert reply.usage.completion_tokens == 2
 
