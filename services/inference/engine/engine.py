@@ -128,7 +128,7 @@ class Engine:
         config = SamplingConfig(max_tokens=4, temperature=0.7, top_p=0.9, top_k=20, logprobs=2)
         with self._step_lock:
             cache = self.runner.new_cache(1, 16)
-            logits = self.runner.prefill(cache, 0, prompt, 0)[None]
+            logits = self.runner.prefill(cache, [(0, prompt, 0)])
             for position in range(prompt.shape[0], prompt.shape[0] + 3):
                 token = sample(logits, [SampleRow(config, 0, position, [])])[0].token_id
                 mask = torch.ones((1, 1, 1, position + 1), dtype=torch.bool)

@@ -10,6 +10,7 @@ order and dtypes), which the unit tests check token for token in float32.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -239,37 +240,56 @@ class Runner:
         return (rows + write_pos[:, None]).reshape(-1)
 
     @torch.inference_mode()
-    def prefill(self, cache: KVCache, slot: int, tokens: torch.Tensor, start: int) -> torch.Tensor:
-        """Feed `tokens` at positions ``start..`` of `slot`; returns the last token's logits.
+    def prefill(
+        self, cache: KVCache, chunks: Sequence[tuple[int, torch.Tensor, int]]
+    ) -> torch.Tensor:
+        """Feed prompt chunks ``(slot, tokens, start)`` in one pass; returns last-token logits.
 
-        Earlier positions must already be in the cache (an earlier chunk or a prefix
-        cache hit); the result is ``[vocab]`` float32.
+        All chunks share the projections and MLP (one matmul over every token);
+        attention runs per chunk against its own slot. Positions before `start` must
+        already be cached (an earlier chunk or a prefix cache hit). The result is
+        ``[len(chunks), vocab]`` float32, one row per chunk.
         """
-        n = tokens.shape[0]
-        end = start + n
         nh, nkv, hd = self.n_heads, self.n_kv_heads, self.head_dim
-        x = F.embedding(tokens, self.embed)
-        cos = self.cos[start:end][:, None]
-        sin = self.sin_signed[start:end][:, None]
-        rows = torch.arange(start, end, device=self.device)[:, None]
-        cols = torch.arange(end, device=self.device)[None]
-        mask = (cols <= rows)[None, None]
+        device = self.device
+        meta: list[tuple[int, int, int, int, torch.Tensor]] = []
+        positions: list[torch.Tensor] = []
+        offset = 0
+        for slot, tokens, start in chunks:
+            n = int(tokens.shape[0])
+            end = start + n
+            rows = torch.arange(start, end, device=device)
+            mask = (torch.arange(end, device=device)[None] <= rows[:, None])[None, None]
+            meta.append((slot, offset, start, end, mask))
+            positions.append(rows)
+            offset += n
+        flat = torch.cat([t for _, t, _ in chunks]) if len(chunks) > 1 else chunks[0][1]
+        pos = torch.cat(positions) if len(positions) > 1 else positions[0]
+        total = int(flat.shape[0])
+        x = F.embedding(flat, self.embed)
+        cos = self.cos[pos][:, None]
+        sin = self.sin_signed[pos][:, None]
         for i, layer in enumerate(self.layers):
             h = self._rms_norm(x, layer.ln1)
-            qkv = F.linear(h, layer.w_qkv, layer.b_qkv).view(n, nh + 2 * nkv, hd)
+            qkv = F.linear(h, layer.w_qkv, layer.b_qkv).view(total, nh + 2 * nkv, hd)
             qk = self._rope(qkv[:, : nh + nkv], cos, sin)
-            cache.k[i, slot, :, start:end] = qk[:, nh:].transpose(0, 1)
-            cache.v[i, slot, :, start:end] = qkv[:, nh + nkv :].transpose(0, 1)
-            q = qk[:, :nh].transpose(0, 1)[None]
-            attn = F.scaled_dot_product_attention(
-                q,
-                cache.k[i, slot : slot + 1, :, :end],
-                cache.v[i, slot : slot + 1, :, :end],
-                attn_mask=mask,
-                scale=self.scaling,
-                enable_gqa=True,
-            )
-            x = x + F.linear(attn[0].transpose(0, 1).reshape(n, nh * hd), layer.w_o, layer.b_o)
+            outs: list[torch.Tensor] = []
+            for slot, off, start, end, mask in meta:
+                n = end - start
+                cache.k[i, slot, :, start:end] = qk[off : off + n, nh:].transpose(0, 1)
+                cache.v[i, slot, :, start:end] = qkv[off : off + n, nh + nkv :].transpose(0, 1)
+                attn = F.scaled_dot_product_attention(
+                    qk[off : off + n, :nh].transpose(0, 1)[None],
+                    cache.k[i, slot : slot + 1, :, :end],
+                    cache.v[i, slot : slot + 1, :, :end],
+                    attn_mask=mask,
+                    scale=self.scaling,
+                    enable_gqa=True,
+                )
+                outs.append(attn[0].transpose(0, 1).reshape(n, nh * hd))
+            merged = torch.cat(outs) if len(outs) > 1 else outs[0]
+            x = x + F.linear(merged, layer.w_o, layer.b_o)
             x = self._mlp(x, layer)
-        last = self._rms_norm(x[-1:], self.norm)
-        return F.linear(last, self.lm_head)[0].float()
+        last = torch.tensor([off + (end - start) - 1 for _, off, start, end, _ in meta])
+        x = self._rms_norm(x.index_select(0, last.to(device)), self.norm)
+        return F.linear(x, self.lm_head).float()

@@ -228,19 +228,28 @@ class Scheduler:
             logits.append(self._decode(decoding))
             ready.extend(decoding)
         budget = self.max_batch_tokens - len(decoding)
+        chunks: list[tuple[int, torch.Tensor, int]] = []
+        chunked: list[tuple[Sequence, int]] = []
         for seq in sorted((s for s in self.running if s.prefilling), key=lambda s: s.order):
             if budget <= 0:
                 break
             n = min(seq.n_prefill - seq.computed, budget)
             budget -= n
             self._ensure_capacity(seq.computed + n + 1)
-            chunk = torch.tensor(seq.tokens[seq.computed : seq.computed + n], dtype=torch.long)
-            last = self.runner.prefill(self.cache, seq.slot, chunk, seq.computed)
-            seq.computed += n
-            if not seq.prefilling:
-                self._store_prefix(seq, seq.n_prefill)
-                logits.append(last[None])
-                ready.append(seq)
+            tokens = seq.tokens[seq.computed : seq.computed + n]
+            chunks.append((seq.slot, torch.tensor(tokens, dtype=torch.long), seq.computed))
+            chunked.append((seq, n))
+        if chunks:
+            last = self.runner.prefill(self.cache, chunks)
+            done: list[int] = []
+            for row, (seq, n) in enumerate(chunked):
+                seq.computed += n
+                if not seq.prefilling:
+                    self._store_prefix(seq, seq.n_prefill)
+                    done.append(row)
+                    ready.append(seq)
+            if done:
+                logits.append(last[done])
         if ready:
             rows = [SampleRow(s.request.sampling, s.seed, s.generated, s.tokens) for s in ready]
             for seq, choice in zip(ready, sample(torch.cat(logits), rows), strict=True):

@@ -1,0 +1,313 @@
+"""Benchmark the inference engine against transformers' own generation on the demo model.
+
+One run, same prompts, fixed output length (EOS ignored): (a) sequential
+`model.generate` in float32 (the baseline), (b) static batched `generate` at batch 16
+with left padding, (c) transformers' continuous batching (`generate_batch`), and
+(d) the engine at several concurrencies, requests arriving together or staggered.
+Prints aggregate and per-stream tok/s, TTFT p50/p99, peak RSS and ratios to (a) and
+(b), and writes a PNG plot to bench/out/.
+
+    .venv/bin/python bench/engine_bench.py            # full run (~5 min on 2 cores)
+    .venv/bin/python bench/engine_bench.py --quick    # shorter outputs, fewer levels
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import resource
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from services.inference.engine import Engine, EngineRequest, SamplingConfig  # noqa: E402
+from services.inference.model_loading import LoadedModel, load_model  # noqa: E402
+
+OUT = Path(__file__).resolve().parent / "out"
+QUESTIONS = [
+    "Write a short story about a lighthouse keeper who finds a message in a bottle.",
+    "Explain how a refrigerator keeps food cold, in simple words for a child.",
+    "Describe a walk through a busy market in a city you would like to visit.",
+    "What are three good habits for writing clear and maintainable software code?",
+]
+
+
+@dataclass
+class Result:
+    """One measured configuration."""
+
+    name: str
+    concurrency: int
+    tokens: int
+    seconds: float
+    ttft: list[float]
+    per_stream: list[float]
+    rss_mib: float
+
+    @property
+    def tok_s(self) -> float:
+        return self.tokens / self.seconds
+
+    def pct(self, q: float) -> float:
+        values = sorted(self.ttft)
+        return values[min(len(values) - 1, int(q * len(values)))] if values else float("nan")
+
+
+def peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def prompts_for(loaded: LoadedModel, n: int) -> list[list[int]]:
+    tok = loaded.tokenizer
+    out = []
+    for i in range(n):
+        text = tok.apply_chat_template(
+            [{"role": "user", "content": QUESTIONS[i % len(QUESTIONS)]}],
+            add_generation_prompt=True,
+            tokenize=False,
+        )
+        out.append(list(tok(text, add_special_tokens=False)["input_ids"]))
+    return out
+
+
+def bench_sequential(loaded: LoadedModel, prompts: list[list[int]], new: int) -> Result:
+    model = loaded.model
+    ttft, per_stream, total = [], [], 0
+    started = time.perf_counter()
+    for prompt in prompts:
+        ids = torch.tensor([prompt])
+        mask = torch.ones_like(ids)
+        with torch.no_grad():
+            t0 = time.perf_counter()
+            model.generate(ids, attention_mask=mask, max_new_tokens=1, do_sample=False)
+            ttft.append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            out = model.generate(
+                ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new, do_sample=False
+            )
+            per_stream.append((out.shape[1] - len(prompt)) / (time.perf_counter() - t0))
+        total += out.shape[1] - len(prompt)
+    seconds = time.perf_counter() - started - sum(ttft)
+    return Result("sequential generate", 1, total, seconds, ttft, per_stream, peak_rss_mib())
+
+
+def bench_static_batch(loaded: LoadedModel, prompts: list[list[int]], new: int, label: str) -> Result:
+    tok, model = loaded.tokenizer, loaded.model
+    tok.padding_side = "left"
+    batch = tok.pad({"input_ids": prompts}, return_tensors="pt")
+    with torch.no_grad():
+        t0 = time.perf_counter()
+        model.generate(**batch, max_new_tokens=1, do_sample=False)
+        ttft = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        out = model.generate(**batch, max_new_tokens=new, min_new_tokens=new, do_sample=False)
+        seconds = time.perf_counter() - t0
+    tokens = (out.shape[1] - batch["input_ids"].shape[1]) * len(prompts)
+    return Result(
+        f"static batch {label}",
+        len(prompts),
+        tokens,
+        seconds,
+        [ttft] * len(prompts),
+        [tokens / len(prompts) / seconds] * len(prompts),
+        peak_rss_mib(),
+    )
+
+
+def bench_generate_batch(loaded: LoadedModel, prompts: list[list[int]], new: int) -> Result | str:
+    from transformers import GenerationConfig
+
+    config = GenerationConfig(
+        max_new_tokens=new,
+        min_new_tokens=new,
+        do_sample=False,
+        eos_token_id=loaded.tokenizer.eos_token_id,
+        pad_token_id=loaded.tokenizer.eos_token_id,
+    )
+    try:
+        t0 = time.perf_counter()
+        outputs = loaded.model.generate_batch(prompts, generation_config=config)
+        seconds = time.perf_counter() - t0
+    except Exception as exc:  # a failing third-party path is a result too
+        return f"generate_batch failed: {type(exc).__name__}: {exc}"[:300]
+    tokens = sum(len(o.generated_tokens) for o in outputs.values())
+    return Result(
+        "transformers generate_batch",
+        len(prompts),
+        tokens,
+        seconds,
+        [],
+        [tokens / len(prompts) / seconds] * len(prompts),
+        peak_rss_mib(),
+    )
+
+
+async def bench_engine(
+    engine: Engine, prompts: list[list[int]], new: int, stagger: float, name: str
+) -> Result:
+    sampling = SamplingConfig(max_tokens=new, temperature=0.0, ignore_eos=True)
+    ttft: list[float] = []
+    per_stream: list[float] = []
+
+    async def one(i: int, prompt: list[int]) -> int:
+        await asyncio.sleep(i * stagger)
+        t0 = time.perf_counter()
+        first = last = 0.0
+        n = 0
+        async for batch in engine.generate(EngineRequest(f"{name}-{i}", prompt, sampling)):
+            last = time.perf_counter()
+            if n == 0:
+                first = last
+                ttft.append(first - t0)
+            n += len(batch)
+        if n > 1 and last > first:
+            per_stream.append((n - 1) / (last - first))
+        return n
+
+    t0 = time.perf_counter()
+    counts = await asyncio.gather(*(one(i, p) for i, p in enumerate(prompts)))
+    seconds = time.perf_counter() - t0
+    return Result(name, len(prompts), sum(counts), seconds, ttft, per_stream, peak_rss_mib())
+
+
+def run_engine_levels(
+    loaded: LoadedModel, levels: list[int], new: int, stagger: float, label: str
+) -> list[Result]:
+    async def main() -> list[Result]:
+        engine = Engine(loaded, max_running=max(levels), max_queued=64, max_batch_tokens=512)
+        engine.warmup()
+        engine.start()
+        results = []
+        try:
+            # One throwaway run so every batch shape has been seen once.
+            await bench_engine(engine, prompts_for(loaded, 4), 8, 0.0, "warm")
+            for n in levels:
+                for mode, gap in (("together", 0.0), ("staggered", stagger)):
+                    if n == 1 and mode == "staggered":
+                        continue
+                    r = await bench_engine(
+                        engine, prompts_for(loaded, n), new, gap, f"engine {label} {mode}"
+                    )
+                    print_row(r, None, None)
+                    results.append(r)
+            stats = engine.stats()
+            print(
+                f"  prefix cache: {stats.prefix_cache_hits}/{stats.prefix_cache_queries} hits, "
+                f"{stats.prefix_cache_reused_tokens} tokens reused; "
+                f"kv cache {stats.kv_cache_bytes / 2**20:.0f} MiB"
+            )
+        finally:
+            await engine.stop()
+        return results
+
+    return asyncio.run(main())
+
+
+def print_row(r: Result, base: Result | None, static: Result | None) -> None:
+    ratio_a = f"{r.tok_s / base.tok_s:6.2f}x" if base else "      "
+    ratio_b = f"{r.tok_s / static.tok_s:6.2f}x" if static else "      "
+    stream = statistics.mean(r.per_stream) if r.per_stream else float("nan")
+    print(
+        f"{r.name:34s} {r.concurrency:4d} {r.tok_s:9.1f} {stream:9.1f} "
+        f"{r.pct(0.5) * 1000:8.0f} {r.pct(0.99) * 1000:8.0f} {r.rss_mib:8.0f} {ratio_a} {ratio_b}",
+        flush=True,
+    )
+
+
+HEADER = (
+    f"{'configuration':34s} {'conc':>4s} {'tok/s':>9s} {'stream':>9s} "
+    f"{'ttft p50':>8s} {'ttft p99':>8s} {'rss MiB':>8s} {'vs (a)':>7s} {'vs (b)':>7s}"
+)
+
+
+def plot(results: list[Result], base: Result, static: Result, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for mode, marker in (("together", "o"), ("staggered", "s")):
+        rows = [r for r in results if r.name.endswith(mode) and "bfloat16" in r.name]
+        rows = sorted(rows, key=lambda r: r.concurrency)
+        if not rows:
+            continue
+        xs = [r.concurrency for r in rows]
+        ax1.plot(xs, [r.tok_s for r in rows], marker=marker, label=f"engine bf16, {mode}")
+        ax2.plot(xs, [r.pct(0.5) * 1000 for r in rows], marker=marker, label=f"p50, {mode}")
+        ax2.plot(xs, [r.pct(0.99) * 1000 for r in rows], marker=marker, ls=":", label=f"p99, {mode}")
+    ax1.axhline(base.tok_s, color="gray", ls="--", label="(a) sequential generate fp32")
+    ax1.axhline(static.tok_s, color="black", ls=":", label=f"(b) {static.name}")
+    ax1.set_xscale("log", base=2)
+    ax1.set_xlabel("concurrent streams")
+    ax1.set_ylabel("aggregate tokens/s")
+    ax1.legend(fontsize=8)
+    ax1.set_title("throughput (SmolLM2-135M, 2-core CPU)")
+    ax2.axhline(base.pct(0.5) * 1000, color="gray", ls="--", label="(a) TTFT")
+    ax2.set_xscale("log", base=2)
+    ax2.set_xlabel("concurrent streams")
+    ax2.set_ylabel("time to first token (ms)")
+    ax2.legend(fontsize=8)
+    ax2.set_title("time to first token")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--cache-dir", type=Path, default=Path.home() / ".cache/tokenyard/models")
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--levels", default="1,4,16,32,64")
+    parser.add_argument("--stagger", type=float, default=0.05, help="seconds between arrivals")
+    parser.add_argument("--sequential-prompts", type=int, default=4)
+    parser.add_argument("--engine-fp32", action="store_true", help="also run the engine in fp32")
+    parser.add_argument("--quick", action="store_true", help="32 new tokens, levels 1,16,64")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.new_tokens, args.levels, args.sequential_prompts = 32, "1,16,64", 2
+    levels = [int(x) for x in args.levels.split(",")]
+    logging.basicConfig(level=logging.WARNING)
+    torch.manual_seed(0)
+    new = args.new_tokens
+
+    fp32 = load_model(args.model, device="cpu", dtype="float32", cache_dir=args.cache_dir)
+    bf16 = load_model(args.model, device="cpu", dtype="bfloat16", cache_dir=args.cache_dir)
+    print(f"model {fp32.name}, {new} new tokens, prompt {len(prompts_for(fp32, 1)[0])} tokens")
+    print(f"torch threads {torch.get_num_threads()}")
+    print(HEADER)
+    base = bench_sequential(fp32, prompts_for(fp32, args.sequential_prompts), new)
+    print_row(base, base, None)
+    static32 = bench_static_batch(fp32, prompts_for(fp32, 16), new, "16 fp32")
+    print_row(static32, base, static32)
+    static16 = bench_static_batch(bf16, prompts_for(bf16, 16), new, "16 bf16")
+    print_row(static16, base, static32)
+    cb = bench_generate_batch(bf16, prompts_for(bf16, 16), new)
+    if isinstance(cb, Result):
+        cb.name += " bf16"
+        print_row(cb, base, static32)
+    else:
+        print(f"{'transformers generate_batch':34s} {cb}")
+    results = run_engine_levels(bf16, levels, new, args.stagger, "bfloat16")
+    if args.engine_fp32:
+        results += run_engine_levels(fp32, [1, 16], new, args.stagger, "float32")
+    print("\nsummary (ratios to (a) sequential fp32 and (b) static batch 16 fp32)")
+    print(HEADER)
+    for r in [base, static32, static16, *([cb] if isinstance(cb, Result) else []), *results]:
+        print_row(r, base, static32)
+    path = OUT / "engine_bench.png"
+    plot(results, base, static32, path)
+    print(f"plot: {path}")
+
+
+if __name__ == "__main__":
+    main()
