@@ -61,7 +61,9 @@ async def measure(
     return len(latencies) / elapsed, q[49] * 1000, q[98] * 1000
 
 
-async def bench_one(url: str, seconds: float, concurrency: int) -> dict[str, float]:
+async def bench_one(
+    url: str, seconds: float, concurrency: int, cache: bool = True
+) -> dict[str, float]:
     """Run the server on `url` and measure both RPCs."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("TOKENYARD_")}
     env.update(
@@ -69,6 +71,8 @@ async def bench_one(url: str, seconds: float, concurrency: int) -> dict[str, flo
         TOKENYARD_AUTH_KEY_PEPPER=PEPPER,
         TOKENYARD_LOG_LEVEL="warning",
     )
+    if not cache:
+        env["TOKENYARD_AUTH_PRINCIPAL_CACHE_TTL"] = "0"
     settings = load_auth_settings(env)
     key = await bootstrap_admin(settings, "admin", "bench-admin-password")
     port = free_port()
@@ -106,6 +110,9 @@ async def main() -> int:
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--db", default="sqlite,postgres")
+    parser.add_argument(
+        "--no-cache", action="store_true", help="every Authenticate reads the database"
+    )
     args = parser.parse_args()
     failed = False
     with tempfile.TemporaryDirectory() as tmp:
@@ -122,7 +129,7 @@ async def main() -> int:
                     f"?options=-csearch_path%3D{schema}"
                 )
             try:
-                r = await bench_one(url, args.seconds, args.concurrency)
+                r = await bench_one(url, args.seconds, args.concurrency, not args.no_cache)
             finally:
                 if schema:
                     with psycopg.connect(PG_DSN, autocommit=True) as conn:

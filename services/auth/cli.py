@@ -85,6 +85,9 @@ def _bootstrap(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import OperationalError
+
     from services.common.errors import FailedPrecondition
     from services.common.logs import configure_logging
 
@@ -96,6 +99,11 @@ def _serve(args: argparse.Namespace) -> int:
         asyncio.run(_run(settings, args.migrate))
     except FailedPrecondition as exc:
         print(f"tokenyard: {exc.message}", file=sys.stderr)
+        return 1
+    except OperationalError as exc:
+        where = make_url(settings.database_url).render_as_string(hide_password=True)
+        reason = str(exc.orig or exc).strip().splitlines()[0]
+        print(f"tokenyard: cannot use the auth database {where}: {reason}", file=sys.stderr)
         return 1
     return 0
 

@@ -7,39 +7,17 @@ from types import TracebackType
 from typing import Any
 
 from google.protobuf import duration_pb2, field_mask_pb2, timestamp_pb2
-from tokenyard.auth.v1 import (
-    api_key_service_pb2 as keys_pb,
-)
-from tokenyard.auth.v1 import (
-    api_key_service_pb2_grpc as keys_grpc,
-)
-from tokenyard.auth.v1 import (
-    audit_service_pb2 as audit_pb,
-)
-from tokenyard.auth.v1 import (
-    audit_service_pb2_grpc as audit_grpc,
-)
-from tokenyard.auth.v1 import (
-    resources_pb2,
-)
-from tokenyard.auth.v1 import (
-    role_service_pb2 as roles_pb,
-)
-from tokenyard.auth.v1 import (
-    role_service_pb2_grpc as roles_grpc,
-)
-from tokenyard.auth.v1 import (
-    usage_service_pb2 as usage_pb,
-)
-from tokenyard.auth.v1 import (
-    usage_service_pb2_grpc as usage_grpc,
-)
-from tokenyard.auth.v1 import (
-    user_service_pb2 as users_pb,
-)
-from tokenyard.auth.v1 import (
-    user_service_pb2_grpc as users_grpc,
-)
+from tokenyard.auth.v1 import api_key_service_pb2 as keys_pb
+from tokenyard.auth.v1 import api_key_service_pb2_grpc as keys_grpc
+from tokenyard.auth.v1 import audit_service_pb2 as audit_pb
+from tokenyard.auth.v1 import audit_service_pb2_grpc as audit_grpc
+from tokenyard.auth.v1 import resources_pb2
+from tokenyard.auth.v1 import role_service_pb2 as roles_pb
+from tokenyard.auth.v1 import role_service_pb2_grpc as roles_grpc
+from tokenyard.auth.v1 import usage_service_pb2 as usage_pb
+from tokenyard.auth.v1 import usage_service_pb2_grpc as usage_grpc
+from tokenyard.auth.v1 import user_service_pb2 as users_pb
+from tokenyard.auth.v1 import user_service_pb2_grpc as users_grpc
 
 from services.common.channels import make_channel
 

@@ -9,42 +9,18 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import Any
 
-from tokenyard.auth.v1 import (
-    api_key_service_pb2 as keys_pb,
-)
-from tokenyard.auth.v1 import (
-    api_key_service_pb2_grpc as keys_grpc,
-)
-from tokenyard.auth.v1 import (
-    audit_service_pb2 as audit_pb,
-)
-from tokenyard.auth.v1 import (
-    audit_service_pb2_grpc as audit_grpc,
-)
-from tokenyard.auth.v1 import (
-    auth_service_pb2 as auth_pb,
-)
-from tokenyard.auth.v1 import (
-    auth_service_pb2_grpc as auth_grpc,
-)
-from tokenyard.auth.v1 import (
-    role_service_pb2 as roles_pb,
-)
-from tokenyard.auth.v1 import (
-    role_service_pb2_grpc as roles_grpc,
-)
-from tokenyard.auth.v1 import (
-    usage_service_pb2 as usage_pb,
-)
-from tokenyard.auth.v1 import (
-    usage_service_pb2_grpc as usage_grpc,
-)
-from tokenyard.auth.v1 import (
-    user_service_pb2 as users_pb,
-)
-from tokenyard.auth.v1 import (
-    user_service_pb2_grpc as users_grpc,
-)
+from tokenyard.auth.v1 import api_key_service_pb2 as keys_pb
+from tokenyard.auth.v1 import api_key_service_pb2_grpc as keys_grpc
+from tokenyard.auth.v1 import audit_service_pb2 as audit_pb
+from tokenyard.auth.v1 import audit_service_pb2_grpc as audit_grpc
+from tokenyard.auth.v1 import auth_service_pb2 as auth_pb
+from tokenyard.auth.v1 import auth_service_pb2_grpc as auth_grpc
+from tokenyard.auth.v1 import role_service_pb2 as roles_pb
+from tokenyard.auth.v1 import role_service_pb2_grpc as roles_grpc
+from tokenyard.auth.v1 import usage_service_pb2 as usage_pb
+from tokenyard.auth.v1 import usage_service_pb2_grpc as usage_grpc
+from tokenyard.auth.v1 import user_service_pb2 as users_pb
+from tokenyard.auth.v1 import user_service_pb2_grpc as users_grpc
 
 from services.auth import convert
 from services.auth.core import AuthCore

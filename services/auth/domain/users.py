@@ -204,6 +204,14 @@ class Users:
         if pw is not None:
             user.password_hash = pw
             user.failed_logins, user.locked_until = 0, None
+            live = select(SessionRow.id).where(
+                SessionRow.user_id == user.id, SessionRow.revoked_at.is_(None)
+            )
+            sessions = list(session.scalars(live))
+            session.execute(
+                update(SessionRow).where(SessionRow.id.in_(sessions)).values(revoked_at=utcnow())
+            )
+            pending.add(session, credential_ids=sessions)
         if ("roles" in paths or "disabled" in paths) and admin_count(session) == 0:
             raise FailedPrecondition("the last admin cannot lose admin rights", reason="LAST_ADMIN")
         user.updated_at = utcnow()

@@ -6,18 +6,10 @@ from collections.abc import Awaitable
 from typing import Any
 
 import grpc
-from tokenyard.auth.v1 import (
-    api_key_service_pb2 as keys_pb,
-)
-from tokenyard.auth.v1 import (
-    resources_pb2,
-)
-from tokenyard.auth.v1 import (
-    role_service_pb2 as roles_pb,
-)
-from tokenyard.auth.v1 import (
-    user_service_pb2 as users_pb,
-)
+from tokenyard.auth.v1 import api_key_service_pb2 as keys_pb
+from tokenyard.auth.v1 import resources_pb2
+from tokenyard.auth.v1 import role_service_pb2 as roles_pb
+from tokenyard.auth.v1 import user_service_pb2 as users_pb
 
 from services.common.status import parse_details
 from tests.integration.auth.conftest import Auth, md

@@ -88,6 +88,16 @@ async def test_repeated_failures_lock_the_account_even_for_the_right_password(sv
     )
     ok = await svc.auth.Login(auth_pb.LoginRequest(username="carol", password="carol-new-password"))
     assert ok.user.user_id == user_id
+    # Changing the password again ends the sessions opened with the old one.
+    await svc.users.UpdateUser(
+        users_pb.UpdateUserRequest(
+            user=resources_pb2.User(user_id=user_id),
+            update_mask={"paths": ["password"]},
+            password="carol-third-password",
+        ),
+        metadata=svc.admin,
+    )
+    await expect(svc.auth.WhoAmI(auth_pb.WhoAmIRequest(), metadata=md(ok.session_token)), UNAUTH)
 
 
 async def test_disabled_user_cannot_log_in_and_keys_stop(svc: Auth) -> None:

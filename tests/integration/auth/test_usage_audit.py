@@ -3,6 +3,7 @@ proving no secret reaches the database, the logs or an error."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -86,6 +87,17 @@ async def test_record_usage_is_idempotent_and_feeds_quota(svc: Auth) -> None:
         grpc.StatusCode.PERMISSION_DENIED,
         "usage.read",
     )
+
+
+async def test_concurrent_retries_of_one_batch_count_once(svc: Auth) -> None:
+    now = datetime.now(UTC)
+    batch = [record(f"c{i}", "cred", "user", "m", 1, 1, now) for i in range(50)]
+    request = usage_pb.RecordUsageRequest(records=batch)
+    replies = await asyncio.gather(*(svc.usage.RecordUsage(request) for _ in range(4)))
+    assert sum(r.accepted for r in replies) == 50
+    assert sum(r.duplicates for r in replies) == 150
+    total = await svc.usage.GetUsage(usage_pb.GetUsageRequest(), metadata=svc.admin)
+    assert (total.total_requests, total.total_prompt_tokens) == (50, 50)
 
 
 async def test_audit_log_pages_newest_first_and_filters(svc: Auth) -> None:
