@@ -75,7 +75,7 @@ def key_principal(session: Session, key: ApiKeyRow, user: UserRow, now: datetime
     """Effective principal of an API key: the key narrowed by its owner's roles."""
     perms, models, limits = owner_grants(user)
     if key.permissions:
-        perms = perms & frozenset(key.permissions)
+        perms = perms & expand(key.permissions)
     eff_limits = min_limits([limits, Limits.from_json(key.limits)])
     return Principal(
         user_id=user.id,

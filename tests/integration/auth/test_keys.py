@@ -179,6 +179,15 @@ async def test_key_narrows_permissions_models_and_limits(svc: Auth) -> None:
     )
 
 
+async def test_an_admin_key_holds_every_permission(svc: Auth) -> None:
+    made = await svc.keys.CreateApiKey(
+        keys_pb.CreateApiKeyRequest(name="adm", permissions=["admin"]), metadata=svc.admin
+    )
+    assert {"admin", "users.admin", "audit.read"} <= set(
+        (await authenticate(svc, made.secret)).permissions
+    )
+
+
 async def test_key_made_with_a_narrowed_key_stays_narrow(svc: Auth) -> None:
     _, key = await make_user(svc, "fay", ["generate", "keys.manage_own", "models.list"])
     narrowed = await svc.keys.CreateApiKey(
