@@ -131,7 +131,9 @@ class Engine:
             logits = self.runner.prefill(cache, [(0, prompt, 0)])
             for position in range(prompt.shape[0], prompt.shape[0] + 3):
                 token = sample(logits, [SampleRow(config, 0, position, [])])[0].token_id
-                mask = torch.ones((1, 1, 1, position + 1), dtype=torch.bool)
+                mask = torch.ones(
+                    (1, 1, 1, position + 1), dtype=torch.bool, device=self.runner.device
+                )
                 pos = torch.tensor([position], device=self.runner.device)
                 tok = torch.tensor([token], device=self.runner.device)
                 logits = self.runner.decode(

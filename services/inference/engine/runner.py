@@ -106,7 +106,9 @@ def _cat_bias(*modules: Any) -> torch.Tensor | None:
     if all(b is None for b in biases):
         return None
     parts = [
-        b if b is not None else torch.zeros(m.weight.shape[0], dtype=m.weight.dtype)
+        b
+        if b is not None
+        else torch.zeros(m.weight.shape[0], dtype=m.weight.dtype, device=m.weight.device)
         for b, m in zip(biases, modules, strict=True)
     ]
     return torch.cat(parts)

@@ -98,6 +98,7 @@ class Scheduler:
         self.max_batch_tokens = max_batch_tokens
         self.eos_token_ids = eos_token_ids
         self.prefix_cache = prefix_cache
+        self._initial_capacity = initial_capacity
         self.cache: KVCache = runner.new_cache(max_running, initial_capacity)
         self.running: list[Sequence] = []
         self.waiting: deque[Sequence] = deque()
@@ -237,7 +238,8 @@ class Scheduler:
             budget -= n
             self._ensure_capacity(seq.computed + n + 1)
             tokens = seq.tokens[seq.computed : seq.computed + n]
-            chunks.append((seq.slot, torch.tensor(tokens, dtype=torch.long), seq.computed))
+            chunk = torch.tensor(tokens, dtype=torch.long, device=self.runner.device)
+            chunks.append((seq.slot, chunk, seq.computed))
             chunked.append((seq, n))
         if chunks:
             last = self.runner.prefill(self.cache, chunks)
@@ -255,6 +257,9 @@ class Scheduler:
             for seq, choice in zip(ready, sample(torch.cat(logits), rows), strict=True):
                 self._advance(seq, choice)
         self._flush()
+        if not self.running and self.cache.capacity > self._initial_capacity:
+            # One long request must not pin a large cache for every slot forever.
+            self.cache = self.runner.new_cache(self.max_running, self._initial_capacity)
         return len(ready)
 
     def _decode(self, decoding: list[Sequence]) -> torch.Tensor:

@@ -189,3 +189,16 @@ async def test_warmup_then_generate(
     engine.start()
     events = await collect(engine, request(prompts[1], temperature=0.0))
     assert [e.token_id for e in events] == hf_greedy(tiny, prompts[1], 12)
+
+
+async def test_kv_cache_grows_for_long_sequences_and_shrinks_when_idle(
+    make_engine: EngineFactory, tiny: LoadedModel, prompts: list[list[int]]
+) -> None:
+    engine = make_engine()
+    idle_bytes = engine.stats().kv_cache_bytes
+    long_prompt = (prompts[7] * 8)[:280]  # past the initial 256 positions per slot
+    events = await collect(engine, request(long_prompt, temperature=0.0, max_tokens=12))
+    assert [e.token_id for e in events] == hf_greedy(tiny, long_prompt, 12)
+    await engine.wait_idle()
+    assert engine.stats().kv_cache_bytes == idle_bytes
+    assert engine.stats().total_steps > 0
