@@ -6,6 +6,8 @@ for a wrong password: no user enumeration by timing.
 
 from __future__ import annotations
 
+import functools
+
 from argon2 import PasswordHasher, Type
 from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
 
@@ -35,7 +37,11 @@ class Passwords:
             parallelism=parallelism,
             type=Type.ID,
         )
-        self._dummy = self.hasher.hash("dummy password for timing equality")
+
+    @functools.cached_property
+    def _dummy(self) -> str:
+        """A hash to verify against when the user is unknown (made on first use)."""
+        return str(self.hasher.hash("dummy password for timing equality"))
 
     def hash(self, password: str) -> str:
         """A new argon2id hash (validates the length first)."""
