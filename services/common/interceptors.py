@@ -133,6 +133,8 @@ class _Call:
 
     def __init__(self, method: str, context: Any, quiet: bool) -> None:
         self.method, self.context, self.quiet = method, context, quiet
+        # Read now: peer() on a call torn down by a server stop can crash grpc's cython layer.
+        self.peer = context.peer()
         self.start = time.perf_counter()
         self.code = grpc.StatusCode.OK
         given = metadata_value(context, REQUEST_ID_HEADER) or ""
@@ -174,7 +176,7 @@ class _Call:
                 "method": self.method,
                 "code": name,
                 "duration_ms": round(elapsed * 1000, 3),
-                "peer": self.context.peer(),
+                "peer": self.peer,
                 "request_id": self.request_id,
             },
         )
