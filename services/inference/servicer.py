@@ -3,6 +3,12 @@
 The router is the only caller. A call's gRPC deadline becomes the engine
 request's deadline; a cancelled call closes the engine stream, which frees the
 sequence's slot within one decode step.
+
+Usage semantics the router relies on: `usage.completion_tokens` counts every
+generated token of the request, including `continuation_token_ids` (which also
+count toward `max_tokens`); `prompt_tokens` counts the input alone. Responses
+carry only the tokens and text this call produced: continuation text is never
+sent again.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ from tokenyard.generation.v1 import generation_service_pb2 as gen
 from tokenyard.generation.v1 import generation_service_pb2_grpc as gen_grpc
 
 from services.common.errors import InvalidArgument
+from services.common.logs import request_id_var
 from services.inference.streaming import collect
 from services.inference.worker import Worker
 
@@ -37,6 +44,7 @@ class GenerationServicer(gen_grpc.GenerationServiceServicer):
 
     async def Generate(self, request: gen.GenerateRequest, context: Any) -> gen.GenerateResponse:
         prep = await self.worker.prepare(request)
+        request_id_var.set(prep.request_id)
         messages: list[gen.StreamGenerateResponse] = []
         stream = self.worker.generate(prep, deadline_of(context))
         async with contextlib.aclosing(stream):
@@ -48,6 +56,7 @@ class GenerationServicer(gen_grpc.GenerationServiceServicer):
         self, request: gen.StreamGenerateRequest, context: Any
     ) -> AsyncIterator[gen.StreamGenerateResponse]:
         prep = await self.worker.prepare(request)
+        request_id_var.set(prep.request_id)
         stream = self.worker.generate(prep, deadline_of(context))
         async with contextlib.aclosing(stream):
             async for message in stream:

@@ -13,6 +13,7 @@ from services.inference.worker import LoadReport, Worker
 
 SERVICE_NAME = "tokenyard.inference.v1.WorkerService"
 DEFAULT_INTERVAL_MS = 250
+MIN_INTERVAL_MS = 10
 
 
 def load_response(report: LoadReport) -> pb.WatchLoadResponse:
@@ -58,7 +59,7 @@ class WorkerServicer(pb_grpc.WorkerServiceServicer):
     async def WatchLoad(
         self, request: pb.WatchLoadRequest, context: Any
     ) -> AsyncIterator[pb.WatchLoadResponse]:
-        interval = (request.interval_ms or DEFAULT_INTERVAL_MS) / 1000
+        interval = max(request.interval_ms or DEFAULT_INTERVAL_MS, MIN_INTERVAL_MS) / 1000
         async for report in self.worker.load_reports(interval):
             yield load_response(report)
 
