@@ -59,3 +59,13 @@ def client_tracing_interceptors() -> list[Any]:
 def tracer(name: str) -> trace.Tracer:
     """A tracer for spans of our own (queueing, prefill, decode)."""
     return trace.get_tracer(name)
+
+
+def trace_metadata() -> list[tuple[str, str]]:
+    """The current trace context as gRPC metadata (`traceparent`…), for calls made
+    without the client interceptors (the router's raw worker stubs)."""
+    from opentelemetry import propagate
+
+    carrier: dict[str, str] = {}
+    propagate.inject(carrier)
+    return list(carrier.items())
