@@ -12,6 +12,8 @@ over, the stream ends with UNAVAILABLE. A failed worker is ejected.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -51,7 +53,7 @@ PASS_THROUGH = frozenset(
     }
 )
 
-Emit = Callable[[bytes | None, gen.StreamGenerateResponse], Awaitable[None]]
+Emit = Callable[[bytes | gen.StreamGenerateResponse], Awaitable[None]]
 _parse = gen.StreamGenerateResponse.FromString
 
 
@@ -146,6 +148,27 @@ class Relay:
         started: float,
     ) -> None:
         """Relay `request` until its last message; raise a domain error otherwise."""
+        out = Writer(emit)
+        try:
+            await self._run(request, out, state, deadline=deadline, started=started)
+        except TokenyardError:
+            with contextlib.suppress(Exception):
+                await out.flush()  # the tokens relayed so far reach the client first
+            raise
+        except BaseException:
+            out.cancel()
+            raise
+        await out.flush()
+
+    async def _run(
+        self,
+        request: gen.StreamGenerateRequest,
+        out: Writer,
+        state: StreamState,
+        *,
+        deadline: float | None,
+        started: float,
+    ) -> None:
         model = request.model
         tried: set[str] = set()
         full: list[float] = []
@@ -172,7 +195,7 @@ class Relay:
             relayed_before = len(state.tokens)
             try:
                 if await self._attempt(
-                    worker, attempt, emit, state, timeout=timeout, started=started
+                    worker, attempt, out, state, timeout=timeout, started=started
                 ):
                     worker.succeeded()
                     return
@@ -195,6 +218,10 @@ class Relay:
                     metrics.FAILOVERS.labels("full").inc()
                     continue
                 worker.eject(code.name)
+                log.warning(
+                    "worker call failed",
+                    extra={"worker": worker.address, "code": code.name, "detail": exc.details()},
+                )
             kind = "mid_stream" if state.tokens else "before_first_token"
             metrics.FAILOVERS.labels(kind).inc()
             log.warning(
@@ -222,18 +249,18 @@ class Relay:
         self,
         worker: Worker,
         request: gen.StreamGenerateRequest,
-        emit: Emit,
+        out: Writer,
         state: StreamState,
         *,
         timeout: float | None,
         started: float,
     ) -> bool:
-        """Relay one worker's stream; True when its last message went out."""
+        """Relay one worker's stream; True when its last message was handed to `out`."""
         call = worker.stream_generate(request, timeout=timeout, metadata=worker.metadata)
         worker.inflight += 1
         worker.dispatched += 1
         interval = self.interval
-        pending: gen.StreamGenerateResponse | None = None
+        held: gen.StreamGenerateResponse | None = None  # stream_interval accumulation
         tokens = state.tokens
         model = request.model
         itl = metrics.INTER_TOKEN.labels(model)
@@ -242,8 +269,6 @@ class Relay:
             while True:
                 raw = await call.read()
                 if raw is grpc.aio.EOF:
-                    if pending is not None:
-                        await emit(None, pending)
                     return False
                 assert isinstance(raw, bytes)
                 msg = _parse(raw)
@@ -260,33 +285,85 @@ class Relay:
                 if msg.finish_reason:
                     state.finish_reason = msg.finish_reason
                     state.prompt_tokens = msg.usage.prompt_tokens
-                    if pending is not None:
-                        _merge(pending, msg)
-                        pending.finish_reason = msg.finish_reason
-                        pending.usage.CopyFrom(msg.usage)
-                        await emit(None, pending)
+                    if held is not None:
+                        _merge(held, msg)
+                        out.send(None, held)
+                        held = None
                     else:
-                        await emit(raw, msg)
+                        out.send(raw, msg)
                     return True
                 if interval > 1:
-                    if pending is None:
-                        pending = msg
+                    if held is None:
+                        held = msg
                     else:
-                        _merge(pending, msg)
-                    if len(pending.token_ids) < interval:
-                        continue
-                    msg, pending, raw = pending, None, b""
-                    await emit(None, msg)
+                        _merge(held, msg)
+                    if len(held.token_ids) >= interval:
+                        out.send(None, held)
+                        held = None
                     continue
-                await emit(raw, msg)
-        except grpc.aio.AioRpcError:
-            if pending is not None:
-                # Tokens already counted as relayed must reach the client before a resume.
-                await emit(None, pending)
-            raise
+                out.send(raw, msg)
         finally:
             worker.inflight -= 1
             call.cancel()
+            if held is not None:
+                # Tokens already counted as relayed reach the client before any resume.
+                out.send(None, held)
+
+
+class Writer:
+    """Writes to the client one message at a time, merging what arrives meanwhile.
+
+    While a write is in flight (the client reads slower than the worker produces),
+    further messages are merged into one pending message, written when the current
+    write completes. So a slow client gets fewer, larger messages and the router
+    spends less per token; a fast one gets every message as it came, unchanged.
+    """
+
+    __slots__ = ("emit", "error", "pending", "task")
+
+    def __init__(self, emit: Emit) -> None:
+        self.emit = emit
+        self.task: asyncio.Future[None] | None = None
+        self.pending: gen.StreamGenerateResponse | None = None
+        self.error: BaseException | None = None
+
+    def send(self, raw: bytes | None, msg: gen.StreamGenerateResponse) -> None:
+        """Queue one message (raw bytes when unchanged from the worker)."""
+        if self.task is None and self.error is None:
+            self._start(raw or msg)
+        elif self.pending is None:
+            self.pending = msg
+        else:
+            _merge(self.pending, msg)
+
+    def _start(self, payload: bytes | gen.StreamGenerateResponse) -> None:
+        self.task = asyncio.ensure_future(self.emit(payload))
+        self.task.add_done_callback(self._done)
+
+    def _done(self, task: asyncio.Future[None]) -> None:
+        self.task = None
+        if task.cancelled():
+            return
+        error = task.exception()
+        if error is not None:
+            self.error = error
+            return
+        if self.pending is not None:
+            payload, self.pending = self.pending, None
+            self._start(payload)
+
+    async def flush(self) -> None:
+        """Wait until everything sent is written; raise a write's error."""
+        while self.task is not None:
+            await asyncio.wait([self.task])
+        if self.error is not None:
+            raise self.error
+
+    def cancel(self) -> None:
+        """Drop what is not written (the client went away)."""
+        self.pending = None
+        if self.task is not None:
+            self.task.cancel()
 
 
 def _merge(into: gen.StreamGenerateResponse, msg: gen.StreamGenerateResponse) -> None:
@@ -294,3 +371,6 @@ def _merge(into: gen.StreamGenerateResponse, msg: gen.StreamGenerateResponse) ->
     into.token_ids.extend(msg.token_ids)
     if msg.logprobs:
         into.logprobs.extend(msg.logprobs)
+    if msg.finish_reason:
+        into.finish_reason = msg.finish_reason
+        into.usage.CopyFrom(msg.usage)

@@ -43,15 +43,10 @@ class RouterServicer:
 
     async def StreamGenerate(self, raw: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> None:
         request = parse_request(raw, gen.StreamGenerateRequest)
-        write = context.write
-
-        async def emit(data: bytes | None, message: gen.StreamGenerateResponse) -> None:
-            await write(data or message)
-
         await self.core.generate(
             metadata_value(context, "authorization"),
             request,
-            emit,
+            context.write,
             deadline=_deadline(context),
             method="StreamGenerate",
         )
@@ -63,7 +58,12 @@ class RouterServicer:
         request = gen.StreamGenerateRequest.FromString(unary.SerializeToString())
         reply = gen.GenerateResponse()
 
-        async def collect(data: bytes | None, message: gen.StreamGenerateResponse) -> None:
+        async def collect(payload: bytes | gen.StreamGenerateResponse) -> None:
+            message = (
+                gen.StreamGenerateResponse.FromString(payload)
+                if isinstance(payload, bytes)
+                else payload
+            )
             reply.text += message.text
             reply.token_ids.extend(message.token_ids)
             reply.logprobs.extend(message.logprobs)

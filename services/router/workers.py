@@ -124,6 +124,8 @@ class Worker:
 
     def eject(self, reason: str) -> None:
         """Take the worker out of rotation for a while (breaker open)."""
+        if time.monotonic() < self.ejected_until:
+            return  # one incident seen by several requests counts once
         delay = min(self.settings.ejection_base * 2**self.failures, self.settings.ejection_max)
         self.failures += 1
         self.ejected_until = time.monotonic() + delay

@@ -155,3 +155,31 @@ class FakeAuth:
         if self.server is not None:
             await self.server.stop(0)
             self.server = None
+
+
+async def _main(port: int, keys: list[str], cache_ttl: float) -> None:
+    state = FakeAuthState(cache_ttl=cache_ttl)
+    for i, key in enumerate(keys):
+        state.add_key(key, principal(f"cred-{i}"))
+    server = FakeAuth(state, port=port)
+    await server.start()
+    print(f"PORT {server.port}", flush=True)
+    assert server.server is not None
+    await server.server.wait_for_stop_signal()
+    await server.stop()
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run the double as a process (benchmarks): every --key is a valid key."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description="tokenyard test-double auth")
+    parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--key", action="append", default=[])
+    parser.add_argument("--cache-ttl", type=float, default=60.0)
+    args = parser.parse_args(argv)
+    asyncio.run(_main(args.port, args.key, args.cache_ttl))
+
+
+if __name__ == "__main__":
+    main()
