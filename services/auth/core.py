@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 
 from prometheus_client import Counter
 from sqlalchemy import select, update
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from services.auth import migrate
@@ -36,6 +37,7 @@ from services.auth.domain.principal import (
 from services.auth.domain.revocations import ALL_USERS, RevocationHub, Revocations, Revoked
 from services.auth.settings import AuthSettings
 from services.common.errors import (
+    AlreadyExists,
     FailedPrecondition,
     InvalidArgument,
     PermissionDenied,
@@ -99,7 +101,14 @@ class AuthCore:
     async def mutate(self, fn: Callable[..., T], *args: Any) -> T:
         """Run `fn(session, revocations, *args)` in a write transaction, then push revocations."""
         pending = Revocations()
-        result = await self.db.write(fn, pending, *args)
+        try:
+            result = await self.db.write(fn, pending, *args)
+        except IntegrityError:
+            # A concurrent call created the same unique name or request id first.
+            raise AlreadyExists(
+                "the object was created concurrently by another request; retry to see it",
+                reason="CONFLICT",
+            ) from None
         self.hub.publish(pending.revoked)
         return result
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 
 import grpc
@@ -232,3 +233,15 @@ async def test_user_reads_self_without_users_admin(svc: Auth) -> None:
     user_id, key = await make_user(svc, "selfie", ["generate"])
     got = await svc.users.GetUser(users_pb.GetUserRequest(user_id=user_id), metadata=md(key))
     assert got.user.username == "selfie"
+
+
+async def test_concurrent_creates_of_one_name_never_fail_internally(svc: Auth) -> None:
+    request = users_pb.CreateUserRequest(username="racer", password="password-123")
+    results = await asyncio.gather(
+        *(svc.users.CreateUser(request, metadata=svc.admin) for _ in range(4)),
+        return_exceptions=True,
+    )
+    ok = [r for r in results if not isinstance(r, BaseException)]
+    failed = [r for r in results if isinstance(r, grpc.aio.AioRpcError)]
+    assert len(ok) == 1 and len(failed) == 3
+    assert {f.code() for f in failed} == {grpc.StatusCode.ALREADY_EXISTS}
