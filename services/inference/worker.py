@@ -13,6 +13,7 @@ import importlib.metadata
 import logging
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,7 +33,7 @@ from services.inference.engine.types import (
     InvalidRequest,
     SamplingConfig,
 )
-from services.inference.inputs import HasInput, render_input
+from services.inference.inputs import HasInput, RenderedInput, render_input
 from services.inference.streaming import ResponseAssembler
 from services.inference.validation import (
     SamplingChoice,
@@ -126,6 +127,8 @@ class Worker:
         self._on_drained = on_drained
         self._drain_task: asyncio.Task[None] | None = None
         self._changed = asyncio.Event()
+        # One thread tokenizes, so requests never use the (Rust) tokenizer concurrently.
+        self._tokenize = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenize")
 
     # -- requests ------------------------------------------------------------------
 
@@ -138,9 +141,7 @@ class Worker:
         continuation = check_token_ids(
             request.continuation_token_ids, "continuation_token_ids", self.info.vocab_size
         )
-        rendered = await asyncio.to_thread(
-            render_input, request, self.tokenizer, self.info.vocab_size
-        )
+        rendered = await self._render(request)
         max_tokens = resolve_max_tokens(
             choice,
             input_field=rendered.field,
@@ -150,12 +151,16 @@ class Worker:
         )
         return PreparedRequest(request_id, rendered.token_ids, continuation, choice, max_tokens)
 
+    async def _render(self, request: HasInput) -> RenderedInput:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(
+            self._tokenize, render_input, request, self.tokenizer, self.info.vocab_size
+        )
+
     async def count_tokens(self, request: HasInput, model: str) -> int:
         """Tokens of an input under this model's tokenizer (and chat template)."""
         check_model(model, self.info.model)
-        rendered = await asyncio.to_thread(
-            render_input, request, self.tokenizer, self.info.vocab_size
-        )
+        rendered = await self._render(request)
         return len(rendered.token_ids)
 
     async def generate(
@@ -323,7 +328,8 @@ class Worker:
             await self._on_drained()
 
     async def close(self) -> None:
-        """Cancel background work (a pending drain)."""
+        """Cancel background work (a pending drain) and stop the tokenizer thread."""
+        self._tokenize.shutdown(wait=False, cancel_futures=True)
         task, self._drain_task = self._drain_task, None
         if task is not None and not task.done():
             task.cancel()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import pytest
@@ -238,3 +239,23 @@ async def test_list_models_and_count_tokens() -> None:
     assert models.models[0].max_running == 4
     assert models.models[0].workers == 1
     assert count.token_count == 3
+
+
+async def test_concurrent_requests_get_their_own_tokens() -> None:
+    prompts = [f"request number {i}: " + "ab" * i for i in range(8)]
+    chat = [gen.ChatMessages(messages=[gen.ChatMessage(role="user", content=p)]) for p in prompts]
+    async with serving(max_running=4, max_queued=8) as w:
+        alone = [
+            await w.gen.Generate(gen.GenerateRequest(model=MODEL, messages=c, sampling=greedy(12)))
+            for c in chat
+        ]
+        together = await asyncio.gather(
+            *(
+                stream_all(w.gen, request(messages=c, sampling=greedy(12), request_id=f"r{i}"))
+                for i, c in enumerate(chat)
+            )
+        )
+    for i, (one, many) in enumerate(zip(alone, together, strict=True)):
+        assert {m.request_id for m in many} == {f"r{i}"}
+        assert [t for m in many for t in m.token_ids] == list(one.token_ids)
+        assert "".join(m.text for m in many) == one.text
