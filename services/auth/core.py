@@ -265,9 +265,11 @@ class AuthCore:
             raise InvalidArgument("password", "must not be empty")
         if len(password.encode("utf-8", "surrogatepass")) > MAX_PASSWORD_BYTES:
             raise InvalidArgument("password", f"must be at most {MAX_PASSWORD_BYTES} bytes")
-        user = await self.db.read(
-            lambda s: s.scalar(select(UserRow).where(UserRow.username == username))
-        )
+        user = None
+        if validation.USERNAME_RE.fullmatch(username):  # else it cannot exist
+            user = await self.db.read(
+                lambda s: s.scalar(select(UserRow).where(UserRow.username == username))
+            )
         now = utcnow()
         locked = user is not None and user.locked_until is not None and user.locked_until > now
         stored = user.password_hash if user is not None and not locked else None

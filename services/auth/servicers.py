@@ -298,7 +298,12 @@ class ApiKeyServicer(keys_grpc.ApiKeyServiceServicer):
         self, request: keys_pb.RotateApiKeyRequest, context: Ctx
     ) -> keys_pb.RotateApiKeyResponse:
         caller = await caller_of(self.core, context)
-        grace = request.grace_period.ToTimedelta() if request.HasField("grace_period") else None
+        grace = None
+        if request.HasField("grace_period"):
+            try:
+                grace = request.grace_period.ToTimedelta()
+            except (OverflowError, ValueError):
+                raise InvalidArgument("grace_period", "duration out of range") from None
         made = await self.keys.rotate(caller, request.key_id, grace, request.request_id)
         return keys_pb.RotateApiKeyResponse(
             api_key=convert.key_to_proto(made.key),

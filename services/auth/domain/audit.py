@@ -8,6 +8,11 @@ from services.auth.db.models import AuditRow
 from services.auth.domain.principal import Caller, utcnow
 
 
+def _clean(text: str, limit: int) -> str:
+    """Printable text only (PostgreSQL refuses NUL; logs stay one line), cut to `limit`."""
+    return "".join(c if c.isprintable() else "?" for c in text[:limit])
+
+
 def record(
     session: Session,
     action: str,
@@ -29,9 +34,9 @@ def record(
             actor_credential_id=principal.credential_id if principal else "",
             action=action,
             object_type=object_type,
-            object_id=object_id[:128],
+            object_id=_clean(object_id, 128),
             outcome=outcome,
-            peer=(caller.peer if caller else peer)[:200],
-            details=dict(details or {}),
+            peer=_clean(caller.peer if caller else peer, 200),
+            details={k: _clean(v, 500) for k, v in (details or {}).items()},
         )
     )

@@ -320,12 +320,12 @@ class Keys:
         self, caller: Caller, key_id: str, grace: timedelta | None, request_id: str
     ) -> NewKey:
         """A successor with the same settings; the old key lives on for the grace period."""
-        key = await self._load(caller, key_id, "RotateApiKey")
         validation.request_id(request_id)
         if grace is not None and grace < timedelta(0):
             raise InvalidArgument("grace_period", "must not be negative")
         if grace is not None and grace > timedelta(days=30):
             raise InvalidArgument("grace_period", "must be at most 30 days")
+        key = await self._load(caller, key_id, "RotateApiKey")
         return await self.core.mutate(
             self._rotate, caller, key.id, DEFAULT_GRACE if grace is None else grace, request_id
         )

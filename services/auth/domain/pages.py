@@ -48,6 +48,8 @@ def decode(token: str, filters: Any = None, arity: int = 1) -> list[Any] | None:
             raise ValueError
         if not all(isinstance(v, str | int) and not isinstance(v, bool) for v in position):
             raise ValueError
+        if any(isinstance(v, str) and (len(v) > 200 or not v.isprintable()) for v in position):
+            raise ValueError
     except (ValueError, KeyError, TypeError, binascii.Error, UnicodeDecodeError):
         raise InvalidArgument("page_token", "malformed page token") from None
     if data.get("f") != _fingerprint(filters):

@@ -9,6 +9,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import grpc
+from google.protobuf import duration_pb2, timestamp_pb2
 from tokenyard.auth.v1 import api_key_service_pb2 as keys_pb
 from tokenyard.auth.v1 import audit_service_pb2 as audit_pb
 from tokenyard.auth.v1 import auth_service_pb2 as auth_pb
@@ -17,7 +18,7 @@ from tokenyard.auth.v1 import role_service_pb2 as roles_pb
 from tokenyard.auth.v1 import usage_service_pb2 as usage_pb
 from tokenyard.auth.v1 import user_service_pb2 as users_pb
 
-from services.auth.domain import credentials
+from services.auth.domain import credentials, pages
 from tests.integration.auth.conftest import Auth
 from tests.integration.auth.helpers import expect, field_of
 
@@ -41,6 +42,14 @@ def _role(**kw: Any) -> Callable[[Auth], Awaitable[Any]]:
 def _forged_token() -> str:
     raw = json.dumps({"p": ["zzz"], "f": "0000"}).encode()
     return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def _nul_token() -> str:
+    """A token with the right filter fingerprint but a NUL in its position."""
+    good = pages.encode(["x"], "users")
+    data = json.loads(base64.urlsafe_b64decode(good + "=" * (-len(good) % 4)))
+    data["p"] = ["a\x00b"]
+    return base64.urlsafe_b64encode(json.dumps(data).encode()).decode().rstrip("=")
 
 
 CASES: list[Case] = [
@@ -84,6 +93,49 @@ CASES: list[Case] = [
         ),
         INVALID,
         "page_token",
+    ),
+    (
+        "NUL in page token",
+        lambda s: s.users.ListUsers(
+            users_pb.ListUsersRequest(page_token=_nul_token()), metadata=s.admin
+        ),
+        INVALID,
+        "page_token",
+    ),
+    (
+        "huge grace period",
+        lambda s: s.keys.RotateApiKey(
+            keys_pb.RotateApiKeyRequest(
+                key_id="00000000-0000-0000-0000-000000000000",
+                grace_period=duration_pb2.Duration(seconds=315_576_000_000),
+            ),
+            metadata=s.admin,
+        ),
+        INVALID,
+        "grace_period",
+    ),
+    (
+        "NUL in login name",
+        lambda s: s.auth.Login(auth_pb.LoginRequest(username="ad\x00min", password="whatever1")),
+        UNAUTH,
+        "invalid username or password",
+    ),
+    (
+        "NUL in usage filter",
+        lambda s: s.usage.GetUsage(usage_pb.GetUsageRequest(model="m\x00"), metadata=s.admin),
+        INVALID,
+        "model",
+    ),
+    (
+        "far-future timestamp",
+        lambda s: s.audit.ListAuditEvents(
+            audit_pb.ListAuditEventsRequest(
+                start_time=timestamp_pb2.Timestamp(seconds=253_402_300_800)
+            ),
+            metadata=s.admin,
+        ),
+        INVALID,
+        "start_time",
     ),
     (
         "bad user id",
