@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import json
+import random
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -293,3 +294,53 @@ def _first_digest(session: Any) -> str:
     value = session.scalar(select(ApiKeyRow.digest))
     assert isinstance(value, str)
     return value
+
+
+async def test_random_garbage_never_causes_internal_errors(svc: Auth) -> None:
+    rng = random.Random(1234)
+    alphabet = "aZ09._-*/ \x00\x01\n\t\u00e9\u4e2d\U0001f600\ud7ff'\";%"
+
+    def junk() -> str:
+        return "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 80)))
+
+    for _ in range(8):
+        calls = [
+            svc.users.CreateUser(
+                users_pb.CreateUserRequest(
+                    username=junk(), password=junk(), display_name=junk(), roles=[junk()]
+                ),
+                metadata=svc.admin,
+            ),
+            svc.roles.CreateRole(
+                roles_pb.CreateRoleRequest(
+                    role=resources_pb2.Role(
+                        name=junk(),
+                        description=junk(),
+                        permissions=[junk()],
+                        allowed_models=[junk()],
+                    ),
+                    request_id=junk(),
+                ),
+                metadata=svc.admin,
+            ),
+            svc.keys.CreateApiKey(
+                keys_pb.CreateApiKeyRequest(name=junk(), allowed_models=[junk()], user_id=junk()),
+                metadata=svc.admin,
+            ),
+            svc.keys.ListApiKeys(keys_pb.ListApiKeysRequest(page_token=junk()), metadata=svc.admin),
+            svc.audit.ListAuditEvents(
+                audit_pb.ListAuditEventsRequest(action=junk(), object_id=junk(), page_token=junk()),
+                metadata=svc.admin,
+            ),
+            svc.usage.GetUsage(
+                usage_pb.GetUsageRequest(user_id=junk(), model=junk()), metadata=svc.admin
+            ),
+            svc.auth.Login(auth_pb.LoginRequest(username=junk(), password=junk())),
+            svc.auth.Authenticate(auth_pb.AuthenticateRequest(credential="ty_sk_" + junk())),
+        ]
+        for call in calls:
+            try:
+                await call
+            except grpc.aio.AioRpcError as exc:
+                assert exc.code() != grpc.StatusCode.INTERNAL, exc.details()
+                assert exc.code() != grpc.StatusCode.UNKNOWN, exc.details()
