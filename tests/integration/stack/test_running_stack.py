@@ -1,0 +1,182 @@
+"""One running `tokenyard up` (2 workers, tiny model) as users run it: the first
+start's key, streaming, chat, traces, metrics, a killed worker, a clean stop, and
+a second start reusing the state. Tests run in file order."""
+
+from __future__ import annotations
+
+import stat
+import time
+import urllib.request
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.integration.stack.launcher import READY, StackProcess, alive, run_cli
+from tests.integration.stack.otlp_sink import OtlpSink
+
+
+@pytest.fixture(scope="module")
+def sink() -> Iterator[OtlpSink]:
+    receiver = OtlpSink()
+    yield receiver
+    receiver.stop()
+
+
+@pytest.fixture(scope="module")
+def stack(
+    tiny_model: Path, tmp_path_factory: pytest.TempPathFactory, sink: OtlpSink
+) -> Iterator[StackProcess]:
+    env = {"OTEL_EXPORTER_OTLP_ENDPOINT": sink.endpoint, "OTEL_BSP_SCHEDULE_DELAY": "200"}
+    proc = StackProcess(
+        tmp_path_factory.mktemp("running") / "state", tiny_model, workers=2, env=env
+    )
+    try:
+        proc.wait_for(READY)
+        yield proc
+    finally:
+        proc.stop()
+
+
+def mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+def test_the_first_start_printed_the_key_once_and_keeps_secrets_private(
+    stack: StackProcess,
+) -> None:
+    state = stack.state_dir
+    key = (state / "demo-key").read_text().strip()
+    assert key.startswith("ty_") and stack.output.count(key) == 1
+    assert "tokenyard generate" in stack.output
+    assert mode(state) == 0o700
+    for name in ("demo-key", "service-token", "key-pepper", "admin-key"):
+        assert mode(state / name) == 0o600, name
+    for name in ("service-token", "key-pepper", "admin-key"):
+        assert (state / name).read_text().strip() not in stack.output, name
+
+
+def generate(stack: StackProcess, *args: str) -> tuple[int, str, str]:
+    done = run_cli(
+        "generate", "--address", stack.address, "--state-dir", str(stack.state_dir),
+        "--model", "tiny", *args,
+    )  # fmt: skip
+    return done.returncode, done.stdout, done.stderr
+
+
+def test_generate_streams_with_every_sampling_flag(stack: StackProcess) -> None:
+    code, out, err = generate(
+        stack, "--max-tokens", "6", "--temperature", "0.7", "--top-p", "0.9", "--top-k", "20",
+        "--min-p", "0.01", "--repetition-penalty", "1.1", "--seed", "7", "--stop", "zzz",
+        "--stop", "qqq", "--ignore-eos", "--logprobs", "2", "--system", "Be brief.", "Hi",
+    )  # fmt: skip
+    assert code == 0, err
+    assert "completion 6 tokens" in err and "ttft" in err
+    assert len([ln for ln in err.splitlines() if ln.startswith("  ")]) == 6  # logprob rows
+    assert out.endswith("\n")
+
+
+def test_errors_print_status_and_field_not_a_traceback(stack: StackProcess) -> None:
+    code, _, err = generate(stack, "--top-p", "1.5", "Hi")
+    assert code == 1
+    assert "INVALID_ARGUMENT" in err and "sampling.top_p" in err
+    assert "Traceback" not in err
+    bad = run_cli("generate", "--address", stack.address, "--model", "tiny", "Hi",
+                  env={"TOKENYARD_API_KEY": "ty_sk_not_a_real_key"})  # fmt: skip
+    assert bad.returncode == 1 and "UNAUTHENTICATED" in bad.stderr
+    assert "ty_sk_not_a_real_key" not in bad.stderr + bad.stdout
+
+
+def test_chat_keeps_the_conversation(stack: StackProcess) -> None:
+    import subprocess
+    import sys
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "services.cli", "chat", "--address", stack.address,
+         "--state-dir", str(stack.state_dir), "--model", "tiny", "--max-tokens", "3",
+         "--ignore-eos"],
+        input="first question\nsecond question\n", capture_output=True, text=True, timeout=60,
+        check=False,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    prompts = [
+        int(part.split()[1])
+        for line in proc.stderr.splitlines()
+        for part in line.strip("[]").split(" · ")
+        if part.startswith("prompt ")
+    ]
+    assert len(prompts) == 2 and prompts[1] > prompts[0] + 3  # the history was sent again
+
+
+def test_one_trace_spans_router_auth_and_worker_without_secrets(
+    stack: StackProcess, sink: OtlpSink
+) -> None:
+    prompt = f"trace-me-{uuid.uuid4().hex}"
+    # A fresh key makes the router ask auth (a cached key would skip that hop).
+    code, _, err = generate(stack, "--max-tokens", "2", "--raw", prompt)
+    assert code == 0, err
+    key = (stack.state_dir / "demo-key").read_text().strip()
+    wanted = {"tokenyard-router", "tokenyard-auth", "tokenyard-inference"}
+    deadline = time.monotonic() + 30
+    by_trace: dict[str, set[str]] = {}
+    while time.monotonic() < deadline:
+        by_trace = {}
+        for span in sink.spans():
+            by_trace.setdefault(span.trace_id, set()).add(span.service)
+        if any(wanted <= services for services in by_trace.values()):
+            break
+        time.sleep(0.3)
+    assert any(wanted <= services for services in by_trace.values()), by_trace
+    for span in sink.spans():
+        for value in span.attributes.values():
+            assert prompt not in value and key not in value, span
+
+
+def test_every_service_serves_prometheus_metrics(stack: StackProcess) -> None:
+    for offset in range(2 + stack.workers):
+        url = f"http://127.0.0.1:{stack.metrics_port + offset}/metrics"
+        with urllib.request.urlopen(url, timeout=10) as reply:
+            text = reply.read().decode()
+        assert "tokenyard_grpc_requests_total" in text, url
+
+
+def test_a_killed_worker_is_restarted_and_the_stack_keeps_serving(stack: StackProcess) -> None:
+    import os
+    import signal
+
+    pid = stack.children()[f"inference:{stack.worker_port}"]
+    os.kill(pid, signal.SIGKILL)
+    stack.wait_for("worker-1 exited with code -9; restarting", timeout=30)
+    stack.wait_for("worker-1 is SERVING again", timeout=90)
+    code, _, err = generate(stack, "--max-tokens", "3", "--ignore-eos", "again")
+    assert code == 0, err
+    assert stack.children()[f"inference:{stack.worker_port}"] != pid
+
+
+def test_sigterm_stops_every_child(stack: StackProcess) -> None:
+    pids = stack.children()
+    assert len(pids) == 4
+    assert stack.stop() == 0
+    assert not [name for name, pid in pids.items() if alive(pid)]
+    assert "stopping: router (drains), then workers, then auth" in stack.output
+
+
+def test_a_second_start_reuses_the_database_and_the_key(
+    stack: StackProcess, tiny_model: Path
+) -> None:
+    key = (stack.state_dir / "demo-key").read_text().strip()
+    second = StackProcess(stack.state_dir, tiny_model)
+    try:
+        second.wait_for(READY)
+        assert key not in second.output
+        assert f"Demo API key: in {stack.state_dir / 'demo-key'}" in second.output
+        assert (stack.state_dir / "demo-key").read_text().strip() == key
+        again = run_cli(
+            "generate", "--address", second.address, "--model", "tiny", "--max-tokens", "4",
+            "--ignore-eos", "Hello", env={"TOKENYARD_API_KEY": key},
+        )  # fmt: skip
+        assert again.returncode == 0, again.stderr
+        assert "completion 4 tokens" in again.stderr
+    finally:
+        assert second.stop() == 0
