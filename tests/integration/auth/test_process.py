@@ -17,6 +17,7 @@ from tokenyard.auth.v1 import auth_service_pb2 as auth_pb
 from tokenyard.auth.v1 import auth_service_pb2_grpc as auth_grpc
 
 from services.auth.bootstrap import ensure_demo
+from services.auth.domain import credentials
 from services.common.interceptors import SERVICE_TOKEN_HEADER
 from tests.conftest import free_port
 from tests.integration.auth.conftest import PEPPER, make_settings
@@ -76,10 +77,16 @@ def test_bootstrap_prints_one_key_and_refuses_a_second_admin(tmp_path: Path) -> 
 
 
 async def test_serve_with_migrate_is_healthy_guards_internal_rpcs_and_stops_on_sigterm(
-    tmp_path: Path,
+    tmp_path: Path, database_url: str
 ) -> None:
     port = free_port()
-    environ = env(tmp_path, TOKENYARD_SERVICE_TOKEN="internal-token-123")
+    environ = env(
+        tmp_path,
+        TOKENYARD_SERVICE_TOKEN="internal-token-123",
+        TOKENYARD_AUTH_DATABASE_URL=database_url,
+        TOKENYARD_LOG_LEVEL="debug",
+    )
+    probe_key = credentials.generate(credentials.USER_KEY_PREFIX)
     proc = await asyncio.create_subprocess_exec(
         *TOKENYARD, "auth", "serve", "--migrate", "--port", str(port),
         env=environ, cwd=tmp_path,
@@ -99,7 +106,7 @@ async def test_serve_with_migrate_is_healthy_guards_internal_rpcs_and_stops_on_s
             else:
                 pytest.fail("auth did not become healthy")
             stub = auth_grpc.AuthServiceStub(channel)
-            request = auth_pb.AuthenticateRequest(credential="ty_sk_x")
+            request = auth_pb.AuthenticateRequest(credential=probe_key)
             with pytest.raises(grpc.aio.AioRpcError) as refused:
                 await stub.Authenticate(request)
             assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
@@ -110,17 +117,24 @@ async def test_serve_with_migrate_is_healthy_guards_internal_rpcs_and_stops_on_s
                 )
             assert bad_key.value.details() == "invalid or missing credential"
             with pytest.raises(grpc.aio.AioRpcError) as login:  # public: no token needed
-                await stub.Login(auth_pb.LoginRequest(username="nobody", password="whatever1"))
+                await stub.Login(auth_pb.LoginRequest(username="nobody", password="pw-in-logs?"))
+            with pytest.raises(grpc.aio.AioRpcError):
+                await stub.WhoAmI(
+                    auth_pb.WhoAmIRequest(), metadata=(("authorization", f"Bearer {probe_key}"),)
+                )
             assert login.value.code() == grpc.StatusCode.UNAUTHENTICATED
     finally:
         proc.send_signal(signal.SIGTERM)
         _, stderr = await asyncio.wait_for(proc.communicate(), 30)
-    assert proc.returncode == 0, stderr.decode()[-2000:]
-    assert "ty_sk_x" not in stderr.decode()
+    logs = stderr.decode()
+    assert proc.returncode == 0, logs[-2000:]
+    assert "WhoAmI" in logs  # the access log was written at debug level...
+    for secret in (probe_key, "pw-in-logs?", "internal-token-123", PEPPER):
+        assert secret not in logs  # ...and holds no secret
 
 
-def test_ensure_demo_is_idempotent(tmp_path: Path) -> None:
-    settings = make_settings(f"sqlite:///{tmp_path / 'demo.db'}")
+def test_ensure_demo_is_idempotent(tmp_path: Path, database_url: str) -> None:
+    settings = make_settings(database_url)
     key_file = tmp_path / ".tokenyard" / "demo-key"
     first = ensure_demo(settings, key_file)
     assert key_file.read_text().strip() == first
