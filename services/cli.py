@@ -12,6 +12,7 @@ import importlib
 import importlib.util
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from services.common.settings import SettingsError
 
@@ -35,6 +36,9 @@ def build_parser() -> argparse.ArgumentParser:
     health.add_argument("address", help="host:port of the server")
     health.add_argument("--service", default="", help="service name to check (default: server)")
     health.add_argument("--timeout", type=float, default=3.0, help="seconds to wait")
+    health.add_argument("--tls-ca", type=Path, help="CA of the server's certificate (TLS)")
+    health.add_argument("--tls-cert", type=Path, help="client certificate (mutual TLS)")
+    health.add_argument("--tls-key", type=Path, help="client key (mutual TLS)")
     health.set_defaults(handler=_health)
     for name in AREAS:
         if importlib.util.find_spec(name) is not None:
@@ -45,7 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _health(args: argparse.Namespace) -> int:
     from services.common import health
 
-    return health.run(args.address, args.service, args.timeout)
+    creds = health.credentials(args.tls_ca, args.tls_cert, args.tls_key)
+    return health.run(args.address, args.service, args.timeout, creds)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
