@@ -95,6 +95,9 @@ class RouterApp:
         self.usage.start()
         await self.pool.start()
         self.port = await self.server.start()
+        # SERVING once each worker answered or failed its first contact (bounded), so a
+        # load balancer does not send traffic to a router that knows no worker yet.
+        await self.pool.wait_settled(self.settings.ready_timeout)
         await self.server.set_serving(True)
         return self.port
 

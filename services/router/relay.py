@@ -28,7 +28,10 @@ from services.common.errors import (
     TokenyardError,
     Unavailable,
 )
+from services.common.interceptors import REQUEST_ID_HEADER
+from services.common.logs import request_id_var
 from services.common.status import parse_details
+from services.common.telemetry import trace_metadata
 from services.router import metrics
 from services.router.policies import (
     PrefixTable,
@@ -256,7 +259,8 @@ class Relay:
         started: float,
     ) -> bool:
         """Relay one worker's stream; True when its last message was handed to `out`."""
-        call = worker.stream_generate(request, timeout=timeout, metadata=worker.metadata)
+        metadata = (*worker.metadata, *trace_metadata(), (REQUEST_ID_HEADER, request_id_var.get()))
+        call = worker.stream_generate(request, timeout=timeout, metadata=metadata)
         worker.inflight += 1
         worker.dispatched += 1
         interval = self.interval

@@ -184,6 +184,12 @@ class RouterSettings:
         default=30.0,
         help="Longest ejection.",
     )
+    ready_timeout: float = setting(
+        "TOKENYARD_{service}_READY_TIMEOUT",
+        parse_non_negative_float,
+        default=10.0,
+        help="Longest wait at start for the workers' first answers before health SERVING.",
+    )
     max_attempts: int = setting(
         "TOKENYARD_{service}_MAX_ATTEMPTS",
         parse_positive_int,

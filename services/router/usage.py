@@ -109,7 +109,7 @@ class UsageReporter:
                 await asyncio.wait_for(self._wake.wait(), backoff)
             self._wake.clear()
             delivered = await self.flush()
-            backoff = self.interval if delivered else min(backoff * 2, 5.0)
+            backoff = self.interval if delivered else min(backoff * 2, max(self.interval, 2.0))
 
     async def flush(self) -> bool:
         """Send every waiting record; False when auth could not take them (they stay)."""

@@ -104,6 +104,7 @@ class Worker:
         self.ejected_until = 0.0
         self.failures = 0
         self.task: asyncio.Task[None] | None = None
+        self.settled = asyncio.Event()  # first contact made (healthy) or failed
 
     # -- state --------------------------------------------------------------------
 
@@ -143,6 +144,8 @@ class Worker:
             self._gauge()
 
     def _gauge(self) -> None:
+        if self.healthy:
+            self.settled.set()
         up = 1 if self.available(time.monotonic()) else 0
         metrics.WORKER_HEALTHY.labels(self.address, self.model or "").set(up)
 
@@ -175,6 +178,7 @@ class Worker:
                 backoff = 0.1
                 await self._watch_both()
             except grpc.aio.AioRpcError as exc:
+                self.settled.set()
                 log.debug(
                     "worker unreachable", extra={"worker": self.address, "code": exc.code().name}
                 )
@@ -322,6 +326,13 @@ class WorkerPool:
         """A healthy worker of `model` (for side calls such as CountTokens)."""
         workers = self.for_model(model)
         return min(workers, key=lambda w: w.inflight) if workers else None
+
+    async def wait_settled(self, timeout: float) -> None:
+        """Wait (bounded) until every worker is healthy or has failed its first contact."""
+        waits = [w.settled.wait() for w in self.workers.values()]
+        if waits:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.gather(*waits), timeout)
 
     async def wait_ready(self, timeout: float = 10.0) -> bool:
         """Wait until every known worker is healthy (tests, startup)."""

@@ -127,7 +127,7 @@ class Launcher:
         args += ["--database-url", f"sqlite:///{database}"]
         return self.wait_serving(self.spawn("auth", args, port, base_env(**env)))
 
-    def router(self, auth: Proc, workers: list[Proc], **env: str) -> Proc:
+    def router(self, auth: Proc, workers: list[Proc], *, wait: bool = True, **env: str) -> Proc:
         port = free_port()
         settings = {
             "TOKENYARD_ROUTER_PORT": str(port),
@@ -138,7 +138,7 @@ class Launcher:
         }
         settings.update(env)
         proc = self.spawn("router", [TOKENYARD, "router", "serve"], port, base_env(**settings))
-        return self.wait_serving(proc)
+        return self.wait_serving(proc) if wait else proc
 
     def close(self) -> None:
         for proc in reversed(self.procs):

@@ -65,7 +65,9 @@ async def test_sigkill_of_a_worker_under_16_streams_loses_no_token(
 ) -> None:
     _, auth, admin = shared
     user = make_user(auth, admin)
-    workers = [launcher.fake_worker("--token-delay", "0.01") for _ in range(3)]
+    workers = [launcher.fake_worker("--token-delay", "0.01", wait=False) for _ in range(3)]
+    for worker in workers:
+        launcher.wait_serving(worker)
     router = launcher.router(auth, workers)
     async with grpc.aio.insecure_channel(router.address) as channel:
         stub = gen_grpc.GenerationServiceStub(channel)
@@ -134,7 +136,9 @@ async def test_limits_hold_across_two_routers_sharing_redis(
         "TOKENYARD_REDIS_URL": "redis://127.0.0.1:6379/0",
         "TOKENYARD_ROUTER_REDIS_PREFIX": f"test:{uuid.uuid4().hex}:",
     }
-    routers = [launcher.router(auth, [worker], **env) for _ in range(2)]
+    routers = [launcher.router(auth, [worker], wait=False, **env) for _ in range(2)]
+    for router in routers:
+        launcher.wait_serving(router)
     channels = [grpc.aio.insecure_channel(r.address) for r in routers]
     try:
         stubs = [gen_grpc.GenerationServiceStub(c) for c in channels]
