@@ -112,6 +112,7 @@ class InferenceApp:
 
     async def stop(self, grace: float | None = None) -> None:
         """Refuse new calls, let running ones finish within grace, then stop the engine."""
+        self.worker.end_watches()
         await self.server.stop(grace)
         await self.worker.close()
         await self.sampler.stop()

@@ -127,6 +127,7 @@ class Worker:
         self._on_drained = on_drained
         self._drain_task: asyncio.Task[None] | None = None
         self._changed = asyncio.Event()
+        self._watches_ended = False
         # One thread tokenizes, so requests never use the (Rust) tokenizer concurrently.
         self._tokenize = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenize")
 
@@ -293,7 +294,8 @@ class Worker:
     async def load_reports(self, interval: float) -> AsyncIterator[LoadReport]:
         """One report at once, then on every change and at least every `interval` while busy.
 
-        While idle, a report still goes out every 20 intervals as a heartbeat.
+        While idle, a report still goes out every 20 intervals as a heartbeat. The
+        reports end (the stream closes cleanly) once `end_watches` is called.
         """
         tick = min(interval, 0.05)
         report = self.load()
@@ -303,6 +305,8 @@ class Worker:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._changed.wait(), tick)
             self._changed.clear()
+            if self._watches_ended:
+                return
             report = self.load()
             now = time.monotonic()
             busy = report.stats.running > 0 or report.stats.queued > 0
@@ -310,6 +314,11 @@ class Worker:
             if report.key() != sent_key or now - sent_at >= due:
                 yield report
                 sent_at, sent_key = now, report.key()
+
+    def end_watches(self) -> None:
+        """End every WatchLoad stream, so a graceful stop need not wait out its grace."""
+        self._watches_ended = True
+        self._changed.set()
 
     def drain(self) -> int:
         """Refuse new work from now on; returns how many requests still run or wait."""

@@ -59,11 +59,19 @@ async def test_serve_streams_and_stops_cleanly(worker: WorkerProcess) -> None:
         messages = [m async for m in stub.StreamGenerate(req, metadata=metadata)]
         with pytest.raises(grpc.aio.AioRpcError) as caught:
             await stub.Generate(gen.GenerateRequest(model="tiny", prompt="hi"))
+        # A router's WatchLoad stream ends cleanly on SIGTERM (no wait for the grace period).
+        watch = wpb_grpc.WorkerServiceStub(channel).WatchLoad(
+            wpb.WatchLoadRequest(), metadata=metadata
+        )
+        await watch.read()
+        assert await worker.stop() == 0
+        while await watch.read() is not grpc.aio.EOF:
+            pass
+        assert await watch.code() == grpc.StatusCode.OK
     assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
     assert (describe.model, describe.dtype, describe.device) == ("tiny", "float32", "cpu")
     assert messages[-1].finish_reason == gen.FINISH_REASON_LENGTH
     assert messages[-1].usage.completion_tokens == 8
-    assert await worker.stop() == 0
     assert "Traceback" not in worker.output()
 
 
