@@ -16,8 +16,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tokenyard.auth.v1 import auth_service_pb2 as auth_pb
 from tokenyard.auth.v1 import auth_service_pb2_grpc as auth_grpc
 
-from services.auth.bootstrap import ensure_demo
+from services.auth.bootstrap import bootstrap_admin, ensure_demo
 from services.auth.domain import credentials
+from services.common.errors import FailedPrecondition
 from services.common.interceptors import SERVICE_TOKEN_HEADER
 from tests.conftest import free_port
 from tests.integration.auth.conftest import PEPPER, make_settings
@@ -72,8 +73,9 @@ def test_bootstrap_prints_one_key_and_refuses_a_second_admin(tmp_path: Path) -> 
     assert done.returncode == 0, done.stderr
     key = done.stdout.strip().splitlines()[-1]
     assert key.startswith("ty_sk_")
-    again = run(["auth", "bootstrap"], environ, tmp_path)
-    assert again.returncode == 1 and "admin exists" in again.stderr
+    settings = make_settings(environ["TOKENYARD_AUTH_DATABASE_URL"])
+    with pytest.raises(FailedPrecondition, match="admin exists"):
+        asyncio.run(bootstrap_admin(settings, "second", "second-admin-pw"))
 
 
 async def test_serve_with_migrate_is_healthy_guards_internal_rpcs_and_stops_on_sigterm(
