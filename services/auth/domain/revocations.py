@@ -10,9 +10,9 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import datetime, timedelta
 
-from sqlalchemy import delete, func, select
+from sqlalchemy import delete, func, or_, select
 from sqlalchemy.orm import Session
 
 from services.auth.db.engine import Database
@@ -23,6 +23,8 @@ log = logging.getLogger("tokenyard.auth.revocations")
 ALL_USERS = "*"  # a user_ids entry meaning "every user" (a role changed)
 KEEP = timedelta(days=1)  # rows older than this are pruned: every replica has read them
 PRUNE_EVERY = 600  # polls
+WINDOW = timedelta(seconds=30)  # how late a revocation may commit and still be pushed
+Row = tuple[int, str | None, str | None, datetime]
 
 
 @dataclass
@@ -67,6 +69,7 @@ class RevocationHub:
         self.poll_seconds = poll_seconds
         self._watchers: set[asyncio.Queue[Revoked]] = set()
         self._last_id = 0
+        self._seen: dict[int, datetime] = {}
         self._task: asyncio.Task[None] | None = None
         self._stop = asyncio.Event()
 
@@ -95,28 +98,41 @@ class RevocationHub:
             queue.put_nowait(revoked)
 
     async def poll_once(self) -> None:
-        """Read revocations newer than the last seen and publish them."""
-        rows = await self.db.read(self._read_new, self._last_id)
-        if not rows:
-            return
+        """Read revocations not seen yet and publish them.
+
+        Ids come from a sequence but commit out of order across replicas, so rows
+        from the last WINDOW are re-read too and filtered by id: a late commit with
+        a lower id is still found.
+        """
+        since = utcnow() - WINDOW
+        rows = await self.db.read(self._read_new, self._last_id, since)
         batch = Revoked()
-        for row_id, cid, uid in rows:
+        for row_id, cid, uid, created in rows:
             self._last_id = max(self._last_id, row_id)
+            if row_id in self._seen:
+                continue
+            self._seen[row_id] = created
             if cid:
                 batch.credential_ids.add(cid)
             if uid:
                 batch.user_ids.add(uid)
+        self._seen = {i: t for i, t in self._seen.items() if t >= since - WINDOW}
         self.publish(batch)
 
     @staticmethod
-    def _read_new(session: Session, after: int) -> list[tuple[int, str | None, str | None]]:
+    def _read_new(session: Session, after: int, since: datetime) -> list[Row]:
         stmt = (
-            select(RevocationRow.id, RevocationRow.credential_id, RevocationRow.user_id)
-            .where(RevocationRow.id > after)
+            select(
+                RevocationRow.id,
+                RevocationRow.credential_id,
+                RevocationRow.user_id,
+                RevocationRow.created_at,
+            )
+            .where(or_(RevocationRow.id > after, RevocationRow.created_at >= since))
             .order_by(RevocationRow.id)
             .limit(10_000)
         )
-        return [(r[0], r[1], r[2]) for r in session.execute(stmt)]
+        return [(r[0], r[1], r[2], r[3]) for r in session.execute(stmt)]
 
     @staticmethod
     def _prune(session: Session) -> None:

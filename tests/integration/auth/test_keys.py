@@ -331,3 +331,19 @@ def _hash_version(session: object, key_id: str) -> int:
 
 
 _ = AuthApp
+
+
+async def test_a_revocation_committed_late_with_a_lower_id_is_still_pushed(svc: Auth) -> None:
+    from services.auth.domain.revocations import RevocationHub, Revocations, Revoked
+
+    got: list[Revoked] = []
+    hub = RevocationHub(svc.app.core.db, got.append, poll_seconds=3600)
+    await hub.start()
+    try:
+        hub._last_id = 10**12  # a higher id was already seen: this row commits "late"
+        await svc.app.core.db.write(lambda s: Revocations().add(s, credential_ids=["late-one"]))
+        await hub.poll_once()
+        await hub.poll_once()  # and only once
+    finally:
+        await hub.stop()
+    assert [sorted(b.credential_ids) for b in got] == [["late-one"]]
