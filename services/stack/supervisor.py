@@ -48,7 +48,7 @@ class ChildSpec:
 
 @dataclass(frozen=True)
 class Policy:
-    """Restart and timing policy (see docs/quickstart-compose.md, "when a service dies")."""
+    """Restart and timing policy (docs/local-stack.md, "when a service dies")."""
 
     max_restarts: int = 3
     backoff: float = 1.0
