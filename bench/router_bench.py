@@ -154,19 +154,21 @@ async def workload(
     metadata: Sequence[tuple[str, str]] = (),
     pid: int | None = None,
 ) -> Result:
-    """`concurrency` clients streaming back to back for `seconds`; messages counted."""
+    """`concurrency` clients streaming back to back; what arrives within `seconds` counts.
+
+    Streams still running when the window closes are cancelled, so long generations
+    do not stretch the window; the process CPU time is read over the same window.
+    """
     assert callable(make_request)
     channel = grpc.aio.insecure_channel(address)
     stream = channel.unary_stream(STREAM)
     parse = gen.StreamGenerateResponse.FromString
-    messages = tokens = 0
+    counts = {"messages": 0, "tokens": 0}
     ttfts: list[float] = []
-    stop_at = 0.0
 
     async def client(i: int) -> None:
-        nonlocal messages, tokens
         n = 0
-        while time.monotonic() < stop_at:
+        while True:
             req = make_request(i, n)
             n += 1
             sent = time.perf_counter()
@@ -175,22 +177,27 @@ async def workload(
                 if first:
                     ttfts.append(time.perf_counter() - sent)
                     first = False
-                messages += 1
-                tokens += len(parse(raw).token_ids)
+                counts["messages"] += 1
+                counts["tokens"] += len(parse(raw).token_ids)
 
-    # Warm up (connections, router auth cache), then measure.
-    stop_at = time.monotonic() + 0.3
-    await asyncio.gather(*(client(i) for i in range(concurrency)))
-    messages = tokens = 0
+    async def window(length: float) -> float:
+        tasks = [asyncio.create_task(client(i)) for i in range(concurrency)]
+        start = time.monotonic()
+        await asyncio.sleep(length)
+        elapsed = time.monotonic() - start
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        return elapsed
+
+    await window(min(1.0, seconds / 3))  # warm-up: connections, router auth cache
+    counts.update(messages=0, tokens=0)
     ttfts.clear()
-    cpu0 = cpu_seconds(pid) if pid else None
-    start = time.monotonic()
-    stop_at = start + seconds
-    await asyncio.gather(*(client(i) for i in range(concurrency)))
-    elapsed = time.monotonic() - start
-    cpu = cpu_seconds(pid) - cpu0 if pid and cpu0 is not None else None
+    cpu0 = cpu_seconds(pid) if pid else 0.0
+    elapsed = await window(seconds)
+    cpu = cpu_seconds(pid) - cpu0 if pid else None
     await channel.close()
-    return Result(messages, tokens, elapsed, ttfts, cpu)
+    return Result(counts["messages"], counts["tokens"], elapsed, ttfts, cpu)
 
 
 def pct(values: list[float], q: float) -> float:
@@ -313,8 +320,44 @@ async def part_model(args: argparse.Namespace) -> None:
                 f"| {d99:.1f} / {r99:.1f} | {r50 - d50:+.2f} |",
                 flush=True,
             )
+        added = await paired_ttft(worker, router, model, args.ttft_samples, auth_md)
+        print(
+            f"\nAdded TTFT, {len(added)} alternating single requests (max_tokens=1) direct vs "
+            f"router: p50 {pct(added, 0.5) * 1e3:+.2f} ms, p99 {pct(added, 0.99) * 1e3:+.2f} ms",
+            flush=True,
+        )
     finally:
         procs.stop_all()
+
+
+async def paired_ttft(
+    worker: str,
+    router: str,
+    model: str,
+    samples: int,
+    auth_md: Sequence[tuple[str, str]],
+) -> list[float]:
+    """Router TTFT minus direct TTFT for back-to-back identical requests, one at a time."""
+    out: list[float] = []
+    async with (
+        grpc.aio.insecure_channel(worker) as direct,
+        grpc.aio.insecure_channel(router) as routed,
+    ):
+        calls = [(direct.unary_stream(STREAM), ()), (routed.unary_stream(STREAM), auth_md)]
+        for i in range(samples + 2):
+            r = gen.StreamGenerateRequest(model=model, prompt=f"Say hello {i % 5}")
+            r.sampling.max_tokens = 1
+            r.sampling.temperature = 0
+            raw = r.SerializeToString()
+            ttft = []
+            for stream, md in calls if i % 2 else calls[::-1]:
+                sent = time.perf_counter()
+                async for _ in stream(raw, metadata=md):
+                    ttft.append(time.perf_counter() - sent)
+                    break
+            if i >= 2:  # warm-up pairs dropped
+                out.append(ttft[1] - ttft[0] if i % 2 else ttft[0] - ttft[1])
+    return out
 
 
 async def part_prefix(args: argparse.Namespace) -> None:
@@ -336,19 +379,10 @@ async def part_prefix(args: argparse.Namespace) -> None:
             workers = []
             for _ in range(args.workers):
                 port = _free_port()
-                procs.start(
-                    [
-                        PY,
-                        "-m",
-                        "services.router.testing.fake_worker",
-                        "--port",
-                        str(port),
-                        "--prefill-us-per-char",
-                        "5",
-                        "--token-delay",
-                        "0.002",
-                    ]
-                )
+                double = [PY, "-m", "services.router.testing.fake_worker", "--port", str(port)]
+                double += ["--prefill-us-per-char", "20", "--token-delay", "0.02"]
+                double += ["--prefix-cache-blocks", str(args.cache_blocks)]
+                procs.start(double)
                 workers.append(f"127.0.0.1:{port}")
             for w in workers:
                 await wait_serving(w)
@@ -386,7 +420,11 @@ def main() -> None:
     parser.add_argument("--model-tokens", type=int, default=64)
     parser.add_argument("--model-seconds", type=float, default=10.0)
     parser.add_argument("--model-concurrency", type=int, nargs="+", default=[1, 16, 64])
+    parser.add_argument("--ttft-samples", type=int, default=40)
     parser.add_argument("--workers", type=int, default=3)
+    parser.add_argument(
+        "--cache-blocks", type=int, default=100, help="prefix-cache blocks per worker (prefix)"
+    )
     parser.add_argument(
         "--proxy-serve", nargs=2, metavar=("PORT", "TARGET"), help=argparse.SUPPRESS
     )

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import contextlib
 import logging
 import time
 import uuid
@@ -61,6 +62,9 @@ class RouterCore:
         self.auth, self.limits, self.pool = deps.auth, deps.limits, deps.pool
         self.relay, self.usage = deps.relay, deps.usage
         self._background: set[asyncio.Task[None]] = set()
+        self._active = 0  # generations between their start and their settlement spawn
+        self._idle = asyncio.Event()
+        self._idle.set()
 
     # -- checks -----------------------------------------------------------------
 
@@ -97,6 +101,26 @@ class RouterCore:
         method: str,
     ) -> StreamState:
         """Run one generation, emitting its messages; the state says what was produced."""
+        self._active += 1
+        self._idle.clear()
+        try:
+            return await self._generate(
+                authorization, request, emit, deadline=deadline, method=method
+            )
+        finally:
+            self._active -= 1
+            if not self._active:
+                self._idle.set()
+
+    async def _generate(
+        self,
+        authorization: str | None,
+        request: gen.StreamGenerateRequest,
+        emit: Emit,
+        *,
+        deadline: float | None,
+        method: str,
+    ) -> StreamState:
         started = time.perf_counter()
         wall_start = time.time()
         entry = await self.principal(authorization)
@@ -205,7 +229,13 @@ class RouterCore:
         task.add_done_callback(self._background.discard)
 
     async def drain_background(self, timeout: float = 5.0) -> None:
-        """Wait for pending settlements (graceful stop, tests)."""
+        """Wait for pending settlements (graceful stop, tests).
+
+        Streams the server cancelled at stop settle only once their handlers have
+        unwound, which can be after `server.stop` returned: wait for those first.
+        """
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._idle.wait(), timeout)
         if self._background:
             await asyncio.wait(set(self._background), timeout=timeout)
 

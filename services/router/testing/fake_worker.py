@@ -21,6 +21,7 @@ import hashlib
 import os
 import sys
 import uuid
+from collections import OrderedDict
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -53,6 +54,7 @@ class FakeWorkerConfig:
     die_after_tokens: int = 0  # >0: the whole process exits after emitting this many
     service_token: str | None = None
     tokens_per_message: int = 1
+    prefix_cache_blocks: int = 100_000  # LRU capacity of the simulated prefix cache
 
 
 def prompt_text(request: Any) -> str:
@@ -97,7 +99,7 @@ class _Load:
     prefix_reused: int = 0
     draining: bool = False
     changed: asyncio.Event = field(default_factory=asyncio.Event)
-    prefixes: set[bytes] = field(default_factory=set)
+    prefixes: OrderedDict[bytes, None] = field(default_factory=OrderedDict)
 
 
 class FakeGeneration(gen_grpc.GenerationServiceServicer):
@@ -116,11 +118,15 @@ class FakeGeneration(gen_grpc.GenerationServiceServicer):
         blocks = [text[: (i + 1) * BLOCK_CHARS] for i in range(len(text) // BLOCK_CHARS)]
         self.load.prefix_queries += 1
         cached = 0
+        cache = self.load.prefixes
         for block in blocks:
             key = hashlib.blake2b(block.encode(), digest_size=12).digest()
-            if key in self.load.prefixes:
+            if key in cache:
                 cached = len(block)
-            self.load.prefixes.add(key)
+            cache[key] = None
+            cache.move_to_end(key)
+        while len(cache) > self.config.prefix_cache_blocks:
+            cache.popitem(last=False)
         if cached:
             self.load.prefix_hits += 1
             self.load.prefix_reused += cached
@@ -324,6 +330,7 @@ async def _main(args: argparse.Namespace) -> None:
         prefill_seconds_per_char=args.prefill_us_per_char / 1e6,
         service_token=os.environ.get("TOKENYARD_SERVICE_TOKEN") or None,
         default_max_tokens=args.default_max_tokens,
+        prefix_cache_blocks=args.prefix_cache_blocks,
     )
     worker = FakeWorker(config, port=args.port)
     await worker.start()
@@ -342,6 +349,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--die-after-tokens", type=int, default=0)
     parser.add_argument("--prefill-us-per-char", type=float, default=0.0)
     parser.add_argument("--default-max-tokens", type=int, default=16)
+    parser.add_argument("--prefix-cache-blocks", type=int, default=100_000)
     asyncio.run(_main(parser.parse_args(argv)))
     sys.exit(0)
 
