@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from services.stack.certs import make_dev_certs
 from tests.integration.stack.launcher import READY, StackProcess, alive, run_cli
 from tests.integration.stack.otlp_sink import OtlpSink
 
@@ -162,21 +163,49 @@ def test_sigterm_stops_every_child(stack: StackProcess) -> None:
     assert "stopping: router (drains), then workers, then auth" in stack.output
 
 
-def test_a_second_start_reuses_the_database_and_the_key(
-    stack: StackProcess, tiny_model: Path
+def test_a_second_start_reuses_the_key_and_runs_over_tls(
+    stack: StackProcess, tiny_model: Path, tmp_path: Path
 ) -> None:
+    """Restarted on the same state with --tls-dir: the key is reused (not printed),
+    the router speaks TLS and auth and the workers demand the router's certificate."""
     key = (stack.state_dir / "demo-key").read_text().strip()
-    second = StackProcess(stack.state_dir, tiny_model)
+    certs = make_dev_certs(tmp_path / "tls")
+    stranger = make_dev_certs(tmp_path / "other-ca")
+    second = StackProcess(stack.state_dir, tiny_model, extra=["--tls-dir", str(certs)])
     try:
         second.wait_for(READY)
         assert key not in second.output
         assert f"Demo API key: in {stack.state_dir / 'demo-key'}" in second.output
+        assert f"--tls-ca {certs / 'ca.pem'}" in second.output
         assert (stack.state_dir / "demo-key").read_text().strip() == key
+        ca = str(certs / "ca.pem")
         again = run_cli(
-            "generate", "--address", second.address, "--model", "tiny", "--max-tokens", "4",
-            "--ignore-eos", "Hello", env={"TOKENYARD_API_KEY": key},
+            "generate", "--address", second.address, "--tls-ca", ca, "--model", "tiny",
+            "--max-tokens", "4", "--ignore-eos", "Hello", env={"TOKENYARD_API_KEY": key},
         )  # fmt: skip
         assert again.returncode == 0, again.stderr
         assert "completion 4 tokens" in again.stderr
+        plain = run_cli(
+            "generate", "--address", second.address, "--model", "tiny", "--timeout", "5", "Hi",
+            env={"TOKENYARD_API_KEY": key},
+        )  # fmt: skip
+        assert plain.returncode == 1 and "UNAVAILABLE" in plain.stderr
+
+        worker, auth = f"127.0.0.1:{second.worker_port}", f"127.0.0.1:{second.auth_port}"
+        as_router = [
+            "--tls-cert",
+            str(certs / "router.pem"),
+            "--tls-key",
+            str(certs / "router.key"),
+        ]
+        foreign = [
+            "--tls-cert", str(stranger / "router.pem"), "--tls-key", str(stranger / "router.key"),
+        ]  # fmt: skip
+        assert run_cli("health", worker, "--tls-ca", ca, *as_router).returncode == 0
+        assert run_cli("health", worker, "--tls-ca", ca).returncode == 1  # no client cert
+        assert run_cli("health", worker, "--tls-ca", ca, *foreign).returncode == 1
+        assert run_cli("health", worker).returncode == 1  # plaintext
+        assert run_cli("health", auth, "--tls-ca", ca).returncode == 1
+        assert run_cli("health", auth, "--tls-ca", ca, *as_router).returncode == 0
     finally:
         assert second.stop() == 0
