@@ -152,3 +152,21 @@ def test_secrets_are_required_and_only_workers_get_torch(services: dict[str, Any
     assert (
         services["router"]["image"] == services["auth"]["image"] != services["inference-1"]["image"]
     )
+
+
+def test_the_dockerfile_copies_files_that_exist_and_are_not_docker_ignored() -> None:
+    ignored = {
+        line.strip()
+        for line in (ROOT / ".dockerignore").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    }
+    copies = [
+        line.split()[1:-1]
+        for line in (ROOT / "Dockerfile").read_text().splitlines()
+        if line.startswith("COPY ")
+    ]
+    sources = [src for group in copies for src in group]
+    assert {"pyproject.toml", "README.md", "gen", "services"} <= set(sources)
+    for src in sources:
+        assert (ROOT / src).exists(), src
+        assert src not in ignored, src
