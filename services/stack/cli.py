@@ -132,8 +132,6 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def _chat(args: argparse.Namespace) -> int:
-    import asyncio
-
     from services.stack.terminal import chat, read_stdin_line
 
-    return asyncio.run(chat(_options(args), read_stdin_line(), sys.stdout, sys.stderr))
+    return chat(_options(args), read_stdin_line(), sys.stdout, sys.stderr)

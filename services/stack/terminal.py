@@ -158,22 +158,25 @@ async def generate(options: Options, prompt: str, out: IO[str], err: IO[str]) ->
     return 0
 
 
-async def chat(
-    options: Options, read_line: Callable[[], str | None], out: IO[str], err: IO[str]
-) -> int:
+def chat(options: Options, read_line: Callable[[], str | None], out: IO[str], err: IO[str]) -> int:
     """`tokenyard chat`: a conversation; each reply is streamed and kept in the history.
 
-    `/reset` forgets the conversation, `/exit` or end of input leaves.
+    `/reset` forgets the conversation, `/exit` or end of input leaves. Input is read
+    between replies on this thread (not a worker thread), so Ctrl-C at the prompt
+    exits at once.
     """
     history: list[Message] = [Message("system", options.system)] if options.system else []
-    async with _client(options) as client:
+    loop = asyncio.new_event_loop()
+    client: Client | None = None
+    try:
+        client = loop.run_until_complete(_open(options))
         try:
-            model = await _pick_model(client, options)
+            model = loop.run_until_complete(_pick_model(client, options))
         except TokenyardCallError as exc:
             err.write(describe_error(exc) + "\n")
             return 1
         while True:
-            line = await asyncio.to_thread(read_line)
+            line = read_line()
             if line is None or line.strip() == "/exit":
                 return 0
             if line.strip() == "/reset":
@@ -182,15 +185,23 @@ async def chat(
             if not line.strip():
                 continue
             history.append(Message("user", line.rstrip("\n")))
+            turn = stream_reply(client, options, model, messages=history, out=out, err=err)
             try:
-                reply = await stream_reply(
-                    client, options, model, messages=history, out=out, err=err
-                )
+                reply = loop.run_until_complete(turn)
             except TokenyardCallError as exc:
                 history.pop()
                 err.write(describe_error(exc) + "\n")
                 continue
             history.append(Message("assistant", reply))
+    finally:
+        if client is not None:
+            loop.run_until_complete(client.close())
+        loop.close()
+
+
+async def _open(options: Options) -> Client:
+    """A client created inside the running loop (grpc.aio binds channels to it)."""
+    return _client(options)
 
 
 def read_stdin_line(prompt: str = "you> ") -> Callable[[], str | None]:
