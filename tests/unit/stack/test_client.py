@@ -215,3 +215,35 @@ async def test_exactly_one_input_is_required(server: tuple[Servicer, str]) -> No
     async with Client(address, KEY) as client:
         with pytest.raises(ValueError, match="exactly one"):
             await client.generate("hi", token_ids=[1])
+
+
+async def test_tokenyard_generate_prints_text_then_a_stats_line(
+    server: tuple[Servicer, str],
+) -> None:
+    import io
+
+    from services.stack.terminal import Options, generate
+
+    _, address = server
+    out, err = io.StringIO(), io.StringIO()
+    options = Options(address=address, api_key=KEY, model="m", sampling=Sampling(max_tokens=3))
+    assert await generate(options, "hi", out, err) == 0
+    assert out.getvalue() == "Hello, world\n"
+    stats = err.getvalue().strip()
+    assert stats.startswith("[ttft ") and "prompt 4 tokens · completion 3 tokens · LENGTH" in stats
+
+
+async def test_tokenyard_generate_prints_the_status_not_a_traceback(
+    server: tuple[Servicer, str],
+) -> None:
+    import io
+
+    from services.stack.terminal import Options, generate
+
+    _, address = server
+    out, err = io.StringIO(), io.StringIO()
+    options = Options(address=address, api_key=KEY, model="limited", sampling=Sampling())
+    assert await generate(options, "hi", out, err) == 1
+    assert err.getvalue() == (
+        "error: RESOURCE_EXHAUSTED: rate limit (reason RATE_LIMITED, retry after 2.0 s)\n"
+    )
