@@ -310,7 +310,9 @@ async def part_model(args: argparse.Namespace) -> None:
         )
         print("|---|---|---|---|---|---|---|")
         for conc in args.model_concurrency:
+            await idle(worker)
             direct = await workload(worker, conc, args.model_seconds, req)
+            await idle(worker)
             via = await workload(router, conc, args.model_seconds, req, metadata=auth_md)
             d50, r50 = pct(direct.ttfts, 0.5) * 1e3, pct(via.ttfts, 0.5) * 1e3
             d99, r99 = pct(direct.ttfts, 0.99) * 1e3, pct(via.ttfts, 0.99) * 1e3
@@ -320,6 +322,7 @@ async def part_model(args: argparse.Namespace) -> None:
                 f"| {d99:.1f} / {r99:.1f} | {r50 - d50:+.2f} |",
                 flush=True,
             )
+        await idle(worker)
         added = await paired_ttft(worker, router, model, args.ttft_samples, auth_md)
         print(
             f"\nAdded TTFT, {len(added)} alternating single requests (max_tokens=1) direct vs "
@@ -328,6 +331,20 @@ async def part_model(args: argparse.Namespace) -> None:
         )
     finally:
         procs.stop_all()
+
+
+async def idle(worker: str, timeout: float = 120.0) -> None:
+    """Wait until the worker runs and queues nothing (cancelled streams drained)."""
+    deadline = time.monotonic() + timeout
+    async with grpc.aio.insecure_channel(worker) as channel:
+        stub = wrk_grpc.WorkerServiceStub(channel)
+        while time.monotonic() < deadline:
+            call = stub.WatchLoad(wrk.WatchLoadRequest())
+            report = await call.read()
+            call.cancel()
+            if isinstance(report, wrk.WatchLoadResponse) and not report.running + report.queued:
+                return
+            await asyncio.sleep(0.2)
 
 
 async def paired_ttft(

@@ -226,7 +226,12 @@ class RouterCore:
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.ensure_future(coro)
         self._background.add(task)
-        task.add_done_callback(self._background.discard)
+        task.add_done_callback(self._finished)
+
+    def _finished(self, task: asyncio.Future[None]) -> None:
+        self._background.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("settling a request failed", exc_info=task.exception())
 
     async def drain_background(self, timeout: float = 5.0) -> None:
         """Wait for pending settlements (graceful stop, tests).

@@ -22,7 +22,7 @@ import os
 import sys
 import uuid
 from collections import OrderedDict
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -134,9 +134,19 @@ class FakeGeneration(gen_grpc.GenerationServiceServicer):
         if delay > 0:
             await asyncio.sleep(delay)
 
-    async def StreamGenerate(
-        self, request: gen.StreamGenerateRequest, context: Any
-    ) -> AsyncIterator[gen.StreamGenerateResponse]:
+    async def StreamGenerate(self, request: gen.StreamGenerateRequest, context: Any) -> None:
+        # Written with context.write so a cancelled call stops generation at once.
+        stream = self.produce(request)
+        try:
+            async for msg in stream:
+                await context.write(msg)
+        finally:
+            await stream.aclose()
+
+    async def produce(
+        self, request: gen.StreamGenerateRequest
+    ) -> AsyncGenerator[gen.StreamGenerateResponse, None]:
+        """The messages of one generation."""
         cfg, load = self.config, self.load
         self.requests.append(request)
         if load.draining:
@@ -198,7 +208,7 @@ class FakeGeneration(gen_grpc.GenerationServiceServicer):
     async def Generate(self, request: gen.GenerateRequest, context: Any) -> gen.GenerateResponse:
         stream_request = gen.StreamGenerateRequest.FromString(request.SerializeToString())
         out = gen.GenerateResponse(model=self.config.model)
-        async for msg in self.StreamGenerate(stream_request, context):
+        async for msg in self.produce(stream_request):
             out.request_id = msg.request_id
             out.text += msg.text
             out.token_ids.extend(msg.token_ids)
