@@ -32,7 +32,7 @@ from services.common.errors import (
 )
 from services.router import metrics
 from services.router.auth_client import AuthClient, CachedPrincipal, bearer_credential
-from services.router.limits import Limits, LimitSpec, check_quota, effective_max_tokens
+from services.router.limits import Limits, LimitSpec, Slot, check_quota, effective_max_tokens
 from services.router.relay import PASS_THROUGH, Emit, Relay, StreamState, WorkerError
 from services.router.usage import UsageReporter
 from services.router.validation import validate_generation, validate_input
@@ -123,24 +123,11 @@ class RouterCore:
     ) -> StreamState:
         started = time.perf_counter()
         wall_start = time.time()
-        entry = await self.principal(authorization)
-        validate_generation(request)
-        self.authorize_model(entry, request.model, "generate")
-        limits = entry.principal.limits
-        requested = request.sampling.max_tokens if request.sampling.HasField("max_tokens") else None
-        max_tokens = effective_max_tokens(requested, limits)
-        if max_tokens is not None and max_tokens != requested:
-            request.sampling.max_tokens = max_tokens
-        check_quota(
-            limits,
-            entry.principal.quota_used_tokens + entry.local_tokens,
-            entry.credential_id,
-            wall_start,
-        )
-        router_id = uuid.uuid4().hex
-        if not request.request_id:
-            request.request_id = router_id
-        slot = await self.limits.admit(LimitSpec.of(entry.credential_id, limits), router_id)
+        try:
+            entry, slot, router_id = await self._admit(authorization, request, wall_start)
+        except TokenyardError as exc:
+            metrics.REQUESTS.labels(method, "", exc.code.name).inc()  # refused before routing
+            raise
         state = StreamState()
         code = grpc.StatusCode.OK
         try:
@@ -175,13 +162,37 @@ class RouterCore:
             )
         return state
 
+    async def _admit(
+        self, authorization: str | None, request: gen.StreamGenerateRequest, wall_start: float
+    ) -> tuple[CachedPrincipal, Slot, str]:
+        """Every check before routing; the principal, its limit slot and the router's id."""
+        entry = await self.principal(authorization)
+        validate_generation(request)
+        self.authorize_model(entry, request.model, "generate")
+        limits = entry.principal.limits
+        requested = request.sampling.max_tokens if request.sampling.HasField("max_tokens") else None
+        max_tokens = effective_max_tokens(requested, limits)
+        if max_tokens is not None and max_tokens != requested:
+            request.sampling.max_tokens = max_tokens
+        check_quota(
+            limits,
+            entry.principal.quota_used_tokens + entry.local_tokens,
+            entry.credential_id,
+            wall_start,
+        )
+        router_id = uuid.uuid4().hex
+        if not request.request_id:
+            request.request_id = router_id
+        slot = await self.limits.admit(LimitSpec.of(entry.credential_id, limits), router_id)
+        return entry, slot, router_id
+
     async def _settle(
         self,
         *,
         entry: CachedPrincipal,
         request: gen.StreamGenerateRequest,
         state: StreamState,
-        slot: Any,
+        slot: Slot,
         router_id: str,
         wall_start: float,
         code: grpc.StatusCode,

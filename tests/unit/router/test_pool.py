@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import grpc
+import pytest
 from prometheus_client import REGISTRY
 from tokenyard.generation.v1 import generation_service_pb2 as gen
 
@@ -79,3 +81,9 @@ async def test_metrics_count_requests_tokens_and_worker_health(stack: Stack) -> 
     assert sample("tokenyard_router_worker_healthy", worker=worker.address, model=MODEL) == 1
     assert sample("tokenyard_router_time_to_first_token_seconds_count", model=MODEL) >= 2
     assert sample("tokenyard_router_auth_cache_total", result="hit") >= 1
+    labels = {"method": "StreamGenerate", "model": "", "code": "UNAUTHENTICATED"}
+    refused = sample("tokenyard_router_requests_total", **labels)
+    with pytest.raises(grpc.aio.AioRpcError):
+        async for _ in client.StreamGenerate(request(), metadata=bearer("ty_sk_nobody")):
+            pass
+    assert sample("tokenyard_router_requests_total", **labels) == refused + 1
