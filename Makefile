@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 MODEL_STAMP := $(VENV)/.demo-model
 PROTO_FILES := $(shell find protos -name '*.proto' | sort)
 
-.PHONY: setup up test lint protos check-protos buf-lint buf-breaking pytest bench clean
+.PHONY: setup up test lint protos check-protos buf-lint buf-breaking pytest docs clean
 
 # Create or reuse the virtual environment and install everything (idempotent).
 setup: $(STAMP) $(BUF) $(MODEL_STAMP)
@@ -66,6 +66,10 @@ pytest: setup
 
 # Everything CI checks, from a fresh clone.
 test: setup lint check-protos buf-breaking pytest
+
+# Regenerate the configuration table from the settings classes.
+docs: $(STAMP)
+	$(PY) -m services.stack.config_table > docs/configuration.md
 
 clean:
 	rm -rf $(VENV) tools/node_modules
