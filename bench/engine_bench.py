@@ -99,7 +99,9 @@ def bench_sequential(loaded: LoadedModel, prompts: list[list[int]], new: int) ->
     return Result("sequential generate", 1, total, seconds, ttft, per_stream, peak_rss_mib())
 
 
-def bench_static_batch(loaded: LoadedModel, prompts: list[list[int]], new: int, label: str) -> Result:
+def bench_static_batch(
+    loaded: LoadedModel, prompts: list[list[int]], new: int, label: str
+) -> Result:
     tok, model = loaded.tokenizer, loaded.model
     tok.padding_side = "left"
     batch = tok.pad({"input_ids": prompts}, return_tensors="pt")
@@ -125,7 +127,7 @@ def bench_static_batch(loaded: LoadedModel, prompts: list[list[int]], new: int, 
 def bench_generate_batch(loaded: LoadedModel, prompts: list[list[int]], new: int) -> Result | str:
     from transformers import GenerationConfig
 
-    config = GenerationConfig(
+    config = GenerationConfig(  # type: ignore[no-untyped-call]
         max_new_tokens=new,
         min_new_tokens=new,
         do_sample=False,
@@ -243,7 +245,9 @@ def plot(results: list[Result], base: Result, static: Result, path: Path) -> Non
         xs = [r.concurrency for r in rows]
         ax1.plot(xs, [r.tok_s for r in rows], marker=marker, label=f"engine bf16, {mode}")
         ax2.plot(xs, [r.pct(0.5) * 1000 for r in rows], marker=marker, label=f"p50, {mode}")
-        ax2.plot(xs, [r.pct(0.99) * 1000 for r in rows], marker=marker, ls=":", label=f"p99, {mode}")
+        ax2.plot(
+            xs, [r.pct(0.99) * 1000 for r in rows], marker=marker, ls=":", label=f"p99, {mode}"
+        )
     ax1.axhline(base.tok_s, color="gray", ls="--", label="(a) sequential generate fp32")
     ax1.axhline(static.tok_s, color="black", ls=":", label=f"(b) {static.name}")
     ax1.set_xscale("log", base=2)

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from services.inference.engine import Engine
 from services.inference.engine.detokenizer import IncrementalDetokenizer
@@ -45,3 +47,19 @@ async def test_demo_model_knows_the_capital_of_france(
     text = detok.feed(e.token_id for e in events) + detok.flush()
     assert "Paris" in text
     assert events[-1].finish == "stop"
+
+
+def test_demo_alias_converts_once_into_the_cache(tmp_path: Path) -> None:
+    # The GGUF is dequantized and saved as safetensors once; later loads use the copy.
+    first = load_model("smollm2-135m", device="cpu", dtype="float32", cache_dir=tmp_path)
+    entries = sorted(p.name for p in tmp_path.iterdir())
+    assert entries == ["smollm2-135m-instruct"]  # no temporary folder left behind
+    folder = tmp_path / "smollm2-135m-instruct"
+    assert (folder / "model.safetensors").is_file() and (folder / "tokenizer.json").is_file()
+    assert first.context_length == 8192 and first.eos_token_ids
+    started = time.monotonic()
+    again = load_model("smollm2-135m", device="cpu", dtype="float32", cache_dir=tmp_path)
+    assert time.monotonic() - started < 15
+    ids = torch.tensor([[1, 504, 3458, 282]])
+    with torch.no_grad():
+        assert torch.allclose(first.model(ids).logits, again.model(ids).logits)
