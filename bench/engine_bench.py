@@ -22,14 +22,13 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from services.inference.engine import Engine, EngineRequest, SamplingConfig  # noqa: E402
-from services.inference.model_loading import LoadedModel, load_model  # noqa: E402
+from services.inference.engine import Engine, EngineRequest, SamplingConfig
+from services.inference.model_loading import LoadedModel, load_model
 
 OUT = Path(__file__).resolve().parent / "out"
 QUESTIONS = [
