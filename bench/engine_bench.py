@@ -275,6 +275,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--sequential-prompts", type=int, default=4)
     parser.add_argument("--engine-fp32", action="store_true", help="also run the engine in fp32")
     parser.add_argument("--quick", action="store_true", help="32 new tokens, levels 1,16,64")
+    parser.add_argument(
+        "--engine-only", action="store_true", help="skip (a) and (b): engine levels only"
+    )
     args = parser.parse_args(argv)
     if args.quick:
         args.new_tokens, args.levels, args.sequential_prompts = 32, "1,16,64", 2
@@ -283,10 +286,14 @@ def main(argv: list[str] | None = None) -> None:
     torch.manual_seed(0)
     new = args.new_tokens
 
-    fp32 = load_model(args.model, device="cpu", dtype="float32", cache_dir=args.cache_dir)
     bf16 = load_model(args.model, device="cpu", dtype="bfloat16", cache_dir=args.cache_dir)
-    print(f"model {fp32.name}, {new} new tokens, prompt {len(prompts_for(fp32, 1)[0])} tokens")
+    print(f"model {bf16.name}, {new} new tokens, prompt {len(prompts_for(bf16, 1)[0])} tokens")
     print(f"torch threads {torch.get_num_threads()}")
+    if args.engine_only:
+        print(HEADER)
+        run_engine_levels(bf16, levels, new, args.stagger, "bfloat16")
+        return
+    fp32 = load_model(args.model, device="cpu", dtype="float32", cache_dir=args.cache_dir)
     print(HEADER)
     base = bench_sequential(fp32, prompts_for(fp32, args.sequential_prompts), new)
     print_row(base, base, None)
