@@ -33,6 +33,9 @@ from services.router import metrics
 log = logging.getLogger("tokenyard.router.auth")
 
 MAX_CREDENTIAL_CHARS = 512
+_CACHE_HIT = metrics.AUTH_CACHE.labels("hit")
+_CACHE_NEGATIVE_HIT = metrics.AUTH_CACHE.labels("negative_hit")
+_CACHE_MISS = metrics.AUTH_CACHE.labels("miss")
 
 
 @dataclass(eq=False)
@@ -121,13 +124,13 @@ class AuthClient:
         now = self._clock()
         entry = self._cache.get(key)
         if entry is not None and entry.expires > now:
-            metrics.AUTH_CACHE.labels("hit").inc()
+            _CACHE_HIT.inc()
             return entry
         failed_until = self._failures.get(key)
         if failed_until is not None and failed_until > now:
-            metrics.AUTH_CACHE.labels("negative_hit").inc()
+            _CACHE_NEGATIVE_HIT.inc()
             raise Unauthenticated()
-        metrics.AUTH_CACHE.labels("miss").inc()
+        _CACHE_MISS.inc()
         pending = self._inflight.get(key)
         if pending is None:
             # A task, so one waiter's cancellation does not fail the others.

@@ -278,8 +278,9 @@ class Relay:
                 msg = _parse(raw)
                 ids = msg.token_ids
                 now = time.perf_counter()
+                first = not tokens
                 if ids:
-                    if not tokens:
+                    if first:
                         state.first_token_at = now
                         metrics.TTFT.labels(model).observe(now - started)
                     else:
@@ -293,8 +294,14 @@ class Relay:
                         _merge(held, msg)
                         out.send(None, held)
                         held = None
+                    elif first:
+                        await out.write_now(raw, msg)
                     else:
                         out.send(raw, msg)
+                    # Read the status the worker sends with its last message: cheaper than
+                    # cancelling, and the worker sees a clean end rather than a cancel.
+                    with contextlib.suppress(grpc.aio.AioRpcError, TimeoutError):
+                        await asyncio.wait_for(call.read(), 5.0)
                     return True
                 if interval > 1:
                     if held is None:
@@ -305,10 +312,14 @@ class Relay:
                         out.send(None, held)
                         held = None
                     continue
-                out.send(raw, msg)
+                if first:
+                    await out.write_now(raw, msg)
+                else:
+                    out.send(raw, msg)
         finally:
             worker.inflight -= 1
-            call.cancel()
+            if not call.done():
+                call.cancel()
             if held is not None:
                 # Tokens already counted as relayed reach the client before any resume.
                 out.send(None, held)
@@ -339,6 +350,13 @@ class Writer:
             self.pending = msg
         else:
             _merge(self.pending, msg)
+
+    async def write_now(self, raw: bytes | None, msg: gen.StreamGenerateResponse) -> None:
+        """Write without a task hop when nothing is in flight (the first token's latency)."""
+        if self.task is None and self.pending is None and self.error is None:
+            await self.emit(raw or msg)
+        else:
+            self.send(raw, msg)
 
     def _start(self, payload: bytes | gen.StreamGenerateResponse) -> None:
         self.task = asyncio.ensure_future(self.emit(payload))
