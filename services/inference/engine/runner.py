@@ -38,6 +38,23 @@ class _Layer:
     b_down: torch.Tensor | None
 
 
+@dataclass(frozen=True)
+class DecodeBatch:
+    """One new token for each of cache slots ``0..B-1``.
+
+    `positions` are rotary positions, `write_index` the flat cache rows (see
+    `Runner.write_rows`) receiving the new keys/values, `mask` ``[B, 1, 1, L]`` which
+    of the first L cached positions each row attends to, and `rows` the rows whose
+    logits are wanted (slots that ride along as no-ops are left out).
+    """
+
+    tokens: torch.Tensor
+    positions: torch.Tensor
+    write_index: torch.Tensor
+    mask: torch.Tensor
+    rows: torch.Tensor
+
+
 class KVCache:
     """Keys and values per (layer, slot): ``[layers, slots, kv_heads, capacity, head_dim]``.
 
@@ -190,49 +207,6 @@ class Runner:
         gate, up = F.linear(h, layer.w_gate_up, layer.b_gate_up).chunk(2, dim=-1)
         return x + F.linear(F.silu(gate) * up, layer.w_down, layer.b_down)
 
-    @torch.inference_mode()
-    def decode(
-        self,
-        cache: KVCache,
-        tokens: torch.Tensor,
-        positions: torch.Tensor,
-        write_index: torch.Tensor,
-        mask: torch.Tensor,
-    ) -> torch.Tensor:
-        """One token for each of slots ``0..B-1``; returns logits ``[B, vocab]`` (float32).
-
-        `positions` are rotary positions, `write_index` the flat cache rows (from
-        `write_rows`) receiving the new keys/values, and `mask` ``[B, 1, 1, L]`` says
-        which of the first L cached positions each row attends to.
-        """
-        b = tokens.shape[0]
-        length = mask.shape[-1]
-        nh, nkv, hd, g = self.n_heads, self.n_kv_heads, self.head_dim, self.groups
-        x = F.embedding(tokens, self.embed)
-        cos = self.cos[positions][:, None]
-        sin = self.sin_signed[positions][:, None]
-        bias = torch.zeros(mask.shape, dtype=torch.float32, device=self.device)
-        bias.masked_fill_(~mask, float("-inf"))
-        bias = bias.view(b, 1, 1, length)
-        for i, layer in enumerate(self.layers):
-            h = self._rms_norm(x, layer.ln1)
-            qkv = F.linear(h, layer.w_qkv, layer.b_qkv).view(b, nh + 2 * nkv, hd)
-            qk = self._rope(qkv[:, : nh + nkv], cos, sin)
-            k_flat = cache.k[i].view(-1, hd)
-            v_flat = cache.v[i].view(-1, hd)
-            k_flat.index_copy_(0, write_index, qk[:, nh:].reshape(-1, hd))
-            v_flat.index_copy_(0, write_index, qkv[:, nh + nkv :].reshape(-1, hd))
-            q = qk[:, :nh].reshape(b, nkv, g, hd)
-            keys = cache.k[i, :b, :, :length]
-            values = cache.v[i, :b, :, :length]
-            scores = torch.matmul(q, keys.transpose(-1, -2)).float() * self.scaling
-            probs = torch.softmax(scores + bias, dim=-1).to(self.dtype)
-            attn = torch.matmul(probs, values).view(b, nh * hd)
-            x = x + F.linear(attn, layer.w_o, layer.b_o)
-            x = self._mlp(x, layer)
-        x = self._rms_norm(x, self.norm)
-        return F.linear(x, self.lm_head).float()
-
     def write_rows(self, cache: KVCache, write_pos: torch.Tensor) -> torch.Tensor:
         """Flat row indices in a layer's ``[slots*kv_heads*capacity, head_dim]`` view."""
         b = write_pos.shape[0]
@@ -241,31 +215,65 @@ class Runner:
         rows = (slots[:, None] * self.n_kv_heads + heads[None]) * cache.capacity
         return (rows + write_pos[:, None]).reshape(-1)
 
-    @torch.inference_mode()
+    def decode(
+        self,
+        cache: KVCache,
+        tokens: torch.Tensor,
+        positions: torch.Tensor,
+        write_index: torch.Tensor,
+        mask: torch.Tensor,
+    ) -> torch.Tensor:
+        """One token for each of slots ``0..B-1``; returns logits ``[B, vocab]`` (float32)."""
+        rows = torch.arange(tokens.shape[0], device=self.device)
+        return self.forward(cache, DecodeBatch(tokens, positions, write_index, mask, rows), ())
+
     def prefill(
         self, cache: KVCache, chunks: Sequence[tuple[int, torch.Tensor, int]]
     ) -> torch.Tensor:
-        """Feed prompt chunks ``(slot, tokens, start)`` in one pass; returns last-token logits.
+        """Prompt chunks ``(slot, tokens, start)`` only; returns ``[len(chunks), vocab]``."""
+        return self.forward(cache, None, chunks)
 
-        All chunks share the projections and MLP (one matmul over every token);
-        attention runs per chunk against its own slot. Positions before `start` must
-        already be cached (an earlier chunk or a prefix cache hit). The result is
-        ``[len(chunks), vocab]`` float32, one row per chunk.
+    @torch.inference_mode()
+    def forward(
+        self,
+        cache: KVCache,
+        decode: DecodeBatch | None,
+        chunks: Sequence[tuple[int, torch.Tensor, int]],
+    ) -> torch.Tensor:
+        """One pass over a decode batch and prompt chunks together; float32 logits.
+
+        Every token shares the projections and MLP (one matmul per weight, so a step
+        reads the weights once however its work is split); attention runs batched
+        for the decode rows and per chunk for prompts. A chunk ``(slot, tokens,
+        start)`` needs positions before `start` cached already. Returns the logits
+        of ``decode.rows`` followed by those of each chunk's last token.
         """
-        nh, nkv, hd = self.n_heads, self.n_kv_heads, self.head_dim
+        nh, nkv, hd, g = self.n_heads, self.n_kv_heads, self.head_dim, self.groups
         device = self.device
-        meta: list[tuple[int, int, int, int, torch.Tensor]] = []
+        tokens: list[torch.Tensor] = []
         positions: list[torch.Tensor] = []
-        offset = 0
-        for slot, tokens, start in chunks:
-            n = int(tokens.shape[0])
+        b = 0
+        bias = torch.empty(0)
+        if decode is not None:
+            b = int(decode.tokens.shape[0])
+            tokens.append(decode.tokens)
+            positions.append(decode.positions)
+            bias = torch.zeros(decode.mask.shape, dtype=torch.float32, device=device)
+            bias.masked_fill_(~decode.mask, float("-inf"))
+            bias = bias.view(b, 1, 1, -1)
+        length = bias.shape[-1]
+        meta: list[tuple[int, int, int, int, torch.Tensor]] = []
+        offset = b
+        for slot, chunk, start in chunks:
+            n = int(chunk.shape[0])
             end = start + n
             rows = torch.arange(start, end, device=device)
             mask = (torch.arange(end, device=device)[None] <= rows[:, None])[None, None]
             meta.append((slot, offset, start, end, mask))
+            tokens.append(chunk)
             positions.append(rows)
             offset += n
-        flat = torch.cat([t for _, t, _ in chunks]) if len(chunks) > 1 else chunks[0][1]
+        flat = torch.cat(tokens) if len(tokens) > 1 else tokens[0]
         pos = torch.cat(positions) if len(positions) > 1 else positions[0]
         total = int(flat.shape[0])
         x = F.embedding(flat, self.embed)
@@ -276,6 +284,21 @@ class Runner:
             qkv = F.linear(h, layer.w_qkv, layer.b_qkv).view(total, nh + 2 * nkv, hd)
             qk = self._rope(qkv[:, : nh + nkv], cos, sin)
             outs: list[torch.Tensor] = []
+            if decode is not None:
+                # Written before the chunks: a prompt slot riding along in the decode
+                # batch scribbles on the position its chunk then overwrites.
+                cache.k[i].view(-1, hd).index_copy_(
+                    0, decode.write_index, qk[:b, nh:].reshape(-1, hd)
+                )
+                cache.v[i].view(-1, hd).index_copy_(
+                    0, decode.write_index, qkv[:b, nh + nkv :].reshape(-1, hd)
+                )
+                q = qk[:b, :nh].reshape(b, nkv, g, hd)
+                keys = cache.k[i, :b, :, :length]
+                values = cache.v[i, :b, :, :length]
+                scores = torch.matmul(q, keys.transpose(-1, -2)).float() * self.scaling
+                probs = torch.softmax(scores + bias, dim=-1).to(self.dtype)
+                outs.append(torch.matmul(probs, values).view(b, nh * hd))
             for slot, off, start, end, mask in meta:
                 n = end - start
                 cache.k[i, slot, :, start:end] = qk[off : off + n, nh:].transpose(0, 1)
@@ -292,6 +315,11 @@ class Runner:
             merged = torch.cat(outs) if len(outs) > 1 else outs[0]
             x = x + F.linear(merged, layer.w_o, layer.b_o)
             x = self._mlp(x, layer)
-        last = torch.tensor([off + (end - start) - 1 for _, off, start, end, _ in meta])
-        x = self._rms_norm(x.index_select(0, last.to(device)), self.norm)
+        last = torch.tensor(
+            [off + (end - start) - 1 for _, off, start, end, _ in meta],
+            dtype=torch.long,
+            device=device,
+        )
+        wanted = last if decode is None else torch.cat([decode.rows, last])
+        x = self._rms_norm(x.index_select(0, wanted), self.norm)
         return F.linear(x, self.lm_head).float()

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from services.inference.engine.prefix_cache import PrefixCache
-from services.inference.engine.runner import KVCache, Runner
+from services.inference.engine.runner import DecodeBatch, KVCache, Runner
 from services.inference.engine.sampling import Sampled, SampleRow, sample
 from services.inference.engine.types import (
     FINISH_CANCELLED,
@@ -222,39 +222,52 @@ class Scheduler:
         self._drop_expired(now)
         self._admit()
         self.total_steps += 1
-        ready: list[Sequence] = []
-        logits: list[torch.Tensor] = []
         decoding = [s for s in self.running if not s.prefilling]
-        if decoding:
-            logits.append(self._decode(decoding))
-            ready.extend(decoding)
         budget = self.max_batch_tokens - len(decoding)
-        chunks: list[tuple[int, torch.Tensor, int]] = []
-        chunked: list[tuple[Sequence, int]] = []
+        planned: list[tuple[Sequence, int]] = []
         for seq in sorted((s for s in self.running if s.prefilling), key=lambda s: s.order):
             if budget <= 0:
                 break
             n = min(seq.n_prefill - seq.computed, budget)
             budget -= n
-            self._ensure_capacity(seq.computed + n + 1)
-            tokens = seq.tokens[seq.computed : seq.computed + n]
-            chunk = torch.tensor(tokens, dtype=torch.long, device=self.runner.device)
-            chunks.append((seq.slot, chunk, seq.computed))
-            chunked.append((seq, n))
-        if chunks:
-            last = self.runner.prefill(self.cache, chunks)
-            done: list[int] = []
-            for row, (seq, n) in enumerate(chunked):
-                seq.computed += n
-                if not seq.prefilling:
-                    self._store_prefix(seq, seq.n_prefill)
-                    done.append(row)
-                    ready.append(seq)
-            if done:
-                logits.append(last[done])
+            planned.append((seq, n))
+        if not decoding and not planned:
+            self._flush()
+            return 0
+        # Grow first: the flat cache row indices depend on the capacity.
+        self._ensure_capacity(
+            max(
+                max((s.computed + 1 for s in self.running), default=1),
+                max((s.computed + n + 1 for s, n in planned), default=1),
+            )
+        )
+        device = self.runner.device
+        chunks = [
+            (
+                seq.slot,
+                torch.tensor(seq.tokens[seq.computed : seq.computed + n], device=device),
+                seq.computed,
+            )
+            for seq, n in planned
+        ]
+        logits = self.runner.forward(self.cache, self._decode_batch(decoding), chunks)
+        ready = list(decoding)
+        rows = list(range(len(decoding)))
+        for seq in decoding:
+            seq.computed += 1
+        for index, (seq, n) in enumerate(planned):
+            seq.computed += n
+            if not seq.prefilling:
+                self._store_prefix(seq, seq.n_prefill)
+                ready.append(seq)
+                rows.append(len(decoding) + index)
         if ready:
-            rows = [SampleRow(s.request.sampling, s.seed, s.generated, s.tokens) for s in ready]
-            for seq, choice in zip(ready, sample(torch.cat(logits), rows), strict=True):
+            if len(rows) != logits.shape[0]:
+                logits = logits[rows]
+            sample_rows = [
+                SampleRow(s.request.sampling, s.seed, s.generated, s.tokens) for s in ready
+            ]
+            for seq, choice in zip(ready, sample(logits, sample_rows), strict=True):
                 self._advance(seq, choice)
         self._flush()
         if not self.running and self.cache.capacity > self._initial_capacity:
@@ -262,17 +275,18 @@ class Scheduler:
             self.cache = self.runner.new_cache(self.max_running, self._initial_capacity)
         return len(ready)
 
-    def _decode(self, decoding: list[Sequence]) -> torch.Tensor:
-        """One decode token for `decoding`; other occupied slots ride along as no-ops."""
+    def _decode_batch(self, decoding: list[Sequence]) -> DecodeBatch | None:
+        """One token for each decoding slot; prompt slots ride along as no-ops."""
+        if not decoding:
+            return None
         length = max(s.computed for s in decoding) + 1
-        self._ensure_capacity(max(length, *(s.computed + 1 for s in self.running)))
         tokens: list[int] = []
         positions: list[int] = []
         writes: list[int] = []
         limits: list[int] = []
         for seq in self.running:
             if seq.prefilling:
-                # Its next prompt chunk overwrites position `computed` after this step.
+                # Its prompt chunk overwrites position `computed` in the same pass.
                 tokens.append(0)
                 positions.append(0)
                 writes.append(seq.computed)
@@ -283,20 +297,15 @@ class Scheduler:
                 writes.append(seq.computed)
                 limits.append(seq.computed)
         device = self.runner.device
-        pos = torch.tensor(positions, dtype=torch.long, device=device)
         cols = torch.arange(length, device=device)
         mask = (cols[None] <= torch.tensor(limits, device=device)[:, None])[:, None, None]
-        out = self.runner.decode(
-            self.cache,
-            torch.tensor(tokens, dtype=torch.long, device=device),
-            pos,
-            self.runner.write_rows(self.cache, torch.tensor(writes, device=device)),
-            mask,
+        return DecodeBatch(
+            tokens=torch.tensor(tokens, dtype=torch.long, device=device),
+            positions=torch.tensor(positions, dtype=torch.long, device=device),
+            write_index=self.runner.write_rows(self.cache, torch.tensor(writes, device=device)),
+            mask=mask,
+            rows=torch.tensor([s.slot for s in decoding], device=device),
         )
-        for seq in decoding:
-            seq.computed += 1
-        slots = torch.tensor([s.slot for s in decoding], device=device)
-        return out.index_select(0, slots)
 
     def _cached_for_event(self, seq: Sequence) -> int:
         if seq.first_sent:
