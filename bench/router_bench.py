@@ -22,6 +22,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
 from contextlib import suppress
@@ -41,6 +42,7 @@ TOKENYARD = str(Path(PY).with_name("tokenyard"))
 KEY = "ty_sk_benchkey000000000000000000000"
 STREAM = "/tokenyard.generation.v1.GenerationService/StreamGenerate"
 TICK = os.sysconf("SC_CLK_TCK")
+LOGS = Path(tempfile.mkdtemp(prefix="router-bench-"))  # child processes' output
 
 
 def _free_port() -> int:
@@ -65,9 +67,9 @@ class Procs:
 
     def start(self, args: list[str], env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
         full = {**os.environ, "TOKENYARD_LOG_LEVEL": "error", **(env or {})}
-        proc = subprocess.Popen(
-            args, cwd=ROOT, env=full, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-        )
+        log = LOGS / f"{len(self.procs)}-{Path(args[2] if len(args) > 2 else args[0]).name}.log"
+        with log.open("wb") as out:
+            proc = subprocess.Popen(args, cwd=ROOT, env=full, stdout=out, stderr=subprocess.STDOUT)
         self.procs.append(proc)
         return proc
 
@@ -450,7 +452,7 @@ def main() -> None:
         asyncio.run(serve_proxy(int(args.proxy_serve[0]), args.proxy_serve[1]))
         return
     skip = {s.strip() for s in args.skip.split(",") if s.strip()}
-    print(f"router benchmark on {os.cpu_count()} CPUs, {args.seconds}s per point")
+    print(f"router benchmark on {os.cpu_count()} CPUs, {args.seconds}s per point; logs in {LOGS}")
     if "relay" not in skip:
         asyncio.run(part_relay(args))
     if "model" not in skip:

@@ -33,10 +33,11 @@ from services.common.errors import (
 from services.router import metrics
 from services.router.auth_client import AuthClient, CachedPrincipal, bearer_credential
 from services.router.limits import Limits, LimitSpec, Slot, check_quota, effective_max_tokens
-from services.router.relay import PASS_THROUGH, Emit, Relay, StreamState, WorkerError
+from services.router.relay import PASS_THROUGH, Relay, StreamState, WorkerError
 from services.router.usage import UsageReporter
 from services.router.validation import validate_generation, validate_input
 from services.router.workers import WorkerPool
+from services.router.writer import Emit
 
 log = logging.getLogger("tokenyard.router")
 

@@ -16,7 +16,6 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 import grpc
@@ -42,6 +41,7 @@ from services.router.policies import (
     round_robin,
 )
 from services.router.workers import Worker, WorkerPool
+from services.router.writer import Emit, Writer, merge
 
 log = logging.getLogger("tokenyard.router.relay")
 
@@ -56,7 +56,6 @@ PASS_THROUGH = frozenset(
     }
 )
 
-Emit = Callable[[bytes | gen.StreamGenerateResponse], Awaitable[None]]
 _parse = gen.StreamGenerateResponse.FromString
 
 
@@ -291,7 +290,7 @@ class Relay:
                     state.finish_reason = msg.finish_reason
                     state.prompt_tokens = msg.usage.prompt_tokens
                     if held is not None:
-                        _merge(held, msg)
+                        merge(held, msg)
                         out.send(None, held)
                         held = None
                     elif first:
@@ -307,7 +306,7 @@ class Relay:
                     if held is None:
                         held = msg
                     else:
-                        _merge(held, msg)
+                        merge(held, msg)
                     if len(held.token_ids) >= interval:
                         out.send(None, held)
                         held = None
@@ -323,76 +322,3 @@ class Relay:
             if held is not None:
                 # Tokens already counted as relayed reach the client before any resume.
                 out.send(None, held)
-
-
-class Writer:
-    """Writes to the client one message at a time, merging what arrives meanwhile.
-
-    While a write is in flight (the client reads slower than the worker produces),
-    further messages are merged into one pending message, written when the current
-    write completes. So a slow client gets fewer, larger messages and the router
-    spends less per token; a fast one gets every message as it came, unchanged.
-    """
-
-    __slots__ = ("emit", "error", "pending", "task")
-
-    def __init__(self, emit: Emit) -> None:
-        self.emit = emit
-        self.task: asyncio.Future[None] | None = None
-        self.pending: gen.StreamGenerateResponse | None = None
-        self.error: BaseException | None = None
-
-    def send(self, raw: bytes | None, msg: gen.StreamGenerateResponse) -> None:
-        """Queue one message (raw bytes when unchanged from the worker)."""
-        if self.task is None and self.error is None:
-            self._start(raw or msg)
-        elif self.pending is None:
-            self.pending = msg
-        else:
-            _merge(self.pending, msg)
-
-    async def write_now(self, raw: bytes | None, msg: gen.StreamGenerateResponse) -> None:
-        """Write without a task hop when nothing is in flight (the first token's latency)."""
-        if self.task is None and self.pending is None and self.error is None:
-            await self.emit(raw or msg)
-        else:
-            self.send(raw, msg)
-
-    def _start(self, payload: bytes | gen.StreamGenerateResponse) -> None:
-        self.task = asyncio.ensure_future(self.emit(payload))
-        self.task.add_done_callback(self._done)
-
-    def _done(self, task: asyncio.Future[None]) -> None:
-        self.task = None
-        if task.cancelled():
-            return
-        error = task.exception()
-        if error is not None:
-            self.error = error
-            return
-        if self.pending is not None:
-            payload, self.pending = self.pending, None
-            self._start(payload)
-
-    async def flush(self) -> None:
-        """Wait until everything sent is written; raise a write's error."""
-        while self.task is not None:
-            await asyncio.wait([self.task])
-        if self.error is not None:
-            raise self.error
-
-    def cancel(self) -> None:
-        """Drop what is not written (the client went away)."""
-        self.pending = None
-        if self.task is not None:
-            self.task.cancel()
-
-
-def _merge(into: gen.StreamGenerateResponse, msg: gen.StreamGenerateResponse) -> None:
-    into.text += msg.text
-    into.token_ids.extend(msg.token_ids)
-    if msg.logprobs:
-        into.logprobs.extend(msg.logprobs)
-    if msg.finish_reason:
-        into.finish_reason = msg.finish_reason
-        into.usage.CopyFrom(msg.usage)
