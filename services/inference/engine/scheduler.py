@@ -1,9 +1,10 @@
 """Continuous batching: which sequences run, and what one engine step computes.
 
 Runs only on the engine's compute thread. Each step: drop cancelled and expired
-sequences, admit waiting ones into free slots (reusing cached prefix blocks), run
-one decode token for every sequence past its prompt, then spend what is left of the
-token budget on prompt chunks, so a long prompt never stalls running streams.
+sequences, admit waiting ones into free slots (reusing cached prefix blocks), then
+one forward pass computes a decode token for every sequence past its prompt plus
+prompt chunks with what is left of the token budget, so a long prompt never stalls
+running streams and the weights are read once per step.
 Running sequences occupy cache slots ``0..n-1``: a finished sequence's slot is
 refilled by moving the last one down, so the decode batch is one contiguous view.
 """
