@@ -16,10 +16,10 @@ from typing import Any
 from tokenyard.generation.v1 import generation_service_pb2_grpc as gen_grpc
 from tokenyard.inference.v1 import worker_service_pb2_grpc as worker_grpc
 
+from services.common.lenient import lenient
 from services.common.server import GrpcServer
 from services.inference import servicer, worker_service
 from services.inference.engine.engine import Engine
-from services.inference.lenient import lenient
 from services.inference.metrics import LoadSampler
 from services.inference.model_loading import LoadedModel
 from services.inference.settings import InferenceSettings
