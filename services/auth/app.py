@@ -19,6 +19,7 @@ from tokenyard.auth.v1 import (
 from services.auth import servicers
 from services.auth.core import AuthCore
 from services.auth.settings import AuthSettings
+from services.common.lenient import lenient
 from services.common.server import GrpcServer, internal_token_methods
 
 PACKAGE = "tokenyard.auth.v1"
@@ -85,7 +86,8 @@ async def start_auth(settings: AuthSettings, core: AuthCore | None = None) -> Au
         ),
     ]
     for register, cls, name in pairs:
-        server.add(register, cls(core), f"{PACKAGE}.{name}Service")
+        # lenient: a string field holding invalid UTF-8 is INVALID_ARGUMENT, not UNKNOWN.
+        server.add(lenient(register), cls(core), f"{PACKAGE}.{name}Service")
     try:
         port = await server.start()
     except BaseException:
