@@ -1,0 +1,142 @@
+"""Client-side helpers of the reliability suite: streams, outcomes, usage, idleness."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+import grpc
+from tokenyard.auth.v1 import usage_service_pb2 as usage_pb
+from tokenyard.auth.v1 import usage_service_pb2_grpc as usage_grpc
+from tokenyard.generation.v1 import generation_service_pb2 as gen
+from tokenyard.generation.v1 import generation_service_pb2_grpc as gen_grpc
+
+from tests.integration.router.conftest import Proc, bearer
+from tests.reliability.conftest import MODEL, load_of
+from tests.reliability.fake_engine_worker import expected_text
+
+# Statuses a stream may end with on purpose (anything else is a defect).
+CLEAN = frozenset({"OK", "UNAVAILABLE", "RESOURCE_EXHAUSTED", "DEADLINE_EXCEEDED", "CANCELLED"})
+
+
+def request(prompt: str, max_tokens: int) -> gen.StreamGenerateRequest:
+    """A StreamGenerate request for the fake model."""
+    req = gen.StreamGenerateRequest(model=MODEL, prompt=prompt)
+    req.sampling.max_tokens = max_tokens
+    return req
+
+
+@dataclass
+class Outcome:
+    """How one stream ended: status name, text and token count received, usage."""
+
+    prompt: str
+    max_tokens: int
+    status: str = "OK"
+    text: str = ""
+    tokens: int = 0
+    completion_tokens: int = 0
+    hung: bool = False
+
+    @property
+    def exact(self) -> bool:
+        """True when the stream completed with exactly the tokens the engine makes."""
+        return self.status == "OK" and self.text == expected_text(self.prompt, self.max_tokens)
+
+
+async def run_stream(
+    stub: gen_grpc.GenerationServiceStub,
+    prompt: str,
+    max_tokens: int,
+    key: str,
+    *,
+    hang_after: float = 60.0,
+    on_message: Callable[[Outcome], None] | None = None,
+) -> Outcome:
+    """Stream one generation; a stream still open after `hang_after` s counts as hung."""
+    out = Outcome(prompt, max_tokens)
+    call = stub.StreamGenerate(request(prompt, max_tokens), metadata=bearer(key))
+
+    async def consume() -> None:
+        async for msg in call:
+            out.text += msg.text
+            out.tokens += len(msg.token_ids)
+            if msg.finish_reason:
+                out.completion_tokens = msg.usage.completion_tokens
+            if on_message is not None:
+                on_message(out)
+
+    try:
+        await asyncio.wait_for(consume(), hang_after)
+    except grpc.aio.AioRpcError as exc:
+        out.status = exc.code().name
+    except TimeoutError:
+        out.status, out.hung = "HUNG", True
+        call.cancel()
+    return out
+
+
+def tally(outcomes: Iterable[Outcome]) -> Counter[str]:
+    """Outcomes counted by status."""
+    return Counter(o.status for o in outcomes)
+
+
+async def get_usage(auth: Proc, admin: str, user_id: str) -> usage_pb.GetUsageResponse:
+    """Auth's usage totals for `user_id`."""
+    async with grpc.aio.insecure_channel(auth.address) as channel:
+        reply: usage_pb.GetUsageResponse = await usage_grpc.UsageServiceStub(channel).GetUsage(
+            usage_pb.GetUsageRequest(user_id=user_id), metadata=bearer(admin), timeout=10
+        )
+    return reply
+
+
+async def settled_usage(
+    auth: Proc, admin: str, user_id: str, requests: int, timeout: float = 60.0
+) -> usage_pb.GetUsageResponse:
+    """Usage once `requests` records arrived, re-read after more flushes (no late doubles)."""
+    deadline = time.monotonic() + timeout
+    reply = await get_usage(auth, admin, user_id)
+    while reply.total_requests < requests and time.monotonic() < deadline:
+        await asyncio.sleep(0.25)
+        reply = await get_usage(auth, admin, user_id)
+    await asyncio.sleep(1.5)  # several router flush intervals: a retried batch would show now
+    return await get_usage(auth, admin, user_id)
+
+
+async def wait_idle(workers: Iterable[Proc], timeout: float = 15.0) -> dict[str, int]:
+    """Poll each worker's WatchLoad until nothing runs or waits; returns what is left."""
+    left: dict[str, int] = {}
+    deadline = time.monotonic() + timeout
+    for worker in workers:
+        while True:
+            load = await asyncio.to_thread(load_of, worker)
+            busy = load.running + load.queued
+            if busy == 0 or time.monotonic() >= deadline:
+                left[worker.address] = busy
+                break
+            await asyncio.sleep(0.1)
+    return left
+
+
+@dataclass
+class Progress:
+    """Counts streams that received at least `threshold` tokens."""
+
+    threshold: int
+    reached: set[int] = field(default_factory=set)
+    event: asyncio.Event = field(default_factory=asyncio.Event)
+    total: int = 0
+
+    def watcher(self, index: int) -> Callable[[Outcome], None]:
+        """An `on_message` callback for stream `index`."""
+
+        def seen(out: Outcome) -> None:
+            if out.tokens >= self.threshold and index not in self.reached:
+                self.reached.add(index)
+                if len(self.reached) >= self.total:
+                    self.event.set()
+
+        return seen
