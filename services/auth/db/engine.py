@@ -17,7 +17,10 @@ from typing import Any, TypeVar
 
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
+
+from services.common.errors import Unavailable
 
 T = TypeVar("T")
 
@@ -49,6 +52,11 @@ def make_engine(url: str) -> Engine:
     return engine
 
 
+def _unavailable() -> Unavailable:
+    """What a caller sees when the database cannot be reached: retryable, no SQL."""
+    return Unavailable("the database is unreachable; retry", reason="DATABASE_UNAVAILABLE")
+
+
 class Database:
     """One engine plus helpers that run a function in a transaction, in a thread."""
 
@@ -76,18 +84,34 @@ class Database:
                 self._idle.notify_all()
 
     def read_sync(self, fn: Callable[..., T], *args: Any) -> T:
-        """Run `fn(session, *args)` in a read transaction (rolled back after)."""
-        with self._tracked(), Session(self.engine, expire_on_commit=False) as session:
-            return fn(session, *args)
+        """Run `fn(session, *args)` in a read transaction (rolled back after).
+
+        A connection lost mid-read (server restart, pg_terminate_backend) is retried
+        once on a fresh one; a database still out of reach is Unavailable.
+        """
+        for attempt in range(2):
+            try:
+                with self._tracked(), Session(self.engine, expire_on_commit=False) as session:
+                    return fn(session, *args)
+            except OperationalError as exc:
+                if not (exc.connection_invalidated and attempt == 0):
+                    raise _unavailable() from None
+        raise AssertionError("unreachable")
 
     def write_sync(self, fn: Callable[..., T], *args: Any) -> T:
-        """Run `fn(session, *args)` in a write transaction, committed on success."""
-        with (
-            self._tracked(),
-            Session(self._writer, expire_on_commit=False) as session,
-            session.begin(),
-        ):
-            return fn(session, *args)
+        """Run `fn(session, *args)` in a write transaction, committed on success.
+
+        Not retried (the commit may have happened): a lost connection is Unavailable.
+        """
+        try:
+            with (
+                self._tracked(),
+                Session(self._writer, expire_on_commit=False) as session,
+                session.begin(),
+            ):
+                return fn(session, *args)
+        except OperationalError:
+            raise _unavailable() from None
 
     async def read(self, fn: Callable[..., T], *args: Any) -> T:
         """`read_sync` in a worker thread."""
