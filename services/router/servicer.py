@@ -90,8 +90,9 @@ class RouterServicer:
         )
 
     async def ListModels(
-        self, request: gen.ListModelsRequest, context: grpc.aio.ServicerContext[Any, Any]
+        self, raw: bytes, context: grpc.aio.ServicerContext[Any, Any]
     ) -> gen.ListModelsResponse:
+        request = parse_request(raw, gen.ListModelsRequest)
         return await self.core.list_models(metadata_value(context, "authorization"), request)
 
 
@@ -108,9 +109,7 @@ def add_router_servicer(servicer: RouterServicer, server: grpc.aio.Server) -> No
             servicer.CountTokens, request_deserializer=_identity, response_serializer=_serialize
         ),
         "ListModels": grpc.unary_unary_rpc_method_handler(
-            servicer.ListModels,
-            request_deserializer=gen.ListModelsRequest.FromString,
-            response_serializer=_serialize,
+            servicer.ListModels, request_deserializer=_identity, response_serializer=_serialize
         ),
     }
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
