@@ -84,7 +84,7 @@ class InferenceApp:
             servicer.SERVICE_NAME,
         )
         self.server.add(
-            worker_grpc.add_WorkerServiceServicer_to_server,
+            lenient(worker_grpc.add_WorkerServiceServicer_to_server),
             worker_service.WorkerServicer(self.worker),
             worker_service.SERVICE_NAME,
         )
