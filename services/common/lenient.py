@@ -10,6 +10,7 @@ the error interceptor sends like any other bad field.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -119,6 +120,16 @@ def _handler(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
         return grpc.unary_unary_rpc_method_handler(call, deserialize, handler.response_serializer)
     if handler.unary_stream is not None:
         streaming = handler.unary_stream
+        if not inspect.isasyncgenfunction(streaming):  # writes with context.write
+
+            async def written(request: Any, context: Any) -> None:
+                if isinstance(request, Undecodable):
+                    raise request.error()
+                await streaming(request, context)
+
+            return grpc.unary_stream_rpc_method_handler(
+                written, deserialize, handler.response_serializer
+            )
 
         async def stream(request: Any, context: Any) -> AsyncIterator[Any]:
             if isinstance(request, Undecodable):

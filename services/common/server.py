@@ -22,9 +22,23 @@ from grpc_reflection.v1alpha import reflection
 
 from services.common.config import InternalSettings, ServerSettings
 from services.common.interceptors import ServerErrorInterceptor, ServiceTokenInterceptor
+from services.common.lenient import lenient
 from services.common.telemetry import server_tracing_interceptor
 
 log = logging.getLogger("tokenyard.server")
+
+
+class _Health(HealthServicer):
+    """grpcio's health servicer plus `List`, which it leaves unimplemented (INTERNAL)."""
+
+    async def List(
+        self, request: health_pb2.HealthListRequest, context: Any
+    ) -> health_pb2.HealthListResponse:
+        reply = health_pb2.HealthListResponse()
+        for service, status in self._server_status.items():
+            reply.statuses[service].status = status
+        return reply
+
 
 # Clients ping every 30 s (see channels.KEEPALIVE_OPTIONS); allow that and a bit more.
 SERVER_KEEPALIVE_OPTIONS: tuple[tuple[str, int], ...] = (
@@ -80,8 +94,8 @@ class GrpcServer:
                 *SERVER_KEEPALIVE_OPTIONS,
             ],
         )
-        self.health = HealthServicer()
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        self.health = _Health()
+        lenient(health_pb2_grpc.add_HealthServicer_to_server)(self.health, self.server)
         self._service_names: list[str] = [reflection.SERVICE_NAME, "grpc.health.v1.Health"]
         self.port = 0
         self._stopping = asyncio.Event()
