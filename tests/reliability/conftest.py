@@ -54,12 +54,23 @@ def digest(secret: str) -> str:
     return hmac.new(PEPPER.encode(), secret.encode(), hashlib.sha256).hexdigest()
 
 
+class Secret(str):
+    """A key or password: usable as a string, shown as *** in reprs and tracebacks."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "'***'"
+
+
 @dataclass
 class Stack(Launcher):
     """Starts the stack's processes, restarts them, and scans their logs for secrets."""
 
-    specs: dict[int, tuple[str, list[str], dict[str, str]]] = field(default_factory=dict)
-    secrets: set[str] = field(default_factory=set)
+    specs: dict[int, tuple[str, list[str], dict[str, str]]] = field(
+        default_factory=dict, repr=False
+    )
+    secrets: set[str] = field(default_factory=set, repr=False)
 
     def spawn(self, name: str, args: list[str], port: int, env: dict[str, str]) -> Proc:
         proc = super().spawn(name, args, port, env)
@@ -108,13 +119,14 @@ class Stack(Launcher):
                 check=True,
                 timeout=120,
             )
-        key = out.stdout.decode().strip().splitlines()[-1].strip()
+        key = Secret(out.stdout.decode().strip().splitlines()[-1].strip())
         self.secrets.add(key)
         return key
 
     def user(self, auth: Proc, admin: str, **kwargs: object) -> User:
         """`make_user` of the router suite, remembering the key as a secret."""
         made = make_user(auth, admin, **kwargs)  # type: ignore[arg-type]
+        made.key = Secret(made.key)
         self.secrets.add(made.key)
         return made
 

@@ -227,7 +227,7 @@ async def serve(args: argparse.Namespace) -> None:
         servicer.SERVICE_NAME,
     )
     server.add(
-        worker_grpc.add_WorkerServiceServicer_to_server,
+        lenient(worker_grpc.add_WorkerServiceServicer_to_server),
         worker_service.WorkerServicer(worker),
         worker_service.SERVICE_NAME,
     )

@@ -7,9 +7,11 @@ too), the pepper and the service token.
 
 from __future__ import annotations
 
+import functools
 import statistics
 import time
 from collections.abc import Callable
+from typing import Any
 
 import grpc
 from tokenyard.auth.v1 import api_key_service_pb2 as keys_pb
@@ -30,7 +32,7 @@ from tests.reliability.streams import run_stream
 TRIES = 40
 # Medians may differ by noise on a shared machine, never by a skipped hash or lookup.
 FACTOR = 4.0
-OWASP_ARGON2 = {
+OWASP_ARGON2: dict[str, Any] = {
     "TOKENYARD_AUTH_ARGON2_TIME_COST": "2",
     "TOKENYARD_AUTH_ARGON2_MEMORY_KIB": "19456",
     "TOKENYARD_AUTH_ARGON2_PARALLELISM": "1",
@@ -137,9 +139,8 @@ def test_brute_force_login_locks_the_account_and_is_audited(
     with grpc.insecure_channel(auth.address) as channel:
         stub = auth_grpc.AuthServiceStub(channel)
         for guess in guesses:
-            refused(
-                lambda g=guess: stub.Login(auth_pb.LoginRequest(username="victim", password=g))
-            )()
+            attempt = auth_pb.LoginRequest(username="victim", password=guess)
+            refused(functools.partial(stub.Login, attempt))()
         # Locked: even the right password is refused, with the same error.
         refused(lambda: stub.Login(auth_pb.LoginRequest(username="victim", password=password)))()
         audit = audit_grpc.AuditServiceStub(channel)
