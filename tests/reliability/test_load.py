@@ -28,8 +28,16 @@ from tests.reliability.streams import CLEAN, Outcome, run_stream, settled_usage,
 
 
 def knob(name: str, default: float) -> float:
-    """A sizing knob from the environment (read when the test runs)."""
+    """A sizing knob from the environment."""
     return float(os.environ.get(f"TOKENYARD_RELIABILITY_{name}", default))
+
+
+# Read at import: the autouse fixture of tests/conftest.py clears TOKENYARD_* per test.
+SECONDS, STREAMS, DELAY = (
+    knob("LOAD_SECONDS", 10.0),
+    int(knob("STREAMS", 500)),
+    knob("TOKEN_DELAY", 0.2),
+)
 
 
 def rss_kib(proc: Proc) -> int:
@@ -48,9 +56,7 @@ async def burst(stub: gen_grpc.GenerationServiceStub, key: str, n: int, tag: str
 async def test_500_concurrent_streams_complete_without_leaks(
     stack: Stack, report: dict[str, object]
 ) -> None:
-    seconds = knob("LOAD_SECONDS", 10.0)
-    streams = int(knob("STREAMS", 500))
-    delay = knob("TOKEN_DELAY", 0.2)
+    seconds, streams, delay = SECONDS, STREAMS, DELAY
     # The load may not start (cold TORCH imports) in the middle of a CPU-starved run,
     # so start the workers first; each holds 200 running + 200 queued.
     pending = [
