@@ -140,3 +140,19 @@ class Progress:
                     self.event.set()
 
         return seen
+
+
+async def lanes(
+    stub: gen_grpc.GenerationServiceStub, key: str, stop: asyncio.Event, n: int
+) -> list[Outcome]:
+    """`n` clients each streaming short generations back to back until `stop`."""
+    outcomes: list[Outcome] = []
+
+    async def lane(i: int) -> None:
+        k = 0
+        while not stop.is_set():
+            outcomes.append(await run_stream(stub, f"lane {i} call {k}", 20, key))
+            k += 1
+
+    await asyncio.gather(*(lane(i) for i in range(n)))
+    return outcomes

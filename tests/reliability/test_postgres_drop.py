@@ -14,8 +14,7 @@ from tokenyard.generation.v1 import generation_service_pb2_grpc as gen_grpc
 
 from tests.integration.router.conftest import bearer
 from tests.reliability.conftest import PG_DSN, Stack
-from tests.reliability.streams import run_stream, settled_usage, tally
-from tests.reliability.test_restarts import lanes
+from tests.reliability.streams import lanes, run_stream, settled_usage, tally
 
 pytestmark = pytest.mark.postgres
 

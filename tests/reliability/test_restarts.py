@@ -14,6 +14,7 @@ from tests.reliability.conftest import Proc, Stack, stack_for
 from tests.reliability.streams import (
     Outcome,
     Progress,
+    lanes,
     run_stream,
     settled_usage,
     tally,
@@ -26,22 +27,6 @@ def base(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Stack, list
     """A Stack for the module and three workers starting in the background."""
     with stack_for(tmp_path_factory.mktemp("restarts")) as stack:
         yield stack, [stack.engine_worker(delay=0.02, wait=False) for _ in range(3)]
-
-
-async def lanes(
-    stub: gen_grpc.GenerationServiceStub, key: str, stop: asyncio.Event, n: int
-) -> list[Outcome]:
-    """`n` clients each streaming short generations back to back until `stop`."""
-    outcomes: list[Outcome] = []
-
-    async def lane(i: int) -> None:
-        k = 0
-        while not stop.is_set():
-            outcomes.append(await run_stream(stub, f"lane {i} call {k}", 20, key))
-            k += 1
-
-    await asyncio.gather(*(lane(i) for i in range(n)))
-    return outcomes
 
 
 async def test_auth_stopped_under_load_and_restarted(
