@@ -25,8 +25,8 @@ from tokenyard.auth.v1 import user_service_pb2_grpc as users_grpc
 from tokenyard.generation.v1 import generation_service_pb2_grpc as gen_grpc
 
 from services.auth.domain import credentials
-from tests.integration.router.conftest import bearer
-from tests.reliability.conftest import SERVICE_MD, Proc, Stack
+from tests.integration.router.conftest import PEPPER, bearer
+from tests.reliability.conftest import SERVICE_MD, Proc, Stack, digest
 from tests.reliability.streams import run_stream
 
 TRIES = 40
@@ -195,3 +195,14 @@ async def test_a_revoked_key_is_refused_by_a_second_router_within_the_bound(
             assert status == "UNAUTHENTICATED"
     report["revocation reaches both routers (s)"] = [round(s, 2) for s in latency]
     # Within 15 s of the revoke although auth granted a 60 s cache: the push worked.
+
+
+def test_the_log_scan_finds_a_key_its_digest_and_the_pepper(stack: Stack) -> None:
+    key = credentials.generate(credentials.USER_KEY_PREFIX)
+    stack.secrets.add(key)
+    log = stack.tmp / "planted.log"
+    log.write_text(f"a line with {key}\n")
+    assert stack.leaks() == [f"planted.log: secret {key[:6]}…"]
+    log.write_text(f"digest={digest(key)} pepper={PEPPER}\n")
+    assert sorted(stack.leaks()) == ["planted.log: digest of ty_sk_…", "planted.log: pepper"]
+    log.unlink()  # the stack's own end-of-test scan must pass
