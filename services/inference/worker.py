@@ -20,11 +20,17 @@ from typing import Any
 from opentelemetry.trace import Span, Status, StatusCode
 from tokenyard.generation.v1 import generation_service_pb2 as gen
 
-from services.common.errors import InvalidArgument, ResourceExhausted, Unavailable
+from services.common.errors import (
+    DeadlineExceeded,
+    InvalidArgument,
+    ResourceExhausted,
+    Unavailable,
+)
 from services.common.telemetry import tracer
 from services.inference import metrics
 from services.inference.engine.engine import Engine
 from services.inference.engine.types import (
+    FINISH_CANCELLED,
     EngineClosed,
     EngineError,
     EngineFull,
@@ -32,6 +38,7 @@ from services.inference.engine.types import (
     EngineStats,
     InvalidRequest,
     SamplingConfig,
+    TokenEvent,
 )
 from services.inference.inputs import HasInput, RenderedInput, render_input
 from services.inference.streaming import ResponseAssembler
@@ -232,6 +239,10 @@ class Worker:
                         for _ in range(produced):
                             metrics.INTER_TOKEN.observe((now - last) / produced)
                     last = now
+                    if _deadline_passed(batch, deadline, now):
+                        # The caller's deadline, not a cancel: say so, rather than
+                        # racing the client's own timer with an OK "CANCELLED" reply.
+                        raise DeadlineExceeded("deadline passed before the generation finished")
                     message = assembler.feed(batch)
                     if message is not None:
                         metrics.GENERATED_TOKENS.inc(len(message.token_ids))
@@ -344,3 +355,12 @@ class Worker:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+
+
+def _deadline_passed(batch: list[TokenEvent], deadline: float | None, now: float) -> bool:
+    """Whether the engine dropped the request because its deadline passed."""
+    return (
+        deadline is not None
+        and now >= deadline
+        and any(event.finish == FINISH_CANCELLED for event in batch)
+    )

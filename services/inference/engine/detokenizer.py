@@ -93,11 +93,15 @@ class StopStringMatcher:
         if self.stopped is not None:
             return ""
         text = self._held + delta
-        found = -1
-        for stop in self._stops:  # longest first, so a tie at one index picks the longest
+        # The stop string that completes first wins (as it would while generating:
+        # generation ends the moment any stop string appears), so the result does
+        # not depend on where the deltas were cut; equal ends pick the longest.
+        found, found_end = -1, -1
+        for stop in self._stops:
             index = text.find(stop)
-            if index != -1 and (found == -1 or index < found):
-                found, self.stopped = index, stop
+            end = index + len(stop)
+            if index != -1 and (found == -1 or end < found_end):
+                found, found_end, self.stopped = index, end, stop
         if found != -1:
             self._held = ""
             return text[:found]

@@ -93,10 +93,16 @@ def test_partial_match_is_held_then_released() -> None:
     assert m.flush() == "S"
 
 
-def test_earliest_of_several_stops_wins() -> None:
+def test_the_stop_string_that_completes_first_wins() -> None:
+    # Generation ends the moment a stop string appears: "Use" is complete before "User:".
     m = StopStringMatcher(["\n\n", "User:", "Use"])
     assert run(m, ["Hello Us", "er: hi\n\n"]) == "Hello "
-    assert m.stopped == "User:"
+    assert m.stopped == "Use"
+    # The same answer whatever the cuts: "O" completes before "POO" does.
+    for deltas in (["POO"], ["PO", "O"], ["P", "O", "O"]):
+        m = StopStringMatcher(["O", "POO"])
+        assert run(m, deltas) == "P"
+        assert m.stopped == "O"
 
 
 def test_emoji_and_chinese_stops() -> None:
@@ -114,12 +120,13 @@ def test_emoji_and_chinese_stops() -> None:
 def test_stop_matcher_equals_whole_text_search(
     text: str, cuts: list[int], stops: list[str]
 ) -> None:
-    # Whatever the delta boundaries, the output is the text up to the first stop string.
+    # Whatever the delta boundaries, the output is the text up to the stop string
+    # that completes first (equal ends: the longest).
     bounds = sorted({0, len(text), *(min(c, len(text)) for c in cuts)})
     deltas = [text[a:b] for a, b in itertools.pairwise(bounds)]
     m = StopStringMatcher(stops)
     emitted = run(m, deltas)
-    hits = [text.find(s) for s in stops if s in text]
-    expected = text[: min(hits)] if hits else text
+    hits = [(text.find(s) + len(s), text.find(s)) for s in stops if s in text]
+    expected = text[: min(hits)[1]] if hits else text
     assert emitted == expected
     assert (m.stopped is not None) == bool(hits)
