@@ -101,6 +101,10 @@ def make_channel(
         ("grpc.max_send_message_length", max_message_bytes),
         ("grpc.max_receive_message_length", max_message_bytes),
         ("grpc.enable_retries", 1),
+        # Reconnect within ~2 s of the server's return: grpc's default backoff grows
+        # to 120 s, so a router would refuse every uncached key long after auth is back.
+        ("grpc.initial_reconnect_backoff_ms", 250),
+        ("grpc.max_reconnect_backoff_ms", 2000),
     ]
     if retry_methods:
         options.append(("grpc.service_config", retry_service_config(retry_methods)))
