@@ -157,6 +157,8 @@ def healthy(proc: Proc) -> int:
     return int(reply.status)
 
 
+# Examples holding 1 MB strings make hypothesis warn that their repr is large.
+@pytest.mark.filterwarnings("ignore::hypothesis.errors.HypothesisWarning")
 @pytest.mark.parametrize(("target", "method"), CASES)
 def test_random_input_gets_a_client_status_never_internal(
     services: Services, target: str, method: MethodDescriptor, report: dict[str, object]
