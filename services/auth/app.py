@@ -64,6 +64,7 @@ async def start_auth(settings: AuthSettings, core: AuthCore | None = None) -> Au
         settings.server,
         service_token=settings.internal.service_token,
         token_methods=INTERNAL_METHODS,
+        quiet_methods=INTERNAL_METHODS,  # one per router call: successes at DEBUG
     )
     pairs = [
         (auth_service_pb2_grpc.add_AuthServiceServicer_to_server, servicers.AuthServicer, "Auth"),

@@ -82,7 +82,14 @@ def _rewrap(handler: grpc.RpcMethodHandler, wrap: Callable[[Behaviour, bool], Be
 
 
 class ServerErrorInterceptor(grpc.aio.ServerInterceptor):
-    """Request id, one access-log line per call, metrics, and error mapping."""
+    """Request id, one access-log line per call, metrics, and error mapping.
+
+    Successful calls of `quiet_methods` (full names; high-rate internal RPCs such
+    as router → auth Authenticate) are logged at DEBUG; their failures stay INFO.
+    """
+
+    def __init__(self, quiet_methods: Collection[str] = ()) -> None:
+        self._quiet_ok = frozenset(quiet_methods)
 
     async def intercept_service(
         self,
@@ -94,12 +101,13 @@ class ServerErrorInterceptor(grpc.aio.ServerInterceptor):
             return handler
         method: str = details.method  # type: ignore[attr-defined]
         quiet = method.startswith(_QUIET_PREFIXES)
+        quiet_ok = method in self._quiet_ok
 
         def wrap(behaviour: Behaviour, streaming: bool) -> Behaviour:
             if streaming:
 
                 async def stream(request: Any, context: Any) -> AsyncIterator[Any]:
-                    state = _Call(method, context, quiet)
+                    state = _Call(method, context, quiet, quiet_ok)
                     try:
                         result = behaviour(request, context)
                         if hasattr(result, "__aiter__"):
@@ -115,7 +123,7 @@ class ServerErrorInterceptor(grpc.aio.ServerInterceptor):
                 return stream
 
             async def unary(request: Any, context: Any) -> Any:
-                state = _Call(method, context, quiet)
+                state = _Call(method, context, quiet, quiet_ok)
                 try:
                     return await behaviour(request, context)
                 except BaseException as exc:
@@ -131,8 +139,8 @@ class ServerErrorInterceptor(grpc.aio.ServerInterceptor):
 class _Call:
     """Bookkeeping of one call: its request id, timing and final status."""
 
-    def __init__(self, method: str, context: Any, quiet: bool) -> None:
-        self.method, self.context, self.quiet = method, context, quiet
+    def __init__(self, method: str, context: Any, quiet: bool, quiet_ok: bool = False) -> None:
+        self.method, self.context, self.quiet, self.quiet_ok = method, context, quiet, quiet_ok
         # Read now: peer() on a call torn down by a server stop can crash grpc's cython layer.
         self.peer = context.peer()
         self.start = time.perf_counter()
@@ -166,7 +174,8 @@ class _Call:
         name = grpc_code_name(self.code)
         RPC_REQUESTS.labels(self.method, name).inc()
         RPC_SECONDS.labels(self.method).observe(elapsed)
-        level = logging.DEBUG if self.quiet else logging.INFO
+        quiet = self.quiet or (self.quiet_ok and self.code == grpc.StatusCode.OK)
+        level = logging.DEBUG if quiet else logging.INFO
         log.log(
             level,
             "%s %s",

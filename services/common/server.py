@@ -73,12 +73,13 @@ class GrpcServer:
         *,
         service_token: str | None = None,
         token_methods: Sequence[str] | None = None,
+        quiet_methods: Sequence[str] = (),
         extra_interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
     ) -> None:
         self.settings = settings
         interceptors: list[grpc.aio.ServerInterceptor] = [
             server_tracing_interceptor(),
-            ServerErrorInterceptor(),
+            ServerErrorInterceptor(quiet_methods),
         ]
         if service_token:
             interceptors.append(ServiceTokenInterceptor(service_token, token_methods))

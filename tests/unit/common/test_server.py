@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -188,5 +189,27 @@ async def test_service_token_required_when_configured() -> None:
     # Health stays open to probes without the token.
     health = health_pb2_grpc.HealthStub(channel)
     assert (await health.Check(health_pb2.HealthCheckRequest())).status == 1
+    await channel.close()
+    await server.stop(0)
+
+
+async def test_quiet_methods_log_successes_at_debug_and_failures_at_info(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """High-rate internal RPCs do not flood the access log, but their errors still show."""
+    caplog.set_level(logging.DEBUG, logger="tokenyard.access")
+    server = GrpcServer(
+        ServerSettings(), quiet_methods=[f"/{SERVICE}/Generate", f"/{SERVICE}/Nothing"]
+    )
+    server.add(gen_grpc.add_GenerationServiceServicer_to_server, Servicer(), SERVICE)
+    port = await server.start()
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+    stub = gen_grpc.GenerationServiceStub(channel)
+    await stub.Generate(gen.GenerateRequest(model="fine"))
+    with pytest.raises(grpc.aio.AioRpcError):
+        await stub.Generate(gen.GenerateRequest(model="bad"))
+    levels = [(r.levelno, r.getMessage()) for r in caplog.records if r.name == "tokenyard.access"]
+    assert (logging.DEBUG, f"/{SERVICE}/Generate OK") in levels
+    assert (logging.INFO, f"/{SERVICE}/Generate INVALID_ARGUMENT") in levels
     await channel.close()
     await server.stop(0)
