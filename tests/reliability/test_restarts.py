@@ -120,4 +120,11 @@ async def test_router_restarted_clients_retry_and_no_generation_is_orphaned(
     if sig == signal.SIGTERM:  # a graceful stop flushes usage, the cut streams included
         usage = await settled_usage(auth, admin, user.user_id, 2 * n, timeout=30)
         assert usage.total_requests == 2 * n
-        assert usage.total_completion_tokens == sum(o.tokens for o in cut + retried)
+        received = sum(o.tokens for o in cut + retried)
+        # Billed = what the router relayed. A message the router had handed to gRPC
+        # when the stop cut the call may never reach the client, so a cut stream may
+        # be billed for at most that one in-flight message (one token at this pace).
+        assert received <= usage.total_completion_tokens <= received + n, (
+            usage.total_completion_tokens,
+            received,
+        )
