@@ -6,9 +6,15 @@ import base64
 import binascii
 import hashlib
 import json
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
 
 from services.common.errors import InvalidArgument
+
+if TYPE_CHECKING:
+    from services.auth.db.engine import Database
 
 DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 1000
@@ -55,3 +61,27 @@ def decode(token: str, filters: Any = None, arity: int = 1) -> list[Any] | None:
     if data.get("f") != _fingerprint(filters):
         raise InvalidArgument("page_token", "page token does not match the request's filters")
     return position
+
+
+async def by_unique_column(
+    db: Database, column: Any, size: int, token: str, kind: str
+) -> tuple[list[Any], str]:
+    """A page of the rows of `column`'s table, ordered by that unique string column.
+
+    Keyset pagination: the token holds the last value seen, so pages stay stable
+    while rows are added; `kind` binds the token to this listing.
+    """
+    limit = page_size(size)
+    after = decode(token, kind)
+
+    def query(session: Session) -> list[Any]:
+        stmt = select(column.class_).order_by(column).limit(limit + 1)
+        if after is not None:
+            stmt = stmt.where(column > str(after[0]))
+        return list(session.scalars(stmt))
+
+    rows = await db.read(query)
+    if len(rows) <= limit:
+        return rows, ""
+    rows = rows[:limit]
+    return rows, encode([getattr(rows[-1], column.key)], kind)

@@ -110,19 +110,7 @@ class Roles:
     async def list_page(self, caller: Caller, size: int, token: str) -> tuple[list[RoleRow], str]:
         """A page of roles ordered by name."""
         await self.core.require(caller, "roles.admin", "ListRoles")
-        limit = pages.page_size(size)
-        after = pages.decode(token, "roles")
-
-        def query(session: Session) -> list[RoleRow]:
-            stmt = select(RoleRow).order_by(RoleRow.name).limit(limit + 1)
-            if after is not None:
-                stmt = stmt.where(RoleRow.name > str(after[0]))
-            return list(session.scalars(stmt))
-
-        rows = await self.core.db.read(query)
-        more = len(rows) > limit
-        rows = rows[:limit]
-        return rows, pages.encode([rows[-1].name], "roles") if more else ""
+        return await pages.by_unique_column(self.core.db, RoleRow.name, size, token, "roles")
 
     async def update(self, caller: Caller, spec: RoleSpec, paths: list[str]) -> RoleRow:
         """Change the masked fields; holders' cached principals are dropped."""

@@ -152,19 +152,7 @@ class Users:
     async def list_page(self, caller: Caller, size: int, token: str) -> tuple[list[UserRow], str]:
         """A page of users ordered by username."""
         await self.core.require(caller, "users.admin", "ListUsers")
-        limit = pages.page_size(size)
-        after = pages.decode(token, "users")
-
-        def query(session: Session) -> list[UserRow]:
-            stmt = select(UserRow).order_by(UserRow.username).limit(limit + 1)
-            if after is not None:
-                stmt = stmt.where(UserRow.username > str(after[0]))
-            return list(session.scalars(stmt))
-
-        rows = await self.core.db.read(query)
-        more = len(rows) > limit
-        rows = rows[:limit]
-        return rows, pages.encode([rows[-1].username], "users") if more else ""
+        return await pages.by_unique_column(self.core.db, UserRow.username, size, token, "users")
 
     async def update(self, caller: Caller, change: UserChange) -> UserRow:
         """Change the masked fields; role changes follow the no-escalation rule."""
