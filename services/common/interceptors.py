@@ -8,6 +8,7 @@ stack trace goes to the log alone.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import logging
 import time
@@ -79,6 +80,42 @@ def _rewrap(handler: grpc.RpcMethodHandler, wrap: Callable[[Behaviour, bool], Be
         handler.request_deserializer,
         handler.response_serializer,
     )
+
+
+class StreamClosingInterceptor(grpc.aio.ServerInterceptor):
+    """Sends streamed responses with `context.write`, closing the stream in its own task.
+
+    grpc.aio iterates a handler's async generator itself. When a call is cancelled
+    while grpc is blocked sending (a client that stopped reading, then cancelled),
+    grpc cancels the task at that send and abandons the generator: its cleanup
+    (freeing an engine slot, cancelling the upstream call) then waits for garbage
+    collection and runs in another task and context. Outermost in the stack, this
+    interceptor hands grpc a coroutine instead, writes each message itself, and
+    closes the generator in the same task however the call ends.
+    """
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(details)
+        if handler is None or not (handler.unary_stream or handler.stream_stream):
+            return handler
+
+        def wrap(behaviour: Behaviour, streaming: bool) -> Behaviour:
+            async def write_all(request: Any, context: Any) -> None:
+                result = behaviour(request, context)
+                if not hasattr(result, "__aiter__"):  # already writes with context.write
+                    await result
+                    return
+                async with contextlib.aclosing(result):
+                    async for message in result:
+                        await context.write(message)
+
+            return write_all
+
+        return _rewrap(handler, wrap)  # type: ignore[no-any-return]
 
 
 class ServerErrorInterceptor(grpc.aio.ServerInterceptor):
@@ -189,7 +226,10 @@ class _Call:
                 "request_id": self.request_id,
             },
         )
-        request_id_var.reset(self.token)
+        # A generator finalised outside its call's task runs in another context,
+        # where the token cannot be reset; that context is discarded anyway.
+        with contextlib.suppress(ValueError):
+            request_id_var.reset(self.token)
 
 
 class ServiceTokenInterceptor(grpc.aio.ServerInterceptor):

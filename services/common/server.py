@@ -21,7 +21,11 @@ from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
 from services.common.config import InternalSettings, ServerSettings
-from services.common.interceptors import ServerErrorInterceptor, ServiceTokenInterceptor
+from services.common.interceptors import (
+    ServerErrorInterceptor,
+    ServiceTokenInterceptor,
+    StreamClosingInterceptor,
+)
 from services.common.lenient import lenient
 from services.common.telemetry import server_tracing_interceptor
 
@@ -78,6 +82,7 @@ class GrpcServer:
     ) -> None:
         self.settings = settings
         interceptors: list[grpc.aio.ServerInterceptor] = [
+            StreamClosingInterceptor(),  # first: outermost, see its docstring
             server_tracing_interceptor(),
             ServerErrorInterceptor(quiet_methods),
         ]

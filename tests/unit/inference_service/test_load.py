@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 from typing import Any
 
 import grpc
@@ -31,13 +32,21 @@ def long_request(max_tokens: int = LONG) -> gen.StreamGenerateRequest:
 
 
 async def test_cancel_frees_the_slot(long_model: LoadedModel) -> None:
-    async with serving(long_model, max_running=1) as w:
-        call = w.gen.StreamGenerate(long_request())
-        await call.read()
-        await w.watch_until(lambda r: r.running == 1)
-        call.cancel()
-        report = await w.watch_until(lambda r: r.running == 0)
-        stats = w.app.engine.stats()
+    # The client reads once and stops, so the worker is mostly inside a send when
+    # the cancel lands. The slot must come back through the call's own cleanup,
+    # not when garbage collection finds an abandoned generator: collection is off.
+    gc.disable()
+    try:
+        async with serving(long_model, max_running=1) as w:
+            call = w.gen.StreamGenerate(long_request())
+            await call.read()
+            await w.watch_until(lambda r: r.running == 1)
+            await asyncio.sleep(0.2)  # let the worker run ahead of the idle reader
+            call.cancel()
+            report = await w.watch_until(lambda r: r.running == 0)
+            stats = w.app.engine.stats()
+    finally:
+        gc.enable()
     assert report.free_slots == 1
     assert stats.total_cancelled == 1
     assert stats.total_generated_tokens < LONG
