@@ -213,7 +213,7 @@ def run_engine_levels(
 
 
 def interleaved(
-    fp32: LoadedModel, bf16: LoadedModel, new: int, reps: int
+    fp32: LoadedModel, engine_model: LoadedModel, new: int, reps: int
 ) -> list[tuple[str, float, float]]:
     """Best-of-`reps` A/B runs, alternated so both sides see the same machine load.
 
@@ -224,11 +224,11 @@ def interleaved(
     best: dict[str, float] = {}
 
     async def engine_runs() -> None:
-        engine = Engine(bf16, max_running=64, max_queued=64, max_batch_tokens=512)
+        engine = Engine(engine_model, max_running=64, max_queued=64, max_batch_tokens=512)
         engine.warmup()
         engine.start()
         try:
-            await bench_engine(engine, prompts_for(bf16, 4), 8, 0.0, "warm")
+            await bench_engine(engine, prompts_for(engine_model, 4), 8, 0.0, "warm")
             for _ in range(reps):
                 seq = bench_sequential(fp32, one, new)
                 best["a"] = max(best.get("a", 0.0), seq.tok_s)
@@ -266,7 +266,7 @@ HEADER = (
 )
 
 
-def plot(results: list[Result], base: Result, static: Result, path: Path) -> None:
+def plot(results: list[Result], base: Result, static: Result, label: str, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -274,12 +274,12 @@ def plot(results: list[Result], base: Result, static: Result, path: Path) -> Non
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
     for mode, marker in (("together", "o"), ("staggered", "s")):
-        rows = [r for r in results if r.name.endswith(mode) and "bfloat16" in r.name]
+        rows = [r for r in results if r.name.endswith(mode) and label in r.name]
         rows = sorted(rows, key=lambda r: r.concurrency)
         if not rows:
             continue
         xs = [r.concurrency for r in rows]
-        ax1.plot(xs, [r.tok_s for r in rows], marker=marker, label=f"engine bf16, {mode}")
+        ax1.plot(xs, [r.tok_s for r in rows], marker=marker, label=f"engine {label}, {mode}")
         ax2.plot(xs, [r.pct(0.5) * 1000 for r in rows], marker=marker, label=f"p50, {mode}")
         ax2.plot(
             xs, [r.pct(0.99) * 1000 for r in rows], marker=marker, ls=":", label=f"p99, {mode}"
@@ -308,6 +308,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--cache-dir", type=Path, default=Path.home() / ".cache/tokenyard/models")
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--levels", default="1,4,16,32,64")
+    parser.add_argument("--dtype", default="auto", help="the engine's dtype (as the worker's)")
     parser.add_argument("--stagger", type=float, default=0.05, help="seconds between arrivals")
     parser.add_argument("--sequential-prompts", type=int, default=4)
     parser.add_argument("--engine-fp32", action="store_true", help="also run the engine in fp32")
@@ -324,13 +325,20 @@ def main(argv: list[str] | None = None) -> None:
     torch.manual_seed(0)
     new = args.new_tokens
 
-    bf16 = load_model(args.model, device="cpu", dtype="bfloat16", cache_dir=args.cache_dir)
-    print(f"model {bf16.name}, {new} new tokens, prompt {len(prompts_for(bf16, 1)[0])} tokens")
-    print(f"torch threads {torch.get_num_threads()}")
+    engine_model = load_model(args.model, device="cpu", dtype=args.dtype, cache_dir=args.cache_dir)
+    label = str(engine_model.dtype).removeprefix("torch.")
+    prompt_len = len(prompts_for(engine_model, 1)[0])
+    print(f"model {engine_model.name}, {new} new tokens, prompt {prompt_len} tokens")
+    print(f"torch threads {torch.get_num_threads()}, engine dtype {label} (--dtype {args.dtype})")
     if args.engine_only:
         print(HEADER)
-        run_engine_levels(bf16, levels, new, args.stagger, "bfloat16")
+        run_engine_levels(engine_model, levels, new, args.stagger, label)
         return
+    bf16 = (
+        engine_model
+        if engine_model.dtype is torch.bfloat16
+        else load_model(args.model, device="cpu", dtype="bfloat16", cache_dir=args.cache_dir)
+    )
     fp32 = load_model(args.model, device="cpu", dtype="float32", cache_dir=args.cache_dir)
     print(HEADER)
     base = bench_sequential(fp32, prompts_for(fp32, args.sequential_prompts), new)
@@ -345,19 +353,19 @@ def main(argv: list[str] | None = None) -> None:
         print_row(cb, base, static32)
     else:
         print(f"{'transformers generate_batch':34s} {cb}")
-    results = run_engine_levels(bf16, levels, new, args.stagger, "bfloat16")
-    if args.engine_fp32:
+    results = run_engine_levels(engine_model, levels, new, args.stagger, label)
+    if args.engine_fp32 and label != "float32":
         results += run_engine_levels(fp32, [1, 16], new, args.stagger, "float32")
     print("\nsummary (ratios to (a) sequential fp32 and (b) static batch 16 fp32)")
     print(HEADER)
     for r in [base, static32, static16, *([cb] if isinstance(cb, Result) else []), *results]:
         print_row(r, base, static32)
     path = OUT / "engine_bench.png"
-    plot(results, base, static32, path)
+    plot(results, base, static32, label, path)
     print(f"plot: {path}")
     if args.ab_reps > 0:
         print(f"\ninterleaved A/B, best of {args.ab_reps} (tok/s)")
-        for label, engine_tps, base_tps in interleaved(fp32, bf16, new, args.ab_reps):
+        for label, engine_tps, base_tps in interleaved(fp32, engine_model, new, args.ab_reps):
             ratio = engine_tps / base_tps
             print(f"  {label:44s} {engine_tps:8.1f} vs {base_tps:8.1f} = {ratio:5.2f}x")
 

@@ -31,10 +31,28 @@ _DTYPES: dict[str, torch.dtype] = {
     "bfloat16": torch.bfloat16,
     "float16": torch.float16,
 }
-# Measured by bench/engine_bench.py on the 2-core AMX CPU: the engine in bf16 makes
-# ~130 tok/s at 16 streams against ~72 in fp32 (decode step at batch 1: 29 vs 50 ms),
-# and the demo model still answers correctly (tests), so "auto" picks bf16 on CPU too.
-_CPU_AUTO_DTYPE = torch.bfloat16
+# CPU flags under which bf16 matrix products run in hardware (Intel AMX, AVX-512 BF16).
+_FAST_BF16_FLAGS = frozenset({"amx_bf16", "avx512_bf16"})
+
+
+def cpu_has_fast_bf16(cpuinfo: str | None = None) -> bool:
+    """Whether this CPU multiplies bfloat16 in hardware (from Linux /proc/cpuinfo flags).
+
+    Measured by bench/engine_bench.py: on a 2-core AMX CPU the engine in bf16 made
+    ~130 tok/s at 16 streams against ~72 in fp32; on a 2-core AVX2-only EPYC a bf16
+    matmul the size of the demo model's output layer took 2.5x as long as in fp32.
+    So "auto" picks bf16 on CPU only where the hardware has it.
+    """
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
+        except OSError:  # not Linux: no way to tell, so the safe choice
+            return False
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "flags":
+            return not _FAST_BF16_FLAGS.isdisjoint(value.split())
+    return False
 
 
 class ModelLoadError(ValueError):
@@ -76,9 +94,13 @@ def resolve_device(device: str) -> torch.device:
 
 
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    """Turn ``auto|float32|bfloat16|float16`` into a torch dtype for `device`."""
+    """Turn ``auto|float32|bfloat16|float16`` into a torch dtype for `device`.
+
+    auto: bfloat16 on GPU; on CPU bfloat16 where it runs in hardware, else float32.
+    """
     if dtype == "auto":
-        return torch.bfloat16 if device.type == "cuda" else _CPU_AUTO_DTYPE
+        fast = device.type == "cuda" or cpu_has_fast_bf16()
+        return torch.bfloat16 if fast else torch.float32
     try:
         return _DTYPES[dtype]
     except KeyError:

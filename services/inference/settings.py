@@ -84,7 +84,10 @@ class InferenceSettings:
         parse_choice("auto", "float32", "bfloat16", "float16"),
         default="auto",
         flag="--dtype",
-        help="Weight data type.",
+        help=(
+            "Weight data type; auto is bfloat16 on GPU and on CPUs with bf16 hardware "
+            "(AMX, AVX-512 BF16), float32 on other CPUs."
+        ),
     )
     max_running: int = setting(
         "TOKENYARD_{service}_MAX_RUNNING",

@@ -10,6 +10,7 @@ import torch
 
 from services.inference.model_loading import (
     ModelLoadError,
+    cpu_has_fast_bf16,
     load_model,
     resolve_device,
     resolve_dtype,
@@ -39,6 +40,23 @@ def test_dtypes() -> None:
     with pytest.raises(ModelLoadError, match="dtype"):
         resolve_dtype("int3", cpu)
     assert issubclass(ModelLoadError, ValueError)
+    expected = torch.bfloat16 if cpu_has_fast_bf16() else torch.float32
+    assert resolve_dtype("auto", cpu) is expected
+
+
+@pytest.mark.parametrize(
+    ("flags", "fast"),
+    [
+        ("fpu sse2 avx2 fma", False),  # an AVX2-only EPYC: bf16 is emulated, fp32 wins
+        ("fpu avx2 avx512f avx512_bf16", True),
+        ("fpu avx2 avx512f amx_bf16 amx_tile", True),
+        ("fpu avx512f amx_tile", False),  # AMX without its bf16 unit
+    ],
+)
+def test_cpu_auto_dtype_follows_bf16_hardware(flags: str, fast: bool) -> None:
+    cpuinfo = f"processor\t: 0\nmodel name\t: Some CPU\nflags\t\t: {flags}\n"
+    assert cpu_has_fast_bf16(cpuinfo) is fast
+    assert cpu_has_fast_bf16("processor\t: 0\n") is False  # no flags line: the safe choice
 
 
 def test_missing_path(tmp_path: Path) -> None:
