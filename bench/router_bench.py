@@ -202,6 +202,16 @@ async def workload(
     return Result(counts["messages"], counts["tokens"], elapsed, ttfts, cpu)
 
 
+def merged(results: Sequence[Result]) -> Result:
+    """Several windows of the same workload as one."""
+    return Result(
+        sum(r.messages for r in results),
+        sum(r.tokens for r in results),
+        sum(r.seconds for r in results),
+        [t for r in results for t in r.ttfts],
+    )
+
+
 def pct(values: list[float], q: float) -> float:
     if not values:
         return float("nan")
@@ -277,6 +287,17 @@ async def part_relay(args: argparse.Namespace) -> None:
                 f"| {via.rate:,.0f} | {base_us:.1f} | {via_us:.1f} | {via_us / base_us:.2f} |",
                 flush=True,
             )
+        # TTFT added by each hop with no model compute to compete with for the cores.
+        samples = args.ttft_samples
+        hop = await paired_ttft(worker, proxy_addr, "fake-model", samples, ())
+        added = await paired_ttft(worker, router, "fake-model", samples, auth_md)
+        print(
+            f"\nAdded TTFT over {samples} alternating single requests (test-double worker): "
+            f"router p50 {pct(added, 0.5) * 1e3:+.2f} ms, p99 {pct(added, 0.99) * 1e3:+.2f} ms; "
+            f"bare proxy (baseline) p50 {pct(hop, 0.5) * 1e3:+.2f} ms, "
+            f"p99 {pct(hop, 0.99) * 1e3:+.2f} ms",
+            flush=True,
+        )
     finally:
         procs.stop_all()
 
@@ -307,20 +328,31 @@ async def part_model(args: argparse.Namespace) -> None:
         auth_md = (("authorization", f"Bearer {KEY}"),)
         print(f"\n## 2. real model worker ({model} on {described.device})")
         print(
-            "| conc | direct tok/s | router tok/s | ratio | TTFT p50 direct/router ms "
+            f"| conc | direct tok/s | router tok/s | ratio (range over {args.model_reps} pairs) "
+            "| TTFT p50 direct/router ms "
             "| TTFT p99 direct/router ms | added p50 ms |"
         )
         print("|---|---|---|---|---|---|---|")
         for conc in args.model_concurrency:
-            await idle(worker)
-            direct = await workload(worker, conc, args.model_seconds, req)
-            await idle(worker)
-            via = await workload(router, conc, args.model_seconds, req, metadata=auth_md)
+            # Alternate direct and routed windows: the 2-core machine's load drifts, so
+            # each side sees the same mix; the ratio is of the summed tokens.
+            directs: list[Result] = []
+            routed: list[Result] = []
+            for _ in range(args.model_reps):
+                await idle(worker)
+                directs.append(await workload(worker, conc, args.model_seconds, req))
+                await idle(worker)
+                routed.append(
+                    await workload(router, conc, args.model_seconds, req, metadata=auth_md)
+                )
+            direct, via = merged(directs), merged(routed)
+            pairs = [v.token_rate / d.token_rate for d, v in zip(directs, routed, strict=True)]
             d50, r50 = pct(direct.ttfts, 0.5) * 1e3, pct(via.ttfts, 0.5) * 1e3
             d99, r99 = pct(direct.ttfts, 0.99) * 1e3, pct(via.ttfts, 0.99) * 1e3
             print(
                 f"| {conc} | {direct.token_rate:,.1f} | {via.token_rate:,.1f} "
-                f"| {via.token_rate / direct.token_rate:.3f} | {d50:.1f} / {r50:.1f} "
+                f"| {via.token_rate / direct.token_rate:.3f} "
+                f"({min(pairs):.2f} to {max(pairs):.2f}) | {d50:.1f} / {r50:.1f} "
                 f"| {d99:.1f} / {r99:.1f} | {r50 - d50:+.2f} |",
                 flush=True,
             )
@@ -329,6 +361,17 @@ async def part_model(args: argparse.Namespace) -> None:
         print(
             f"\nAdded TTFT, {len(added)} alternating single requests (max_tokens=1) direct vs "
             f"router: p50 {pct(added, 0.5) * 1e3:+.2f} ms, p99 {pct(added, 0.99) * 1e3:+.2f} ms",
+            flush=True,
+        )
+        # The same through a bare grpc.aio pass-through proxy: what one hop costs alone.
+        pport = _free_port()
+        procs.start([PY, __file__, "--proxy-serve", str(pport), worker])
+        await asyncio.sleep(1.0)  # the bare proxy has no health service
+        await idle(worker)
+        hop = await paired_ttft(worker, f"127.0.0.1:{pport}", model, args.ttft_samples, ())
+        print(
+            f"Added TTFT, same through a bare pass-through proxy (baseline): "
+            f"p50 {pct(hop, 0.5) * 1e3:+.2f} ms, p99 {pct(hop, 0.99) * 1e3:+.2f} ms",
             flush=True,
         )
     finally:
@@ -439,6 +482,7 @@ def main() -> None:
     parser.add_argument("--model-tokens", type=int, default=64)
     parser.add_argument("--model-seconds", type=float, default=10.0)
     parser.add_argument("--model-concurrency", type=int, nargs="+", default=[1, 16, 64])
+    parser.add_argument("--model-reps", type=int, default=3, help="direct/router window pairs")
     parser.add_argument("--ttft-samples", type=int, default=40)
     parser.add_argument("--workers", type=int, default=3)
     parser.add_argument(
