@@ -308,7 +308,11 @@ async def part_model(args: argparse.Namespace) -> None:
         wport = _free_port()
         procs.start(
             [TOKENYARD, "inference", "serve", "--model", args.model, "--port", str(wport)],
-            {"TOKENYARD_INFERENCE_PORT": str(wport)},
+            {
+                "TOKENYARD_INFERENCE_PORT": str(wport),
+                "OMP_NUM_THREADS": str(args.worker_threads),
+                "MKL_NUM_THREADS": str(args.worker_threads),
+            },
         )
         worker = f"127.0.0.1:{wport}"
         await wait_serving(worker, timeout=600)
@@ -326,7 +330,10 @@ async def part_model(args: argparse.Namespace) -> None:
             return r
 
         auth_md = (("authorization", f"Bearer {KEY}"),)
-        print(f"\n## 2. real model worker ({model} on {described.device})")
+        print(
+            f"\n## 2. real model worker ({model} on {described.device}, "
+            f"{args.worker_threads} torch threads of {os.cpu_count()} cores)"
+        )
         print(
             f"| conc | direct tok/s | router tok/s | ratio (range over {args.model_reps} pairs) "
             "| TTFT p50 direct/router ms "
@@ -482,6 +489,13 @@ def main() -> None:
     parser.add_argument("--model-tokens", type=int, default=64)
     parser.add_argument("--model-seconds", type=float, default=10.0)
     parser.add_argument("--model-concurrency", type=int, nargs="+", default=[1, 16, 64])
+    parser.add_argument(
+        "--worker-threads",
+        type=int,
+        default=max(1, (os.cpu_count() or 2) - 1),
+        help="the model worker's torch threads (default: all cores but one, so the router "
+        "and this client do not stall the worker's parallel kernels, as in a deployment)",
+    )
     parser.add_argument("--model-reps", type=int, default=3, help="direct/router window pairs")
     parser.add_argument("--ttft-samples", type=int, default=40)
     parser.add_argument("--workers", type=int, default=3)
