@@ -21,7 +21,7 @@ from services.common.server import GrpcServer
 from services.inference import servicer, worker_service
 from services.inference.engine.engine import Engine
 from services.inference.metrics import LoadSampler
-from services.inference.model_loading import LoadedModel
+from services.inference.model_loading import LoadedModel, default_kv_cache_bytes
 from services.inference.settings import InferenceSettings
 from services.inference.worker import Worker, WorkerInfo, tokenyard_version
 
@@ -50,12 +50,20 @@ class InferenceApp:
     def __init__(self, settings: InferenceSettings, loaded: LoadedModel) -> None:
         self.settings = settings
         self.loaded = loaded
+        kv_bytes = settings.kv_cache_mib * 2**20 or default_kv_cache_bytes(loaded.device)
         self.engine = Engine(
             loaded,
             max_running=settings.max_running,
             max_queued=settings.max_queued,
             max_batch_tokens=settings.max_batch_tokens,
             prefix_cache=settings.prefix_cache,
+            kv_cache_bytes=kv_bytes,
+        )
+        log.info(
+            "kv cache budget %d MiB: up to %d positions per sequence, %d sequences",
+            kv_bytes // 2**20,
+            self.engine.context_length,
+            settings.max_running,
         )
         info = WorkerInfo(
             model=settings.served_model_name or loaded.name,

@@ -55,6 +55,30 @@ def cpu_has_fast_bf16(cpuinfo: str | None = None) -> bool:
     return False
 
 
+def available_memory_bytes(device: torch.device) -> int:
+    """Memory free for new allocations on `device` now (GPU: free; CPU: MemAvailable)."""
+    if device.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(device)
+        return int(free)
+    try:
+        for line in Path("/proc/meminfo").read_text(encoding="utf-8").splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+
+
+def default_kv_cache_bytes(device: torch.device) -> int:
+    """The KV cache budget when none is set: half the free memory (80% on a GPU).
+
+    On CPU the rest stays for activations, the prefix cache, the tokenizer and other
+    processes on the machine; a GPU holds little besides the model and its cache.
+    """
+    free = available_memory_bytes(device)
+    return int(free * 0.8) if device.type == "cuda" else free // 2
+
+
 class ModelLoadError(ValueError):
     """The model spec, device or dtype is unusable; the message says why."""
 

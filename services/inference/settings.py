@@ -16,6 +16,7 @@ from services.common.settings import (
     load_settings,
     parse_bool,
     parse_choice,
+    parse_non_negative_int,
     parse_path,
     parse_port,
     parse_positive_int,
@@ -109,6 +110,17 @@ class InferenceSettings:
         default=512,
         flag="--max-batch-tokens",
         help="Most tokens (prefill chunks plus decodes) computed in one engine step.",
+    )
+    kv_cache_mib: int = setting(
+        "TOKENYARD_{service}_KV_CACHE_MIB",
+        parse_non_negative_int,
+        default=0,
+        flag="--kv-cache-mib",
+        help=(
+            "Memory for running sequences' keys and values; it caps the context each "
+            "sequence may use. 0: half the memory available after the model loads "
+            "(80% of free GPU memory on a GPU)."
+        ),
     )
     prefix_cache: bool = setting(
         "TOKENYARD_{service}_PREFIX_CACHE",

@@ -67,6 +67,7 @@ class Engine:
         prefix_cache: bool = True,
         prefix_cache_bytes: int = 256 * 2**20,
         prefix_block_size: int = 16,
+        kv_cache_bytes: int | None = None,
     ) -> None:
         if max_running < 1:
             raise ValueError("max_running must be at least 1")
@@ -80,11 +81,16 @@ class Engine:
         self.max_batch_tokens = max_batch_tokens
         self.runner = Runner(loaded.model)
         self.context_length = min(loaded.context_length, self.runner.context_length)
+        if kv_cache_bytes is not None:
+            self.context_length = min(
+                self.context_length, kv_positions(self.runner, max_running, kv_cache_bytes)
+            )
         cache = PrefixCache(prefix_block_size, prefix_cache_bytes) if prefix_cache else None
         self._scheduler = Scheduler(
             self.runner,
             max_running=max_running,
             max_batch_tokens=max_batch_tokens,
+            context_length=self.context_length,
             eos_token_ids=loaded.eos_token_ids,
             prefix_cache=cache,
             deliver=self._deliver,
@@ -320,6 +326,27 @@ class Engine:
         for loop, future in waiters:
             with contextlib.suppress(RuntimeError):
                 loop.call_soon_threadsafe(_resolve, future)
+
+
+MIN_KV_POSITIONS = 64
+
+
+def kv_positions(runner: Runner, max_running: int, budget_bytes: int) -> int:
+    """Positions per sequence that a KV cache of `budget_bytes` holds for every slot.
+
+    Each of the `max_running` slots may grow to the engine's context length, so the
+    budget caps that length: the cache can never outgrow it, whatever the requests.
+    Raises ValueError when the budget cannot hold even `MIN_KV_POSITIONS`.
+    """
+    per_position = runner.kv_bytes_per_position() * max_running
+    positions = budget_bytes // per_position
+    if positions < MIN_KV_POSITIONS:
+        raise ValueError(
+            f"a KV cache of {budget_bytes / 2**20:.1f} MiB holds {positions} positions per "
+            f"sequence at max_running={max_running} ({per_position} bytes per position); "
+            f"at least {MIN_KV_POSITIONS} are needed: give it more memory or lower max_running"
+        )
+    return int(positions)
 
 
 def _resolve(future: asyncio.Future[None]) -> None:

@@ -190,6 +190,11 @@ class Runner:
             b_down=_bias(mlp.down_proj),
         )
 
+    def kv_bytes_per_position(self) -> int:
+        """Key and value bytes one sequence position takes in the cache, all layers."""
+        element = torch.empty(0, dtype=self.dtype).element_size()
+        return 2 * self.n_layers * self.n_kv_heads * self.head_dim * element
+
     def new_cache(self, slots: int, capacity: int = 256) -> KVCache:
         """An empty cache for `slots` sequences."""
         return KVCache(self, slots, min(capacity, self.context_length))

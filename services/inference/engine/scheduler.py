@@ -88,6 +88,7 @@ class Scheduler:
         *,
         max_running: int,
         max_batch_tokens: int,
+        context_length: int,
         eos_token_ids: frozenset[int],
         prefix_cache: PrefixCache | None,
         deliver: Deliver,
@@ -97,10 +98,11 @@ class Scheduler:
         self.runner = runner
         self.max_running = max_running
         self.max_batch_tokens = max_batch_tokens
+        self.context_length = context_length  # positions a sequence may use
         self.eos_token_ids = eos_token_ids
         self.prefix_cache = prefix_cache
-        self._initial_capacity = initial_capacity
-        self.cache: KVCache = runner.new_cache(max_running, initial_capacity)
+        self._initial_capacity = min(initial_capacity, context_length)
+        self.cache: KVCache = runner.new_cache(max_running, self._initial_capacity)
         self.running: list[Sequence] = []
         self.waiting: deque[Sequence] = deque()
         self._deliver = deliver
@@ -206,7 +208,7 @@ class Scheduler:
                 self.prefix_reused_tokens += length
 
     def _ensure_capacity(self, needed: int) -> None:
-        self.cache.ensure_capacity(needed, self.runner.context_length)
+        self.cache.ensure_capacity(needed, self.context_length)
 
     def _store_prefix(self, seq: Sequence, limit: int) -> None:
         if self.prefix_cache is None:
@@ -325,7 +327,7 @@ class Scheduler:
             token in sampling.stop_token_ids
         ):
             finish = FINISH_STOP
-        elif seq.generated >= sampling.max_tokens or len(seq.tokens) >= self.runner.context_length:
+        elif seq.generated >= sampling.max_tokens or len(seq.tokens) >= self.context_length:
             finish = FINISH_LENGTH
         event = TokenEvent(
             token, choice.logprob, choice.top_logprobs, finish, self._cached_for_event(seq)

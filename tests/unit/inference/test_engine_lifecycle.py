@@ -9,12 +9,16 @@ import pytest
 
 from services.inference.engine import (
     FINISH_CANCELLED,
+    FINISH_LENGTH,
     NO_TOKEN,
     Engine,
     EngineClosed,
     EngineFull,
+    InvalidRequest,
     TokenEvent,
 )
+from services.inference.engine.engine import MIN_KV_POSITIONS
+from services.inference.engine.runner import Runner
 from services.inference.model_loading import LoadedModel
 from tests.unit.inference.conftest import EngineFactory
 from tests.unit.inference.helpers import collect, hf_greedy, request
@@ -202,3 +206,39 @@ async def test_kv_cache_grows_for_long_sequences_and_shrinks_when_idle(
     await engine.wait_idle()
     assert engine.stats().kv_cache_bytes == idle_bytes
     assert engine.stats().total_steps > 0
+
+
+async def test_kv_cache_budget_caps_the_context_and_the_cache(
+    make_engine: EngineFactory, tiny: LoadedModel, prompts: list[list[int]]
+) -> None:
+    slots, positions = 4, 96
+    per_position = Runner(tiny.model).kv_bytes_per_position()
+    budget = per_position * slots * positions + per_position - 1  # a partial position is unused
+    engine = make_engine(max_running=slots, kv_cache_bytes=budget)
+    assert engine.context_length == positions < tiny.context_length
+    # Every slot runs to the capped context: the cache never outgrows the budget.
+    events = await asyncio.gather(
+        *(
+            collect(engine, request(prompts[i], f"r{i}", max_tokens=400, ignore_eos=True))
+            for i in range(slots)
+        )
+    )
+    for i, got in enumerate(events):
+        assert got[-1].finish == FINISH_LENGTH
+        assert len(prompts[i]) + len(got) == positions
+    assert engine.stats().kv_cache_bytes <= budget
+    with pytest.raises(InvalidRequest) as caught:
+        engine.generate(request([1] * positions))
+    assert caught.value.field == "prompt_ids"
+
+
+def test_kv_cache_budget_too_small_for_any_context(tiny: LoadedModel) -> None:
+    per_position = Runner(tiny.model).kv_bytes_per_position()
+    with pytest.raises(ValueError, match=r"max_running=8.*lower max_running"):
+        Engine(
+            tiny,
+            max_running=8,
+            max_queued=0,
+            max_batch_tokens=64,
+            kv_cache_bytes=per_position * 8 * (MIN_KV_POSITIONS - 1),
+        )
