@@ -281,6 +281,7 @@ class Engine:
                     if stream is not None:
                         self._push(stream, EngineError(f"model computation failed: {exc}"))
                 produced = 0
+            self._wake_idle_waiters()  # after the step's last events went out
             now = time.monotonic()
             pending = sched.pending_tokens()
             with self._cond:
@@ -297,6 +298,7 @@ class Engine:
             self._scheduler.add(seq)
         with self._step_lock:
             self._scheduler.cancel_all()
+        self._wake_idle_waiters()
 
     @staticmethod
     def _push(stream: RequestStream, item: list[TokenEvent] | BaseException) -> None:
@@ -320,6 +322,10 @@ class Engine:
     def _on_removed(self, seq: Sequence) -> None:
         with self._cond:
             self._outstanding -= 1
+
+    def _wake_idle_waiters(self) -> None:
+        """Resolve `wait_idle` callers once nothing is outstanding (compute thread)."""
+        with self._cond:
             if self._outstanding or not self._idle_waiters:
                 return
             waiters, self._idle_waiters = self._idle_waiters, []

@@ -108,7 +108,7 @@ class Scheduler:
         self._deliver = deliver
         self._on_removed = on_removed
         self._out: list[tuple[Sequence, list[TokenEvent]]] = []
-        self._removed: list[Sequence] = []  # reported after their last events go out
+        self._removed: list[Sequence] = []  # reported before their last events go out
         self.prefix_hits = 0
         self.prefix_queries = 0
         self.prefix_reused_tokens = 0
@@ -339,9 +339,11 @@ class Scheduler:
             self._remove(seq)
 
     def _flush(self) -> None:
-        if self._out:
-            out, self._out = self._out, []
-            self._deliver(out)
+        # Removals are counted before the events go out: a caller holding its last
+        # event never sees its own request still counted as running or queued.
         removed, self._removed = self._removed, []
         for seq in removed:
             self._on_removed(seq)
+        if self._out:
+            out, self._out = self._out, []
+            self._deliver(out)

@@ -242,3 +242,16 @@ def test_kv_cache_budget_too_small_for_any_context(tiny: LoadedModel) -> None:
             max_batch_tokens=64,
             kv_cache_bytes=per_position * 8 * (MIN_KV_POSITIONS - 1),
         )
+
+
+async def test_a_request_holding_its_last_event_is_no_longer_counted(
+    make_engine: EngineFactory, prompts: list[list[int]]
+) -> None:
+    # WatchLoad and the metrics read these counts; a finished request must not show
+    # as running or queued to a caller that already has its final event.
+    engine = make_engine(max_running=2)
+    for i in range(30):
+        events = await collect(engine, request(prompts[i % 8], f"r{i}", max_tokens=1))
+        assert events[-1].finish is not None
+        stats = engine.stats()
+        assert (stats.running, stats.queued) == (0, 0), f"request {i}"
