@@ -31,6 +31,11 @@ TTFT = Histogram(
     "From a request's arrival to its first generated token.",
     buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60),
 )
+QUEUE_TIME = Histogram(
+    "tokenyard_inference_queue_seconds",
+    "From a request's arrival to getting a slot, where its prefill starts.",
+    buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60),
+)
 INTER_TOKEN = Histogram(
     "tokenyard_inference_inter_token_latency_seconds",
     "Time between successive tokens of one request.",

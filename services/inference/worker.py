@@ -220,9 +220,9 @@ class Worker:
         started = time.monotonic()
         metrics.PROMPT_TOKENS.inc(len(prep.prompt_ids))
         self._changed.set()
-        # Queueing and prefill end together at the first token: the engine does not
-        # report when a request is admitted, so one span covers both.
-        phase = _tracer.start_span("inference.queue_prefill", attributes=attributes)
+        # Queueing ends when the engine admits the request (the first event says
+        # when); prefill runs from there to the first token; decode after it.
+        phase = _tracer.start_span("inference.queue", attributes=attributes)
         last = started
         first = True
         try:
@@ -233,7 +233,15 @@ class Worker:
                     if first and produced:
                         first = False
                         metrics.TTFT.observe(now - started)
-                        phase.end()
+                        admitted = batch[0].admitted_at
+                        admitted = now if admitted is None else min(max(admitted, started), now)
+                        metrics.QUEUE_TIME.observe(admitted - started)
+                        at = time.time_ns() - int((now - admitted) * 1e9)
+                        phase.end(end_time=at)
+                        prefill = _tracer.start_span(
+                            "inference.prefill", attributes=attributes, start_time=at
+                        )
+                        prefill.end()
                         phase = _tracer.start_span("inference.decode", attributes=attributes)
                     elif produced:
                         for _ in range(produced):

@@ -47,6 +47,7 @@ class Sequence:
     computed: int = 0  # positions whose keys/values are in the cache
     slot: int = -1
     cached_tokens: int = 0
+    admitted_at: float | None = None  # time.monotonic() when it got a slot
     first_sent: bool = False
     aborted: bool = False  # set from any thread when the consumer goes away
     order: int = field(default_factory=lambda: next(_order))
@@ -145,7 +146,7 @@ class Scheduler:
     def _cancel(self, seq: Sequence) -> None:
         self.total_cancelled += 1
         if not seq.aborted:
-            event = TokenEvent(NO_TOKEN, None, (), FINISH_CANCELLED, self._cached_for_event(seq))
+            event = TokenEvent(NO_TOKEN, None, (), FINISH_CANCELLED, *self._first_event_fields(seq))
             self._out.append((seq, [event]))
 
     def cancel_all(self) -> None:
@@ -189,9 +190,10 @@ class Scheduler:
 
     # -- admission ---------------------------------------------------------------
 
-    def _admit(self) -> None:
+    def _admit(self, now: float) -> None:
         while self.waiting and len(self.running) < self.max_running:
             seq = self.waiting.popleft()
+            seq.admitted_at = now
             seq.slot = len(self.running)
             self.running.append(seq)
             if self.prefix_cache is None:
@@ -223,7 +225,7 @@ class Scheduler:
     def step(self, now: float) -> int:
         """Run one engine step; returns how many tokens it generated."""
         self._drop_expired(now)
-        self._admit()
+        self._admit(now)
         self.total_steps += 1
         decoding = [s for s in self.running if not s.prefilling]
         budget = self.max_batch_tokens - len(decoding)
@@ -310,11 +312,12 @@ class Scheduler:
             rows=torch.tensor([s.slot for s in decoding], device=device),
         )
 
-    def _cached_for_event(self, seq: Sequence) -> int:
+    def _first_event_fields(self, seq: Sequence) -> tuple[int, float | None]:
+        """(cached prompt tokens, admission instant) on the first event, else (0, None)."""
         if seq.first_sent:
-            return 0
+            return 0, None
         seq.first_sent = True
-        return seq.cached_tokens
+        return seq.cached_tokens, seq.admitted_at
 
     def _advance(self, seq: Sequence, choice: Sampled) -> None:
         sampling = seq.request.sampling
@@ -330,7 +333,7 @@ class Scheduler:
         elif seq.generated >= sampling.max_tokens or len(seq.tokens) >= self.context_length:
             finish = FINISH_LENGTH
         event = TokenEvent(
-            token, choice.logprob, choice.top_logprobs, finish, self._cached_for_event(seq)
+            token, choice.logprob, choice.top_logprobs, finish, *self._first_event_fields(seq)
         )
         self._out.append((seq, [event]))
         if finish is not None:

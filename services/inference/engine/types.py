@@ -75,7 +75,10 @@ class TokenEvent:
 
     `logprob` is the chosen token's log-probability under the model's raw distribution
     (before temperature and filters); `top_logprobs` the most likely alternatives,
-    most likely first. `finish` is set on the last event of a stream.
+    most likely first. `finish` is set on the last event of a stream. The first event
+    carries `cached_prompt_tokens` (prompt tokens the prefix cache supplied) and
+    `admitted_at`, the `time.monotonic()` instant the request got a slot: queueing
+    ended and prefill began there.
     """
 
     token_id: int
@@ -83,6 +86,7 @@ class TokenEvent:
     top_logprobs: tuple[tuple[int, float], ...]
     finish: str | None
     cached_prompt_tokens: int = 0
+    admitted_at: float | None = None
 
 
 @dataclass(frozen=True)

@@ -255,3 +255,28 @@ async def test_a_request_holding_its_last_event_is_no_longer_counted(
         assert events[-1].finish is not None
         stats = engine.stats()
         assert (stats.running, stats.queued) == (0, 0), f"request {i}"
+
+
+async def test_first_event_says_when_the_request_got_a_slot(
+    make_engine: EngineFactory, prompts: list[list[int]]
+) -> None:
+    engine = make_engine(max_running=1)
+    submitted = time.monotonic()
+    first_seen: dict[str, float] = {}
+    admitted: dict[str, float | None] = {}
+
+    async def run(name: str, prompt: list[int]) -> None:
+        first = True
+        async for batch in engine.generate(request(prompt, name, max_tokens=20, ignore_eos=True)):
+            if first:
+                first_seen[name] = time.monotonic()
+                admitted[name] = batch[0].admitted_at
+                first = False
+            assert all(e.admitted_at is None for e in batch[1:])
+
+    await asyncio.gather(run("a", prompts[0]), run("b", prompts[1]))
+    a, b = admitted["a"], admitted["b"]
+    assert a is not None and b is not None
+    assert submitted <= a <= first_seen["a"]
+    # One slot: b waited while a generated, so it was admitted after a's first token.
+    assert first_seen["a"] < b <= first_seen["b"]

@@ -42,7 +42,7 @@ async def test_spans_carry_request_id_and_model_never_the_prompt(
             )
         )
     finished = {s.name: s for s in spans.get_finished_spans()}
-    for name in ("inference.generate", "inference.queue_prefill", "inference.decode"):
+    for name in ("inference.generate", "inference.queue", "inference.prefill", "inference.decode"):
         attributes = finished[name].attributes
         assert attributes is not None
         assert attributes["tokenyard.request_id"] == "trace-me-1"
@@ -52,6 +52,13 @@ async def test_spans_carry_request_id_and_model_never_the_prompt(
     assert root.attributes["gen_ai.usage.output_tokens"] == 4
     assert finished["inference.decode"].parent is not None
     assert finished["inference.decode"].parent.span_id == root.context.span_id
+    queue, prefill, decode = (finished[f"inference.{n}"] for n in ("queue", "prefill", "decode"))
+    given = [queue.start_time, queue.end_time, prefill.start_time, prefill.end_time]
+    given.append(decode.start_time)
+    times = [t for t in given if t is not None]
+    assert len(times) == len(given)
+    # Back to back: queueing ends where prefill starts, decode follows prefill.
+    assert times == sorted(times) and times[1] == times[2]
     for span in spans.get_finished_spans():
         assert SECRET_PROMPT not in str(dict(span.attributes or {}))
 
@@ -62,6 +69,7 @@ async def test_metrics_count_tokens_and_latency() -> None:
         "out": sample("tokenyard_inference_generated_tokens_total"),
         "ttft": sample("tokenyard_inference_time_to_first_token_seconds_count"),
         "itl": sample("tokenyard_inference_inter_token_latency_seconds_count"),
+        "queue": sample("tokenyard_inference_queue_seconds_count"),
         "length": sample("tokenyard_inference_requests_total", finish_reason="LENGTH"),
     }
     async with serving() as w:
@@ -79,6 +87,7 @@ async def test_metrics_count_tokens_and_latency() -> None:
     assert sample("tokenyard_inference_generated_tokens_total") - before["out"] == 5
     assert sample("tokenyard_inference_time_to_first_token_seconds_count") - before["ttft"] == 1
     assert sample("tokenyard_inference_inter_token_latency_seconds_count") - before["itl"] == 4
+    assert sample("tokenyard_inference_queue_seconds_count") - before["queue"] == 1
     assert (
         sample("tokenyard_inference_requests_total", finish_reason="LENGTH") - before["length"] == 1
     )
