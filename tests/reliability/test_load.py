@@ -113,7 +113,11 @@ async def test_500_concurrent_streams_complete_without_leaks(
     assert all(n == 0 for n in left.values()), left  # no generation left running
     assert sum(m.running + m.queued for m in models.models) == 0
     assert tally(again) == {"OK": streams}, tally(again)  # no leaked slot
-    assert after <= before * 1.10, (before, after)
+    # A leak grows with the streams served (1,000-1,300 here). One RSS reading moves
+    # with the allocator: after/before was 0.91-1.12 over five clean runs, so the
+    # bound is 1.25 (a 20 KB-per-stream leak exceeds it); a 60 s run
+    # (TOKENYARD_RELIABILITY_LOAD_SECONDS=60) checks longer.
+    assert after <= before * 1.25, (before, after)
     total = len(warm) + len(outcomes) + len(again)
     usage = await settled_usage(auth, admin, user.user_id, total, timeout=90)
     assert usage.total_requests == total
