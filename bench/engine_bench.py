@@ -3,7 +3,8 @@
 One run, same prompts, fixed output length (EOS ignored): (a) sequential
 `model.generate` in float32 (the baseline), (b) static batched `generate` at batch 16
 with left padding, (c) transformers' continuous batching (`generate_batch`), and
-(d) the engine at several concurrencies, requests arriving together or staggered.
+(d) the engine at several concurrencies, requests arriving together or staggered, in
+a process of its own with the worker's thread layout (services/inference/engine/threads.py).
 Prints aggregate and per-stream tok/s, TTFT p50/p99, peak RSS and ratios to (a) and
 (b), and writes a PNG plot to bench/out/.
 
@@ -15,9 +16,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
+import json
 import logging
 import resource
 import statistics
+import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -28,6 +32,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from services.inference.engine import Engine, EngineRequest, SamplingConfig
+from services.inference.engine.threads import confine_torch_threads
 from services.inference.model_loading import LoadedModel, load_model
 
 OUT = Path(__file__).resolve().parent / "out"
@@ -61,6 +66,12 @@ class Result:
 
 
 def peak_rss_mib() -> float:
+    # VmHWM: getrusage's maxrss survives exec, so a child would report its parent's peak.
+    status = Path("/proc/self/status")
+    if status.exists():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
@@ -180,10 +191,23 @@ async def bench_engine(
 
 
 def run_engine_levels(
-    loaded: LoadedModel, levels: list[int], new: int, stagger: float, label: str
+    loaded: LoadedModel,
+    levels: list[int],
+    new: int,
+    stagger: float,
+    label: str,
+    *,
+    together_only: bool = False,
+    compute_threads: int | None = None,
 ) -> list[Result]:
     async def main() -> list[Result]:
-        engine = Engine(loaded, max_running=max(levels), max_queued=64, max_batch_tokens=512)
+        engine = Engine(
+            loaded,
+            max_running=max(levels),
+            max_queued=64,
+            max_batch_tokens=512,
+            compute_threads=compute_threads,
+        )
         engine.warmup()
         engine.start()
         results = []
@@ -192,7 +216,7 @@ def run_engine_levels(
             await bench_engine(engine, prompts_for(loaded, 4), 8, 0.0, "warm")
             for n in levels:
                 for mode, gap in (("together", 0.0), ("staggered", stagger)):
-                    if n == 1 and mode == "staggered":
+                    if mode == "staggered" and (n == 1 or together_only):
                         continue
                     r = await bench_engine(
                         engine, prompts_for(loaded, n), new, gap, f"engine {label} {mode}"
@@ -212,36 +236,80 @@ def run_engine_levels(
     return asyncio.run(main())
 
 
+def engine_child(args: argparse.Namespace) -> None:
+    """The engine's side of the benchmark, in a process laid out as a worker's.
+
+    A worker confines torch to its compute thread before loading (threads.py); the
+    baselines above ran multi-threaded on this process's main thread, which would
+    leave a second OpenMP pool and slow the engine's kernels, so the engine runs in
+    a fresh process of its own, as in production.
+    """
+    compute_threads = confine_torch_threads()
+    loaded = load_model(args.model, device="cpu", dtype=args.dtype, cache_dir=args.cache_dir)
+    label = str(loaded.dtype).removeprefix("torch.")
+    levels = [int(x) for x in args.levels.split(",")]
+    results = run_engine_levels(
+        loaded,
+        levels,
+        args.new_tokens,
+        args.stagger,
+        label,
+        together_only=args.together_only,
+        compute_threads=compute_threads,
+    )
+    print(CHILD_RESULT + json.dumps([dataclasses.asdict(r) for r in results]), flush=True)
+
+
+CHILD_RESULT = "engine-child-result: "
+
+
+def run_engine_process(
+    args: argparse.Namespace, levels: list[int], dtype: str, *, together_only: bool = False
+) -> list[Result]:
+    """Run `engine_child` in a new process; relays its rows and returns its results."""
+    command = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--engine-child",
+        f"--model={args.model}",
+        f"--cache-dir={args.cache_dir}",
+        f"--new-tokens={args.new_tokens}",
+        f"--levels={','.join(map(str, levels))}",
+        f"--dtype={dtype}",
+        f"--stagger={args.stagger}",
+        *(["--together-only"] if together_only else []),
+    ]
+    results: list[Result] = []
+    with subprocess.Popen(command, stdout=subprocess.PIPE, text=True) as child:
+        assert child.stdout is not None
+        for line in child.stdout:
+            if line.startswith(CHILD_RESULT):
+                results = [Result(**r) for r in json.loads(line.removeprefix(CHILD_RESULT))]
+            elif not together_only:
+                print(line, end="", flush=True)
+    if child.returncode != 0:
+        raise SystemExit(f"engine benchmark process failed (exit {child.returncode})")
+    return results
+
+
 def interleaved(
-    fp32: LoadedModel, engine_model: LoadedModel, new: int, reps: int
+    args: argparse.Namespace, fp32: LoadedModel, new: int
 ) -> list[tuple[str, float, float]]:
-    """Best-of-`reps` A/B runs, alternated so both sides see the same machine load.
+    """Best-of-`--ab-reps` A/B runs, alternated so both sides see the same machine load.
 
     The 2-core machine is shared, so a run minutes apart can see twice the load; taking
     each side's best of several alternated runs compares like with like.
     """
     one, sixteen = prompts_for(fp32, 1), prompts_for(fp32, 16)
     best: dict[str, float] = {}
-
-    async def engine_runs() -> None:
-        engine = Engine(engine_model, max_running=64, max_queued=64, max_batch_tokens=512)
-        engine.warmup()
-        engine.start()
-        try:
-            await bench_engine(engine, prompts_for(engine_model, 4), 8, 0.0, "warm")
-            for _ in range(reps):
-                seq = bench_sequential(fp32, one, new)
-                best["a"] = max(best.get("a", 0.0), seq.tok_s)
-                r = await bench_engine(engine, one, new, 0.0, "ab1")
-                best["e1"] = max(best.get("e1", 0.0), r.tok_s)
-                st = bench_static_batch(fp32, sixteen, new, "16 fp32")
-                best["b"] = max(best.get("b", 0.0), st.tok_s)
-                r = await bench_engine(engine, sixteen, new, 0.0, "ab16")
-                best["e16"] = max(best.get("e16", 0.0), r.tok_s)
-        finally:
-            await engine.stop()
-
-    asyncio.run(engine_runs())
+    for _ in range(args.ab_reps):
+        seq = bench_sequential(fp32, one, new)
+        best["a"] = max(best.get("a", 0.0), seq.tok_s)
+        e1, e16 = run_engine_process(args, [1, 16], args.dtype, together_only=True)
+        best["e1"] = max(best.get("e1", 0.0), e1.tok_s)
+        best["e16"] = max(best.get("e16", 0.0), e16.tok_s)
+        st = bench_static_batch(fp32, sixteen, new, "16 fp32")
+        best["b"] = max(best.get("b", 0.0), st.tok_s)
     return [
         ("engine c=1 vs (a) sequential generate fp32", best["e1"], best["a"]),
         ("engine c=16 vs (a) sequential generate fp32", best["e16"], best["a"]),
@@ -317,7 +385,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--engine-only", action="store_true", help="skip (a) and (b): engine levels only"
     )
+    parser.add_argument("--engine-child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--together-only", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.engine_child:
+        engine_child(args)
+        return
     if args.quick:
         args.new_tokens, args.levels, args.sequential_prompts = 32, "1,16,64", 2
     levels = [int(x) for x in args.levels.split(",")]
@@ -332,7 +405,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"torch threads {torch.get_num_threads()}, engine dtype {label} (--dtype {args.dtype})")
     if args.engine_only:
         print(HEADER)
-        run_engine_levels(engine_model, levels, new, args.stagger, label)
+        run_engine_process(args, levels, args.dtype)
         return
     bf16 = (
         engine_model
@@ -353,9 +426,9 @@ def main(argv: list[str] | None = None) -> None:
         print_row(cb, base, static32)
     else:
         print(f"{'transformers generate_batch':34s} {cb}")
-    results = run_engine_levels(engine_model, levels, new, args.stagger, label)
+    results = run_engine_process(args, levels, args.dtype)
     if args.engine_fp32 and label != "float32":
-        results += run_engine_levels(fp32, [1, 16], new, args.stagger, "float32")
+        results += run_engine_process(args, [1, 16], "float32")
     print("\nsummary (ratios to (a) sequential fp32 and (b) static batch 16 fp32)")
     print(HEADER)
     for r in [base, static32, static16, *([cb] if isinstance(cb, Result) else []), *results]:
@@ -365,7 +438,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"plot: {path}")
     if args.ab_reps > 0:
         print(f"\ninterleaved A/B, best of {args.ab_reps} (tok/s)")
-        for label, engine_tps, base_tps in interleaved(fp32, engine_model, new, args.ab_reps):
+        for label, engine_tps, base_tps in interleaved(args, fp32, new):
             ratio = engine_tps / base_tps
             print(f"  {label:44s} {engine_tps:8.1f} vs {base_tps:8.1f} = {ratio:5.2f}x")
 

@@ -47,7 +47,14 @@ def _dtype_name(dtype: Any) -> str:
 class InferenceApp:
     """A worker: the engine over a loaded model, its servicers and its gRPC server."""
 
-    def __init__(self, settings: InferenceSettings, loaded: LoadedModel) -> None:
+    def __init__(
+        self,
+        settings: InferenceSettings,
+        loaded: LoadedModel,
+        *,
+        compute_threads: int | None = None,
+    ) -> None:
+        """`compute_threads`: see `Engine`; the CLI confines torch before loading."""
         self.settings = settings
         self.loaded = loaded
         kv_bytes = settings.kv_cache_mib * 2**20 or default_kv_cache_bytes(loaded.device)
@@ -58,6 +65,7 @@ class InferenceApp:
             max_batch_tokens=settings.max_batch_tokens,
             prefix_cache=settings.prefix_cache,
             kv_cache_bytes=kv_bytes,
+            compute_threads=compute_threads,
         )
         log.info(
             "kv cache budget %d MiB: up to %d positions per sequence, %d sequences",

@@ -47,14 +47,16 @@ async def _run(settings: Any) -> int:
     from services.common.telemetry import configure_telemetry, shutdown_telemetry
     from services.inference.app import InferenceApp, load
     from services.inference.engine.runner import UnsupportedModelError
+    from services.inference.engine.threads import confine_torch_threads
     from services.inference.model_loading import ModelLoadError
 
     obs = settings.observability
     configure_logging("inference", obs.log_level, obs.log_format)
     configure_telemetry("inference", obs.otlp_endpoint)
+    compute_threads = confine_torch_threads()  # before any torch work: see threads.py
     try:
         loaded = await asyncio.to_thread(load, settings)
-        app = InferenceApp(settings, loaded)
+        app = InferenceApp(settings, loaded, compute_threads=compute_threads)
     except (ModelLoadError, UnsupportedModelError, OSError, ValueError) as exc:
         reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         if not isinstance(exc, ModelLoadError):  # its messages name the model already

@@ -32,6 +32,7 @@ from services.inference.engine.runner import Runner
 from services.inference.engine.sampling import SampleRow, sample
 from services.inference.engine.scheduler import Scheduler, Sequence
 from services.inference.engine.stream import RequestStream
+from services.inference.engine.threads import claim_torch_threads, release_default_threads
 from services.inference.engine.types import (
     MAX_LOGPROBS,
     EngineClosed,
@@ -55,6 +56,9 @@ class Engine:
     At most `max_running` sequences decode together; up to `max_queued` more wait, and
     `generate` raises `EngineFull` beyond that. Each step computes at most
     `max_batch_tokens` tokens (one per decoding sequence plus prompt chunks).
+    `compute_threads`: in a process that called `confine_torch_threads`, the
+    intra-op threads the compute thread claims when it starts (threads.py); None
+    leaves torch's thread settings alone.
     """
 
     def __init__(
@@ -68,6 +72,7 @@ class Engine:
         prefix_cache_bytes: int = 256 * 2**20,
         prefix_block_size: int = 16,
         kv_cache_bytes: int | None = None,
+        compute_threads: int | None = None,
     ) -> None:
         if max_running < 1:
             raise ValueError("max_running must be at least 1")
@@ -75,6 +80,9 @@ class Engine:
             raise ValueError("max_queued must not be negative")
         if max_batch_tokens <= max_running:
             raise ValueError("max_batch_tokens must exceed max_running (room for a prefill)")
+        if compute_threads is not None and compute_threads < 1:
+            raise ValueError("compute_threads must be at least 1")
+        self.compute_threads = compute_threads
         self.loaded = loaded
         self.max_running = max_running
         self.max_queued = max_queued
@@ -123,10 +131,14 @@ class Engine:
                 raise EngineClosed("engine is stopped")
             if self._thread is not None:
                 return
+            claimed = threading.Event()
             self._thread = threading.Thread(
-                target=self._run, name=f"engine-{self.loaded.name}", daemon=True
+                target=self._run, args=(claimed,), name=f"engine-{self.loaded.name}", daemon=True
             )
             self._thread.start()
+        if self.compute_threads is not None:
+            claimed.wait()
+            release_default_threads()
 
     async def stop(self) -> None:
         """Stop the compute thread; every pending request ends "cancelled"."""
@@ -260,7 +272,11 @@ class Engine:
 
     # -- compute thread ----------------------------------------------------------
 
-    def _run(self) -> None:
+    def _run(self, claimed: threading.Event) -> None:
+        if self.compute_threads is not None:
+            claim_torch_threads(self.compute_threads)
+            log.info("engine compute thread: %d intra-op threads", torch.get_num_threads())
+        claimed.set()
         sched = self._scheduler
         while True:
             with self._cond:

@@ -24,6 +24,26 @@ class UnsupportedModelError(ValueError):
     """The model's architecture is not one the runner implements."""
 
 
+def packs_weights(dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether the runner keeps its projection weights in oneDNN's packed layout.
+
+    A bf16 matmul on CPU goes through oneDNN, which otherwise reorders the weight into
+    its blocked layout on every call: packing once made a decode step's matmuls 1.36x
+    faster at 64 sequences and 1.9x at one (2-core EPYC with AVX-512 BF16), with
+    bit-identical results. float32 stays on MKL's plain path, whose rounding the
+    greedy-equality tests pin against transformers.
+    """
+    mkldnn: bool = torch.backends.mkldnn.is_available()  # type: ignore[no-untyped-call]
+    return device.type == "cpu" and dtype is torch.bfloat16 and mkldnn
+
+
+def _packed_linear(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
+    out: torch.Tensor = torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+    return out
+
+
 @dataclass
 class _Layer:
     ln1: torch.Tensor
@@ -132,9 +152,13 @@ def _cat_bias(*modules: Any) -> torch.Tensor | None:
 
 
 class Runner:
-    """Prefill and decode forward passes over a `KVCache`, returning float32 logits."""
+    """Prefill and decode forward passes over a `KVCache`, returning logits.
 
-    def __init__(self, model: Any) -> None:
+    Logits come in the model's dtype; `sampling.sample` widens the rows it needs.
+    """
+
+    def __init__(self, model: Any, *, pack_weights: bool | None = None) -> None:
+        """`pack_weights`: None packs where `packs_weights` says it pays."""
         config = model.config
         if config.model_type not in SUPPORTED_MODEL_TYPES:
             raise UnsupportedModelError(
@@ -160,10 +184,14 @@ class Runner:
         self.dtype: torch.dtype = first.dtype
         self.device: torch.device = first.device
         self.vocab_size = int(model.lm_head.weight.shape[0])
+        self.packed = (
+            packs_weights(self.dtype, self.device) if pack_weights is None else pack_weights
+        )
+        self._linear = _packed_linear if self.packed else F.linear
         with torch.no_grad():
             self.embed = inner.embed_tokens.weight.detach()
             self.norm = inner.norm.weight.detach()
-            self.lm_head = model.lm_head.weight.detach()
+            self.lm_head = self._pack(model.lm_head.weight.detach())
             self.layers = [self._layer(layer) for layer in inner.layers]
             positions = torch.arange(self.context_length, device=self.device)[None]
             probe = torch.zeros(1, dtype=self.dtype, device=self.device)
@@ -180,15 +208,20 @@ class Runner:
         return _Layer(
             ln1=layer.input_layernorm.weight.detach(),
             ln2=layer.post_attention_layernorm.weight.detach(),
-            w_qkv=torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]),
+            w_qkv=self._pack(
+                torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight])
+            ),
             b_qkv=_cat_bias(attn.q_proj, attn.k_proj, attn.v_proj),
-            w_o=attn.o_proj.weight.detach(),
+            w_o=self._pack(attn.o_proj.weight.detach()),
             b_o=_bias(attn.o_proj),
-            w_gate_up=torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]),
+            w_gate_up=self._pack(torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight])),
             b_gate_up=_cat_bias(mlp.gate_proj, mlp.up_proj),
-            w_down=mlp.down_proj.weight.detach(),
+            w_down=self._pack(mlp.down_proj.weight.detach()),
             b_down=_bias(mlp.down_proj),
         )
+
+    def _pack(self, weight: torch.Tensor) -> torch.Tensor:
+        return torch.ops.mkldnn._reorder_linear_weight(weight) if self.packed else weight
 
     def kv_bytes_per_position(self) -> int:
         """Key and value bytes one sequence position takes in the cache, all layers."""
@@ -209,8 +242,8 @@ class Runner:
 
     def _mlp(self, x: torch.Tensor, layer: _Layer) -> torch.Tensor:
         h = self._rms_norm(x, layer.ln2)
-        gate, up = F.linear(h, layer.w_gate_up, layer.b_gate_up).chunk(2, dim=-1)
-        return x + F.linear(F.silu(gate) * up, layer.w_down, layer.b_down)
+        gate, up = self._linear(h, layer.w_gate_up, layer.b_gate_up).chunk(2, dim=-1)
+        return x + self._linear(F.silu(gate) * up, layer.w_down, layer.b_down)
 
     def write_rows(self, cache: KVCache, write_pos: torch.Tensor) -> torch.Tensor:
         """Flat row indices in a layer's ``[slots*kv_heads*capacity, head_dim]`` view."""
@@ -228,7 +261,7 @@ class Runner:
         write_index: torch.Tensor,
         mask: torch.Tensor,
     ) -> torch.Tensor:
-        """One token for each of slots ``0..B-1``; returns logits ``[B, vocab]`` (float32)."""
+        """One token for each of slots ``0..B-1``; returns logits ``[B, vocab]``."""
         rows = torch.arange(tokens.shape[0], device=self.device)
         return self.forward(cache, DecodeBatch(tokens, positions, write_index, mask, rows), ())
 
@@ -245,7 +278,7 @@ class Runner:
         decode: DecodeBatch | None,
         chunks: Sequence[tuple[int, torch.Tensor, int]],
     ) -> torch.Tensor:
-        """One pass over a decode batch and prompt chunks together; float32 logits.
+        """One pass over a decode batch and prompt chunks together; returns logits.
 
         Every token shares the projections and MLP (one matmul per weight, so a step
         reads the weights once however its work is split); attention runs batched
@@ -286,7 +319,7 @@ class Runner:
         sin = self.sin_signed[pos][:, None]
         for i, layer in enumerate(self.layers):
             h = self._rms_norm(x, layer.ln1)
-            qkv = F.linear(h, layer.w_qkv, layer.b_qkv).view(total, nh + 2 * nkv, hd)
+            qkv = self._linear(h, layer.w_qkv, layer.b_qkv).view(total, nh + 2 * nkv, hd)
             qk = self._rope(qkv[:, : nh + nkv], cos, sin)
             outs: list[torch.Tensor] = []
             if decode is not None:
@@ -298,12 +331,15 @@ class Runner:
                 cache.v[i].view(-1, hd).index_copy_(
                     0, decode.write_index, qkv[:b, nh + nkv :].reshape(-1, hd)
                 )
-                q = qk[:b, :nh].reshape(b, nkv, g, hd)
-                keys = cache.k[i, :b, :, :length]
-                values = cache.v[i, :b, :, :length]
-                scores = torch.matmul(q, keys.transpose(-1, -2)).float() * self.scaling
+                # One (slot, kv head) per bmm batch entry, its query heads as rows: the
+                # cache is read in place (strided), never copied out for the matmul.
+                q = qk[:b, :nh].reshape(b * nkv, g, hd)
+                keys = cache.k[i].view(-1, cache.capacity, hd)[: b * nkv, :length]
+                values = cache.v[i].view(-1, cache.capacity, hd)[: b * nkv, :length]
+                scores = torch.bmm(q, keys.transpose(1, 2)).view(b, nkv, g, length)
+                scores = scores.float() * self.scaling
                 probs = torch.softmax(scores + bias, dim=-1).to(self.dtype)
-                outs.append(torch.matmul(probs, values).view(b, nh * hd))
+                outs.append(torch.bmm(probs.view(b * nkv, g, length), values).view(b, nh * hd))
             for slot, off, start, end, mask in meta:
                 n = end - start
                 cache.k[i, slot, :, start:end] = qk[off : off + n, nh:].transpose(0, 1)
@@ -318,7 +354,7 @@ class Runner:
                 )
                 outs.append(attn[0].transpose(0, 1).reshape(n, nh * hd))
             merged = torch.cat(outs) if len(outs) > 1 else outs[0]
-            x = x + F.linear(merged, layer.w_o, layer.b_o)
+            x = x + self._linear(merged, layer.w_o, layer.b_o)
             x = self._mlp(x, layer)
         last = torch.tensor(
             [off + (end - start) - 1 for _, off, start, end, _ in meta],
@@ -327,4 +363,6 @@ class Runner:
         )
         wanted = last if decode is None else torch.cat([decode.rows, last])
         x = self._rms_norm(x.index_select(0, wanted), self.norm)
-        return F.linear(x, self.lm_head).float()
+        # In the model's dtype: a float32 copy of 64 x 49152 logits costs ~4 ms a
+        # step on the 2-core CPU, and greedy rows are chosen exactly without it.
+        return self._linear(x, self.lm_head, None)

@@ -108,14 +108,21 @@ def _draw(filtered: torch.Tensor, rows: Sequence[SampleRow]) -> torch.Tensor:
 
 
 def sample(logits: torch.Tensor, rows: Sequence[SampleRow]) -> list[Sampled]:
-    """Choose one token per row of `logits` (``[rows, vocab]``, float32)."""
+    """Choose one token per row of `logits` (``[rows, vocab]``, any float dtype).
+
+    Greedy rows take the argmax in the given dtype (widening is exact, so it is the
+    float32 argmax); everything else is computed in float32.
+    """
     want_logprobs = [r.config.logprobs is not None for r in rows]
-    raw_logprobs = torch.log_softmax(logits, dim=-1) if any(want_logprobs) else None
     simple = all(r.config.temperature == 0.0 and r.config.repetition_penalty == 1.0 for r in rows)
+    if not simple:  # a float32 copy the filters below may change in place
+        logits = logits.to(torch.float32, copy=True)
+    elif any(want_logprobs):
+        logits = logits.float()
+    raw_logprobs = torch.log_softmax(logits, dim=-1) if any(want_logprobs) else None
     if simple:
         chosen = logits.argmax(dim=-1)
     else:
-        logits = logits.clone()
         _apply_repetition_penalty(logits, rows)
         greedy = torch.tensor([r.config.temperature == 0.0 for r in rows], device=logits.device)
         chosen = logits.argmax(dim=-1)
