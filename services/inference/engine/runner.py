@@ -65,7 +65,8 @@ class DecodeBatch:
     `positions` are rotary positions, `write_index` the flat cache rows (see
     `Runner.write_rows`) receiving the new keys/values, `mask` ``[B, 1, 1, L]`` which
     of the first L cached positions each row attends to, and `rows` the rows whose
-    logits are wanted (slots that ride along as no-ops are left out).
+    logits are wanted (slots that ride along as no-ops are left out). L equal to the
+    cache's capacity is fastest on CPU (no copies: 10-25% of a 64-row step).
     """
 
     tokens: torch.Tensor
@@ -75,11 +76,16 @@ class DecodeBatch:
     rows: torch.Tensor
 
 
+CAPACITY_STEP = 64  # cache capacities are multiples of this many positions
+
+
 class KVCache:
     """Keys and values per (layer, slot): ``[layers, slots, kv_heads, capacity, head_dim]``.
 
-    Capacity grows by doubling when a sequence needs more positions, so memory follows
-    the longest running sequence instead of the model's full context.
+    Capacity grows when a sequence needs more positions, so memory follows the longest
+    running sequence instead of the model's full context. It grows by a quarter (at
+    least one `CAPACITY_STEP`) rather than doubling: decode attention reads a slot's
+    whole capacity, which is contiguous, so it is kept close to the length in use.
     """
 
     def __init__(self, runner: Runner, slots: int, capacity: int) -> None:
@@ -102,9 +108,8 @@ class KVCache:
         """Grow every slot to hold at least `needed` positions (at most `limit`)."""
         if needed <= self.capacity:
             return
-        new_cap = self.capacity
-        while new_cap < needed:
-            new_cap *= 2
+        wanted = max(needed, self.capacity + self.capacity // 4)
+        new_cap = -(-wanted // CAPACITY_STEP) * CAPACITY_STEP
         new_cap = max(min(new_cap, limit), needed)
         for name in ("k", "v"):
             old = getattr(self, name)
@@ -228,7 +233,7 @@ class Runner:
         element = torch.empty(0, dtype=self.dtype).element_size()
         return 2 * self.n_layers * self.n_kv_heads * self.head_dim * element
 
-    def new_cache(self, slots: int, capacity: int = 256) -> KVCache:
+    def new_cache(self, slots: int, capacity: int = CAPACITY_STEP) -> KVCache:
         """An empty cache for `slots` sequences."""
         return KVCache(self, slots, min(capacity, self.context_length))
 
@@ -331,8 +336,9 @@ class Runner:
                 cache.v[i].view(-1, hd).index_copy_(
                     0, decode.write_index, qkv[:b, nh + nkv :].reshape(-1, hd)
                 )
-                # One (slot, kv head) per bmm batch entry, its query heads as rows: the
-                # cache is read in place (strided), never copied out for the matmul.
+                # One (slot, kv head) per bmm batch entry, its query heads as rows. When
+                # the mask spans the whole capacity (see `DecodeBatch`) keys and values
+                # are read in place; a shorter span makes bmm copy them out first.
                 q = qk[:b, :nh].reshape(b * nkv, g, hd)
                 keys = cache.k[i].view(-1, cache.capacity, hd)[: b * nkv, :length]
                 values = cache.v[i].view(-1, cache.capacity, hd)[: b * nkv, :length]

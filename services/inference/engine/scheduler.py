@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from services.inference.engine.prefix_cache import PrefixCache
-from services.inference.engine.runner import DecodeBatch, KVCache, Runner
+from services.inference.engine.runner import CAPACITY_STEP, DecodeBatch, KVCache, Runner
 from services.inference.engine.sampling import Sampled, SampleRow, sample
 from services.inference.engine.types import (
     FINISH_CANCELLED,
@@ -94,7 +94,7 @@ class Scheduler:
         prefix_cache: PrefixCache | None,
         deliver: Deliver,
         on_removed: Callable[[Sequence], None],
-        initial_capacity: int = 256,
+        initial_capacity: int = CAPACITY_STEP,
     ) -> None:
         self.runner = runner
         self.max_running = max_running
@@ -285,6 +285,10 @@ class Scheduler:
         if not decoding:
             return None
         length = max(s.computed for s in decoding) + 1
+        if 2 * self.cache.capacity <= 3 * length:
+            # Attending over the whole (contiguous) capacity, masked, beats copying
+            # out the first `length` positions unless most of it is unused.
+            length = self.cache.capacity
         tokens: list[int] = []
         positions: list[int] = []
         writes: list[int] = []

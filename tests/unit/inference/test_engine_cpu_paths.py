@@ -136,3 +136,20 @@ async def test_the_engine_claims_its_threads_and_confines_the_rest(
             Engine(tiny, max_running=2, max_queued=2, max_batch_tokens=32, compute_threads=0)
     finally:
         torch.set_num_threads(original)
+
+
+def test_decode_over_the_whole_capacity_equals_decode_over_the_used_span(
+    tiny: LoadedModel, prompts: list[list[int]]
+) -> None:
+    runner = Runner(tiny.model)
+    cache = runner.new_cache(3, 128)
+    chunks = [(slot, torch.tensor(prompts[slot + 2]), 0) for slot in range(3)]
+    tokens = runner.prefill(cache, chunks).argmax(-1)
+    positions = torch.tensor([len(prompts[slot + 2]) for slot in range(3)])
+    write = runner.write_rows(cache, positions)
+    logits = []
+    for width in (int(positions.max()) + 1, cache.capacity):
+        mask = torch.arange(width)[None] <= positions[:, None]
+        logits.append(runner.decode(cache, tokens, positions, write, mask[:, None, None]))
+    torch.testing.assert_close(logits[0], logits[1], rtol=1e-5, atol=1e-5)
+    assert torch.equal(logits[0].argmax(-1), logits[1].argmax(-1))

@@ -79,3 +79,23 @@ async def test_long_prefill_does_not_stall_running_streams(
     a_before_b = sum(1 for name, _ in arrivals[:first_b] if name == "a")
     # "a" kept decoding one token per step while "b"'s prompt was computed in chunks.
     assert a_before_b >= 20
+
+
+async def test_greedy_matches_generate_over_a_cache_larger_than_the_sequences(
+    make_engine: EngineFactory, tiny: LoadedModel, prompts: list[list[int]]
+) -> None:
+    # The long request grows every slot's cache to 320 positions, then finishes; the
+    # short ones go on decoding over that mostly unused cache (the copied-out span)
+    # after sharing steps with it (attention over the whole capacity).
+    engine = make_engine(max_running=4)
+    long_prompt = (prompts[7] * 8)[:280]
+    shorts = [prompts[0], prompts[2], prompts[5]]
+    results = await asyncio.gather(
+        collect(engine, request(long_prompt, "long", temperature=0.0, max_tokens=3)),
+        *(
+            collect(engine, request(p, f"s{i}", temperature=0.0, max_tokens=30))
+            for i, p in enumerate(shorts)
+        ),
+    )
+    expected = [hf_greedy(tiny, long_prompt, 3)] + [hf_greedy(tiny, p, 30) for p in shorts]
+    assert [[e.token_id for e in events] for events in results] == expected

@@ -200,7 +200,7 @@ async def test_kv_cache_grows_for_long_sequences_and_shrinks_when_idle(
 ) -> None:
     engine = make_engine()
     idle_bytes = engine.stats().kv_cache_bytes
-    long_prompt = (prompts[7] * 8)[:280]  # past the initial 256 positions per slot
+    long_prompt = (prompts[7] * 8)[:280]  # grows the cache several times past its initial size
     events = await collect(engine, request(long_prompt, temperature=0.0, max_tokens=12))
     assert [e.token_id for e in events] == hf_greedy(tiny, long_prompt, 12)
     await engine.wait_idle()
