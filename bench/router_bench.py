@@ -307,7 +307,19 @@ async def part_model(args: argparse.Namespace) -> None:
     try:
         wport = _free_port()
         procs.start(
-            [TOKENYARD, "inference", "serve", "--model", args.model, "--port", str(wport)],
+            [
+                TOKENYARD,
+                "inference",
+                "serve",
+                "--model",
+                args.model,
+                "--port",
+                str(wport),
+                # Room for every stream of the highest level: the router's cost, not
+                # the worker's queue (default 8 running), is what is measured.
+                "--max-running",
+                str(max(args.model_concurrency)),
+            ],
             {
                 "TOKENYARD_INFERENCE_PORT": str(wport),
                 "OMP_NUM_THREADS": str(args.worker_threads),

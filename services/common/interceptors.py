@@ -118,6 +118,65 @@ class StreamClosingInterceptor(grpc.aio.ServerInterceptor):
         return _rewrap(handler, wrap)  # type: ignore[no-any-return]
 
 
+class ClosingInnerStreams(grpc.aio.ServerInterceptor):
+    """Runs a third-party interceptor, closing the streams it iterates in the call's task.
+
+    OpenTelemetry's server interceptor re-yields the handler's stream but does not
+    close it when it is closed itself, so the stream's cleanup (the worker's spans,
+    the request-id context, the engine slot) was left to asyncio's finaliser in a
+    new task, where resetting context variables fails. This hands `inner` streams
+    it tracks and closes them, innermost first, right before `inner`'s own.
+    """
+
+    def __init__(self, inner: grpc.aio.ServerInterceptor) -> None:
+        self._inner = inner
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        opened: list[Any] = []  # this call's streams handed to `inner`
+
+        def track(behaviour: Behaviour, streaming: bool) -> Behaviour:
+            if not streaming:
+                return behaviour
+
+            def open_stream(request: Any, context: Any) -> Any:
+                result = behaviour(request, context)
+                if hasattr(result, "aclose"):
+                    opened.append(result)
+                return result
+
+            return open_stream
+
+        async def tracked(inner_details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler:
+            handler = await continuation(inner_details)
+            return handler if handler is None else _rewrap(handler, track)
+
+        handler = await self._inner.intercept_service(tracked, details)
+        if handler is None:
+            return handler
+
+        def wrap(behaviour: Behaviour, streaming: bool) -> Behaviour:
+            if not streaming:
+                return behaviour
+
+            async def stream(request: Any, context: Any) -> AsyncIterator[Any]:
+                outer = behaviour(request, context)
+                try:
+                    async for item in outer:
+                        yield item
+                finally:
+                    for inner in reversed(opened):
+                        await inner.aclose()
+                    await outer.aclose()
+
+            return stream
+
+        return _rewrap(handler, wrap)  # type: ignore[no-any-return]
+
+
 class ServerErrorInterceptor(grpc.aio.ServerInterceptor):
     """Request id, one access-log line per call, metrics, and error mapping.
 
@@ -148,8 +207,9 @@ class ServerErrorInterceptor(grpc.aio.ServerInterceptor):
                     try:
                         result = behaviour(request, context)
                         if hasattr(result, "__aiter__"):
-                            async for item in result:
-                                yield item
+                            async with contextlib.aclosing(result):  # in this task
+                                async for item in result:
+                                    yield item
                         else:  # a coroutine that writes with context.write
                             await result
                     except BaseException as exc:

@@ -10,6 +10,7 @@ the error interceptor sends like any other bad field.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -134,8 +135,10 @@ def _handler(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
         async def stream(request: Any, context: Any) -> AsyncIterator[Any]:
             if isinstance(request, Undecodable):
                 raise request.error()
-            async for item in streaming(request, context):
-                yield item
+            # Closed here, in the call's task, when the caller closes this generator.
+            async with contextlib.aclosing(streaming(request, context)) as items:
+                async for item in items:
+                    yield item
 
         return grpc.unary_stream_rpc_method_handler(
             stream, deserialize, handler.response_serializer

@@ -22,6 +22,7 @@ from grpc_reflection.v1alpha import reflection
 
 from services.common.config import InternalSettings, ServerSettings
 from services.common.interceptors import (
+    ClosingInnerStreams,
     ServerErrorInterceptor,
     ServiceTokenInterceptor,
     StreamClosingInterceptor,
@@ -83,7 +84,7 @@ class GrpcServer:
         self.settings = settings
         interceptors: list[grpc.aio.ServerInterceptor] = [
             StreamClosingInterceptor(),  # first: outermost, see its docstring
-            server_tracing_interceptor(),
+            ClosingInnerStreams(server_tracing_interceptor()),
             ServerErrorInterceptor(quiet_methods),
         ]
         if service_token:

@@ -7,10 +7,11 @@ stream its new events with a single `call_soon_threadsafe` per event loop.
 
 Why an engine of our own rather than transformers' continuous batching
 (`generate_batch` / `init_continuous_batching`): measured by bench/engine_bench.py
-on the 2-core CPU, bf16, 16 streams of 128 tokens, `generate_batch` gave 62 tok/s
-and grew the process from 1.3 to 11.6 GiB (its paged cache), while this engine gave
-183 tok/s; it also lacks per-request seeded sampling, prefix reuse across requests
-and per-step cancellation hooks that the worker needs.
+on 2-core CPUs, bf16, 16 streams of 128 tokens, `generate_batch` gave 62 tok/s (90
+on a later AVX-512 BF16 machine) and grew the process to 7-12 GiB (its paged cache),
+while this engine gave 183 (414 on that machine, in 1.5 GiB); it also lacks
+per-request seeded sampling, prefix reuse across requests and per-step cancellation
+hooks that the worker needs.
 """
 
 from __future__ import annotations

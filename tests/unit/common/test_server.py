@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 from collections.abc import AsyncIterator
 from typing import Any
@@ -17,6 +18,7 @@ from tokenyard.generation.v1 import generation_service_pb2_grpc as gen_grpc
 from services.common import errors
 from services.common.config import ServerSettings
 from services.common.interceptors import SERVICE_TOKEN_HEADER
+from services.common.lenient import lenient
 from services.common.server import GrpcServer
 from services.common.status import parse_details
 
@@ -211,5 +213,49 @@ async def test_quiet_methods_log_successes_at_debug_and_failures_at_info(
     levels = [(r.levelno, r.getMessage()) for r in caplog.records if r.name == "tokenyard.access"]
     assert (logging.DEBUG, f"/{SERVICE}/Generate OK") in levels
     assert (logging.INFO, f"/{SERVICE}/Generate INVALID_ARGUMENT") in levels
+    await channel.close()
+    await server.stop(0)
+
+
+class Flooder(gen_grpc.GenerationServiceServicer):
+    """Streams large messages until closed; records the task it started and ended in."""
+
+    def __init__(self) -> None:
+        self.tasks: list[asyncio.Task[Any] | None] = []
+        self.closed = asyncio.Event()
+
+    async def StreamGenerate(
+        self, request: gen.StreamGenerateRequest, context: Any
+    ) -> AsyncIterator[gen.StreamGenerateResponse]:
+        self.tasks.append(asyncio.current_task())
+        try:
+            while True:
+                yield gen.StreamGenerateResponse(text="x" * 256_000)
+        finally:
+            self.tasks.append(asyncio.current_task())
+            self.closed.set()
+
+
+async def test_a_stream_cancelled_inside_a_send_is_closed_in_its_own_task() -> None:
+    # The client reads once and stops: the server blocks sending (flow control) when
+    # the cancel lands. Every layer (lenient decoding, error mapping, stream closing)
+    # must close the generator it iterates, in the call's task: with garbage
+    # collection off, an abandoned one would be finalised by asyncio in a new task.
+    server = GrpcServer(ServerSettings(grace_period=1.0))
+    flooder = Flooder()
+    server.add(lenient(gen_grpc.add_GenerationServiceServicer_to_server), flooder, SERVICE)
+    port = await server.start()
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+    gc.disable()
+    try:
+        call = gen_grpc.GenerationServiceStub(channel).StreamGenerate(gen.StreamGenerateRequest())
+        await call.read()
+        await asyncio.sleep(0.3)  # the server fills the window and blocks in a send
+        call.cancel()
+        await asyncio.wait_for(flooder.closed.wait(), 5)
+    finally:
+        gc.enable()
+    assert len(flooder.tasks) == 2
+    assert flooder.tasks[0] is flooder.tasks[1]
     await channel.close()
     await server.stop(0)
