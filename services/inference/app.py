@@ -53,8 +53,13 @@ class InferenceApp:
         loaded: LoadedModel,
         *,
         compute_threads: int | None = None,
+        owns_model: bool = False,
     ) -> None:
-        """`compute_threads`: see `Engine`; the CLI confines torch before loading."""
+        """`compute_threads`: see `Engine`; the CLI confines torch before loading.
+
+        `owns_model`: nothing else uses `loaded`, so the engine may free the model's
+        weights it copies (the CLI's worker; tests reuse one model across apps).
+        """
         self.settings = settings
         self.loaded = loaded
         kv_bytes = settings.kv_cache_mib * 2**20 or default_kv_cache_bytes(loaded.device)
@@ -66,6 +71,7 @@ class InferenceApp:
             prefix_cache=settings.prefix_cache,
             kv_cache_bytes=kv_bytes,
             compute_threads=compute_threads,
+            take_model_weights=owns_model,
         )
         log.info(
             "kv cache budget %d MiB: up to %d positions per sequence, %d sequences",

@@ -56,7 +56,7 @@ async def _run(settings: Any) -> int:
     compute_threads = confine_torch_threads()  # before any torch work: see threads.py
     try:
         loaded = await asyncio.to_thread(load, settings)
-        app = InferenceApp(settings, loaded, compute_threads=compute_threads)
+        app = InferenceApp(settings, loaded, compute_threads=compute_threads, owns_model=True)
     except (ModelLoadError, UnsupportedModelError, OSError, ValueError) as exc:
         reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         if not isinstance(exc, ModelLoadError):  # its messages name the model already

@@ -59,7 +59,9 @@ class Engine:
     `max_batch_tokens` tokens (one per decoding sequence plus prompt chunks).
     `compute_threads`: in a process that called `confine_torch_threads`, the
     intra-op threads the compute thread claims when it starts (threads.py); None
-    leaves torch's thread settings alone.
+    leaves torch's thread settings alone. `take_model_weights` frees the loaded
+    model's copies of the weights the engine keeps (see `Runner`): for a process
+    that serves the model with this engine only.
     """
 
     def __init__(
@@ -74,6 +76,7 @@ class Engine:
         prefix_block_size: int = 16,
         kv_cache_bytes: int | None = None,
         compute_threads: int | None = None,
+        take_model_weights: bool = False,
     ) -> None:
         if max_running < 1:
             raise ValueError("max_running must be at least 1")
@@ -88,7 +91,12 @@ class Engine:
         self.max_running = max_running
         self.max_queued = max_queued
         self.max_batch_tokens = max_batch_tokens
-        self.runner = Runner(loaded.model)
+        self.runner = Runner(loaded.model, take_weights=take_model_weights)
+        if take_model_weights:
+            log.info(
+                "engine took the model's weights: %d MiB of copies freed",
+                self.runner.released_bytes // 2**20,
+            )
         self.context_length = min(loaded.context_length, self.runner.context_length)
         if kv_cache_bytes is not None:
             self.context_length = min(

@@ -153,3 +153,48 @@ def test_decode_over_the_whole_capacity_equals_decode_over_the_used_span(
         logits.append(runner.decode(cache, tokens, positions, write, mask[:, None, None]))
     torch.testing.assert_close(logits[0], logits[1], rtol=1e-5, atol=1e-5)
     assert torch.equal(logits[0].argmax(-1), logits[1].argmax(-1))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+async def test_an_engine_that_takes_the_weights_frees_the_copies_and_keeps_its_output(
+    dtype: torch.dtype, prompts: list[list[int]]
+) -> None:
+    loaded = build_tiny_model(seed=5, dtype=dtype)
+    expected = Engine(loaded, max_running=2, max_queued=2, max_batch_tokens=32)
+    expected.start()
+    model = loaded.model
+    attn, mlp = model.model.layers[0].self_attn, model.model.layers[0].mlp
+    fused = sum(
+        m.weight.numel() * m.weight.element_size()
+        for layer in model.model.layers
+        for m in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj)
+        + (layer.mlp.gate_proj, layer.mlp.up_proj)
+    )
+    packed_too = sum(
+        m.weight.numel() * m.weight.element_size()
+        for layer in model.model.layers
+        for m in (layer.self_attn.o_proj, layer.mlp.down_proj)
+    ) + model.lm_head.weight.numel() * model.lm_head.weight.element_size()
+    try:
+        want = [
+            await collect(expected, request(p, f"e{i}", temperature=0.0, max_tokens=8))
+            for i, p in enumerate(prompts[:3])
+        ]
+        engine = Engine(
+            loaded, max_running=2, max_queued=2, max_batch_tokens=32, take_model_weights=True
+        )
+        engine.start()
+        try:
+            got = [
+                await collect(engine, request(p, f"g{i}", temperature=0.0, max_tokens=8))
+                for i, p in enumerate(prompts[:3])
+            ]
+        finally:
+            await engine.stop()
+    finally:
+        await expected.stop()
+    assert [[e.token_id for e in r] for r in got] == [[e.token_id for e in r] for r in want]
+    packed = engine.runner.packed
+    assert engine.runner.released_bytes == fused + (packed_too if packed else 0)
+    assert attn.q_proj.weight.numel() == 0 and mlp.up_proj.weight.numel() == 0
+    assert (attn.o_proj.weight.numel() == 0) is packed  # unpacked, the runner uses it
