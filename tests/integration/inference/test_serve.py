@@ -35,7 +35,11 @@ async def worker(model_dir: Path, tmp_path: Path) -> AsyncIterator[WorkerProcess
     process = WorkerProcess(
         ["--model", str(model_dir), "--served-model-name", "tiny", "--device", "cpu"],
         tmp_path / "worker.log",
-        env={"TOKENYARD_SERVICE_TOKEN": TOKEN, "TOKENYARD_INFERENCE_DTYPE": "float32"},
+        env={
+            "TOKENYARD_SERVICE_TOKEN": TOKEN,
+            "TOKENYARD_INFERENCE_DTYPE": "float32",
+            "OMP_NUM_THREADS": "2",
+        },
     )
     try:
         await process.wait_serving()
@@ -72,7 +76,12 @@ async def test_serve_streams_and_stops_cleanly(worker: WorkerProcess) -> None:
     assert (describe.model, describe.dtype, describe.device) == ("tiny", "float32", "cpu")
     assert messages[-1].finish_reason == gen.FINISH_REASON_LENGTH
     assert messages[-1].usage.completion_tokens == 8
-    assert "Traceback" not in worker.output()
+    output = worker.output()
+    assert "Traceback" not in output
+    # Loaded single-threaded; the compute thread alone took the 2 threads (threads.py),
+    # and the engine freed the model's copies of the weights it fused.
+    assert "engine compute thread: 2 intra-op threads" in output
+    assert "engine took the model's weights" in output
 
 
 @pytest.mark.parametrize("model", ["/nonexistent/model-dir", "nobody/no-such-model"])
