@@ -120,8 +120,7 @@ class InferenceApp:
 
     async def start(self) -> int:
         """Warm the engine up, then serve; health turns SERVING only after the warmup."""
-        await asyncio.to_thread(self.engine.warmup)
-        self.engine.start()
+        await asyncio.to_thread(self.engine.start, warm=True)  # warms up on its own thread
         self.port = await self.server.start()
         self.worker.worker_id = f"{self.address}-{secrets.token_hex(4)}"
         self.sampler.start()

@@ -167,14 +167,22 @@ async def test_an_engine_that_takes_the_weights_frees_the_copies_and_keeps_its_o
     fused = sum(
         m.weight.numel() * m.weight.element_size()
         for layer in model.model.layers
-        for m in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj)
-        + (layer.mlp.gate_proj, layer.mlp.up_proj)
+        for m in (
+            layer.self_attn.q_proj,
+            layer.self_attn.k_proj,
+            layer.self_attn.v_proj,
+            layer.mlp.gate_proj,
+            layer.mlp.up_proj,
+        )
     )
-    packed_too = sum(
-        m.weight.numel() * m.weight.element_size()
-        for layer in model.model.layers
-        for m in (layer.self_attn.o_proj, layer.mlp.down_proj)
-    ) + model.lm_head.weight.numel() * model.lm_head.weight.element_size()
+    packed_too = (
+        sum(
+            m.weight.numel() * m.weight.element_size()
+            for layer in model.model.layers
+            for m in (layer.self_attn.o_proj, layer.mlp.down_proj)
+        )
+        + model.lm_head.weight.numel() * model.lm_head.weight.element_size()
+    )
     try:
         want = [
             await collect(expected, request(p, f"e{i}", temperature=0.0, max_tokens=8))

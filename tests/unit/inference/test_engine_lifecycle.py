@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 
 import pytest
@@ -280,3 +281,34 @@ async def test_first_event_says_when_the_request_got_a_slot(
     assert submitted <= a <= first_seen["a"]
     # One slot: b waited while a generated, so it was admitted after a's first token.
     assert first_seen["a"] < b <= first_seen["b"]
+
+
+async def test_a_warm_start_warms_up_on_the_compute_thread(
+    make_engine: EngineFactory, prompts: list[list[int]]
+) -> None:
+    engine = make_engine(start=False)
+    warmed_on: list[str] = []
+    warmup = engine.warmup
+
+    def recording_warmup() -> None:
+        warmed_on.append(threading.current_thread().name)
+        warmup()
+
+    engine.warmup = recording_warmup  # type: ignore[method-assign]
+    await asyncio.to_thread(engine.start, warm=True)
+    assert warmed_on == [f"engine-{engine.loaded.name}"]  # done before start returned
+    events = await collect(engine, request(prompts[1], temperature=0.0, max_tokens=4))
+    assert len(events) == 4
+
+
+async def test_a_failed_warm_up_is_raised_by_start(make_engine: EngineFactory) -> None:
+    engine = make_engine(start=False)
+
+    def broken_warmup() -> None:
+        raise RuntimeError("kernel setup failed")
+
+    engine.warmup = broken_warmup  # type: ignore[method-assign]
+    with pytest.raises(RuntimeError, match="kernel setup failed"):
+        await asyncio.to_thread(engine.start, warm=True)
+    with pytest.raises(EngineClosed):
+        engine.generate(request([1, 2, 3]))
