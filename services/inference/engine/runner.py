@@ -158,19 +158,13 @@ def _cat_bias(*modules: Any) -> torch.Tensor | None:
     return torch.cat(parts)
 
 
-def _release_copied(model: Any, packed: bool) -> int:
-    """Free the model's weights that the runner holds copies of; returns the bytes."""
-    copied: list[Any] = []
-    for layer in model.model.layers:
-        attn, mlp = layer.self_attn, layer.mlp
-        copied += [attn.q_proj, attn.k_proj, attn.v_proj, mlp.gate_proj, mlp.up_proj]
-        if packed:  # unpacked, the runner uses these very tensors
-            copied += [attn.o_proj, mlp.down_proj]
-    if packed and model.lm_head.weight is not model.model.embed_tokens.weight:
-        copied.append(model.lm_head)  # a tied head is the embedding the runner reads
+def _release(modules: list[Any], keep: torch.Tensor) -> int:
+    """Free the weights of `modules` (all but `keep`); returns the bytes freed."""
     released = 0
-    for module in copied:
+    for module in modules:
         weight = module.weight
+        if weight is keep:  # a tied output head is the embedding the runner reads
+            continue
         released += weight.numel() * weight.element_size()
         weight.data = torch.empty(0, dtype=weight.dtype, device=weight.device)
     # glibc keeps freed heap memory for reuse; hand it back (demo model, bf16: the
@@ -224,15 +218,18 @@ class Runner:
             packs_weights(self.dtype, self.device) if pack_weights is None else pack_weights
         )
         self._linear = _packed_linear if self.packed else F.linear
+        self._copied: list[Any] = []  # modules whose weights the runner holds copies of
         with torch.no_grad():
             self.embed = inner.embed_tokens.weight.detach()
             self.norm = inner.norm.weight.detach()
-            self.lm_head = self._pack(model.lm_head.weight.detach())
+            self.lm_head = self._weight(model.lm_head)
             self.layers = [self._layer(layer) for layer in inner.layers]
             positions = torch.arange(self.context_length, device=self.device)[None]
             probe = torch.zeros(1, dtype=self.dtype, device=self.device)
             cos, sin = inner.rotary_emb(probe, positions)
-        self.released_bytes = _release_copied(model, self.packed) if take_weights else 0
+        self.released_bytes = (
+            _release(self._copied, inner.embed_tokens.weight) if take_weights else 0
+        )
         half = self.head_dim // 2
         sign = torch.ones(self.head_dim, dtype=sin.dtype, device=self.device)
         sign[:half] = -1
@@ -245,20 +242,26 @@ class Runner:
         return _Layer(
             ln1=layer.input_layernorm.weight.detach(),
             ln2=layer.post_attention_layernorm.weight.detach(),
-            w_qkv=self._pack(
-                torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight])
-            ),
+            w_qkv=self._weight(attn.q_proj, attn.k_proj, attn.v_proj),
             b_qkv=_cat_bias(attn.q_proj, attn.k_proj, attn.v_proj),
-            w_o=self._pack(attn.o_proj.weight.detach()),
+            w_o=self._weight(attn.o_proj),
             b_o=_bias(attn.o_proj),
-            w_gate_up=self._pack(torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight])),
+            w_gate_up=self._weight(mlp.gate_proj, mlp.up_proj),
             b_gate_up=_cat_bias(mlp.gate_proj, mlp.up_proj),
-            w_down=self._pack(mlp.down_proj.weight.detach()),
+            w_down=self._weight(mlp.down_proj),
             b_down=_bias(mlp.down_proj),
         )
 
-    def _pack(self, weight: torch.Tensor) -> torch.Tensor:
-        return torch.ops.mkldnn._reorder_linear_weight(weight) if self.packed else weight
+    def _weight(self, *modules: Any) -> torch.Tensor:
+        """The modules' weights as the runner uses them: fused if several, packed if
+        `packed`. A copy is recorded in `_copied`; a lone unpacked weight is used as is."""
+        weights = [m.weight.detach() for m in modules]
+        weight = torch.cat(weights) if len(weights) > 1 else weights[0]
+        if self.packed:
+            weight = torch.ops.mkldnn._reorder_linear_weight(weight)
+        if self.packed or len(weights) > 1:
+            self._copied += modules
+        return weight
 
     def kv_bytes_per_position(self) -> int:
         """Key and value bytes one sequence position takes in the cache, all layers."""

@@ -22,7 +22,7 @@ import torch
 
 
 def confine_torch_threads() -> int:
-    """Run torch ops single-threaded until the engine starts; returns the thread count.
+    """Run torch ops single-threaded in this and later threads; returns the count.
 
     The count is what the process had (``OMP_NUM_THREADS`` or the number of cores),
     for `Engine(compute_threads=...)`. Call it before the process runs any torch
