@@ -61,8 +61,10 @@ lint: setup buf-lint
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
 
+# Needs PostgreSQL on 127.0.0.1:5432 (trust auth, database test) and Redis on
+# 127.0.0.1:6379: their tests fail with how to start them when either is missing.
 pytest: setup
-	$(VENV)/bin/pytest -q $(PYTEST_ARGS)
+	$(VENV)/bin/pytest -q -rs --require-services $(PYTEST_ARGS)
 
 # Everything CI checks, from a fresh clone.
 test: setup lint check-protos buf-breaking pytest

@@ -242,6 +242,7 @@ class _Call:
         self.peer = context.peer()
         self.start = time.perf_counter()
         self.code = grpc.StatusCode.OK
+        self.recorded = False
         given = metadata_value(context, REQUEST_ID_HEADER) or ""
         rid = given if 0 < len(given) <= _MAX_REQUEST_ID and given.isprintable() else ""
         self.request_id = rid or uuid.uuid4().hex
@@ -251,6 +252,7 @@ class _Call:
         """Map `exc` to a status and end the call with it (re-raises control flow)."""
         if isinstance(exc, TokenyardError):
             self.code = exc.code
+            self.record()  # before the status goes out: the client may act on it at once
             await abort_with(self.context, exc)
         if isinstance(exc, grpc.aio.AbortError | GeneratorExit):
             self.code = self.context.code() or grpc.StatusCode.UNKNOWN
@@ -262,11 +264,16 @@ class _Call:
         errlog.error(
             "unexpected error in %s", self.method, exc_info=exc, extra={"method": self.method}
         )
+        self.record()
         await self.context.abort(
             grpc.StatusCode.INTERNAL, f"internal error (request id {self.request_id})"
         )
 
-    def finish(self) -> None:
+    def record(self) -> None:
+        """Count the call and write its access-log line, once."""
+        if self.recorded:
+            return
+        self.recorded = True
         elapsed = time.perf_counter() - self.start
         name = grpc_code_name(self.code)
         RPC_REQUESTS.labels(self.method, name).inc()
@@ -286,6 +293,10 @@ class _Call:
                 "request_id": self.request_id,
             },
         )
+
+    def finish(self) -> None:
+        """End of the call: record it (if an error did not already) and reset the request id."""
+        self.record()
         # A generator finalised outside its call's task runs in another context,
         # where the token cannot be reset; that context is discarded anyway.
         with contextlib.suppress(ValueError):

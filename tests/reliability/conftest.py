@@ -40,8 +40,8 @@ from tests.integration.router.conftest import (
     base_env,
     make_user,
 )
+from tests.services import PG_DSN, require
 
-PG_DSN = "host=127.0.0.1 port=5432 user=postgres dbname=test"
 ADMIN_PASSWORD = "admin-password-1"
 USER_PASSWORD = "user-pass-123"  # what make_user gives every user
 MODEL = "fake-model"
@@ -167,20 +167,10 @@ class stack_for:
         assert not leaks, f"secrets in logs: {leaks}"
 
 
-def pg_available() -> bool:
-    """True when the PostgreSQL server on 127.0.0.1:5432 answers."""
-    try:
-        with psycopg.connect(PG_DSN, connect_timeout=2):
-            return True
-    except psycopg.Error:
-        return False
-
-
 @pytest.fixture
 def pg_schema() -> Iterator[tuple[str, str]]:
     """A fresh PostgreSQL schema for one test: (database URL, application name)."""
-    if not pg_available():
-        pytest.skip("PostgreSQL is not running on 127.0.0.1:5432")
+    require("postgres")
     schema = f"rel_{uuid.uuid4().hex[:12]}"
     with psycopg.connect(PG_DSN, autocommit=True) as conn:
         conn.execute(f"CREATE SCHEMA {schema}")

@@ -143,10 +143,18 @@ class Progress:
 
 
 async def lanes(
-    stub: gen_grpc.GenerationServiceStub, key: str, stop: asyncio.Event, n: int
+    stub: gen_grpc.GenerationServiceStub,
+    key: str,
+    stop: asyncio.Event,
+    n: int,
+    outcomes: list[Outcome] | None = None,
 ) -> list[Outcome]:
-    """`n` clients each streaming short generations back to back until `stop`."""
-    outcomes: list[Outcome] = []
+    """`n` clients each streaming short generations back to back until `stop`.
+
+    Outcomes are appended to `outcomes` (a new list by default) as streams end,
+    so a caller can wait for progress with `more_outcomes`.
+    """
+    outcomes = [] if outcomes is None else outcomes
 
     async def lane(i: int) -> None:
         k = 0
@@ -156,3 +164,12 @@ async def lanes(
 
     await asyncio.gather(*(lane(i) for i in range(n)))
     return outcomes
+
+
+async def more_outcomes(outcomes: list[Outcome], count: int, timeout: float = 120.0) -> None:
+    """Wait until `count` more streams ended than now (the load is flowing)."""
+    target = len(outcomes) + count
+    deadline = time.monotonic() + timeout
+    while len(outcomes) < target:
+        assert time.monotonic() < deadline, f"only {len(outcomes)} of {target} streams ended"
+        await asyncio.sleep(0.05)

@@ -13,8 +13,16 @@ from tokenyard.auth.v1 import usage_service_pb2_grpc as usage_grpc
 from tokenyard.generation.v1 import generation_service_pb2_grpc as gen_grpc
 
 from tests.integration.router.conftest import bearer
-from tests.reliability.conftest import PG_DSN, Stack
-from tests.reliability.streams import lanes, run_stream, settled_usage, tally
+from tests.reliability.conftest import Stack
+from tests.reliability.streams import (
+    Outcome,
+    lanes,
+    more_outcomes,
+    run_stream,
+    settled_usage,
+    tally,
+)
+from tests.services import PG_DSN
 
 pytestmark = pytest.mark.postgres
 
@@ -30,6 +38,15 @@ def terminate(application_name: str) -> int:
             (application_name,),
         ).fetchall()
     return len(rows)
+
+
+async def more_reads(side: Counter[str], count: int, timeout: float = 120.0) -> None:
+    """Wait until `count` more of auth's own reads ended (whatever their status)."""
+    target = sum(side.values()) + count
+    deadline = asyncio.get_running_loop().time() + timeout
+    while sum(side.values()) < target:
+        assert asyncio.get_running_loop().time() < deadline, "auth's reads stopped"
+        await asyncio.sleep(0.02)
 
 
 async def test_auth_survives_its_postgres_connections_being_terminated(
@@ -64,15 +81,20 @@ async def test_auth_survives_its_postgres_connections_being_terminated(
                     side[exc.code().name] += 1
                 await asyncio.sleep(0.02)
 
-        load = asyncio.create_task(lanes(stub, user.key, stop, 8))
+        outcomes: list[Outcome] = []
+        load = asyncio.create_task(lanes(stub, user.key, stop, 8, outcomes))
         reader = asyncio.create_task(reads())
-        for _ in range(4):
-            await asyncio.sleep(0.6)
-            killed.append(await asyncio.to_thread(terminate, app_name))
-        await asyncio.sleep(0.6)
-        stop.set()
-        outcomes = await load
-        await reader
+        try:
+            for _ in range(4):
+                await more_reads(side, 5)  # auth reads (and holds connections) again
+                await more_outcomes(outcomes, 8)
+                killed.append(await asyncio.to_thread(terminate, app_name))
+            await more_reads(side, 5)
+            await more_outcomes(outcomes, 8)
+        finally:
+            stop.set()
+            await load
+            await reader
         # Keys the router never saw: each needs auth's database now, without a restart.
         after = [await run_stream(stub, f"fresh {i}", 3, u.key) for i, u in enumerate(fresh)]
     counts = tally(outcomes)

@@ -22,7 +22,7 @@ import redis
 from tokenyard.auth.v1 import resources_pb2 as res
 from tokenyard.generation.v1 import generation_service_pb2_grpc as gen_grpc
 
-from tests.conftest import free_port
+from tests.conftest import WAIT_TIMEOUT, free_port
 from tests.integration.router.conftest import bearer
 from tests.reliability.conftest import Proc, Stack
 from tests.reliability.streams import request
@@ -46,8 +46,9 @@ class RedisServer:
         args += ["--save", "", "--appendonly", "no"]
         self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         client = redis.Redis(port=self.port, socket_timeout=1)
+        deadline = time.monotonic() + WAIT_TIMEOUT
         try:
-            for _ in range(100):
+            while time.monotonic() < deadline:
                 try:
                     if client.ping():
                         return
@@ -115,13 +116,24 @@ async def release(held: list[Held]) -> None:
 
 async def wait_free(router: Proc, key: str) -> None:
     """Wait until the routers settled cancelled streams (a stream is admitted again)."""
-    for _ in range(100):
+    deadline = time.monotonic() + WAIT_TIMEOUT
+    while time.monotonic() < deadline:
         held, refused = await admitted(router, key, 1, "probe")
         await release(held)
         if not refused:
             return
         await asyncio.sleep(0.1)
     raise AssertionError("slots were not freed")
+
+
+async def shared_again(router: Proc, key: str) -> None:
+    """Probe `router` with a stream until it found Redis again (after its retry interval)."""
+    deadline = time.monotonic() + WAIT_TIMEOUT
+    while "redis reachable again" not in router.output():
+        assert time.monotonic() < deadline, "the router never went back to Redis"
+        held, _ = await admitted(router, key, 1, "probe")
+        await release(held)
+        await asyncio.sleep(0.1)
 
 
 async def test_routers_share_limits_in_redis_and_fall_back_per_router_while_it_is_down(
@@ -160,7 +172,8 @@ async def test_routers_share_limits_in_redis_and_fall_back_per_router_while_it_i
 
     # Redis back (empty): after the retry interval the limit is shared again.
     own_redis.start()
-    await asyncio.sleep(1.5)
+    await shared_again(a, user.key)
+    await shared_again(b, user.key)
     held_a, refused_a = await admitted(a, user.key, LIMIT, "back a")
     held_b, refused_b = await admitted(b, user.key, 1, "back b")
     phases["redis back"] = dict(admitted=len(held_a + held_b), refused=refused_a + refused_b)

@@ -11,11 +11,13 @@ import grpc
 import pytest
 from tokenyard.generation.v1 import generation_service_pb2_grpc as gen_grpc
 
+from tests.conftest import WAIT_TIMEOUT
 from tests.reliability.conftest import Proc, Stack, stack_for
 from tests.reliability.streams import (
     Outcome,
     Progress,
     lanes,
+    more_outcomes,
     run_stream,
     settled_usage,
     tally,
@@ -45,19 +47,23 @@ async def test_auth_stopped_under_load_and_restarted(
         stub = gen_grpc.GenerationServiceStub(channel)
         assert (await run_stream(stub, "warm the cache", 3, cached.key)).exact
         stop = asyncio.Event()
-        load = asyncio.create_task(lanes(stub, cached.key, stop, 16))
-        await asyncio.sleep(1.0)
-        assert auth.stop() == 0
-        await asyncio.sleep(1.0)  # usage batches now fail and wait in the router
-        refused = await run_stream(stub, "never seen before", 3, unknown.key)
-        await asyncio.sleep(1.0)
-        auth = stack.restart(auth)
-        await asyncio.sleep(1.5)
-        stop.set()
-        outcomes = await load
+        outcomes: list[Outcome] = []
+        load = asyncio.create_task(lanes(stub, cached.key, stop, 16, outcomes))
+        try:
+            await more_outcomes(outcomes, 32)  # the load flows
+            assert auth.stop() == 0
+            # Streams end while auth is down: their usage batches fail and wait in the router.
+            await more_outcomes(outcomes, 32)
+            refused = await run_stream(stub, "never seen before", 3, unknown.key)
+            await more_outcomes(outcomes, 16)
+            auth = stack.restart(auth)
+            await more_outcomes(outcomes, 32)  # and the load goes on after the restart
+        finally:
+            stop.set()
+            await load
         back = time.monotonic()
         after = await run_stream(stub, "after the restart", 3, unknown.key)
-        while after.status == "UNAVAILABLE" and time.monotonic() - back < 10:
+        while after.status == "UNAVAILABLE" and time.monotonic() - back < 60:
             await asyncio.sleep(0.2)  # the router reconnects to auth within its backoff
             after = await run_stream(stub, "after the restart", 3, unknown.key)
         recovered = time.monotonic() - back
@@ -103,11 +109,11 @@ async def test_router_restarted_clients_retry_and_no_generation_is_orphaned(
         router = stack.restart(router)
         retried: list[Outcome] = []
         for out in cut:
-            for _ in range(20):
+            deadline = time.monotonic() + WAIT_TIMEOUT
+            again = await run_stream(stub, out.prompt, 30, user.key)
+            while again.status == "UNAVAILABLE" and time.monotonic() < deadline:
+                await asyncio.sleep(0.25)  # the client retries while the router comes back
                 again = await run_stream(stub, out.prompt, 30, user.key)
-                if again.status != "UNAVAILABLE":
-                    break
-                await asyncio.sleep(0.25)
             retried.append(again)
     report[f"router restarted ({sig.name})"] = dict(
         tally(cut), streams=n, retried_ok=sum(o.exact for o in retried)

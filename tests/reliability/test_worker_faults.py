@@ -9,10 +9,13 @@ from collections.abc import Iterator
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from tokenyard.generation.v1 import generation_service_pb2 as gen
 from tokenyard.generation.v1 import generation_service_pb2_grpc as gen_grpc
 from tokenyard.inference.v1 import worker_service_pb2 as wrk
 from tokenyard.inference.v1 import worker_service_pb2_grpc as wrk_grpc
 
+from tests.conftest import WAIT_TIMEOUT
+from tests.integration.router.conftest import bearer
 from tests.reliability.conftest import SERVICE_MD, Proc, Stack, load_of, stack_for
 from tests.reliability.streams import (
     CLEAN,
@@ -81,6 +84,23 @@ async def test_sigkill_of_a_worker_under_32_streams(
     assert await wait_idle(alive) == {w.address: 0 for w in alive}
 
 
+async def routable_workers(stub: gen_grpc.GenerationServiceStub, key: str, count: int) -> None:
+    """Wait until ListModels reports `count` workers the router may send new requests to."""
+    workers = -1
+
+    async def poll() -> None:
+        nonlocal workers
+        reply = await stub.ListModels(gen.ListModelsRequest(), metadata=bearer(key))
+        workers = reply.models[0].workers if reply.models else 0
+
+    deadline = asyncio.get_running_loop().time() + WAIT_TIMEOUT
+    await poll()
+    while workers != count:
+        assert asyncio.get_running_loop().time() < deadline, f"{workers} workers, not {count}"
+        await asyncio.sleep(0.05)
+        await poll()
+
+
 async def test_a_drained_worker_finishes_its_streams_and_gets_no_new_ones(
     base: tuple[Stack, Proc, str], report: dict[str, object]
 ) -> None:
@@ -105,7 +125,7 @@ async def test_a_drained_worker_finishes_its_streams_and_gets_no_new_ones(
                 wrk.DrainRequest(), metadata=SERVICE_MD
             )
         assert reply.remaining == on_drained
-        await asyncio.sleep(0.5)  # the router hears `draining` on WatchLoad
+        await routable_workers(stub, user.key, 1)  # the router heard `draining` on WatchLoad
         second = [asyncio.create_task(run_stream(stub, f"new {i}", 40, user.key)) for i in range(8)]
         peak = 0
         while not all(t.done() for t in second):

@@ -30,18 +30,10 @@ from services.auth.bootstrap import bootstrap_admin
 from services.auth.db.engine import Database
 from services.auth.settings import Argon2Settings, AuthSettings
 from services.common.config import ServerSettings
+from tests.services import PG_DSN, require
 
-PG_DSN = "host=127.0.0.1 port=5432 user=postgres dbname=test"
 PEPPER = "pepper-for-tests-0123456789"
 ADMIN_PASSWORD = "admin-password-1"
-
-
-def _pg_available() -> bool:
-    try:
-        with psycopg.connect(PG_DSN, connect_timeout=2):
-            return True
-    except psycopg.Error:
-        return False
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
@@ -50,8 +42,7 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str
     if request.param == "sqlite":
         yield f"sqlite:///{tmp_path / 'auth.db'}"
         return
-    if not _pg_available():
-        pytest.skip("PostgreSQL is not running on 127.0.0.1:5432")
+    require("postgres")
     schema = f"t_{uuid.uuid4().hex[:12]}"
     with psycopg.connect(PG_DSN, autocommit=True) as conn:
         conn.execute(f"CREATE SCHEMA {schema}")

@@ -20,7 +20,7 @@ from services.auth.bootstrap import bootstrap_admin, ensure_demo
 from services.auth.domain import credentials
 from services.common.errors import FailedPrecondition
 from services.common.interceptors import SERVICE_TOKEN_HEADER
-from tests.conftest import free_port
+from tests.conftest import WAIT_TIMEOUT, free_port
 from tests.integration.auth.conftest import PEPPER, make_settings
 
 TOKENYARD = [sys.executable, "-m", "services.cli"]
@@ -97,16 +97,17 @@ async def test_serve_with_migrate_is_healthy_guards_internal_rpcs_and_stops_on_s
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
             health = health_pb2_grpc.HealthStub(channel)
-            for _ in range(100):
+            deadline = asyncio.get_running_loop().time() + WAIT_TIMEOUT
+            while True:
                 try:
                     reply = await health.Check(health_pb2.HealthCheckRequest(), timeout=1)
                     if reply.status == health_pb2.HealthCheckResponse.SERVING:
                         break
                 except grpc.aio.AioRpcError:
                     pass
+                if asyncio.get_running_loop().time() > deadline:
+                    pytest.fail("auth did not become healthy")
                 await asyncio.sleep(0.1)
-            else:
-                pytest.fail("auth did not become healthy")
             stub = auth_grpc.AuthServiceStub(channel)
             request = auth_pb.AuthenticateRequest(credential=probe_key)
             with pytest.raises(grpc.aio.AioRpcError) as refused:

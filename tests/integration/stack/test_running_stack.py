@@ -119,7 +119,7 @@ def test_one_trace_spans_router_auth_and_worker_without_secrets(
     assert code == 0, err
     key = (stack.state_dir / "demo-key").read_text().strip()
     wanted = {"tokenyard-router", "tokenyard-auth", "tokenyard-inference"}
-    deadline = time.monotonic() + 30
+    deadline = time.monotonic() + 90
     by_trace: dict[str, set[str]] = {}
     while time.monotonic() < deadline:
         by_trace = {}

@@ -150,6 +150,24 @@ async def test_unexpected_error_is_internal_without_leaking() -> None:
     await server.stop(0)
 
 
+async def _refused_soon(stub: gen_grpc.GenerationServiceStub, timeout: float = 30.0) -> Any:
+    """The status new calls get once the stopping server refuses them (until `timeout`).
+
+    A call that races the start of the stop may still be served, or cancelled by
+    grpc as the server shuts down (CANCELLED): both mean "not yet refused".
+    """
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while loop.time() < deadline:
+        try:
+            await stub.Generate(gen.GenerateRequest(model="new"), timeout=5)
+        except grpc.aio.AioRpcError as err:
+            if err.code() != grpc.StatusCode.CANCELLED:
+                return err.code()
+        await asyncio.sleep(0.01)
+    raise AssertionError("the stopping server kept accepting new calls")
+
+
 async def test_graceful_stop_finishes_stream_and_refuses_new_calls() -> None:
     server, servicer, channel = await start()
     stub = gen_grpc.GenerationServiceStub(channel)
@@ -157,10 +175,7 @@ async def test_graceful_stop_finishes_stream_and_refuses_new_calls() -> None:
     received = [(await call.read()).text]
     await servicer.streaming.wait()
     stopping = asyncio.create_task(server.stop(5.0))
-    await asyncio.sleep(0.05)
-    with pytest.raises(grpc.aio.AioRpcError) as caught:
-        await stub.Generate(gen.GenerateRequest(model="new"), timeout=2)
-    assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert await _refused_soon(stub) == grpc.StatusCode.UNAVAILABLE
     while (msg := await call.read()) is not grpc.aio.EOF:
         received.append(msg.text)
     assert received == ["0", "1", "2", "3", "4"]
@@ -223,6 +238,7 @@ class Flooder(gen_grpc.GenerationServiceServicer):
     def __init__(self) -> None:
         self.tasks: list[asyncio.Task[Any] | None] = []
         self.closed = asyncio.Event()
+        self.sent = 0
 
     async def StreamGenerate(
         self, request: gen.StreamGenerateRequest, context: Any
@@ -231,9 +247,21 @@ class Flooder(gen_grpc.GenerationServiceServicer):
         try:
             while True:
                 yield gen.StreamGenerateResponse(text="x" * 256_000)
+                self.sent += 1
         finally:
             self.tasks.append(asyncio.current_task())
             self.closed.set()
+
+
+async def _blocked_in_a_send(flooder: Flooder, timeout: float = 30.0) -> None:
+    """Wait until the server has filled the flow-control window: its sends stop advancing."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    seen = -1
+    while flooder.sent != seen or flooder.sent < 2:
+        assert loop.time() < deadline, "the server never blocked in a send"
+        seen = flooder.sent
+        await asyncio.sleep(0.1)
 
 
 async def test_a_stream_cancelled_inside_a_send_is_closed_in_its_own_task() -> None:
@@ -250,7 +278,7 @@ async def test_a_stream_cancelled_inside_a_send_is_closed_in_its_own_task() -> N
     try:
         call = gen_grpc.GenerationServiceStub(channel).StreamGenerate(gen.StreamGenerateRequest())
         await call.read()
-        await asyncio.sleep(0.3)  # the server fills the window and blocks in a send
+        await _blocked_in_a_send(flooder)
         call.cancel()
         await asyncio.wait_for(flooder.closed.wait(), 5)
     finally:

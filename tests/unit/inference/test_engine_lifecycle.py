@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from collections.abc import Callable
 
 import pytest
 
@@ -21,6 +22,7 @@ from services.inference.engine import (
 from services.inference.engine.engine import MIN_KV_POSITIONS
 from services.inference.engine.runner import Runner
 from services.inference.model_loading import LoadedModel
+from tests.conftest import eventually
 from tests.unit.inference.conftest import EngineFactory
 from tests.unit.inference.helpers import collect, hf_greedy, request
 
@@ -28,11 +30,8 @@ pytestmark = pytest.mark.timeout(60)
 ENDLESS = {"max_tokens": 400, "ignore_eos": True, "temperature": 0.0}
 
 
-async def wait_for(predicate: object, timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():  # type: ignore[operator]
-        assert time.monotonic() < deadline, "condition not reached in time"
-        await asyncio.sleep(0.002)
+async def wait_for(predicate: Callable[[], bool]) -> None:
+    await eventually(predicate, interval=0.002)
 
 
 async def test_closing_the_stream_frees_the_slot(
@@ -128,8 +127,8 @@ async def test_wait_idle_waits_for_running_requests(
     )
     await wait_for(lambda: engine.stats().running == 1)
     idle = asyncio.create_task(engine.wait_idle())
-    await asyncio.sleep(0.05)
-    assert not idle.done()
+    await asyncio.sleep(0)  # wait_idle starts waiting
+    assert engine.stats().running == 1 and not idle.done()
     await asyncio.wait_for(idle, 10.0)
     assert task.done() and len(task.result()) == 400
 

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
@@ -86,12 +85,3 @@ async def stack() -> AsyncIterator[Stack]:
         yield s
     finally:
         await s.close()
-
-
-async def eventually(check: Callable[[], bool], timeout: float = 5.0) -> None:
-    """Wait until `check()` holds; fail the test after `timeout` seconds."""
-    for _ in range(int(timeout / 0.01)):
-        if check():
-            return
-        await asyncio.sleep(0.01)
-    pytest.fail("condition not reached in time")

@@ -11,7 +11,7 @@ import pytest
 from services.common.errors import Unauthenticated, Unavailable
 from services.router.auth_client import AuthClient, bearer_credential, model_matches
 from services.router.testing.fake_auth import FakeAuth, principal
-from tests.unit.router.conftest import eventually
+from tests.conftest import eventually
 
 KEY = "ty_sk_aaaaaaaaaaaaaaaaaaaaaaaaaaaa"
 
@@ -83,13 +83,14 @@ async def test_auth_down_keeps_cached_principals_and_fails_closed(
 
 
 async def test_expired_cache_entry_is_not_used_when_auth_is_down(auth: FakeAuth) -> None:
-    auth.state.cache_ttl = 0.05
+    auth.state.cache_ttl = 5.0
+    now = [1000.0]
     channel = grpc.aio.insecure_channel(auth.address)
-    c = AuthClient(channel)
+    c = AuthClient(channel, clock=lambda: now[0])
     try:
         await c.authenticate(KEY)
         await auth.stop()
-        await asyncio.sleep(0.1)
+        now[0] += 5.1  # past the entry's time-to-live
         with pytest.raises(Unavailable):
             await c.authenticate(KEY)
     finally:
@@ -101,7 +102,8 @@ async def test_revocation_applies_at_once(auth: FakeAuth, client: AuthClient) ->
     await client.revocations_connected.wait()
     await client.authenticate(KEY)
     auth.state.revoke(KEY)
-    for _ in range(200):
+    deadline = asyncio.get_running_loop().time() + 30
+    while asyncio.get_running_loop().time() < deadline:
         try:
             await client.authenticate(KEY)
         except Unauthenticated:

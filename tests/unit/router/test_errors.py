@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-
 import grpc
 import pytest
 from tokenyard.auth.v1 import resources_pb2 as res
@@ -11,7 +9,8 @@ from tokenyard.generation.v1 import generation_service_pb2 as gen
 
 from services.common.status import parse_details
 from services.router.testing.fake_auth import principal
-from tests.unit.router.conftest import KEY, MODEL, Stack, bearer, eventually
+from tests.conftest import eventually
+from tests.unit.router.conftest import KEY, MODEL, Stack, bearer
 
 
 def request(**fields: object) -> gen.StreamGenerateRequest:
@@ -219,11 +218,7 @@ async def test_deadline_exceeded_stops_the_worker(stack: Stack) -> None:
     long.sampling.max_tokens = 1000
     err = await status_of(client.StreamGenerate(long, metadata=bearer(), timeout=0.3))
     assert err.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-    for _ in range(300):
-        if worker.load.running == 0:
-            break
-        await asyncio.sleep(0.01)
-    assert worker.load.running == 0
+    await eventually(lambda: worker.load.running == 0)
 
 
 async def test_worker_errors_about_the_request_reach_the_client(stack: Stack) -> None:

@@ -9,7 +9,8 @@ import pytest
 from tokenyard.generation.v1 import generation_service_pb2 as gen
 
 from services.router.testing.fake_worker import expected_token, token_text
-from tests.unit.router.conftest import MODEL, Stack, bearer, eventually
+from tests.conftest import WAIT_TIMEOUT, eventually
+from tests.unit.router.conftest import MODEL, Stack, bearer
 
 
 def request(prompt: str = "hello", max_tokens: int = 8) -> gen.StreamGenerateRequest:
@@ -151,8 +152,7 @@ async def test_usage_waits_for_auth_and_is_exact_after_restart(stack: Stack) -> 
     for _ in range(5):
         await collect(client.StreamGenerate(request(max_tokens=2), metadata=bearer()))
     await app.core.drain_background()
-    await asyncio.sleep(0.2)
-    assert len(app.usage) == 5
+    await eventually(lambda: len(app.usage) == 5)
     await stack.auth.start()
     await eventually(lambda: len(stack.auth.state.usage) == 6)
     assert sum(r.completion_tokens for r in stack.auth.state.usage.values()) == 8 + 5 * 2
@@ -185,7 +185,8 @@ async def test_revoked_key_is_refused_within_the_bound(stack: Stack) -> None:
             return bool(exc.code() == grpc.StatusCode.UNAUTHENTICATED)
         return False
 
-    for _ in range(100):
+    deadline = asyncio.get_running_loop().time() + WAIT_TIMEOUT
+    while asyncio.get_running_loop().time() < deadline:
         if await refused():
             return
         await asyncio.sleep(0.01)

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from services.stack.supervisor import ChildSpec, Policy, StackError, Supervisor
-from tests.conftest import free_port
+from tests.conftest import eventually, free_port
 
 CHILD = str(Path(__file__).with_name("health_child.py"))
 FAST = Policy(max_restarts=2, backoff=0.1, startup_timeout=20, stop_timeout=10)
@@ -55,10 +55,14 @@ async def test_a_killed_child_is_restarted_and_serves_again(tmp_path: Path) -> N
     first_pid = child.proc.pid if child.proc else 0
     os.kill(first_pid, signal.SIGKILL)
     runner = asyncio.create_task(sup.run())
-    for _ in range(200):
-        if child.proc and child.proc.pid != first_pid and "SERVING again" in out.getvalue():
-            break
-        await asyncio.sleep(0.05)
+    await eventually(
+        lambda: (
+            bool(child.proc)
+            and child.proc.pid != first_pid  # type: ignore[union-attr]
+            and "SERVING again" in out.getvalue()
+        ),
+        interval=0.05,
+    )
     assert "worker-1 exited with code -9; restarting" in out.getvalue()
     assert "worker-1 is SERVING again" in out.getvalue()
     assert child.running
@@ -105,7 +109,7 @@ async def test_stop_during_startup_returns_promptly() -> None:
     )
     sup = Supervisor([never], FAST, out)
     starting = asyncio.create_task(sup.start())
-    await asyncio.sleep(0.5)
+    await eventually(lambda: sup.children[0].running)  # started, waiting for its health
     sup.request_stop()
     await starting
     await sup.stop()
