@@ -7,7 +7,10 @@ so CI cannot go green by skipping the production paths.
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import uuid
+from collections.abc import Iterator
 
 import psycopg
 import pytest
@@ -55,3 +58,27 @@ def require(service: str) -> None:
     if required:
         pytest.fail(HOW_TO_START[service], pytrace=False)
     pytest.skip(HOW_TO_START[service])
+
+
+@contextlib.contextmanager
+def pg_schema(prefix: str = "t") -> Iterator[tuple[str, str]]:
+    """A fresh PostgreSQL schema, dropped afterwards: (SQLAlchemy URL, schema name).
+
+    The URL's connections use the schema (search_path) and carry its name as their
+    application_name, so a test can find (and terminate) them.
+    """
+    require("postgres")
+    schema = f"{prefix}_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(PG_DSN, autocommit=True) as conn:
+        conn.execute(f"CREATE SCHEMA {schema}")
+    try:
+        yield (
+            (
+                "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+                f"?options=-csearch_path%3D{schema}&application_name={schema}"
+            ),
+            schema,
+        )
+    finally:
+        with psycopg.connect(PG_DSN, autocommit=True) as conn:
+            conn.execute(f"DROP SCHEMA {schema} CASCADE")

@@ -1,8 +1,9 @@
 """`tokenyard users|roles|keys|usage|audit …`: the auth admin API from a shell.
 
 Talks gRPC to the auth service (TOKENYARD_AUTH_ADDRESS or --address) with the
-API key in TOKENYARD_API_KEY; prints tables; an error is one line and a
-non-zero exit, never a traceback.
+API key in TOKENYARD_API_KEY, or by default the admin key `tokenyard up` keeps in
+its state folder; prints tables; an error is one line and a non-zero exit, never
+a traceback.
 """
 
 from __future__ import annotations
@@ -14,15 +15,17 @@ import os
 import sys
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
-from services.common.settings import parse_address, setting
+from services.common.settings import add_flags, parse_address, setting
+from services.stack.state import ADMIN_KEY, key_in_state, state_dir_setting
 
 DEFAULT_ADDRESS = "127.0.0.1:50052"
 
 
 @dataclass(frozen=True, kw_only=True)
-class ClientSettings:
+class AdminClientSettings:
     """Where the auth service is and which key to call it with."""
 
     address: str = setting(
@@ -30,17 +33,22 @@ class ClientSettings:
         parse_address,
         default=DEFAULT_ADDRESS,
         flag="--address",
-        help="host:port of the auth service.",
+        help="host:port of the auth service, for the admin commands.",
     )
-    api_key: str = setting(
-        "TOKENYARD_API_KEY", secret=True, help="API key (or session token) of the caller."
+    api_key: str | None = setting(
+        "TOKENYARD_API_KEY",
+        default=None,
+        secret=True,
+        help="API key (or session token) of the caller (default for the admin commands: "
+        "the local stack's admin key in the state folder).",
     )
+    state_dir: Path = state_dir_setting()
 
 
 def register(subparsers: Any) -> None:
     """Add the users, roles, keys, usage and audit command groups."""
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--address", default=None, help=f"auth host:port ({DEFAULT_ADDRESS})")
+    add_flags(common, AdminClientSettings)
 
     users = subparsers.add_parser("users", help="manage users").add_subparsers(
         dest="sub", required=True, metavar="ACTION"
@@ -141,9 +149,10 @@ def _run(action: Action) -> Callable[[argparse.Namespace], int]:
 
         from services.common.settings import load_settings
 
-        settings = load_settings(ClientSettings, os.environ, {"address": args.address})
+        settings = load_settings(AdminClientSettings, os.environ, vars(args))
+        key = settings.api_key or key_in_state(settings.state_dir, ADMIN_KEY)
         try:
-            asyncio.run(_call(action, settings, args))
+            asyncio.run(_call(action, settings.address, key, args))
         except grpc.aio.AioRpcError as exc:
             print(f"tokenyard: {exc.code().name}: {exc.details()}", file=sys.stderr)
             return 1
@@ -155,10 +164,10 @@ def _run(action: Action) -> Callable[[argparse.Namespace], int]:
     return handler
 
 
-async def _call(action: Action, settings: ClientSettings, args: argparse.Namespace) -> None:
+async def _call(action: Action, address: str, key: str, args: argparse.Namespace) -> None:
     from services.auth.client import AdminClient
 
-    async with AdminClient(settings.address, settings.api_key) as client:
+    async with AdminClient(address, key) as client:
         await action(client, args)
 
 

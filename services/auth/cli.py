@@ -15,21 +15,23 @@ log = logging.getLogger("tokenyard.auth")
 
 def register(subparsers: Any) -> None:
     """Add the `auth` command group."""
+    from services.auth.settings import SERVICE, AuthSettings
+    from services.common.settings import add_flags
+
     auth = subparsers.add_parser("auth", help="the auth service (users, roles, API keys)")
     sub = auth.add_subparsers(dest="auth_command", required=True, metavar="COMMAND")
 
     serve = sub.add_parser("serve", help="run the auth gRPC service")
-    serve.add_argument("--port", type=int, default=None, help="gRPC port (default 50052)")
-    serve.add_argument("--database-url", default=None, help="SQLAlchemy database URL")
+    add_flags(serve, AuthSettings, SERVICE)
     serve.add_argument("--migrate", action="store_true", help="apply migrations before serving")
     serve.set_defaults(handler=_serve)
 
     mig = sub.add_parser("migrate", help="apply database migrations")
-    mig.add_argument("--database-url", default=None, help="SQLAlchemy database URL")
+    add_flags(mig, AuthSettings, SERVICE)
     mig.set_defaults(handler=_migrate)
 
     boot = sub.add_parser("bootstrap", help="create the first admin; prints an admin API key")
-    boot.add_argument("--database-url", default=None, help="SQLAlchemy database URL")
+    add_flags(boot, AuthSettings, SERVICE)
     boot.add_argument("--username", default="admin", help="admin login name")
     boot.set_defaults(handler=_bootstrap)
 
@@ -37,8 +39,7 @@ def register(subparsers: Any) -> None:
 def _settings(args: argparse.Namespace) -> Any:
     from services.auth.settings import load_auth_settings
 
-    overrides = {k: v for k, v in vars(args).items() if k in ("port", "database_url")}
-    return load_auth_settings(os.environ, overrides)
+    return load_auth_settings(os.environ, vars(args))
 
 
 def _migrate(args: argparse.Namespace) -> int:
@@ -61,7 +62,7 @@ def _bootstrap(args: argparse.Namespace) -> int:
     from services.common.errors import TokenyardError
 
     settings = _settings(args)
-    password = os.environ.get("TOKENYARD_AUTH_BOOTSTRAP_PASSWORD") or ""
+    password = settings.bootstrap_password or ""
     if not password:
         if not sys.stdin.isatty():
             print(

@@ -14,6 +14,7 @@ from services.common.settings import (
     parse_existing_file,
     parse_list,
     parse_non_negative_float,
+    parse_port,
     parse_positive_float,
     parse_positive_int,
     parse_url,
@@ -52,6 +53,19 @@ def parse_pepper(raw: str) -> str:
 
 
 @dataclass(frozen=True)
+class AuthServerSettings(ServerSettings):
+    """Auth's listener: as every service's, on port 50052 by default."""
+
+    port: int = setting(
+        "TOKENYARD_{service}_PORT",
+        parse_port,
+        default=DEFAULT_PORT,
+        flag="--port",
+        help="gRPC port.",
+    )
+
+
+@dataclass(frozen=True)
 class Argon2Settings:
     """argon2id cost; defaults exceed OWASP's minimum (19 MiB, t=2, p=1)."""
 
@@ -73,7 +87,7 @@ class Argon2Settings:
 class AuthSettings:
     """Everything `tokenyard auth serve` needs; built once in the entry point."""
 
-    server: ServerSettings = field(default_factory=lambda: ServerSettings(port=DEFAULT_PORT))
+    server: AuthServerSettings = field(default_factory=AuthServerSettings)
     observability: ObservabilitySettings = field(default_factory=ObservabilitySettings)
     internal: InternalSettings = field(default_factory=InternalSettings)
     argon2: Argon2Settings = field(default_factory=Argon2Settings)
@@ -90,6 +104,13 @@ class AuthSettings:
         default=None,
         secret=True,
         help="Secret for API key digests (HMAC-SHA256); required unless a pepper file is set.",
+    )
+    bootstrap_password: str | None = setting(
+        "TOKENYARD_AUTH_BOOTSTRAP_PASSWORD",
+        default=None,
+        secret=True,
+        help="Password of the first admin for `tokenyard auth bootstrap` "
+        "(unset: asked in a terminal).",
     )
     key_pepper_file: Path | None = setting(
         "TOKENYARD_AUTH_KEY_PEPPER_FILE",
@@ -179,10 +200,7 @@ def load_auth_settings(
     environ: Mapping[str, str], overrides: Mapping[str, Any] | None = None
 ) -> AuthSettings:
     """Load AuthSettings: port 50052 unless set, and a pepper from one of its two sources."""
-    merged = dict(overrides or {})
-    if merged.get("port") is None and not environ.get("TOKENYARD_AUTH_PORT"):
-        merged["port"] = DEFAULT_PORT
-    settings = load_settings(AuthSettings, environ, merged, service=SERVICE)
+    settings = load_settings(AuthSettings, environ, overrides, service=SERVICE)
     if settings.key_pepper is None and settings.key_pepper_file is None:
         raise SettingsError(
             "TOKENYARD_AUTH_KEY_PEPPER: required unless TOKENYARD_AUTH_KEY_PEPPER_FILE is set"

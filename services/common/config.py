@@ -83,6 +83,7 @@ class ObservabilitySettings:
     otlp_endpoint: str | None = setting(
         "OTEL_EXPORTER_OTLP_ENDPOINT",
         default=None,
+        flag="--otlp-endpoint",
         help="OTLP gRPC endpoint for traces and metrics (unset: nothing exported).",
     )
 

@@ -8,9 +8,10 @@ import time. A bad value stops the service with one line naming the variable.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import math
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
@@ -48,6 +49,49 @@ def env_name(f: dataclasses.Field[Any], service: str) -> str:
     return str(f.metadata["env"]).format(service=service.upper())
 
 
+def flag_name(f: dataclasses.Field[Any], service: str = "") -> str | None:
+    """The CLI flag of a field: its declared `flag`, else derived from its variable
+    (`TOKENYARD_INFERENCE_MAX_RUNNING` → `--max-running` for the inference service).
+    Secrets have a flag only where one is declared: a flag shows in `ps`."""
+    if f.metadata["flag"]:
+        return str(f.metadata["flag"])
+    if f.metadata["secret"]:
+        return None
+    env = env_name(f, service).removeprefix("TOKENYARD_")
+    if service:
+        env = env.removeprefix(service.upper() + "_")
+    return "--" + env.lower().replace("_", "-")
+
+
+def settings_fields(
+    cls: type[Any], prefix: str = ""
+) -> Iterator[tuple[str, dataclasses.Field[Any]]]:
+    """Every setting of `cls` with its dotted path (`server.port`), nested ones included."""
+    for f in dataclasses.fields(cls):
+        if "env" in f.metadata:
+            yield prefix + f.name, f
+        else:
+            yield from settings_fields(_resolve(cls, f.name), f"{prefix}{f.name}.")
+
+
+def add_flags(parser: argparse.ArgumentParser, cls: type[Any], service: str = "") -> None:
+    """Add one flag per setting of `cls` to `parser` (dest: the setting's dotted path).
+
+    Flags come only from here, so a setting without a flag cannot exist; pass the
+    parsed namespace's `vars()` to `load_settings` as overrides. A boolean flag
+    alone means true (`--tls`); it also takes a value (`--prefix-cache false`).
+    """
+    for path, f in settings_fields(cls):
+        flag = flag_name(f, service)
+        if flag is None:
+            continue
+        help_text = f"{f.metadata['help']} [{env_name(f, service)}]".replace("%", "%%")
+        extra: dict[str, Any] = {"metavar": f.name.upper()}
+        if f.metadata["parse"] is parse_bool:
+            extra = {"nargs": "?", "const": "true", "metavar": "BOOL"}
+        parser.add_argument(flag, dest=path, default=None, help=help_text, **extra)
+
+
 def load_settings(
     cls: type[T],
     environ: Mapping[str, str],
@@ -57,18 +101,22 @@ def load_settings(
 ) -> T:
     """Build `cls` from `environ`, with non-None `overrides` (CLI flags) winning.
 
-    Nested settings dataclasses (fields without an env name) load recursively with
-    the same environment, overrides and service prefix.
+    Overrides are keyed by the setting's dotted path (`server.port`), as
+    `add_flags` names them. Nested settings dataclasses (fields without an env
+    name) load recursively with the same environment and service prefix.
     """
     overrides = overrides or {}
     values: dict[str, Any] = {}
     for f in dataclasses.fields(cls):  # type: ignore[arg-type]
         if "env" not in f.metadata:
             sub = f.type if isinstance(f.type, type) else _resolve(cls, f.name)
-            values[f.name] = load_settings(sub, environ, overrides, service=service)
+            head = f.name + "."
+            nested = {k.removeprefix(head): v for k, v in overrides.items() if k.startswith(head)}
+            values[f.name] = load_settings(sub, environ, nested, service=service)
             continue
         name = env_name(f, service)
-        label = name if not f.metadata["flag"] else f"{f.metadata['flag']} ({name})"
+        flag = flag_name(f, service)
+        label = name if flag is None else f"{flag} ({name})"
         raw: Any
         if overrides.get(f.name) is not None:
             raw = overrides[f.name]

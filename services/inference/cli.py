@@ -11,6 +11,9 @@ from typing import Any
 
 def register(subparsers: Any) -> None:
     """Add the `inference` command group to the `tokenyard` parser."""
+    from services.common.settings import add_flags
+    from services.inference.settings import SERVICE, InferenceSettings
+
     group = subparsers.add_parser("inference", help="an inference worker")
     sub = group.add_subparsers(dest="inference_command", required=True, metavar="COMMAND")
     serve = sub.add_parser(
@@ -18,18 +21,7 @@ def register(subparsers: Any) -> None:
         help="load a model and serve GenerationService and WorkerService to the router",
         description="Settings come from TOKENYARD_INFERENCE_* variables; flags override them.",
     )
-    serve.add_argument(
-        "--model", default=None, help="smollm2-135m, a model directory, a GGUF file or a hub id"
-    )
-    serve.add_argument("--served-model-name", default=None, help="name clients use")
-    serve.add_argument("--device", default=None, help="auto, cpu, cuda or cuda:N")
-    serve.add_argument("--dtype", default=None, help="auto, float32, bfloat16 or float16")
-    serve.add_argument("--port", default=None, help="gRPC port (default 50061)")
-    serve.add_argument("--max-running", default=None, help="sequences decoded at once")
-    serve.add_argument("--max-queued", default=None, help="requests waiting for a slot")
-    serve.add_argument("--max-batch-tokens", default=None, help="tokens per engine step")
-    serve.add_argument("--prefix-cache", default=None, help="true or false")
-    serve.add_argument("--cache-dir", default=None, help="where converted models are kept")
+    add_flags(serve, InferenceSettings, SERVICE)
     serve.set_defaults(handler=_serve)
 
 

@@ -10,6 +10,9 @@ from typing import Any
 
 def register(subparsers: Any) -> None:
     """Add the `router` command group to the `tokenyard` parser."""
+    from services.common.settings import add_flags
+    from services.router.settings import RouterSettings
+
     router = subparsers.add_parser("router", help="the public router")
     sub = router.add_subparsers(dest="router_command", required=True, metavar="COMMAND")
     serve = sub.add_parser(
@@ -17,12 +20,7 @@ def register(subparsers: Any) -> None:
         help="serve GenerationService: authenticate, limit and route to workers",
         description="Settings come from TOKENYARD_ROUTER_* variables; flags override them.",
     )
-    serve.add_argument("--port", type=int, default=None, help="gRPC port (default 50051)")
-    serve.add_argument("--auth-address", default=None, help="auth host:port")
-    serve.add_argument("--workers", default=None, help="comma-separated worker host:port")
-    serve.add_argument("--worker-dns", default=None, help="worker DNS name:port")
-    serve.add_argument("--policy", default=None, help="least_load|prefix_affinity|...")
-    serve.add_argument("--stream-interval", default=None, help="tokens per client message")
+    add_flags(serve, RouterSettings, "router")
     serve.set_defaults(handler=_serve)
 
 
@@ -30,8 +28,7 @@ def _serve(args: argparse.Namespace) -> int:
     from services.common.settings import load_settings
     from services.router.settings import RouterSettings
 
-    overrides = {k: (str(v) if isinstance(v, int) else v) for k, v in vars(args).items()}
-    settings = load_settings(RouterSettings, os.environ, overrides, service="router")
+    settings = load_settings(RouterSettings, os.environ, vars(args), service="router")
     asyncio.run(_run(settings))
     return 0
 

@@ -30,6 +30,9 @@ def parse_worker_list(raw: str) -> tuple[str, ...]:
     return tuple(parse_address(part) for part in parse_list(raw))
 
 
+parse_redis_url = parse_url("redis", "rediss", "unix")
+
+
 @dataclass(frozen=True)
 class RouterServerSettings(ServerSettings):
     """The public listener; as every service's, but on port 50051 by default."""
@@ -100,7 +103,7 @@ class RouterSettings:
     )
     redis_url: str | None = setting(
         "TOKENYARD_REDIS_URL",
-        parse_url("redis", "rediss", "unix"),
+        parse_redis_url,
         default=None,
         secret=True,
         help="Redis for rate limits shared by router replicas (unset: in-process).",

@@ -8,31 +8,19 @@ import sys
 from pathlib import Path
 from typing import Any
 
-DEFAULT_ADDRESS = "127.0.0.1:50051"
-
 
 def register(subparsers: Any) -> None:
     """Add `up`, `generate` and `chat` to the `tokenyard` parser."""
+    from services.common.settings import add_flags
+    from services.stack.settings import StackSettings
+
     up = subparsers.add_parser(
         "up",
         help="run auth, inference workers and the router on this machine",
         description="Settings come from TOKENYARD_UP_* variables (and TOKENYARD_STATE_DIR); "
         "flags override them. See docs/configuration.md.",
     )
-    up.add_argument("--state-dir", help="state folder (default .tokenyard)")
-    up.add_argument("--workers", help="inference workers to start (default 2)")
-    up.add_argument("--model", help="model to serve (default smollm2-135m)")
-    up.add_argument("--model-name", help="name clients use for the model")
-    up.add_argument("--host", help="address every service binds (default 127.0.0.1)")
-    up.add_argument("--port", help="router port (default 50051)")
-    up.add_argument("--auth-port", help="auth port (default 50052)")
-    up.add_argument("--worker-port", help="first worker's port (default 50061)")
-    up.add_argument("--metrics-port", help="first Prometheus port (router, auth, workers)")
-    up.add_argument("--threads", help="torch threads per worker (default cores / workers)")
-    up.add_argument("--max-restarts", help="restarts in a row before the stack stops")
-    up.add_argument("--startup-timeout", help="seconds a service may take to be SERVING")
-    up.add_argument("--tls", action="store_true", default=None, help="TLS outside, mTLS inside")
-    up.add_argument("--tls-dir", help="certificate folder (default <state>/tls)")
+    add_flags(up, StackSettings)
     up.set_defaults(handler=_up)
 
     gen = subparsers.add_parser(
@@ -55,8 +43,10 @@ def register(subparsers: Any) -> None:
 
 
 def _client_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--address", help=f"router host:port (TOKENYARD_ADDRESS, {DEFAULT_ADDRESS})")
-    p.add_argument("--model", help="model name (TOKENYARD_MODEL; default: the first listed)")
+    from services.common.settings import add_flags
+    from services.stack.settings import ClientSettings
+
+    add_flags(p, ClientSettings)
     p.add_argument("--system", help="system message")
     p.add_argument("--max-tokens", type=int, help="most tokens to generate")
     p.add_argument("--temperature", type=float, help="0 is greedy (default 1)")
@@ -69,7 +59,6 @@ def _client_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ignore-eos", action="store_true", default=None, help="run past EOS")
     p.add_argument("--logprobs", type=int, help="print logprobs with this many alternatives")
     p.add_argument("--timeout", type=float, default=300.0, help="deadline in seconds")
-    p.add_argument("--state-dir", help="where demo-key is (TOKENYARD_STATE_DIR, .tokenyard)")
     p.add_argument("--tls", action="store_true", help="use TLS with the system's CAs")
     p.add_argument("--tls-ca", type=Path, help="CA certificate of the router (implies TLS)")
 
@@ -79,8 +68,7 @@ def _up(args: argparse.Namespace) -> int:
     from services.stack.launcher import run_stack
     from services.stack.settings import StackSettings
 
-    overrides = {k: v for k, v in vars(args).items() if k not in ("handler", "command")}
-    settings = load_settings(StackSettings, os.environ, overrides)
+    settings = load_settings(StackSettings, os.environ, vars(args))
     return run_stack(settings, sys.stdout)
 
 
@@ -88,16 +76,11 @@ def _options(args: argparse.Namespace) -> Any:
     from services.client import Sampling
     from services.common.settings import load_settings
     from services.stack.settings import ClientSettings
+    from services.stack.state import DEMO_KEY, key_in_state
     from services.stack.terminal import Options
 
-    flags = {"address": args.address, "model": args.model, "state_dir": args.state_dir}
-    client = load_settings(ClientSettings, os.environ, flags)
-    key = client.api_key
-    demo = client.state_dir / "demo-key"
-    if key is None and demo.is_file():
-        key = demo.read_text().strip()
-    if key is None:
-        raise SystemExit(f"error: no API key: set TOKENYARD_API_KEY or start the stack ({demo})")
+    client = load_settings(ClientSettings, os.environ, vars(args))
+    key = client.api_key or key_in_state(client.state_dir, DEMO_KEY)
     sampling = Sampling(
         max_tokens=args.max_tokens,
         temperature=args.temperature,

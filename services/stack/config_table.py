@@ -25,6 +25,7 @@ This file is generated from the settings classes by
 
 def _sections() -> list[tuple[str, str, list[tuple[str, str, str]]]]:
     from services.auth import settings as auth
+    from services.auth.admin_cli import AdminClientSettings
     from services.inference.settings import InferenceSettings
     from services.router.settings import RouterSettings
     from services.stack.settings import ClientSettings, StackSettings
@@ -33,12 +34,7 @@ def _sections() -> list[tuple[str, str, list[tuple[str, str, str]]]]:
     shared_names = {name for name, _, _ in shared}
 
     def own(cls: type[Any], service: str) -> list[tuple[str, str, str]]:
-        rows = [r for r in known_variables(cls, service) if r[0] not in shared_names]
-        # AuthSettings defaults its port in load_auth_settings, not on the field.
-        return [
-            (n, str(auth.DEFAULT_PORT), h) if n == "TOKENYARD_AUTH_PORT" else (n, d, h)
-            for n, d, h in rows
-        ]
+        return [r for r in known_variables(cls, service) if r[0] not in shared_names]
 
     return [
         ("Every service", "Logging, telemetry and internal credentials.", shared),
@@ -47,6 +43,11 @@ def _sections() -> list[tuple[str, str, list[tuple[str, str, str]]]]:
         ("inference", "`tokenyard inference serve`.", own(InferenceSettings, "inference")),
         ("tokenyard up", "The local stack (`make up`).", own(StackSettings, "")),
         ("tokenyard generate / chat", "The terminal client.", own(ClientSettings, "")),
+        (
+            "tokenyard users / roles / keys / usage / audit",
+            "The admin commands (they talk to auth).",
+            own(AdminClientSettings, ""),
+        ),
     ]
 
 

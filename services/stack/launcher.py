@@ -12,19 +12,26 @@ import contextlib
 import os
 import signal
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
 import grpc
 
+from services.common.settings import SettingsError
 from services.stack.certs import make_dev_certs
 from services.stack.settings import DEMO_MODEL, StackSettings
-from services.stack.state import ADMIN_PASSWORD, KEY_PEPPER, SERVICE_TOKEN, StateDir, write_private
+from services.stack.state import (
+    ADMIN_KEY,
+    ADMIN_PASSWORD,
+    KEY_PEPPER,
+    SERVICE_TOKEN,
+    StateDir,
+    write_private,
+)
 from services.stack.supervisor import ChildSpec, Policy, StackError, Supervisor
 
-ADMIN_KEY = "admin-key"
 CLI = (sys.executable, "-m", "services.cli")
 
 
@@ -129,7 +136,7 @@ def auth_env(settings: StackSettings, state: StateDir, tls: Tls | None) -> dict[
     env.update(
         TOKENYARD_AUTH_HOST=settings.host,
         TOKENYARD_AUTH_PORT=str(settings.auth_port),
-        TOKENYARD_AUTH_DATABASE_URL=state.database_url,
+        TOKENYARD_AUTH_DATABASE_URL=settings.database_url or state.database_url,
         TOKENYARD_AUTH_KEY_PEPPER_FILE=str(state.path(KEY_PEPPER)),
     )
     _server_tls(env, "AUTH", tls, "auth", mutual=True)
@@ -162,15 +169,17 @@ def plan(settings: StackSettings, state: StateDir, tls: Tls | None) -> list[Chil
     for i, port in enumerate(layout.worker_ports()):
         env = base_env(state, tls)
         env.update(
-            TOKENYARD_INFERENCE_HOST=settings.host, OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads
+            TOKENYARD_INFERENCE_HOST=settings.host,
+            TOKENYARD_INFERENCE_PORT=str(port),
+            TOKENYARD_INFERENCE_MODEL=settings.model,
+            TOKENYARD_INFERENCE_SERVED_MODEL_NAME=served_model_name(settings),
+            OMP_NUM_THREADS=threads,
+            MKL_NUM_THREADS=threads,
         )
         if m := layout.metrics(2 + i):
             env["TOKENYARD_INFERENCE_METRICS_PORT"] = m["port"]
         _server_tls(env, "INFERENCE", tls, "worker", mutual=True)
-        argv = [
-            *CLI, "inference", "serve", "--model", settings.model,
-            "--served-model-name", served_model_name(settings), "--port", str(port),
-        ]  # fmt: skip
+        argv = [*CLI, "inference", "serve"]
         specs.append(
             ChildSpec(f"worker-{i + 1}", argv, env, layout.address(port), internal, 0, stop_order=1)
         )
@@ -182,6 +191,8 @@ def plan(settings: StackSettings, state: StateDir, tls: Tls | None) -> list[Chil
         TOKENYARD_ROUTER_WORKERS=",".join(layout.address(p) for p in layout.worker_ports()),
     )
     env.pop("TOKENYARD_ROUTER_WORKER_DNS", None)
+    if settings.redis_url:
+        env["TOKENYARD_REDIS_URL"] = settings.redis_url
     if m := layout.metrics(0):
         env["TOKENYARD_ROUTER_METRICS_PORT"] = m["port"]
     _server_tls(env, "ROUTER", tls, "router", mutual=False)
@@ -190,6 +201,21 @@ def plan(settings: StackSettings, state: StateDir, tls: Tls | None) -> list[Chil
         ChildSpec("router", [*CLI, "router", "serve"], env, layout.router, public, 1, stop_order=0)
     )
     return specs
+
+
+def refuse_overridden(environ: Mapping[str, str], specs: list[ChildSpec]) -> None:
+    """Refuse a TOKENYARD_* variable the stack would silently replace for a service.
+
+    `tokenyard up` sets the services' addresses, ports, model, secrets and TLS
+    itself; a user's value for one of those would otherwise be ignored.
+    """
+    for spec in specs:
+        for name, value in sorted(environ.items()):
+            if name.startswith("TOKENYARD_") and spec.env.get(name) != value:
+                raise SettingsError(
+                    f"{name}: `tokenyard up` sets this itself for its {spec.name} service; "
+                    "unset it and use `tokenyard up`'s flags (see tokenyard up --help)"
+                )
 
 
 def _plaintext() -> grpc.ChannelCredentials | None:
@@ -285,8 +311,9 @@ def run_stack(settings: StackSettings, out: IO[str]) -> int:
         if not (folder / "ca.pem").is_file():
             make_dev_certs(folder)
         tls = Tls(folder)
+    specs = plan(settings, state, tls)
+    refuse_overridden(os.environ, specs)
     key, created = prepare_auth(settings, state, tls)
     policy = Policy(max_restarts=settings.max_restarts, startup_timeout=settings.startup_timeout)
-    specs = plan(settings, state, tls)
     message = banner(settings, state, key, created, tls)
     return asyncio.run(supervise(specs, policy, out, message))

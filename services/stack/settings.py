@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from services.auth.settings import parse_database_url
 from services.common.settings import (
     parse_address,
     parse_bool,
@@ -15,6 +16,8 @@ from services.common.settings import (
     parse_positive_int,
     setting,
 )
+from services.router.settings import parse_redis_url
+from services.stack.state import state_dir_setting
 
 DEMO_MODEL = "smollm2-135m"
 
@@ -23,13 +26,7 @@ DEMO_MODEL = "smollm2-135m"
 class StackSettings:
     """Where state lives, how many workers on which model, ports, restarts, TLS."""
 
-    state_dir: Path = setting(
-        "TOKENYARD_STATE_DIR",
-        parse_path,
-        default=Path(".tokenyard"),
-        flag="--state-dir",
-        help="Folder of the local stack's database, secrets and demo key.",
-    )
+    state_dir: Path = state_dir_setting()
     workers: int = setting(
         "TOKENYARD_UP_WORKERS",
         parse_positive_int,
@@ -108,6 +105,23 @@ class StackSettings:
         flag="--tls-dir",
         help="Folder with ca.pem and router/auth/worker .pem/.key (default: <state>/tls).",
     )
+    database_url: str | None = setting(
+        "TOKENYARD_AUTH_DATABASE_URL",
+        parse_database_url,
+        default=None,
+        flag="--database-url",
+        help="Auth's database, e.g. postgresql+psycopg://user@host/db "
+        "(default: SQLite in the state folder).",
+    )
+    redis_url: str | None = setting(
+        "TOKENYARD_REDIS_URL",
+        parse_redis_url,
+        default=None,
+        flag="--redis-url",
+        secret=True,
+        help="Redis for the router's rate limits and slots (default: in-process). "
+        "A URL with a password belongs in the variable: a flag shows in `ps`.",
+    )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -133,10 +147,4 @@ class ClientSettings:
         flag="--model",
         help="Model for generate and chat (default: the first one the router lists).",
     )
-    state_dir: Path = setting(
-        "TOKENYARD_STATE_DIR",
-        parse_path,
-        default=Path(".tokenyard"),
-        flag="--state-dir",
-        help="Folder of the local stack's database, secrets and demo key.",
-    )
+    state_dir: Path = state_dir_setting()

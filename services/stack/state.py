@@ -11,11 +11,36 @@ import os
 import secrets
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+from services.common.settings import parse_path, setting
 
 SERVICE_TOKEN = "service-token"
 KEY_PEPPER = "key-pepper"
 ADMIN_PASSWORD = "admin-password"
 DEMO_KEY = "demo-key"
+ADMIN_KEY = "admin-key"
+DEFAULT_STATE_DIR = Path(".tokenyard")
+
+
+def state_dir_setting() -> Any:
+    """The `TOKENYARD_STATE_DIR` setting, for every settings class that needs the folder."""
+    return setting(
+        "TOKENYARD_STATE_DIR",
+        parse_path,
+        default=DEFAULT_STATE_DIR,
+        flag="--state-dir",
+        help="Folder of the local stack's database, secrets and demo and admin keys.",
+    )
+
+
+def key_in_state(state_dir: Path, name: str) -> str:
+    """The API key `tokenyard up` left in `state_dir/name` (the CLIs' default key)."""
+    path = state_dir / name
+    key = path.read_text().strip() if path.is_file() else ""
+    if not key:
+        raise SystemExit(f"error: no API key: set TOKENYARD_API_KEY or start the stack ({path})")
+    return key
 
 
 def write_private(path: Path, text: str) -> None:

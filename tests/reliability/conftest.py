@@ -21,12 +21,12 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-import psycopg
 import pytest
 from tokenyard.inference.v1 import worker_service_pb2 as wrk
 from tokenyard.inference.v1 import worker_service_pb2_grpc as wrk_grpc
 
 from services.common.interceptors import SERVICE_TOKEN_HEADER
+from tests import services
 from tests.conftest import free_port
 from tests.integration.router.conftest import (
     PEPPER,
@@ -40,7 +40,6 @@ from tests.integration.router.conftest import (
     base_env,
     make_user,
 )
-from tests.services import PG_DSN, require
 
 ADMIN_PASSWORD = "admin-password-1"
 USER_PASSWORD = "user-pass-123"  # what make_user gives every user
@@ -170,19 +169,8 @@ class stack_for:
 @pytest.fixture
 def pg_schema() -> Iterator[tuple[str, str]]:
     """A fresh PostgreSQL schema for one test: (database URL, application name)."""
-    require("postgres")
-    schema = f"rel_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(PG_DSN, autocommit=True) as conn:
-        conn.execute(f"CREATE SCHEMA {schema}")
-    url = (
-        "postgresql+psycopg://postgres@127.0.0.1:5432/test"
-        f"?options=-csearch_path%3D{schema}&application_name={schema}"
-    )
-    try:
-        yield url, schema
-    finally:
-        with psycopg.connect(PG_DSN, autocommit=True) as conn:
-            conn.execute(f"DROP SCHEMA {schema} CASCADE")
+    with services.pg_schema("rel") as made:
+        yield made
 
 
 def load_of(worker: Proc, timeout: float = 5.0) -> wrk.WatchLoadResponse:

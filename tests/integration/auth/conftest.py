@@ -6,14 +6,12 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import grpc
-import psycopg
 import pytest
 from tokenyard.auth.v1 import (
     api_key_service_pb2_grpc,
@@ -28,9 +26,8 @@ from services.auth import migrate
 from services.auth.app import AuthApp, start_auth
 from services.auth.bootstrap import bootstrap_admin
 from services.auth.db.engine import Database
-from services.auth.settings import Argon2Settings, AuthSettings
-from services.common.config import ServerSettings
-from tests.services import PG_DSN, require
+from services.auth.settings import Argon2Settings, AuthServerSettings, AuthSettings
+from tests.services import pg_schema
 
 PEPPER = "pepper-for-tests-0123456789"
 ADMIN_PASSWORD = "admin-password-1"
@@ -42,23 +39,14 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str
     if request.param == "sqlite":
         yield f"sqlite:///{tmp_path / 'auth.db'}"
         return
-    require("postgres")
-    schema = f"t_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(PG_DSN, autocommit=True) as conn:
-        conn.execute(f"CREATE SCHEMA {schema}")
-    try:
-        yield (
-            f"postgresql+psycopg://postgres@127.0.0.1:5432/test?options=-csearch_path%3D{schema}"
-        )
-    finally:
-        with psycopg.connect(PG_DSN, autocommit=True) as conn:
-            conn.execute(f"DROP SCHEMA {schema} CASCADE")
+    with pg_schema() as (url, _):
+        yield url
 
 
 def make_settings(database_url: str, **changes: Any) -> AuthSettings:
     """Settings for tests: cheap argon2, port 0, fast polling, no principal cache."""
     base = AuthSettings(
-        server=ServerSettings(port=0, grace_period=0.0),
+        server=AuthServerSettings(port=0, grace_period=0.0),
         argon2=Argon2Settings(time_cost=1, memory_kib=64, parallelism=1),
         database_url=database_url,
         key_pepper=PEPPER,

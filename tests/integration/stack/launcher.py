@@ -91,13 +91,18 @@ class StackProcess:
                 if ppid != self.proc.pid:
                     continue
                 cmd = (stat.parent / "cmdline").read_bytes().split(b"\0")
+                env = (stat.parent / "environ").read_bytes().split(b"\0")
             except (OSError, ValueError, IndexError):
                 continue
             words = [c.decode() for c in cmd]
             if "services.cli" in words:
                 kind = words[words.index("services.cli") + 1]
-                port = words[words.index("--port") + 1] if "--port" in words else ""
-                out[f"{kind}{':' + port if port else ''}"] = int(stat.parent.name)
+                variable = f"TOKENYARD_{kind.upper()}_PORT="
+                port = next(
+                    (e.decode()[len(variable) :] for e in env if e.decode().startswith(variable)),
+                    "",
+                )
+                out[f"{kind}{':' + port if kind == 'inference' else ''}"] = int(stat.parent.name)
         return out
 
     def stop(self, timeout: float = 60.0) -> int:

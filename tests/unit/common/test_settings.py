@@ -33,7 +33,7 @@ def test_values_come_from_environment_and_flags_win() -> None:
     loaded = load_settings(Example, env, service="x")
     assert loaded.server.port == 5000
     assert loaded.policy == "least_load"
-    flagged = load_settings(Example, env, {"port": "6000", "policy": None}, service="x")
+    flagged = load_settings(Example, env, {"server.port": "6000", "policy": None}, service="x")
     assert flagged.server.port == 6000
 
 
@@ -42,12 +42,30 @@ def test_values_come_from_environment_and_flags_win() -> None:
     [
         ({"TOKENYARD_X_PORT": "abc"}, "--port (TOKENYARD_X_PORT): expected a port number"),
         ({"TOKENYARD_X_PORT": "70000"}, "TOKENYARD_X_PORT"),
-        ({"TOKENYARD_X_POLICY": "fastest"}, "TOKENYARD_X_POLICY: expected one of least_load"),
-        ({"TOKENYARD_X_GRACE_PERIOD": "-1"}, "TOKENYARD_X_GRACE_PERIOD: expected a number"),
-        ({"TOKENYARD_X_REFLECTION": "maybe"}, "TOKENYARD_X_REFLECTION: expected true or false"),
-        ({"TOKENYARD_X_DATABASE_URL": ""}, "TOKENYARD_X_DATABASE_URL: required but not set"),
-        ({"TOKENYARD_X_DATABASE_URL": "mysql://h/db"}, "TOKENYARD_X_DATABASE_URL: expected a URL"),
-        ({"TOKENYARD_X_TLS_CERT": "/nonexistent.pem"}, "TOKENYARD_X_TLS_CERT: no such file"),
+        (
+            {"TOKENYARD_X_POLICY": "fastest"},
+            "--policy (TOKENYARD_X_POLICY): expected one of least_load",
+        ),
+        (
+            {"TOKENYARD_X_GRACE_PERIOD": "-1"},
+            "--grace-period (TOKENYARD_X_GRACE_PERIOD): expected a number",
+        ),
+        (
+            {"TOKENYARD_X_REFLECTION": "maybe"},
+            "--reflection (TOKENYARD_X_REFLECTION): expected true or false",
+        ),
+        (
+            {"TOKENYARD_X_DATABASE_URL": ""},
+            "--database-url (TOKENYARD_X_DATABASE_URL): required but not set",
+        ),
+        (
+            {"TOKENYARD_X_DATABASE_URL": "mysql://h/db"},
+            "--database-url (TOKENYARD_X_DATABASE_URL): expected a URL",
+        ),
+        (
+            {"TOKENYARD_X_TLS_CERT": "/nonexistent.pem"},
+            "--tls-cert (TOKENYARD_X_TLS_CERT): no such file",
+        ),
     ],
 )
 def test_bad_values_name_the_variable(env: dict[str, str], message: str) -> None:

@@ -14,7 +14,14 @@ from services.cli import build_parser
 from services.common.settings import SettingsError, known_variables, load_settings
 from services.inference.settings import InferenceSettings
 from services.router.settings import RouterSettings
-from services.stack.launcher import Tls, banner, plan, served_model_name, threads_per_worker
+from services.stack.launcher import (
+    Tls,
+    banner,
+    plan,
+    refuse_overridden,
+    served_model_name,
+    threads_per_worker,
+)
 from services.stack.settings import StackSettings
 from services.stack.state import StateDir
 
@@ -120,3 +127,36 @@ def test_bad_flags_name_the_flag() -> None:
         settings(workers="0")
     with pytest.raises(SettingsError, match="--port"):
         settings(port="http")
+
+
+def test_database_and_redis_urls_reach_auth_and_the_router(tmp_path: Path) -> None:
+    """`up --database-url/--redis-url` (or their variables) are honoured, not replaced."""
+    state = StateDir(tmp_path / "state")
+    state.ensure()
+    pg = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+    flags = settings(database_url=pg, redis_url="redis://127.0.0.1:6379/0")
+    specs = {s.name: s for s in plan(flags, state, None)}
+    assert specs["auth"].env["TOKENYARD_AUTH_DATABASE_URL"] == pg
+    assert specs["router"].env["TOKENYARD_REDIS_URL"] == "redis://127.0.0.1:6379/0"
+    default = {s.name: s for s in plan(settings(), state, None)}
+    assert default["auth"].env["TOKENYARD_AUTH_DATABASE_URL"] == state.database_url
+    assert "TOKENYARD_REDIS_URL" not in default["router"].env
+    from_env = load_settings(StackSettings, {"TOKENYARD_AUTH_DATABASE_URL": pg})
+    assert from_env.database_url == pg
+
+
+@pytest.mark.parametrize(
+    "name", ["TOKENYARD_AUTH_PORT", "TOKENYARD_INFERENCE_MODEL", "TOKENYARD_ROUTER_WORKERS"]
+)
+def test_a_variable_the_stack_would_replace_is_refused_with_one_line(
+    tmp_path: Path, name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    state = StateDir(tmp_path / "state")
+    state.ensure()
+    monkeypatch.setenv("TOKENYARD_INFERENCE_MAX_RUNNING", "3")  # passed on as is: fine
+    refuse_overridden(os.environ, plan(settings(), state, None))
+    monkeypatch.setenv(name, "something-else")
+    with pytest.raises(SettingsError) as caught:
+        refuse_overridden(os.environ, plan(settings(), state, None))
+    assert str(caught.value).startswith(f"{name}: `tokenyard up` sets this itself")
+    assert "\n" not in str(caught.value)
