@@ -52,7 +52,8 @@ check-protos: protos
 buf-lint: $(BUF)
 	cd protos && ../$(BUF) lint
 
-# Compare the protos with the previous commit on main (FILE rules).
+# buf breaking (FILE rules): protos/ against HEAD~1 on a clean tree (CI: the last
+# commit's change), against HEAD while protos/ has uncommitted changes.
 buf-breaking: $(BUF)
 	./scripts/buf-breaking.sh
 

@@ -84,7 +84,8 @@ class ObservabilitySettings:
         "OTEL_EXPORTER_OTLP_ENDPOINT",
         default=None,
         flag="--otlp-endpoint",
-        help="OTLP gRPC endpoint for traces and metrics (unset: nothing exported).",
+        help="OTLP gRPC endpoint for traces (unset: none exported); metrics are on the "
+        "Prometheus endpoint (--metrics-port).",
     )
 
 

@@ -17,8 +17,9 @@ def register(subparsers: Any) -> None:
     up = subparsers.add_parser(
         "up",
         help="run auth, inference workers and the router on this machine",
-        description="Settings come from TOKENYARD_UP_* variables (and TOKENYARD_STATE_DIR); "
-        "flags override them. See docs/configuration.md.",
+        description="Settings come from TOKENYARD_UP_* variables (and TOKENYARD_STATE_DIR, "
+        "TOKENYARD_AUTH_DATABASE_URL, TOKENYARD_REDIS_URL); flags override them. "
+        "See docs/configuration.md.",
     )
     add_flags(up, StackSettings)
     up.set_defaults(handler=_up)
