@@ -90,11 +90,10 @@ def _serve(args: argparse.Namespace) -> int:
     from sqlalchemy.exc import OperationalError
 
     from services.common.errors import FailedPrecondition
-    from services.common.logs import configure_logging
+    from services.common.lifecycle import observe
 
     settings = _settings(args)
-    obs = settings.observability
-    configure_logging("auth", obs.log_level, obs.log_format)
+    observe("auth", settings.observability)
     logging.getLogger("alembic").setLevel(logging.WARNING)
     try:
         asyncio.run(_run(settings, args.migrate))
@@ -110,23 +109,15 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 async def _run(settings: Any, migrate_first: bool) -> None:
-    from prometheus_client import start_http_server
-
     from services.auth import migrate
-    from services.auth.app import start_auth
-    from services.auth.core import AuthCore
-    from services.common.telemetry import configure_telemetry, shutdown_telemetry
+    from services.auth.app import AuthApp
+    from services.common.lifecycle import serve
 
-    configure_telemetry("auth", settings.observability.otlp_endpoint)
-    if settings.server.metrics_port is not None:
-        start_http_server(settings.server.metrics_port, addr=settings.server.host)
-    core = AuthCore(settings)
-    if migrate_first:
-        await asyncio.to_thread(migrate.upgrade, core.db.engine)
-    app = await start_auth(settings, core)
-    log.info("auth ready", extra={"port": app.port, "database": core.db.dialect})
-    try:
-        await app.server.wait_for_stop_signal()
-    finally:
-        await app.stop()
-        shutdown_telemetry()
+    async def make() -> AuthApp:
+        app = AuthApp(settings)
+        if migrate_first:
+            await asyncio.to_thread(migrate.upgrade, app.core.db.engine)
+        log.info("auth ready", extra={"database": app.core.db.dialect})
+        return app
+
+    await serve("auth", settings.server, make)

@@ -33,18 +33,14 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 async def _run(settings: Any) -> int:
-    from prometheus_client import start_http_server
-
-    from services.common.logs import configure_logging
-    from services.common.telemetry import configure_telemetry, shutdown_telemetry
+    from services.common.lifecycle import observe, serve
+    from services.common.telemetry import shutdown_telemetry
     from services.inference.app import InferenceApp, load
     from services.inference.engine.runner import UnsupportedModelError
     from services.inference.engine.threads import confine_torch_threads
     from services.inference.model_loading import ModelLoadError
 
-    obs = settings.observability
-    configure_logging("inference", obs.log_level, obs.log_format)
-    configure_telemetry("inference", obs.otlp_endpoint)
+    observe("inference", settings.observability)
     compute_threads = confine_torch_threads()  # before any torch work: see threads.py
     try:
         loaded = await asyncio.to_thread(load, settings)
@@ -56,16 +52,9 @@ async def _run(settings: Any) -> int:
         print(f"tokenyard: {reason}", file=sys.stderr)
         shutdown_telemetry()
         return 1
-    metrics_http = None
-    if settings.server.metrics_port is not None:
-        metrics_http, _ = start_http_server(settings.server.metrics_port, addr=settings.server.host)
-    try:
-        await app.start()
-        print(f"tokenyard inference listening on {app.address}", flush=True)
-        await app.server.wait_for_stop_signal()
-    finally:
-        await app.stop()
-        if metrics_http is not None:
-            metrics_http.shutdown()
-        shutdown_telemetry()
+
+    async def make() -> InferenceApp:
+        return app
+
+    await serve("inference", settings.server, make)
     return 0

@@ -34,22 +34,12 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 async def _run(settings: Any) -> None:
-    from prometheus_client import start_http_server
-
-    from services.common.logs import configure_logging
-    from services.common.telemetry import configure_telemetry, shutdown_telemetry
+    from services.common.lifecycle import observe, serve
     from services.router.app import RouterApp
 
-    obs = settings.observability
-    configure_logging("router", obs.log_level, obs.log_format)
-    configure_telemetry("router", obs.otlp_endpoint)
-    if settings.server.metrics_port is not None:
-        start_http_server(settings.server.metrics_port, addr=settings.server.host)
-    app = RouterApp(settings)
-    try:
-        await app.start()
-        print(f"tokenyard router listening on {app.address}", flush=True)
-        await app.server.wait_for_stop_signal()
-    finally:
-        await app.stop()
-        shutdown_telemetry()
+    observe("router", settings.observability)
+
+    async def make() -> RouterApp:
+        return RouterApp(settings)
+
+    await serve("router", settings.server, make)

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from services.common.settings import parse_path, setting
+from services.common.settings import SettingsError, parse_path, setting
 
 SERVICE_TOKEN = "service-token"
 KEY_PEPPER = "key-pepper"
@@ -39,7 +39,9 @@ def key_in_state(state_dir: Path, name: str) -> str:
     path = state_dir / name
     key = path.read_text().strip() if path.is_file() else ""
     if not key:
-        raise SystemExit(f"error: no API key: set TOKENYARD_API_KEY or start the stack ({path})")
+        raise SettingsError(
+            f"TOKENYARD_API_KEY: not set, and no key in {path} (start the stack: tokenyard up)"
+        )
     return key
 
 

@@ -23,7 +23,7 @@ from tokenyard.auth.v1 import (
 )
 
 from services.auth import migrate
-from services.auth.app import AuthApp, start_auth
+from services.auth.app import AuthApp
 from services.auth.bootstrap import bootstrap_admin
 from services.auth.db.engine import Database
 from services.auth.settings import Argon2Settings, AuthServerSettings, AuthSettings
@@ -102,7 +102,8 @@ class Auth:
 
 async def start(settings: AuthSettings) -> tuple[AuthApp, grpc.aio.Channel]:
     """Start an auth server on a free port with `settings` and a channel to it."""
-    app = await start_auth(settings)
+    app = AuthApp(settings)
+    await app.start()
     return app, grpc.aio.insecure_channel(app.address)
 
 
