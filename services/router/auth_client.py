@@ -23,6 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import grpc
+from cachetools import TLRUCache, TTLCache
 from tokenyard.auth.v1 import auth_service_pb2 as auth
 from tokenyard.auth.v1 import auth_service_pb2_grpc as auth_grpc
 from tokenyard.auth.v1 import resources_pb2 as res
@@ -33,6 +34,7 @@ from services.router import metrics
 log = logging.getLogger("tokenyard.router.auth")
 
 MAX_CREDENTIAL_CHARS = 512
+MAX_CACHED = 100_000  # principals (and, apart, rejected credentials) kept at most
 _CACHE_HIT = metrics.AUTH_CACHE.labels("hit")
 _CACHE_NEGATIVE_HIT = metrics.AUTH_CACHE.labels("negative_hit")
 _CACHE_MISS = metrics.AUTH_CACHE.labels("miss")
@@ -91,6 +93,31 @@ class _Index:
     by_user: dict[str, set[bytes]] = field(default_factory=dict)
 
 
+class _Principals(TLRUCache[bytes, CachedPrincipal]):
+    """Cached principals, each until its own `expires`; the least recently used makes
+    room when full. `on_evict` hears of every entry the cache drops by itself."""
+
+    def __init__(
+        self,
+        maxsize: int,
+        timer: Callable[[], float],
+        on_evict: Callable[[CachedPrincipal], None],
+    ) -> None:
+        super().__init__(maxsize, lambda _key, entry, _now: entry.expires, timer=timer)
+        self._on_evict = on_evict
+
+    def expire(self, time: float | None = None) -> list[tuple[bytes, CachedPrincipal]]:
+        expired = list(super().expire(time))
+        for _, entry in expired:
+            self._on_evict(entry)
+        return expired
+
+    def popitem(self) -> tuple[bytes, CachedPrincipal]:
+        key, entry = super().popitem()
+        self._on_evict(entry)
+        return key, entry
+
+
 class AuthClient:
     """Authenticates credentials through auth, caching answers for the router."""
 
@@ -103,13 +130,15 @@ class AuthClient:
         failure_ttl: float = 2.0,
         timeout: float = 2.0,
         clock: Callable[[], float] = time.monotonic,
+        max_cached: int = MAX_CACHED,
     ) -> None:
         self._stub = auth_grpc.AuthServiceStub(channel)
         self.default_ttl, self.max_ttl = default_ttl, max_ttl
         self.failure_ttl, self.timeout = failure_ttl, timeout
         self._clock = clock
-        self._cache: dict[bytes, CachedPrincipal] = {}
-        self._failures: dict[bytes, float] = {}
+        self._cache = _Principals(max_cached, clock, self._unindex)
+        # Rejected credentials, for failure_ttl: a bad key is not re-checked per call.
+        self._failures: TTLCache[bytes, bool] = TTLCache(max_cached, failure_ttl, timer=clock)
         self._inflight: dict[bytes, asyncio.Future[CachedPrincipal]] = {}
         self._index = _Index()
         self._epoch = 0
@@ -126,8 +155,7 @@ class AuthClient:
         if entry is not None and entry.expires > now:
             _CACHE_HIT.inc()
             return entry
-        failed_until = self._failures.get(key)
-        if failed_until is not None and failed_until > now:
+        if key in self._failures:
             _CACHE_NEGATIVE_HIT.inc()
             raise Unauthenticated()
         _CACHE_MISS.inc()
@@ -153,9 +181,7 @@ class AuthClient:
         except grpc.aio.AioRpcError as exc:
             code = exc.code()
             if code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.INVALID_ARGUMENT):
-                self._failures[key] = self._clock() + self.failure_ttl
-                if len(self._failures) > 100_000:
-                    self._prune_failures()
+                self._failures[key] = True
                 raise Unauthenticated() from None
             log.warning("auth unreachable", extra={"code": code.name})
             raise Unavailable("authentication service unavailable", retry_after=1.0) from None
@@ -191,10 +217,6 @@ class AuthClient:
         self._failures.pop(key, None)
         self._index.by_credential.setdefault(entry.credential_id, set()).add(key)
         self._index.by_user.setdefault(entry.principal.user_id, set()).add(key)
-        if len(self._cache) > 100_000:
-            now = self._clock()
-            for stale in [k for k, e in self._cache.items() if e.expires <= now]:
-                self._drop(stale)
 
     def _unindex(self, entry: CachedPrincipal) -> None:
         for index, name in (
@@ -211,10 +233,6 @@ class AuthClient:
         entry = self._cache.pop(key, None)
         if entry is not None:
             self._unindex(entry)
-
-    def _prune_failures(self) -> None:
-        now = self._clock()
-        self._failures = {k: t for k, t in self._failures.items() if t > now}
 
     # -- revocations -------------------------------------------------------------
 

@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator
 
 import grpc
 import pytest
+from tokenyard.auth.v1 import auth_service_pb2 as auth_pb
 
 from services.common.errors import Unauthenticated, Unavailable
 from services.router.auth_client import AuthClient, bearer_credential, model_matches
@@ -124,3 +125,30 @@ async def test_reconnect_drops_the_cache(auth: FakeAuth, client: AuthClient) -> 
     calls = auth.state.authenticate_calls
     await client.authenticate(KEY)
     assert auth.state.authenticate_calls == calls + 1
+
+
+async def test_a_full_cache_evicts_the_least_recent_and_revocations_still_apply(
+    auth: FakeAuth,
+) -> None:
+    """At capacity one entry makes room (not the whole cache); the revocation index
+    forgets evicted entries, and a revocation still drops the cached ones."""
+    keys = [f"ty_sk_{c * 28}" for c in "bcd"]
+    for i, key in enumerate(keys):
+        auth.state.add_key(key, principal(f"cred-{i}"))
+    channel = grpc.aio.insecure_channel(auth.address)
+    c = AuthClient(channel, max_cached=2)
+    try:
+        for key in keys:
+            await c.authenticate(key)
+        assert auth.state.authenticate_calls == 3
+        await c.authenticate(keys[2])  # still cached
+        assert auth.state.authenticate_calls == 3
+        assert set(c._index.by_credential) == {"cred-1", "cred-2"}  # cred-0 was evicted
+        await c.authenticate(keys[0])  # evicted: asks auth again
+        assert auth.state.authenticate_calls == 4
+        auth.state.revoke(keys[2])
+        c.apply_revocation(auth_pb.WatchRevocationsResponse(credential_ids=["cred-2"]))
+        with pytest.raises(Unauthenticated):
+            await c.authenticate(keys[2])
+    finally:
+        await channel.close()
