@@ -23,9 +23,6 @@ from services.router.workers import PoolSettings, WorkerPool
 
 log = logging.getLogger("tokenyard.router")
 
-AUTH_RETRY = (("tokenyard.auth.v1.AuthService", "Authenticate"),)
-
-
 def build_limits(settings: RouterSettings) -> Limits:
     """Redis-backed limits when TOKENYARD_REDIS_URL is set, in-process otherwise."""
     if settings.redis_url:

@@ -108,11 +108,6 @@ class PrefixTable:
         while len(self._map) > self.capacity:
             self._map.popitem(last=False)
 
-    def forget_worker(self, worker_id: str) -> None:
-        """Drop every entry of a worker that left the pool."""
-        for key in [k for k, w in self._map.items() if w == worker_id]:
-            del self._map[key]
-
 
 def prefix_affinity(
     candidates: Sequence[Candidate],

@@ -322,11 +322,6 @@ class WorkerPool:
                 out.setdefault(worker.model, []).append(worker)
         return out
 
-    def any_for_model(self, model: str) -> Worker | None:
-        """A healthy worker of `model` (for side calls such as CountTokens)."""
-        workers = self.for_model(model)
-        return min(workers, key=lambda w: w.inflight) if workers else None
-
     async def wait_settled(self, timeout: float) -> None:
         """Wait (bounded) until every worker is healthy or has failed its first contact."""
         waits = [w.settled.wait() for w in self.workers.values()]

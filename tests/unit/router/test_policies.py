@@ -99,10 +99,11 @@ def test_prefix_affinity_prefers_the_longest_cached_prefix() -> None:
     assert order[0].worker_id == "w1"
 
 
-def test_prefix_table_is_bounded_and_forgets_removed_workers() -> None:
+def test_prefix_table_is_bounded_and_ignores_workers_no_longer_candidates() -> None:
     table = PrefixTable(capacity=10)
     for i in range(5):
         table.record(prefix_blocks(str(i) * 192, 64), f"w{i % 2}")
     assert len(table) == 10
-    table.forget_worker("w0")
-    assert table.longest_match(prefix_blocks("4" * 192, 64), {"w0", "w1"}) == (None, 0)
+    assert table.longest_match(prefix_blocks("4" * 192, 64), {"w0", "w1"}) == ("w0", 3)
+    # w0 left the pool: its entries age out of the table, and are never chosen meanwhile.
+    assert table.longest_match(prefix_blocks("4" * 192, 64), {"w1"}) == (None, 0)
