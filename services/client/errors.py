@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import grpc
 
-from services.common.status import ErrorDetails, grpc_code_name, parse_details
+from services.common.status import ErrorDetails, details_of, grpc_code_name
 
 
 class TokenyardCallError(Exception):
@@ -52,6 +52,4 @@ class TokenyardCallError(Exception):
 
 def from_rpc_error(exc: grpc.aio.AioRpcError) -> TokenyardCallError:
     """Turn a failed aio call into a TokenyardCallError with its parsed details."""
-    trailing = exc.trailing_metadata()
-    pairs = tuple((str(k), v) for k, v in trailing) if trailing else ()
-    return TokenyardCallError(parse_details(exc.code(), exc.details() or "", pairs))
+    return TokenyardCallError(details_of(exc))

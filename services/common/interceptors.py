@@ -21,7 +21,7 @@ from prometheus_client import Counter, Histogram
 
 from services.common.errors import TokenyardError, Unauthenticated
 from services.common.logs import request_id_var
-from services.common.status import grpc_code_name, trailers_for
+from services.common.status import grpc_code_name, to_grpc_status
 
 log = logging.getLogger("tokenyard.access")
 errlog = logging.getLogger("tokenyard.errors")
@@ -52,7 +52,7 @@ def metadata_value(context: grpc.aio.ServicerContext[Any, Any], key: str) -> str
 
 async def abort_with(context: grpc.aio.ServicerContext[Any, Any], err: TokenyardError) -> None:
     """End the call with `err`'s status, message and `google.rpc.Status` details."""
-    await context.abort(err.code, err.message, trailing_metadata=trailers_for(err))
+    await context.abort_with_status(to_grpc_status(err))
 
 
 def _rewrap(handler: grpc.RpcMethodHandler, wrap: Callable[[Behaviour, bool], Behaviour]) -> Any:

@@ -2,7 +2,8 @@
 
 Servers send `ErrorInfo` (reason, domain, metadata with the field), `RetryInfo`
 where a wait helps and `QuotaFailure` for limits, in the standard
-`grpc-status-details-bin` trailer that every gRPC language reads.
+`grpc-status-details-bin` trailer that every gRPC language reads (packed and
+read by grpcio-status).
 """
 
 from __future__ import annotations
@@ -13,11 +14,11 @@ from dataclasses import dataclass, field
 import grpc
 from google.protobuf import any_pb2, duration_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
+from grpc_status import rpc_status
 
 from services.common.errors import ResourceExhausted, TokenyardError
 
 DOMAIN = "tokenyard.dev"
-DETAILS_KEY = "grpc-status-details-bin"
 
 
 def to_status_proto(err: TokenyardError) -> status_pb2.Status:
@@ -47,9 +48,9 @@ def _pack(status: status_pb2.Status, detail: object) -> None:
     status.details.append(packed)
 
 
-def trailers_for(err: TokenyardError) -> tuple[tuple[str, bytes | str], ...]:
-    """Trailing metadata carrying the details of `err`."""
-    return ((DETAILS_KEY, to_status_proto(err).SerializeToString()),)
+def to_grpc_status(err: TokenyardError) -> grpc.Status:
+    """The status (code, message, details trailer) a servicer aborts with."""
+    return rpc_status.to_status(to_status_proto(err))  # type: ignore[no-any-return]
 
 
 @dataclass
@@ -64,28 +65,31 @@ class ErrorDetails:
     quota_violations: list[tuple[str, str]] = field(default_factory=list)
 
 
-def parse_details(
-    code: grpc.StatusCode, message: str, trailing: tuple[tuple[str, str | bytes], ...] | None
-) -> ErrorDetails:
-    """Read `google.rpc.Status` details from a call's trailing metadata."""
-    out = ErrorDetails(code=code, message=message)
-    for key, value in trailing or ():
-        if key != DETAILS_KEY or not isinstance(value, bytes):
-            continue
-        status = status_pb2.Status.FromString(value)
-        for detail in status.details:
-            if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
-                info = error_details_pb2.ErrorInfo()
-                detail.Unpack(info)
-                out.reason, out.metadata = info.reason, dict(info.metadata)
-            elif detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
-                retry = error_details_pb2.RetryInfo()
-                detail.Unpack(retry)
-                out.retry_after = retry.retry_delay.ToNanoseconds() / 1e9
-            elif detail.Is(error_details_pb2.QuotaFailure.DESCRIPTOR):
-                quota = error_details_pb2.QuotaFailure()
-                detail.Unpack(quota)
-                out.quota_violations = [(v.subject, v.description) for v in quota.violations]
+def details_of(err: grpc.RpcError) -> ErrorDetails:
+    """What a failed call's `google.rpc.Status` details say (empty when it has none).
+
+    Details whose code or message disagree with the call's own status (a proxy
+    rewrote it) are ignored rather than trusted.
+    """
+    code: grpc.StatusCode = err.code()  # type: ignore[attr-defined]
+    out = ErrorDetails(code=code, message=err.details() or "")  # type: ignore[attr-defined]
+    try:
+        status = rpc_status.from_call(err)
+    except ValueError:
+        return out
+    for detail in status.details if status is not None else ():
+        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+            info = error_details_pb2.ErrorInfo()
+            detail.Unpack(info)
+            out.reason, out.metadata = info.reason, dict(info.metadata)
+        elif detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
+            retry = error_details_pb2.RetryInfo()
+            detail.Unpack(retry)
+            out.retry_after = retry.retry_delay.ToNanoseconds() / 1e9
+        elif detail.Is(error_details_pb2.QuotaFailure.DESCRIPTOR):
+            quota = error_details_pb2.QuotaFailure()
+            detail.Unpack(quota)
+            out.quota_violations = [(v.subject, v.description) for v in quota.violations]
     return out
 
 

@@ -23,6 +23,7 @@ from services.router.workers import PoolSettings, WorkerPool
 
 log = logging.getLogger("tokenyard.router")
 
+
 def build_limits(settings: RouterSettings) -> Limits:
     """Redis-backed limits when TOKENYARD_REDIS_URL is set, in-process otherwise."""
     if settings.redis_url:

@@ -29,7 +29,7 @@ from services.common.errors import (
 )
 from services.common.interceptors import REQUEST_ID_HEADER
 from services.common.logs import request_id_var
-from services.common.status import parse_details
+from services.common.status import details_of
 from services.common.telemetry import trace_metadata
 from services.router import metrics
 from services.router.policies import (
@@ -74,7 +74,7 @@ class WorkerError(TokenyardError):
     """A worker's own error status, passed on to the client unchanged."""
 
     def __init__(self, exc: grpc.aio.AioRpcError) -> None:
-        details = parse_details(exc.code(), exc.details() or "", exc.trailing_metadata())
+        details = details_of(exc)
         super().__init__(
             details.message,
             reason=details.reason or None,
@@ -215,7 +215,7 @@ class Relay:
                     code == grpc.StatusCode.RESOURCE_EXHAUSTED
                     and len(state.tokens) == relayed_before
                 ):
-                    details = parse_details(code, "", exc.trailing_metadata())
+                    details = details_of(exc)
                     full.append(details.retry_after or 0.5)
                     metrics.FAILOVERS.labels("full").inc()
                     continue

@@ -11,7 +11,7 @@ from tokenyard.auth.v1 import resources_pb2
 from tokenyard.auth.v1 import role_service_pb2 as roles_pb
 from tokenyard.auth.v1 import user_service_pb2 as users_pb
 
-from services.common.status import parse_details
+from services.common.status import details_of
 from tests.integration.auth.conftest import Auth, md
 
 
@@ -29,7 +29,7 @@ async def expect(call: Awaitable[Any], code: grpc.StatusCode, *words: str) -> gr
 
 def field_of(exc: grpc.aio.AioRpcError) -> str:
     """The field named in the error's google.rpc.ErrorInfo."""
-    details = parse_details(exc.code(), exc.details() or "", exc.trailing_metadata())
+    details = details_of(exc)
     return details.metadata.get("field", "")
 
 

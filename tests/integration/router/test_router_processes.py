@@ -19,7 +19,7 @@ from tokenyard.auth.v1 import usage_service_pb2_grpc as usage_grpc
 from tokenyard.generation.v1 import generation_service_pb2 as gen
 from tokenyard.generation.v1 import generation_service_pb2_grpc as gen_grpc
 
-from services.common.status import parse_details
+from services.common.status import details_of
 from services.router.testing.fake_worker import expected_token
 from tests.conftest import WAIT_TIMEOUT
 from tests.integration.router.conftest import (
@@ -153,7 +153,7 @@ async def test_limits_hold_across_two_routers_sharing_redis(
             await stream_tokens(stubs[0], request("hi", 1), user.key)
         err = info.value
         assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-        details = parse_details(err.code(), err.details() or "", err.trailing_metadata())
+        details = details_of(err)
         assert details.retry_after and details.quota_violations
     finally:
         for c in channels:

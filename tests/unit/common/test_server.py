@@ -20,7 +20,7 @@ from services.common.config import ServerSettings
 from services.common.interceptors import SERVICE_TOKEN_HEADER
 from services.common.lenient import lenient
 from services.common.server import GrpcServer
-from services.common.status import parse_details
+from services.common.status import details_of
 
 SERVICE = "tokenyard.generation.v1.GenerationService"
 
@@ -118,7 +118,7 @@ async def test_domain_errors_map_to_status_with_details(
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await stub.Generate(gen.GenerateRequest(model=model))
     err = caught.value
-    details = parse_details(err.code(), err.details() or "", await _trailers(err))
+    details = details_of(err)
     assert details.code == code
     assert details.reason == reason
     if model == "bad":

@@ -24,7 +24,6 @@ from tokenyard.generation.v1 import generation_service_pb2_grpc as gen_grpc
 from tokenyard.inference.v1 import worker_service_pb2 as wpb
 from tokenyard.inference.v1 import worker_service_pb2_grpc as wpb_grpc
 
-from services.common.status import ErrorDetails, parse_details
 from services.inference.app import InferenceApp
 from services.inference.model_loading import LoadedModel
 from services.inference.settings import InferenceServerSettings, InferenceSettings
@@ -113,11 +112,6 @@ async def serving(
     finally:
         await channel.close()
         await asyncio.wait_for(app.stop(0), 30)
-
-
-def details_of(err: grpc.aio.AioRpcError) -> ErrorDetails:
-    """The google.rpc.Status details of a failed call."""
-    return parse_details(err.code(), err.details() or "", tuple(err.trailing_metadata() or ()))
 
 
 def request(**fields: Any) -> gen.StreamGenerateRequest:

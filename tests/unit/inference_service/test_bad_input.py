@@ -11,7 +11,8 @@ import pytest
 import pytest_asyncio
 from tokenyard.generation.v1 import generation_service_pb2 as gen
 
-from tests.unit.inference_service.harness import MODEL, Running, details_of, serving
+from services.common.status import details_of
+from tests.unit.inference_service.harness import MODEL, Running, serving
 
 CONTEXT = 512  # the tiny model's
 

@@ -15,9 +15,10 @@ from tokenyard.inference.v1 import worker_service_pb2 as wpb
 
 from services.common.config import InternalSettings
 from services.common.interceptors import SERVICE_TOKEN_HEADER
+from services.common.status import details_of
 from services.inference.model_loading import LoadedModel
 from services.inference.testing import build_tiny_model
-from tests.unit.inference_service.harness import MODEL, details_of, request, serving
+from tests.unit.inference_service.harness import MODEL, request, serving
 
 LONG = 3000  # tokens: far more than a test waits for
 

@@ -7,7 +7,7 @@ import pytest
 from tokenyard.auth.v1 import resources_pb2 as res
 from tokenyard.generation.v1 import generation_service_pb2 as gen
 
-from services.common.status import parse_details
+from services.common.status import details_of
 from services.router.testing.fake_auth import principal
 from tests.conftest import eventually
 from tests.unit.router.conftest import KEY, MODEL, Stack, bearer
@@ -101,7 +101,7 @@ async def test_bad_fields_are_invalid_argument_naming_the_field(stack: Stack, fi
     err = await status_of(client.StreamGenerate(_bad(field), metadata=bearer()))
     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert field in (err.details() or "")
-    details = parse_details(err.code(), err.details() or "", err.trailing_metadata())
+    details = details_of(err)
     assert details.metadata.get("field") == field
 
 
@@ -160,7 +160,7 @@ async def test_rate_limit_is_resource_exhausted_with_retry_and_quota_details(
             pass
     err = await status_of(client.StreamGenerate(request(), metadata=bearer("ty_sk_limited")))
     assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-    details = parse_details(err.code(), err.details() or "", err.trailing_metadata())
+    details = details_of(err)
     assert details.retry_after is not None and details.retry_after > 0
     assert details.quota_violations and details.quota_violations[0][0] == "credential:cred-r"
 
@@ -172,7 +172,7 @@ async def test_quota_used_up_is_resource_exhausted(stack: Stack) -> None:
     client = stack.client(await stack.router())
     err = await status_of(client.StreamGenerate(request(), metadata=bearer("ty_sk_quota")))
     assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-    details = parse_details(err.code(), err.details() or "", err.trailing_metadata())
+    details = details_of(err)
     assert details.reason == "QUOTA_EXHAUSTED" and details.retry_after
 
 
@@ -205,7 +205,7 @@ async def test_every_worker_full_is_resource_exhausted_with_retry(stack: Stack) 
         await call.read()
     err = await status_of(client.StreamGenerate(request(), metadata=bearer()))
     assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-    details = parse_details(err.code(), err.details() or "", err.trailing_metadata())
+    details = details_of(err)
     assert details.reason == "WORKERS_FULL" and details.retry_after
     for call in busy:
         call.cancel()
