@@ -23,9 +23,10 @@ from sqlalchemy.orm import Session
 from services.auth import migrate
 from services.auth.db.engine import Database
 from services.auth.db.models import ApiKeyRow, SessionRow, UserRow
-from services.auth.domain import audit, credentials, validation
+from services.auth.domain import audit, credentials, lockout, validation
 from services.auth.domain.cache import PrincipalCache
 from services.auth.domain.last_used import LastUsedBatcher
+from services.auth.domain.lockout import Attempt, LockoutPolicy
 from services.auth.domain.passwords import MAX_PASSWORD_BYTES, Passwords
 from services.auth.domain.principal import (
     Caller,
@@ -79,6 +80,9 @@ class AuthCore:
         self.hub = RevocationHub(self.db, self._on_revoked, settings.revocation_poll_seconds)
         self.last_used = LastUsedBatcher(self.db, settings.last_used_flush_seconds)
         self._lookups: dict[str, asyncio.Future[Principal]] = {}
+        self.lockout = LockoutPolicy(
+            settings.lockout_threshold, settings.lockout_seconds, settings.lockout_max_seconds
+        )
 
     async def start(self) -> None:
         """Check the schema and start the background tasks."""
@@ -271,21 +275,23 @@ class AuthCore:
                 lambda s: s.scalar(select(UserRow).where(UserRow.username == username))
             )
         now = utcnow()
-        locked = user is not None and user.locked_until is not None and user.locked_until > now
-        stored = user.password_hash if user is not None and not locked else None
+        attempt = Attempt(allowed=False)
+        if user is not None:  # counted before the password is checked: see lockout.py
+            attempt = await self.db.write(lockout.reserve, user.id, self.lockout, now)
+        stored = user.password_hash if user is not None and attempt.allowed else None
         ok = await asyncio.to_thread(self.passwords.verify, stored, password)
-        if user is None or not ok or user.disabled or locked:
+        if user is None or not ok or user.disabled or not attempt.allowed:
             reason = (
                 "unknown_user"
                 if user is None
                 else "locked"
-                if locked
+                if not attempt.allowed
                 else "disabled"
                 if user.disabled
                 else "bad_password"
             )
             await self.db.write(
-                self._login_failed, user.id if user else None, username, peer, reason
+                self._login_failed, user.id if user else None, username, peer, reason, attempt
             )
             AUTH_FAILURES.labels("LOGIN_FAILED").inc()
             raise Unauthenticated(LOGIN_FAILED, reason="LOGIN_FAILED")
@@ -298,8 +304,14 @@ class AuthCore:
         await self.db.write(self._login_ok, user.id, self.digest(token), expires, peer, new_hash)
         return LoginResult(token, expires, user)
 
-    def _login_failed(
-        self, session: Session, user_id: str | None, username: str, peer: str, reason: str
+    @staticmethod
+    def _login_failed(  # noqa: PLR0917 - one transaction, called positionally via db.write
+        session: Session,
+        user_id: str | None,
+        username: str,
+        peer: str,
+        reason: str,
+        attempt: Attempt,
     ) -> None:
         audit.record(
             session,
@@ -311,20 +323,8 @@ class AuthCore:
             actor_user_id=user_id or "",
             details={"reason": reason},
         )
-        if user_id is None or reason == "locked":
+        if user_id is None or not attempt.locked_seconds:
             return
-        session.execute(
-            update(UserRow)
-            .where(UserRow.id == user_id)
-            .values(failed_logins=UserRow.failed_logins + 1)
-        )
-        user = session.get(UserRow, user_id)
-        s = self.settings
-        if user is None or user.failed_logins < s.lockout_threshold:
-            return
-        extra = user.failed_logins - s.lockout_threshold
-        seconds = min(s.lockout_seconds * 2 ** min(extra, 30), s.lockout_max_seconds)
-        user.locked_until = utcnow() + timedelta(seconds=seconds)
         audit.record(
             session,
             "login.lockout",
@@ -333,7 +333,10 @@ class AuthCore:
             outcome="failure",
             peer=peer,
             actor_user_id=user_id,
-            details={"failures": str(user.failed_logins), "seconds": str(int(seconds))},
+            details={
+                "failures": str(attempt.failures),
+                "seconds": str(int(attempt.locked_seconds)),
+            },
         )
 
     def _login_ok(  # noqa: PLR0917 - one transaction, called positionally via db.write
