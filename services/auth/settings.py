@@ -7,7 +7,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from services.common.config import InternalSettings, ObservabilitySettings, ServerSettings
+from services.common.config import (
+    InternalSettings,
+    ObservabilitySettings,
+    ServerSettings,
+    check_internal_exposure,
+)
 from services.common.settings import (
     SettingsError,
     load_settings,
@@ -192,4 +197,5 @@ def load_auth_settings(
             settings.current_pepper()
         except ValueError as exc:
             raise SettingsError(f"TOKENYARD_AUTH_KEY_PEPPER_FILE: {exc}") from None
+    check_internal_exposure("TOKENYARD_AUTH_HOST", settings.server.host, settings.internal)
     return settings
