@@ -23,7 +23,7 @@ from sqlalchemy.orm import Session
 from services.auth import migrate
 from services.auth.db.engine import Database
 from services.auth.db.models import ApiKeyRow, SessionRow, UserRow
-from services.auth.domain import audit, credentials, lockout, validation
+from services.auth.domain import audit, audit_flood, credentials, lockout, validation
 from services.auth.domain.cache import PrincipalCache
 from services.auth.domain.last_used import LastUsedBatcher
 from services.auth.domain.lockout import Attempt, LockoutPolicy
@@ -69,8 +69,14 @@ class LoginResult:
 class AuthCore:
     """Database, caches and background tasks of one auth replica."""
 
-    def __init__(self, settings: AuthSettings, db: Database | None = None) -> None:
+    def __init__(
+        self,
+        settings: AuthSettings,
+        db: Database | None = None,
+        clock: Callable[[], datetime] = utcnow,
+    ) -> None:
         self.settings = settings
+        self.clock = clock
         self.db = db or Database(settings.database_url)
         a = settings.argon2
         self.passwords = Passwords(a.time_cost, a.memory_kib, a.parallelism)
@@ -132,13 +138,16 @@ class AuthCore:
     ) -> PermissionDenied:
         """Audit a refused call and return the error to raise."""
         await self.db.write(
-            lambda s: audit.record(
+            lambda s: audit_flood.record_throttled(
                 s,
                 "permission.denied",
+                user=caller.principal.user_id,
+                peer=caller.peer,
+                now=self.clock(),
+                rows_per_minute=self.settings.audit_rows_per_minute,
                 caller=caller,
                 object_type=object_type,
                 object_id=object_id,
-                outcome="failure",
                 details={"rpc": action, "permission": permission},
             )
         )
@@ -274,7 +283,7 @@ class AuthCore:
             user = await self.db.read(
                 lambda s: s.scalar(select(UserRow).where(UserRow.username == username))
             )
-        now = utcnow()
+        now = self.clock()
         attempt = Attempt(allowed=False)
         if user is not None:  # counted before the password is checked: see lockout.py
             attempt = await self.db.write(lockout.reserve, user.id, self.lockout, now)
@@ -291,7 +300,7 @@ class AuthCore:
                 else "bad_password"
             )
             await self.db.write(
-                self._login_failed, user.id if user else None, username, peer, reason, attempt
+                self._login_failed, user.id if user else None, username, peer, reason, attempt, now
             )
             AUTH_FAILURES.labels("LOGIN_FAILED").inc()
             raise Unauthenticated(LOGIN_FAILED, reason="LOGIN_FAILED")
@@ -304,22 +313,25 @@ class AuthCore:
         await self.db.write(self._login_ok, user.id, self.digest(token), expires, peer, new_hash)
         return LoginResult(token, expires, user)
 
-    @staticmethod
     def _login_failed(  # noqa: PLR0917 - one transaction, called positionally via db.write
+        self,
         session: Session,
         user_id: str | None,
         username: str,
         peer: str,
         reason: str,
         attempt: Attempt,
+        now: datetime,
     ) -> None:
-        audit.record(
+        audit_flood.record_throttled(
             session,
             "login.failure",
+            user=user_id or f"name:{username}",
+            peer=peer,
+            now=now,
+            rows_per_minute=self.settings.audit_rows_per_minute,
             object_type="user",
             object_id=user_id or username,
-            outcome="failure",
-            peer=peer,
             actor_user_id=user_id or "",
             details={"reason": reason},
         )

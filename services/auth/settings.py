@@ -164,6 +164,14 @@ class AuthSettings:
         help="How often revocations made by other replicas are read.",
     )
 
+    audit_rows_per_minute: int = setting(
+        "TOKENYARD_AUTH_AUDIT_ROWS_PER_MINUTE",
+        parse_positive_int,
+        default=10,
+        help="Failed logins and permission denials written as audit rows per peer and per "
+        "user each minute; the rest are only counted (audit_tallies).",
+    )
+
     def peppers(self) -> dict[int, str]:
         """Every accepted pepper by version, the current one included."""
         current = self.current_pepper()

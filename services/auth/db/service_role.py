@@ -20,6 +20,7 @@ MUTABLE = (
     "usage_records",
     "usage_daily",
     "revocations",
+    "audit_tallies",
 )
 APPEND_ONLY = ("audit_events",)
 READ_ONLY = ("alembic_version",)
