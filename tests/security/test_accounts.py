@@ -7,6 +7,7 @@ from collections.abc import Awaitable, Callable
 import grpc
 from tokenyard.auth.v1 import auth_service_pb2 as auth_pb
 from tokenyard.auth.v1 import resources_pb2
+from tokenyard.auth.v1 import role_service_pb2 as roles_pb
 from tokenyard.auth.v1 import user_service_pb2 as users_pb
 
 from tests.integration.auth.conftest import Auth
@@ -97,3 +98,20 @@ async def test_user_admin_still_manages_users_within_its_own(svc: Auth) -> None:
         metadata=md(helpdesk),
     )
     await svc.users.DeleteUser(users_pb.DeleteUserRequest(user_id=target), metadata=md(helpdesk))
+
+
+async def test_role_admin_cannot_strip_a_role_carrying_more_than_its_own(svc: Auth) -> None:
+    """Attack: a `roles.admin` holder rewrites (or deletes) a role carrying `keys.admin`,
+    taking the permission away from everyone who holds it."""
+    _, roleadmin = await make_user(svc, "roleadmin", ["roles.admin", "generate"])
+    await make_user(svc, "victim", ["keys.admin", "generate"])
+    narrowed = resources_pb2.Role(name="r-victim", permissions=["generate"])
+    await expect(
+        svc.roles.UpdateRole(
+            roles_pb.UpdateRoleRequest(role=narrowed, update_mask={"paths": ["permissions"]}),
+            metadata=md(roleadmin),
+        ),
+        DENIED,
+    )
+    role = await svc.roles.GetRole(roles_pb.GetRoleRequest(name="r-victim"), metadata=svc.admin)
+    assert set(role.role.permissions) == {"keys.admin", "generate"}

@@ -116,3 +116,25 @@ async def test_audit_names_the_key_admin_who_minted_a_key_for_another_user(svc: 
     )
     [event] = events.events
     assert event.actor_user_id == admin_id and event.details["owner"] == owner
+
+
+async def test_key_admin_cannot_revoke_the_keys_of_a_stronger_user(svc: Auth) -> None:
+    """Attack: a `keys.admin` holder cuts off a `users.admin` holder (or the admin on
+    call) by revoking or deleting their keys."""
+    _, admin_key = await make_user(svc, "keyadmin", ["keys.admin", "generate"])
+    victim, victim_key = await make_user(svc, "boss", ["users.admin", "generate"])
+    listed = await svc.keys.ListApiKeys(
+        keys_pb.ListApiKeysRequest(user_id=victim), metadata=svc.admin
+    )
+    key_id = listed.api_keys[0].key_id
+    await expect(
+        svc.keys.RevokeApiKey(keys_pb.RevokeApiKeyRequest(key_id=key_id), metadata=md(admin_key)),
+        DENIED,
+        "holds more",
+    )
+    await expect(
+        svc.keys.DeleteApiKey(keys_pb.DeleteApiKeyRequest(key_id=key_id), metadata=md(admin_key)),
+        DENIED,
+        "holds more",
+    )
+    assert await models_of(svc, victim_key) == ["*"]

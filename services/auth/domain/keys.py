@@ -319,8 +319,11 @@ class Keys:
         session: Session, pending: Revocations, caller: Caller, key_id: str, delete: bool
     ) -> ApiKeyRow:
         key = session.get(ApiKeyRow, key_id)
-        if key is None:
+        owner = session.get(UserRow, key.user_id) if key else None
+        if key is None or owner is None:
             raise not_found()
+        if owner.id != caller.principal.user_id:
+            grants.check_target(caller.principal, owner, "key_id")
         now = utcnow()
         key.revoked_at = key.revoked_at or now
         if delete:
