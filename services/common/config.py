@@ -11,6 +11,7 @@ from services.common.settings import (
     parse_bool,
     parse_choice,
     parse_existing_file,
+    parse_list,
     parse_non_negative_float,
     parse_port,
     parse_positive_int,
@@ -63,6 +64,13 @@ class ServerSettings:
         parse_existing_file,
         default=None,
         help="PEM CA bundle: require client certificates signed by it (mutual TLS).",
+    )
+    tls_client_names: tuple[str, ...] = setting(
+        "TOKENYARD_{service}_TLS_CLIENT_NAMES",
+        parse_list,
+        default=("router",),
+        help="With a client CA: names (DNS or IP SANs) a client certificate must carry "
+        "to call internal RPCs; every service's certificate shares the CA.",
     )
 
 
