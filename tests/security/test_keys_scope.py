@@ -138,3 +138,32 @@ async def test_key_admin_cannot_revoke_the_keys_of_a_stronger_user(svc: Auth) ->
         "holds more",
     )
     assert await models_of(svc, victim_key) == ["*"]
+
+
+async def test_audit_rows_of_a_minted_key_name_who_minted_it(svc: Auth) -> None:
+    """Attack: a `keys.admin` holder mints a key for a colleague and acts with it; every
+    audit row then named only the colleague, hiding who really acted."""
+    admin_id, admin_key = await make_user(
+        svc, "keyadmin", ["keys.admin", "keys.manage_own", "generate"]
+    )
+    owner, _ = await make_user(svc, "member", ["generate", "keys.manage_own"])
+    minted = await svc.keys.CreateApiKey(
+        keys_pb.CreateApiKeyRequest(user_id=owner, name="minted"), metadata=md(admin_key)
+    )
+    sibling = await svc.keys.CreateApiKey(
+        keys_pb.CreateApiKeyRequest(name="sibling"), metadata=md(minted.secret)
+    )
+    await svc.keys.RevokeApiKey(
+        keys_pb.RevokeApiKeyRequest(key_id=sibling.api_key.key_id), metadata=md(sibling.secret)
+    )
+    for action, object_id in (
+        ("key.create", sibling.api_key.key_id),
+        ("key.revoke", sibling.api_key.key_id),
+    ):
+        events = await svc.audit.ListAuditEvents(
+            audit_pb.ListAuditEventsRequest(action=action, object_id=object_id),
+            metadata=svc.admin,
+        )
+        [event] = events.events
+        assert event.actor_user_id == owner
+        assert event.details["key_minted_by"] == admin_id

@@ -116,6 +116,8 @@ class ApiKeyRow(Base):
     last_used_at: Mapped[datetime | None] = mapped_column(UtcDateTime, nullable=True)
     rotated_from_id: Mapped[str | None] = mapped_column(String(36), nullable=True)
     request_id: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    # Who made the key when it was not its owner (a keys.admin holder), for the audit log.
+    created_by: Mapped[str | None] = mapped_column(String(36), nullable=True)
 
 
 class SessionRow(Base):

@@ -30,6 +30,9 @@ def record(
 ) -> None:
     """Append one event in the caller's transaction. `details` must never hold a secret."""
     principal = caller.principal if caller else None
+    details = dict(details or {})
+    if principal is not None and principal.minted_by:
+        details["key_minted_by"] = principal.minted_by  # the real actor behind the key
     session.add(
         AuditRow(
             event_time=when or utcnow(),
@@ -40,6 +43,6 @@ def record(
             object_id=printable(object_id, 128),
             outcome=outcome,
             peer=printable(caller.peer if caller else peer, 200),
-            details={k: printable(v, 500) for k, v in (details or {}).items()},
+            details={k: printable(v, 500) for k, v in details.items()},
         )
     )

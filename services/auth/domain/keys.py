@@ -149,7 +149,7 @@ class Keys:
             if earlier is not None:
                 return NewKey(earlier, "")
         stored = narrowed(caller, owner, spec, "")
-        key, secret = self._insert(session, owner, stored, request_id, None)
+        key, secret = self._insert(session, caller, owner, stored, request_id, None)
         audit.record(
             session,
             "key.create",
@@ -160,9 +160,10 @@ class Keys:
         )
         return NewKey(key, secret)
 
-    def _insert(
+    def _insert(  # noqa: PLR0917 - the new key's fields
         self,
         session: Session,
+        caller: Caller,
         owner: UserRow,
         spec: KeySpec,
         request_id: str,
@@ -172,6 +173,10 @@ class Keys:
             credentials.SERVICE_KEY_PREFIX if owner.service_account else credentials.USER_KEY_PREFIX
         )
         secret = credentials.generate(prefix)
+        # Who really made it: the caller when it is not the owner; a key the owner's key
+        # made inherits that key's maker (a keys.admin holder's minted key stays theirs).
+        p = caller.principal
+        maker = p.user_id if p.user_id != owner.id else p.minted_by
         key = ApiKeyRow(
             id=validation.new_id(),
             user_id=owner.id,
@@ -186,6 +191,7 @@ class Keys:
             created_at=utcnow(),
             rotated_from_id=rotated_from,
             request_id=request_id or None,
+            created_by=maker or None,
         )
         session.add(key)
         session.flush()
@@ -389,7 +395,7 @@ class Keys:
             old.expires_at,
         )
         stored = narrowed(caller, owner, spec, "")
-        key, secret = self._insert(session, owner, stored, request_id, old.id)
+        key, secret = self._insert(session, caller, owner, stored, request_id, old.id)
         if grace <= timedelta(0):
             old.revoked_at = now
         else:
