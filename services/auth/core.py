@@ -284,9 +284,10 @@ class AuthCore:
                 lambda s: s.scalar(select(UserRow).where(UserRow.username == username))
             )
         now = self.clock()
-        attempt = Attempt(allowed=False)
-        if user is not None:  # counted before the password is checked: see lockout.py
-            attempt = await self.db.write(lockout.reserve, user.id, self.lockout, now)
+        # Counted before the password is checked (lockout.py); for an unknown user the
+        # same write matches no row, so both answers take as long.
+        uid = user.id if user is not None else ""
+        attempt = await self.db.write(lockout.reserve, uid, self.lockout, now)
         stored = user.password_hash if user is not None and attempt.allowed else None
         ok = await asyncio.to_thread(self.passwords.verify, stored, password)
         if user is None or not ok or user.disabled or not attempt.allowed:
@@ -335,21 +336,8 @@ class AuthCore:
             actor_user_id=user_id or "",
             details={"reason": reason},
         )
-        if user_id is None or not attempt.locked_seconds:
-            return
-        audit.record(
-            session,
-            "login.lockout",
-            object_type="user",
-            object_id=user_id,
-            outcome="failure",
-            peer=peer,
-            actor_user_id=user_id,
-            details={
-                "failures": str(attempt.failures),
-                "seconds": str(int(attempt.locked_seconds)),
-            },
-        )
+        if user_id is not None and attempt.locked_seconds:
+            lockout.record_lockout(session, user_id, peer, attempt)
 
     def _login_ok(  # noqa: PLR0917 - one transaction, called positionally via db.write
         self,

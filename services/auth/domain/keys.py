@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING
@@ -12,33 +11,19 @@ from sqlalchemy.orm import Session
 
 from services.auth.db.models import ApiKeyRow, UserRow
 from services.auth.domain import audit, credentials, grants, pages, validation
-from services.auth.domain.permissions import (
-    Limits,
-    min_limits,
-    pattern_covered,
-    validate_patterns,
-    validate_permissions,
-)
-from services.auth.domain.principal import Caller, owner_grants, utcnow
+from services.auth.domain.key_scope import KeySpec, narrowed
+from services.auth.domain.permissions import Limits
+from services.auth.domain.principal import Caller, utcnow
 from services.auth.domain.revocations import Revocations
-from services.common.errors import FailedPrecondition, InvalidArgument, NotFound, PermissionDenied
+from services.common.errors import FailedPrecondition, InvalidArgument, NotFound
 
 if TYPE_CHECKING:
     from services.auth.core import AuthCore
 
+__all__ = ["KeySpec", "Keys", "NewKey"]
+
 KEY_MASK = ("name", "permissions", "allowed_models", "limits", "expire_time")
 DEFAULT_GRACE = timedelta(hours=24)
-
-
-@dataclass(frozen=True)
-class KeySpec:
-    """A key's settable fields."""
-
-    name: str = ""
-    permissions: tuple[str, ...] = ()
-    allowed_models: tuple[str, ...] = ()
-    limits: Limits = Limits()
-    expire_time: datetime | None = None
 
 
 @dataclass(frozen=True)
@@ -53,49 +38,6 @@ class NewKey:
 def not_found() -> NotFound:
     """One answer for a missing key and someone else's (no existence oracle)."""
     return NotFound("api key not found", reason="KEY_NOT_FOUND")
-
-
-def narrowed(caller: Caller, owner: UserRow, spec: KeySpec, field: str) -> KeySpec:
-    """The spec as stored: within the owner's grants and the caller's own, or refused.
-
-    Stored empty, `allowed_models` means "all of the owner's", so a caller who may
-    use only some of them stores the shared patterns, and none shared is a refusal.
-    Acting on someone else's keys needs everything they hold within the caller's own.
-    """
-    o_perms, o_models, _ = owner_grants(owner)
-    p = caller.principal
-    models = validate_patterns(spec.allowed_models, f"{field}allowed_models")
-    for m in models:
-        if not pattern_covered(m, o_models):
-            raise grants.escalation(f"the owner may not use {m!r}", f"{field}allowed_models")
-    grants.check_models(p, models, f"{field}allowed_models")
-    if not models and not all(pattern_covered(m, p.allowed_models) for m in o_models):
-        models = common_models(p.allowed_models, o_models)
-        if not models:
-            raise grants.escalation(
-                "the caller and the owner share no model: the key would allow none",
-                f"{field}allowed_models",
-            )
-    perms = validate_permissions(spec.permissions, f"{field}permissions")
-    for perm in perms:
-        if perm not in o_perms:
-            raise grants.escalation(f"the owner does not hold {perm!r}", f"{field}permissions")
-    grants.check_permissions(p, perms, f"{field}permissions")
-    if owner.id != p.user_id:
-        grants.check_target(p, owner, f"{field}user_id")
-    if not perms and not o_perms <= p.permissions:
-        perms = sorted(o_perms & p.permissions)
-        if not perms:
-            raise PermissionDenied("the key would hold no permission", reason="NO_PERMISSION")
-    limits = min_limits([spec.limits, p.limits])
-    return KeySpec(spec.name, tuple(perms), tuple(models), limits, spec.expire_time)
-
-
-def common_models(mine: Sequence[str], theirs: Sequence[str]) -> list[str]:
-    """The patterns matching only models both sides may use (the narrower of each pair)."""
-    out = {m for m in mine if pattern_covered(m, theirs)}
-    out |= {m for m in theirs if pattern_covered(m, mine)}
-    return sorted(out)
 
 
 def check_expiry(when: datetime | None, field: str) -> None:

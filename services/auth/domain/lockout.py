@@ -16,6 +16,7 @@ from sqlalchemy import or_, update
 from sqlalchemy.orm import Session
 
 from services.auth.db.models import UserRow
+from services.auth.domain import audit
 
 
 @dataclass(frozen=True)
@@ -65,3 +66,20 @@ def reserve(session: Session, user_id: str, policy: LockoutPolicy, now: datetime
         .execution_options(synchronize_session=False)
     )
     return Attempt(allowed=True, failures=failures, locked_seconds=seconds)
+
+
+def record_lockout(session: Session, user_id: str, peer: str, attempt: Attempt) -> None:
+    """The audit row of a lock this attempt set and then failed (always written)."""
+    audit.record(
+        session,
+        "login.lockout",
+        object_type="user",
+        object_id=user_id,
+        outcome="failure",
+        peer=peer,
+        actor_user_id=user_id,
+        details={
+            "failures": str(attempt.failures),
+            "seconds": str(int(attempt.locked_seconds)),
+        },
+    )
