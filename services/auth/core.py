@@ -11,8 +11,7 @@ import asyncio
 import hmac
 import logging
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import Any, TypeVar
 
 from prometheus_client import Counter
@@ -23,11 +22,12 @@ from sqlalchemy.orm import Session
 from services.auth import migrate
 from services.auth.db.engine import Database
 from services.auth.db.models import ApiKeyRow, SessionRow, UserRow
-from services.auth.domain import audit, audit_flood, credentials, lockout, validation
+from services.auth.domain import audit_flood, credentials, login
 from services.auth.domain.cache import PrincipalCache
 from services.auth.domain.last_used import LastUsedBatcher
-from services.auth.domain.lockout import Attempt, LockoutPolicy
-from services.auth.domain.passwords import MAX_PASSWORD_BYTES, Passwords
+from services.auth.domain.lockout import LockoutPolicy
+from services.auth.domain.login import AUTH_FAILURES, LoginResult
+from services.auth.domain.passwords import Passwords
 from services.auth.domain.principal import (
     Caller,
     Principal,
@@ -39,31 +39,16 @@ from services.auth.domain.revocations import ALL_USERS, RevocationHub, Revocatio
 from services.auth.settings import AuthSettings
 from services.common.errors import (
     AlreadyExists,
-    FailedPrecondition,
-    InvalidArgument,
     PermissionDenied,
     Unauthenticated,
 )
 
 log = logging.getLogger("tokenyard.auth")
-AUTH_FAILURES = Counter(
-    "tokenyard_auth_failures_total", "Refused credentials and logins, by reason.", ["reason"]
-)
 CACHE_LOOKUPS = Counter(
     "tokenyard_auth_cache_lookups_total", "Principal cache lookups, by result.", ["result"]
 )
 T = TypeVar("T")
 R = TypeVar("R", ApiKeyRow, SessionRow)
-LOGIN_FAILED = "invalid username or password"
-
-
-@dataclass(frozen=True)
-class LoginResult:
-    """A new session: its token (shown once), expiry and user."""
-
-    token: str
-    expire_time: datetime
-    user: UserRow
 
 
 class AuthCore:
@@ -113,6 +98,15 @@ class AuthCore:
         pending = Revocations()
         try:
             result = await self.db.write(fn, pending, *args)
+        except PermissionDenied as exc:  # an escalation refused inside the transaction
+            caller = next((a for a in args if isinstance(a, Caller)), None)
+            if caller is not None:
+                operation = getattr(fn, "__qualname__", "").replace("._", ".")
+                field = exc.metadata.get("field", "")
+                await self.audit_denied(
+                    caller, {"operation": operation, "reason": exc.reason, "field": field}
+                )
+            raise
         except IntegrityError:
             # A concurrent call created the same unique name or request id first.
             raise AlreadyExists(
@@ -128,15 +122,14 @@ class AuthCore:
         else:
             self.cache.invalidate(revoked.credential_ids, revoked.user_ids)
 
-    async def deny(
+    async def audit_denied(
         self,
         caller: Caller,
-        permission: str,
-        action: str,
+        details: dict[str, str],
         object_type: str = "",
         object_id: str = "",
-    ) -> PermissionDenied:
-        """Audit a refused call and return the error to raise."""
+    ) -> None:
+        """Count (and, within the flood cap, write) one permission.denied event."""
         await self.db.write(
             lambda s: audit_flood.record_throttled(
                 s,
@@ -148,8 +141,24 @@ class AuthCore:
                 caller=caller,
                 object_type=object_type,
                 object_id=object_id,
-                details={"rpc": action, "permission": permission},
+                details=details,
             )
+        )
+
+    async def deny(
+        self,
+        caller: Caller,
+        permission: str,
+        action: str,
+        object_type: str = "",
+        object_id: str = "",
+    ) -> PermissionDenied:
+        """Audit a refused call and return the error to raise."""
+        await self.audit_denied(
+            caller,
+            {"rpc": action, "permission": permission},
+            object_type=object_type,
+            object_id=object_id,
         )
         return PermissionDenied(
             f"this call needs the {permission!r} permission",
@@ -266,125 +275,12 @@ class AuthCore:
             .values(digest=self.digest(parsed.text), hash_version=self.version)
         )
 
-    # -- Login / Logout ---------------------------------------------------------------
+    # -- Login / Logout (domain/login.py) ------------------------------------------
 
     async def login(self, username: str, password: str, peer: str) -> LoginResult:
         """Check a password; lock out after repeated failures; open a session."""
-        if not username:
-            raise InvalidArgument("username", "must not be empty")
-        if len(username) > 64:
-            raise InvalidArgument("username", "must be at most 64 characters")
-        if not password:
-            raise InvalidArgument("password", "must not be empty")
-        if len(password.encode("utf-8", "surrogatepass")) > MAX_PASSWORD_BYTES:
-            raise InvalidArgument("password", f"must be at most {MAX_PASSWORD_BYTES} bytes")
-        user = None
-        if validation.USERNAME_RE.fullmatch(username):  # else it cannot exist
-            user = await self.db.read(
-                lambda s: s.scalar(select(UserRow).where(UserRow.username == username))
-            )
-        now = self.clock()
-        # Counted before the password is checked (lockout.py); for an unknown user the
-        # same write matches no row, so both answers take as long.
-        uid = user.id if user is not None else ""
-        attempt = await self.db.write(lockout.reserve, uid, self.lockout, now)
-        stored = user.password_hash if user is not None and attempt.allowed else None
-        ok = await asyncio.to_thread(self.passwords.verify, stored, password)
-        if user is None or not ok or user.disabled or not attempt.allowed:
-            reason = (
-                "unknown_user"
-                if user is None
-                else "locked"
-                if not attempt.allowed
-                else "disabled"
-                if user.disabled
-                else "bad_password"
-            )
-            await self.db.write(
-                self._login_failed, user.id if user else None, username, peer, reason, attempt, now
-            )
-            AUTH_FAILURES.labels("LOGIN_FAILED").inc()
-            raise Unauthenticated(LOGIN_FAILED, reason="LOGIN_FAILED")
-        assert user.password_hash is not None
-        new_hash = None
-        if self.passwords.needs_rehash(user.password_hash):
-            new_hash = await asyncio.to_thread(self.passwords.hash, password)
-        token = credentials.generate(credentials.SESSION_PREFIX)
-        expires = now + timedelta(seconds=self.settings.session_ttl)
-        await self.db.write(self._login_ok, user.id, self.digest(token), expires, peer, new_hash)
-        return LoginResult(token, expires, user)
-
-    def _login_failed(  # noqa: PLR0917 - one transaction, called positionally via db.write
-        self,
-        session: Session,
-        user_id: str | None,
-        username: str,
-        peer: str,
-        reason: str,
-        attempt: Attempt,
-        now: datetime,
-    ) -> None:
-        audit_flood.record_throttled(
-            session,
-            "login.failure",
-            user=user_id or f"name:{username}",
-            peer=peer,
-            now=now,
-            rows_per_minute=self.settings.audit_rows_per_minute,
-            object_type="user",
-            object_id=user_id or username,
-            actor_user_id=user_id or "",
-            details={"reason": reason},
-        )
-        if user_id is not None and attempt.locked_seconds:
-            lockout.record_lockout(session, user_id, peer, attempt)
-
-    def _login_ok(  # noqa: PLR0917 - one transaction, called positionally via db.write
-        self,
-        session: Session,
-        user_id: str,
-        digest: str,
-        expires: datetime,
-        peer: str,
-        new_hash: str | None,
-    ) -> None:
-        values: dict[str, Any] = {"failed_logins": 0, "locked_until": None}
-        if new_hash is not None:
-            values["password_hash"] = new_hash
-        session.execute(update(UserRow).where(UserRow.id == user_id).values(**values))
-        sid = validation.new_id()
-        session.add(
-            SessionRow(
-                id=sid,
-                user_id=user_id,
-                digest=digest,
-                hash_version=self.version,
-                created_at=utcnow(),
-                expires_at=expires,
-                peer=peer[:200],
-            )
-        )
-        audit.record(
-            session,
-            "login.success",
-            object_type="session",
-            object_id=sid,
-            peer=peer,
-            actor_user_id=user_id,
-            details={"rehashed": str(new_hash is not None).lower()},
-        )
+        return await login.login(self, username, password, peer)
 
     async def logout(self, caller: Caller) -> None:
         """End the caller's session."""
-        if caller.principal.credential_type != "session":
-            raise FailedPrecondition(
-                "Logout ends a session; revoke API keys with RevokeApiKey", reason="NOT_A_SESSION"
-            )
-        await self.mutate(self._logout, caller)
-
-    @staticmethod
-    def _logout(session: Session, pending: Revocations, caller: Caller) -> None:
-        sid = caller.principal.credential_id
-        session.execute(update(SessionRow).where(SessionRow.id == sid).values(revoked_at=utcnow()))
-        pending.add(session, credential_ids=[sid])
-        audit.record(session, "logout", caller=caller, object_type="session", object_id=sid)
+        await login.logout(self, caller)

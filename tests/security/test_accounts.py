@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 
 import grpc
+from tokenyard.auth.v1 import audit_service_pb2 as audit_pb
 from tokenyard.auth.v1 import auth_service_pb2 as auth_pb
 from tokenyard.auth.v1 import resources_pb2
 from tokenyard.auth.v1 import role_service_pb2 as roles_pb
@@ -49,6 +50,12 @@ async def test_user_admin_cannot_take_over_a_user_holding_more(svc: Auth) -> Non
     for attempt in attempts:  # one after the other: a call starts when it is made
         exc = await expect(attempt(), DENIED, "holds more")
         assert field_of(exc) in ("user.user_id", "user_id")
+    denied = await svc.audit.ListAuditEvents(
+        audit_pb.ListAuditEventsRequest(action="permission.denied", page_size=100),
+        metadata=svc.admin,
+    )
+    refusals = [e for e in denied.events if e.details["reason"] == "PERMISSION_ESCALATION"]
+    assert len(refusals) == len(attempts)  # every attempt is in the audit log
     await expect(
         svc.auth.Login(auth_pb.LoginRequest(username="victim", password="attacker-password-1")),
         grpc.StatusCode.UNAUTHENTICATED,
