@@ -4,7 +4,7 @@ One conditional UPDATE counts the attempt and refuses it while the account is
 locked; the attempt that reaches the threshold sets the lock in the same
 transaction. Concurrent guesses queue on the row (PostgreSQL's row lock, SQLite's
 BEGIN IMMEDIATE), so at most `threshold` passwords are ever verified per lockout
-window, however many arrive at once. A success resets the count (core's login).
+window, however many arrive at once. A success resets the count (login.py).
 """
 
 from __future__ import annotations
