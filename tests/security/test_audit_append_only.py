@@ -22,7 +22,6 @@ from tests.integration.auth.conftest import (
     running,
 )
 
-pytestmark = pytest.mark.postgres
 URL = "postgresql+psycopg://{user}@127.0.0.1:5432/test?options=-csearch_path%3D{schema}"
 
 
@@ -67,6 +66,7 @@ def test_the_grants_cover_every_table() -> None:
     assert READ_ONLY == ("alembic_version",)
 
 
+@pytest.mark.postgres
 async def test_service_role_cannot_update_delete_or_truncate_audit_rows(
     deployment: Deployment,
 ) -> None:
