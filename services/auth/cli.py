@@ -35,11 +35,31 @@ def register(subparsers: Any) -> None:
     boot.add_argument("--username", default="admin", help="admin login name")
     boot.set_defaults(handler=_bootstrap)
 
+    grants = sub.add_parser(
+        "service-grants",
+        help="print the SQL (run as the owner) that sets up the PostgreSQL service role",
+    )
+    grants.add_argument("--role", required=True, help="the role the auth service logs in as")
+    grants.add_argument("--schema", default="public", help="the schema of the auth tables")
+    grants.set_defaults(handler=_service_grants)
+
 
 def _settings(args: argparse.Namespace) -> Any:
     from services.auth.settings import load_auth_settings
 
     return load_auth_settings(os.environ, vars(args))
+
+
+def _service_grants(args: argparse.Namespace) -> int:
+    from services.auth.db.service_role import service_role_sql
+
+    try:
+        statements = service_role_sql(args.role, args.schema)
+    except ValueError as exc:
+        print(f"tokenyard: {exc}", file=sys.stderr)
+        return 2
+    print("\n".join(f"{s};" for s in statements))
+    return 0
 
 
 def _migrate(args: argparse.Namespace) -> int:

@@ -11,8 +11,7 @@ import asyncio
 import hmac
 import logging
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import Any, TypeVar
 
 from prometheus_client import Counter
@@ -23,10 +22,12 @@ from sqlalchemy.orm import Session
 from services.auth import migrate
 from services.auth.db.engine import Database
 from services.auth.db.models import ApiKeyRow, SessionRow, UserRow
-from services.auth.domain import audit, credentials, validation
+from services.auth.domain import audit_flood, credentials, login
 from services.auth.domain.cache import PrincipalCache
 from services.auth.domain.last_used import LastUsedBatcher
-from services.auth.domain.passwords import MAX_PASSWORD_BYTES, Passwords
+from services.auth.domain.lockout import LockoutPolicy
+from services.auth.domain.login import AUTH_FAILURES, LoginResult
+from services.auth.domain.passwords import Passwords
 from services.auth.domain.principal import (
     Caller,
     Principal,
@@ -38,38 +39,29 @@ from services.auth.domain.revocations import ALL_USERS, RevocationHub, Revocatio
 from services.auth.settings import AuthSettings
 from services.common.errors import (
     AlreadyExists,
-    FailedPrecondition,
-    InvalidArgument,
     PermissionDenied,
     Unauthenticated,
 )
 
 log = logging.getLogger("tokenyard.auth")
-AUTH_FAILURES = Counter(
-    "tokenyard_auth_failures_total", "Refused credentials and logins, by reason.", ["reason"]
-)
 CACHE_LOOKUPS = Counter(
     "tokenyard_auth_cache_lookups_total", "Principal cache lookups, by result.", ["result"]
 )
 T = TypeVar("T")
 R = TypeVar("R", ApiKeyRow, SessionRow)
-LOGIN_FAILED = "invalid username or password"
-
-
-@dataclass(frozen=True)
-class LoginResult:
-    """A new session: its token (shown once), expiry and user."""
-
-    token: str
-    expire_time: datetime
-    user: UserRow
 
 
 class AuthCore:
     """Database, caches and background tasks of one auth replica."""
 
-    def __init__(self, settings: AuthSettings, db: Database | None = None) -> None:
+    def __init__(
+        self,
+        settings: AuthSettings,
+        db: Database | None = None,
+        clock: Callable[[], datetime] = utcnow,
+    ) -> None:
         self.settings = settings
+        self.clock = clock
         self.db = db or Database(settings.database_url)
         a = settings.argon2
         self.passwords = Passwords(a.time_cost, a.memory_kib, a.parallelism)
@@ -79,6 +71,9 @@ class AuthCore:
         self.hub = RevocationHub(self.db, self._on_revoked, settings.revocation_poll_seconds)
         self.last_used = LastUsedBatcher(self.db, settings.last_used_flush_seconds)
         self._lookups: dict[str, asyncio.Future[Principal]] = {}
+        self.lockout = LockoutPolicy(
+            settings.lockout_threshold, settings.lockout_seconds, settings.lockout_max_seconds
+        )
 
     async def start(self) -> None:
         """Check the schema and start the background tasks."""
@@ -103,6 +98,15 @@ class AuthCore:
         pending = Revocations()
         try:
             result = await self.db.write(fn, pending, *args)
+        except PermissionDenied as exc:  # an escalation refused inside the transaction
+            caller = next((a for a in args if isinstance(a, Caller)), None)
+            if caller is not None:
+                operation = getattr(fn, "__qualname__", "").replace("._", ".")
+                field = exc.metadata.get("field", "")
+                await self.audit_denied(
+                    caller, {"operation": operation, "reason": exc.reason, "field": field}
+                )
+            raise
         except IntegrityError:
             # A concurrent call created the same unique name or request id first.
             raise AlreadyExists(
@@ -118,6 +122,29 @@ class AuthCore:
         else:
             self.cache.invalidate(revoked.credential_ids, revoked.user_ids)
 
+    async def audit_denied(
+        self,
+        caller: Caller,
+        details: dict[str, str],
+        object_type: str = "",
+        object_id: str = "",
+    ) -> None:
+        """Count (and, within the flood cap, write) one permission.denied event."""
+        await self.db.write(
+            lambda s: audit_flood.record_throttled(
+                s,
+                "permission.denied",
+                user=caller.principal.user_id,
+                peer=caller.peer,
+                now=self.clock(),
+                rows_per_minute=self.settings.audit_rows_per_minute,
+                caller=caller,
+                object_type=object_type,
+                object_id=object_id,
+                details=details,
+            )
+        )
+
     async def deny(
         self,
         caller: Caller,
@@ -127,16 +154,11 @@ class AuthCore:
         object_id: str = "",
     ) -> PermissionDenied:
         """Audit a refused call and return the error to raise."""
-        await self.db.write(
-            lambda s: audit.record(
-                s,
-                "permission.denied",
-                caller=caller,
-                object_type=object_type,
-                object_id=object_id,
-                outcome="failure",
-                details={"rpc": action, "permission": permission},
-            )
+        await self.audit_denied(
+            caller,
+            {"rpc": action, "permission": permission},
+            object_type=object_type,
+            object_id=object_id,
         )
         return PermissionDenied(
             f"this call needs the {permission!r} permission",
@@ -253,135 +275,12 @@ class AuthCore:
             .values(digest=self.digest(parsed.text), hash_version=self.version)
         )
 
-    # -- Login / Logout ---------------------------------------------------------------
+    # -- Login / Logout (domain/login.py) ------------------------------------------
 
     async def login(self, username: str, password: str, peer: str) -> LoginResult:
         """Check a password; lock out after repeated failures; open a session."""
-        if not username:
-            raise InvalidArgument("username", "must not be empty")
-        if len(username) > 64:
-            raise InvalidArgument("username", "must be at most 64 characters")
-        if not password:
-            raise InvalidArgument("password", "must not be empty")
-        if len(password.encode("utf-8", "surrogatepass")) > MAX_PASSWORD_BYTES:
-            raise InvalidArgument("password", f"must be at most {MAX_PASSWORD_BYTES} bytes")
-        user = None
-        if validation.USERNAME_RE.fullmatch(username):  # else it cannot exist
-            user = await self.db.read(
-                lambda s: s.scalar(select(UserRow).where(UserRow.username == username))
-            )
-        now = utcnow()
-        locked = user is not None and user.locked_until is not None and user.locked_until > now
-        stored = user.password_hash if user is not None and not locked else None
-        ok = await asyncio.to_thread(self.passwords.verify, stored, password)
-        if user is None or not ok or user.disabled or locked:
-            reason = (
-                "unknown_user"
-                if user is None
-                else "locked"
-                if locked
-                else "disabled"
-                if user.disabled
-                else "bad_password"
-            )
-            await self.db.write(
-                self._login_failed, user.id if user else None, username, peer, reason
-            )
-            AUTH_FAILURES.labels("LOGIN_FAILED").inc()
-            raise Unauthenticated(LOGIN_FAILED, reason="LOGIN_FAILED")
-        assert user.password_hash is not None
-        new_hash = None
-        if self.passwords.needs_rehash(user.password_hash):
-            new_hash = await asyncio.to_thread(self.passwords.hash, password)
-        token = credentials.generate(credentials.SESSION_PREFIX)
-        expires = now + timedelta(seconds=self.settings.session_ttl)
-        await self.db.write(self._login_ok, user.id, self.digest(token), expires, peer, new_hash)
-        return LoginResult(token, expires, user)
-
-    def _login_failed(
-        self, session: Session, user_id: str | None, username: str, peer: str, reason: str
-    ) -> None:
-        audit.record(
-            session,
-            "login.failure",
-            object_type="user",
-            object_id=user_id or username,
-            outcome="failure",
-            peer=peer,
-            actor_user_id=user_id or "",
-            details={"reason": reason},
-        )
-        if user_id is None or reason == "locked":
-            return
-        session.execute(
-            update(UserRow)
-            .where(UserRow.id == user_id)
-            .values(failed_logins=UserRow.failed_logins + 1)
-        )
-        user = session.get(UserRow, user_id)
-        s = self.settings
-        if user is None or user.failed_logins < s.lockout_threshold:
-            return
-        extra = user.failed_logins - s.lockout_threshold
-        seconds = min(s.lockout_seconds * 2 ** min(extra, 30), s.lockout_max_seconds)
-        user.locked_until = utcnow() + timedelta(seconds=seconds)
-        audit.record(
-            session,
-            "login.lockout",
-            object_type="user",
-            object_id=user_id,
-            outcome="failure",
-            peer=peer,
-            actor_user_id=user_id,
-            details={"failures": str(user.failed_logins), "seconds": str(int(seconds))},
-        )
-
-    def _login_ok(  # noqa: PLR0917 - one transaction, called positionally via db.write
-        self,
-        session: Session,
-        user_id: str,
-        digest: str,
-        expires: datetime,
-        peer: str,
-        new_hash: str | None,
-    ) -> None:
-        values: dict[str, Any] = {"failed_logins": 0, "locked_until": None}
-        if new_hash is not None:
-            values["password_hash"] = new_hash
-        session.execute(update(UserRow).where(UserRow.id == user_id).values(**values))
-        sid = validation.new_id()
-        session.add(
-            SessionRow(
-                id=sid,
-                user_id=user_id,
-                digest=digest,
-                hash_version=self.version,
-                created_at=utcnow(),
-                expires_at=expires,
-                peer=peer[:200],
-            )
-        )
-        audit.record(
-            session,
-            "login.success",
-            object_type="session",
-            object_id=sid,
-            peer=peer,
-            actor_user_id=user_id,
-            details={"rehashed": str(new_hash is not None).lower()},
-        )
+        return await login.login(self, username, password, peer)
 
     async def logout(self, caller: Caller) -> None:
         """End the caller's session."""
-        if caller.principal.credential_type != "session":
-            raise FailedPrecondition(
-                "Logout ends a session; revoke API keys with RevokeApiKey", reason="NOT_A_SESSION"
-            )
-        await self.mutate(self._logout, caller)
-
-    @staticmethod
-    def _logout(session: Session, pending: Revocations, caller: Caller) -> None:
-        sid = caller.principal.credential_id
-        session.execute(update(SessionRow).where(SessionRow.id == sid).values(revoked_at=utcnow()))
-        pending.add(session, credential_ids=[sid])
-        audit.record(session, "logout", caller=caller, object_type="session", object_id=sid)
+        await login.logout(self, caller)

@@ -7,7 +7,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from services.common.config import InternalSettings, ObservabilitySettings, ServerSettings
+from services.common.config import (
+    InternalSettings,
+    ObservabilitySettings,
+    ServerSettings,
+    check_internal_exposure,
+)
 from services.common.settings import (
     SettingsError,
     load_settings,
@@ -180,6 +185,14 @@ class AuthSettings:
         help="How often revocations made by other replicas are read.",
     )
 
+    audit_rows_per_minute: int = setting(
+        "TOKENYARD_AUTH_AUDIT_ROWS_PER_MINUTE",
+        parse_positive_int,
+        default=10,
+        help="Failed logins and permission denials written as audit rows per peer and per "
+        "user each minute; the rest are only counted (audit_tallies).",
+    )
+
     def peppers(self) -> dict[int, str]:
         """Every accepted pepper by version, the current one included."""
         current = self.current_pepper()
@@ -210,4 +223,5 @@ def load_auth_settings(
             settings.current_pepper()
         except ValueError as exc:
             raise SettingsError(f"TOKENYARD_AUTH_KEY_PEPPER_FILE: {exc}") from None
+    check_internal_exposure("TOKENYARD_AUTH_HOST", settings.server.host, settings.internal)
     return settings

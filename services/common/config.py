@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import ipaddress
 from dataclasses import dataclass
 from pathlib import Path
 
 from services.common.settings import (
+    SettingsError,
     parse_bool,
     parse_choice,
     parse_existing_file,
+    parse_list,
     parse_non_negative_float,
     parse_port,
     parse_positive_int,
@@ -61,6 +64,13 @@ class ServerSettings:
         parse_existing_file,
         default=None,
         help="PEM CA bundle: require client certificates signed by it (mutual TLS).",
+    )
+    tls_client_names: tuple[str, ...] = setting(
+        "TOKENYARD_{service}_TLS_CLIENT_NAMES",
+        parse_list,
+        default=("router",),
+        help="With a client CA: names (DNS or IP SANs) a client certificate must carry "
+        "to call internal RPCs; every service's certificate shares the CA.",
     )
 
 
@@ -118,3 +128,32 @@ class InternalSettings:
         default=None,
         help="Client key for internal calls (mutual TLS).",
     )
+
+
+MIN_SERVICE_TOKEN_BYTES = 32
+
+
+def is_loopback(host: str) -> bool:
+    """Whether `host` binds only this machine (127.0.0.0/8, ::1, localhost)."""
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+def check_internal_exposure(host_variable: str, host: str, internal: InternalSettings) -> None:
+    """Refuse to serve internal RPCs beyond loopback without a strong service token.
+
+    A worker or auth bound to another address would otherwise take calls from
+    anyone who can reach it; the message is the one line the CLI prints.
+    """
+    if is_loopback(host):
+        return
+    token = internal.service_token or ""
+    if len(token.encode()) < MIN_SERVICE_TOKEN_BYTES:
+        state = "is unset" if not token else f"is shorter than {MIN_SERVICE_TOKEN_BYTES} bytes"
+        raise SettingsError(
+            f"TOKENYARD_SERVICE_TOKEN {state} but {host_variable}={host} is not loopback: "
+            f"set a random token of {MIN_SERVICE_TOKEN_BYTES}+ bytes "
+            "(python -c 'import secrets; print(secrets.token_urlsafe(32))') or bind 127.0.0.1"
+        )

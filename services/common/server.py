@@ -28,6 +28,7 @@ from services.common.interceptors import (
     StreamClosingInterceptor,
 )
 from services.common.lenient import lenient
+from services.common.peer_identity import PeerNameInterceptor
 from services.common.telemetry import server_tracing_interceptor
 
 log = logging.getLogger("tokenyard.server")
@@ -89,6 +90,8 @@ class GrpcServer:
         ]
         if service_token:
             interceptors.append(ServiceTokenInterceptor(service_token, token_methods))
+        if settings.tls_client_ca is not None and settings.tls_client_names:
+            interceptors.append(PeerNameInterceptor(settings.tls_client_names, token_methods))
         interceptors.extend(extra_interceptors)
         limit = settings.max_message_bytes
         self.server = grpc.aio.server(

@@ -11,7 +11,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from services.common.config import InternalSettings, ObservabilitySettings, ServerSettings
+from services.common.config import (
+    InternalSettings,
+    ObservabilitySettings,
+    ServerSettings,
+    check_internal_exposure,
+)
 from services.common.settings import (
     load_settings,
     parse_bool,
@@ -142,4 +147,6 @@ def load_inference_settings(
     environ: Mapping[str, str], overrides: Mapping[str, Any] | None = None
 ) -> InferenceSettings:
     """InferenceSettings from the environment and CLI flags (flags win)."""
-    return load_settings(InferenceSettings, environ, overrides, service=SERVICE)
+    settings = load_settings(InferenceSettings, environ, overrides, service=SERVICE)
+    check_internal_exposure("TOKENYARD_INFERENCE_HOST", settings.server.host, settings.internal)
+    return settings

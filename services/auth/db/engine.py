@@ -10,29 +10,41 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
 from sqlalchemy import Engine, create_engine, event
-from sqlalchemy.engine import make_url
+from sqlalchemy.engine import ExceptionContext, make_url
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
 from services.common.errors import Unavailable
 
 T = TypeVar("T")
+_DETAIL = re.compile(r"\nDETAIL:[^\n]*")
 
 
 def make_engine(url: str) -> Engine:
-    """An engine for `url`; SQLite files get WAL, foreign keys and a busy timeout."""
+    """An engine for `url`; SQLite files get WAL, foreign keys and a busy timeout.
+
+    Every engine hides bound parameters from its errors and logs: they hold key
+    digests and password hashes, which must never reach a log through a StatementError.
+    """
     parsed = make_url(url)
     if parsed.get_backend_name() != "sqlite":
-        return create_engine(url, pool_pre_ping=True, pool_size=8, max_overflow=8)
+        engine = create_engine(
+            url, pool_pre_ping=True, pool_size=8, max_overflow=8, hide_parameters=True
+        )
+        event.listen(engine, "handle_error", _without_detail)
+        return engine
     if parsed.database and parsed.database != ":memory:":
         Path(parsed.database).expanduser().parent.mkdir(parents=True, exist_ok=True)
-    engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
+    engine = create_engine(
+        url, connect_args={"timeout": 30, "check_same_thread": False}, hide_parameters=True
+    )
 
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_conn: Any, _record: Any) -> None:
@@ -50,6 +62,14 @@ def make_engine(url: str) -> Engine:
         conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
 
     return engine
+
+
+def _without_detail(context: ExceptionContext) -> None:
+    """Drop PostgreSQL's DETAIL line from driver errors: it quotes row values
+    (`Key (digest)=(...) already exists`), which hide_parameters does not cover."""
+    for err in (context.original_exception, context.sqlalchemy_exception):
+        if err is not None and err.args and isinstance(err.args[0], str):
+            err.args = (_DETAIL.sub("", err.args[0]), *err.args[1:])
 
 
 def _unavailable() -> Unavailable:

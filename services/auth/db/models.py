@@ -116,6 +116,8 @@ class ApiKeyRow(Base):
     last_used_at: Mapped[datetime | None] = mapped_column(UtcDateTime, nullable=True)
     rotated_from_id: Mapped[str | None] = mapped_column(String(36), nullable=True)
     request_id: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    # Who made the key when it was not its owner (a keys.admin holder), for the audit log.
+    created_by: Mapped[str | None] = mapped_column(String(36), nullable=True)
 
 
 class SessionRow(Base):
@@ -179,6 +181,22 @@ class AuditRow(Base):
     details: Mapped[dict[str, str]] = mapped_column(JSON, default=dict)
 
 
+class AuditTallyRow(Base):
+    """How many events of a throttled kind one peer or one user caused in one minute.
+
+    Failed logins and permission denials are counted here, every one; only the
+    first few per peer and per user each minute also become audit rows.
+    """
+
+    __tablename__ = "audit_tallies"
+    window_start: Mapped[datetime] = mapped_column(UtcDateTime, primary_key=True)
+    action: Mapped[str] = mapped_column(String(64), primary_key=True)
+    scope: Mapped[str] = mapped_column(String(8), primary_key=True)
+    subject: Mapped[str] = mapped_column(String(200), primary_key=True)
+    count: Mapped[int] = mapped_column(BigInteger)
+    last_at: Mapped[datetime] = mapped_column(UtcDateTime)
+
+
 class RevocationRow(Base):
     """A credential or user whose cached principals must be dropped (read by replicas)."""
 
@@ -192,6 +210,7 @@ class RevocationRow(Base):
 __all__ = [
     "ApiKeyRow",
     "AuditRow",
+    "AuditTallyRow",
     "Base",
     "RevocationRow",
     "RoleRow",

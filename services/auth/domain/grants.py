@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 
-from services.auth.db.models import RoleRow
+from services.auth.db.models import RoleRow, UserRow
 from services.auth.domain.permissions import ADMIN, Limits, expand, limits_within, pattern_covered
-from services.auth.domain.principal import Principal
+from services.auth.domain.principal import Principal, owner_grants
 from services.common.errors import InvalidArgument, PermissionDenied
 
 
@@ -38,14 +38,45 @@ def check_limits(caller: Principal, limits: Limits, field: str) -> None:
         raise escalation(f"cannot grant {loose} looser than the caller's own", field)
 
 
+def check_within(
+    caller: Principal,
+    perms: Iterable[str],
+    models: Iterable[str],
+    limits: Limits,
+    field: str,
+) -> None:
+    """The one no-escalation rule: `perms`, `models` and `limits` all within the caller's."""
+    perms = expand(perms)
+    if ADMIN in perms and not caller.has(ADMIN):
+        raise escalation("only admins grant or act on admin rights", field)
+    check_permissions(caller, perms, field)
+    check_models(caller, models, field)
+    check_limits(caller, limits, field)
+
+
 def check_roles(caller: Principal, roles: Sequence[RoleRow], field: str = "roles") -> None:
     """Refuse granting roles that carry more than the caller holds."""
     for role in roles:
-        if ADMIN in role.permissions and not caller.has(ADMIN):
-            raise escalation("only admins grant admin roles", field)
-        check_permissions(caller, expand(role.permissions), field)
-        check_models(caller, role.allowed_models, field)
-        check_limits(caller, Limits.from_json(role.limits), field)
+        check_within(
+            caller, role.permissions, role.allowed_models, Limits.from_json(role.limits), field
+        )
+
+
+def check_target(caller: Principal, user: UserRow, field: str) -> None:
+    """Refuse acting on `user` (password, roles, disable, delete, keys acting as them)
+    unless everything the user holds is within the caller's own; a user holding
+    nothing is within anyone's."""
+    if not user.roles:
+        return
+    perms, models, limits = owner_grants(user)
+    try:
+        check_within(caller, perms, models, limits, field)
+    except PermissionDenied:
+        raise PermissionDenied(
+            "cannot act on a user who holds more than the caller",
+            reason="PERMISSION_ESCALATION",
+            metadata={"field": field},
+        ) from None
 
 
 def mask_paths(paths: Sequence[str], allowed: Sequence[str]) -> list[str]:

@@ -11,33 +11,19 @@ from sqlalchemy.orm import Session
 
 from services.auth.db.models import ApiKeyRow, UserRow
 from services.auth.domain import audit, credentials, grants, pages, validation
-from services.auth.domain.permissions import (
-    Limits,
-    min_limits,
-    pattern_covered,
-    validate_patterns,
-    validate_permissions,
-)
-from services.auth.domain.principal import Caller, owner_grants, utcnow
+from services.auth.domain.key_scope import KeySpec, narrowed
+from services.auth.domain.permissions import Limits
+from services.auth.domain.principal import Caller, utcnow
 from services.auth.domain.revocations import Revocations
-from services.common.errors import FailedPrecondition, InvalidArgument, NotFound, PermissionDenied
+from services.common.errors import FailedPrecondition, InvalidArgument, NotFound
 
 if TYPE_CHECKING:
     from services.auth.core import AuthCore
 
+__all__ = ["KeySpec", "Keys", "NewKey"]
+
 KEY_MASK = ("name", "permissions", "allowed_models", "limits", "expire_time")
 DEFAULT_GRACE = timedelta(hours=24)
-
-
-@dataclass(frozen=True)
-class KeySpec:
-    """A key's settable fields."""
-
-    name: str = ""
-    permissions: tuple[str, ...] = ()
-    allowed_models: tuple[str, ...] = ()
-    limits: Limits = Limits()
-    expire_time: datetime | None = None
 
 
 @dataclass(frozen=True)
@@ -52,30 +38,6 @@ class NewKey:
 def not_found() -> NotFound:
     """One answer for a missing key and someone else's (no existence oracle)."""
     return NotFound("api key not found", reason="KEY_NOT_FOUND")
-
-
-def narrowed(caller: Caller, owner: UserRow, spec: KeySpec, field: str) -> KeySpec:
-    """The spec as stored: within the owner's grants and the caller's own, or refused."""
-    o_perms, o_models, _ = owner_grants(owner)
-    p = caller.principal
-    perms = validate_permissions(spec.permissions, f"{field}permissions")
-    for perm in perms:
-        if perm not in o_perms:
-            raise grants.escalation(f"the owner does not hold {perm!r}", f"{field}permissions")
-    grants.check_permissions(p, perms, f"{field}permissions")
-    if not perms and not o_perms <= p.permissions:
-        perms = sorted(o_perms & p.permissions)
-        if not perms:
-            raise PermissionDenied("the key would hold no permission", reason="NO_PERMISSION")
-    models = validate_patterns(spec.allowed_models, f"{field}allowed_models")
-    for m in models:
-        if not pattern_covered(m, o_models):
-            raise grants.escalation(f"the owner may not use {m!r}", f"{field}allowed_models")
-    grants.check_models(p, models, f"{field}allowed_models")
-    if not models and not all(pattern_covered(m, p.allowed_models) for m in o_models):
-        models = [m for m in p.allowed_models if pattern_covered(m, o_models)]
-    limits = min_limits([spec.limits, p.limits])
-    return KeySpec(spec.name, tuple(perms), tuple(models), limits, spec.expire_time)
 
 
 def check_expiry(when: datetime | None, field: str) -> None:
@@ -129,7 +91,7 @@ class Keys:
             if earlier is not None:
                 return NewKey(earlier, "")
         stored = narrowed(caller, owner, spec, "")
-        key, secret = self._insert(session, owner, stored, request_id, None)
+        key, secret = self._insert(session, caller, owner, stored, request_id, None)
         audit.record(
             session,
             "key.create",
@@ -140,9 +102,10 @@ class Keys:
         )
         return NewKey(key, secret)
 
-    def _insert(
+    def _insert(  # noqa: PLR0917 - the new key's fields
         self,
         session: Session,
+        caller: Caller,
         owner: UserRow,
         spec: KeySpec,
         request_id: str,
@@ -152,6 +115,10 @@ class Keys:
             credentials.SERVICE_KEY_PREFIX if owner.service_account else credentials.USER_KEY_PREFIX
         )
         secret = credentials.generate(prefix)
+        # Who really made it: the caller when it is not the owner; a key the owner's key
+        # made inherits that key's maker (a keys.admin holder's minted key stays theirs).
+        p = caller.principal
+        maker = p.user_id if p.user_id != owner.id else p.minted_by
         key = ApiKeyRow(
             id=validation.new_id(),
             user_id=owner.id,
@@ -166,6 +133,7 @@ class Keys:
             created_at=utcnow(),
             rotated_from_id=rotated_from,
             request_id=request_id or None,
+            created_by=maker or None,
         )
         session.add(key)
         session.flush()
@@ -299,8 +267,11 @@ class Keys:
         session: Session, pending: Revocations, caller: Caller, key_id: str, delete: bool
     ) -> ApiKeyRow:
         key = session.get(ApiKeyRow, key_id)
-        if key is None:
+        owner = session.get(UserRow, key.user_id) if key else None
+        if key is None or owner is None:
             raise not_found()
+        if owner.id != caller.principal.user_id:
+            grants.check_target(caller.principal, owner, "key_id")
         now = utcnow()
         key.revoked_at = key.revoked_at or now
         if delete:
@@ -366,7 +337,7 @@ class Keys:
             old.expires_at,
         )
         stored = narrowed(caller, owner, spec, "")
-        key, secret = self._insert(session, owner, stored, request_id, old.id)
+        key, secret = self._insert(session, caller, owner, stored, request_id, old.id)
         if grace <= timedelta(0):
             old.revoked_at = now
         else:

@@ -112,23 +112,72 @@ class Limits:
         return Limits(values, period if period in QUOTA_PERIODS else "day")
 
 
+# The longest calendar month: a day quota allows at most this many days' worth a month.
+MAX_DAYS_PER_MONTH = 31
+
+
+def quota_caps(limits: Limits) -> tuple[int, int] | None:
+    """The most tokens a quota allows (per day, per month), or None without a quota.
+
+    Quotas of different periods compare only in one unit: 30,000 a day allows
+    930,000 a month, so it is looser than 30,000 a month, not equal to it.
+    """
+    quota = limits.get("token_quota")
+    if quota is None:
+        return None
+    if limits.quota_period == "month":
+        return quota, quota
+    return quota, quota * MAX_DAYS_PER_MONTH
+
+
+def _caps_within(inner: tuple[int, int], outer: tuple[int, int]) -> bool:
+    return inner[0] <= outer[0] and inner[1] <= outer[1]
+
+
+def _tightest_quota(levels: list[Limits]) -> tuple[int, str] | None:
+    """The quota every level's quota allows: one that is within all the others, else
+    the day quota meeting every day and month cap (min(day caps, month caps // 31))."""
+    quotas = [lv for lv in levels if lv.get("token_quota") is not None]
+    if not quotas:
+        return None
+    caps = [(lv, quota_caps(lv)) for lv in quotas]
+    for lv, cap in caps:
+        assert cap is not None
+        if all(_caps_within(cap, other) for _, other in caps if other is not None):
+            return lv.values["token_quota"], lv.quota_period
+    day = min(c[0] for _, c in caps if c is not None)
+    month = min(c[1] for _, c in caps if c is not None)
+    return min(day, month // MAX_DAYS_PER_MONTH), "day"
+
+
 def min_limits(levels: Iterable[Limits]) -> Limits:
-    """The minimum per limit over `levels`; the quota period comes with the smallest quota."""
+    """The minimum per limit over `levels`; quotas compare per day and per month."""
+    seen = list(levels)
     values: dict[str, int] = {}
-    period = "day"
-    for level in levels:
+    for level in seen:
         for name, value in level.values.items():
-            if name not in values or value < values[name]:
+            if name != "token_quota" and (name not in values or value < values[name]):
                 values[name] = value
-                if name == "token_quota":
-                    period = level.quota_period
-    return Limits(values, period)
+    quota = _tightest_quota(seen)
+    if quota is None:
+        return Limits(values)
+    values["token_quota"] = quota[0]
+    return Limits(values, quota[1])
 
 
 def limits_within(requested: Limits, holder: Limits) -> str | None:
     """The first limit `requested` leaves looser than `holder`, or None when within."""
     for name in LIMIT_FIELDS:
         cap = holder.get(name)
-        if cap is not None and (requested.get(name) is None or requested.values[name] > cap):
+        if cap is None:
+            continue
+        if requested.get(name) is None:
+            return name
+        if name == "token_quota":
+            mine, theirs = quota_caps(requested), quota_caps(holder)
+            assert mine is not None and theirs is not None
+            if not _caps_within(mine, theirs):
+                return name
+        elif requested.values[name] > cap:
             return name
     return None

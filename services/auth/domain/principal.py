@@ -28,6 +28,8 @@ class Principal:
     expire_time: datetime | None
     quota_used_tokens: int = 0
     roles: tuple[str, ...] = ()
+    # The user who made this key for its owner (a keys.admin holder), or "".
+    minted_by: str = ""
 
     def has(self, permission: str) -> bool:
         """Whether the principal holds `permission` ("admin" holds every one)."""
@@ -88,6 +90,7 @@ def key_principal(session: Session, key: ApiKeyRow, user: UserRow, now: datetime
         expire_time=key.expires_at,
         quota_used_tokens=quota_used(session, user.id, eff_limits.quota_period, now),
         roles=tuple(r.name for r in user.roles),
+        minted_by=key.created_by or "",
     )
 
 

@@ -129,6 +129,7 @@ class Roles:
             raise NotFound(f"role {spec.name!r} not found", reason="ROLE_NOT_FOUND")
         if ADMIN in role.permissions and not caller.principal.has(ADMIN):
             raise grants.escalation("only admins change an admin role", "role")
+        grants.check_roles(caller.principal, [role], "role.name")
         if "description" in paths:
             role.description = spec.description
         if "permissions" in paths:
@@ -174,6 +175,7 @@ class Roles:
             raise NotFound(f"role {name!r} not found", reason="ROLE_NOT_FOUND")
         if ADMIN in role.permissions and not caller.principal.has(ADMIN):
             raise grants.escalation("only admins delete an admin role", "name")
+        grants.check_roles(caller.principal, [role], "name")
         held = session.scalar(
             select(func.count()).select_from(UserRoleRow).where(UserRoleRow.role_name == name)
         )

@@ -181,6 +181,7 @@ class Users:
             raise NotFound("user not found", reason="USER_NOT_FOUND")
         if is_admin(user) and not caller.principal.has(ADMIN):
             raise grants.escalation("only admins change an admin", "user")
+        grants.check_target(caller.principal, user, "user.user_id")
         if "display_name" in paths:
             user.display_name = change.display_name
         if "roles" in paths:
@@ -229,6 +230,7 @@ class Users:
             raise NotFound("user not found", reason="USER_NOT_FOUND")
         if is_admin(user) and not caller.principal.has(ADMIN):
             raise grants.escalation("only admins delete an admin", "user_id")
+        grants.check_target(caller.principal, user, "user_id")
         creds = list(session.scalars(select(ApiKeyRow.id).where(ApiKeyRow.user_id == user_id)))
         creds += list(session.scalars(select(SessionRow.id).where(SessionRow.user_id == user_id)))
         session.execute(

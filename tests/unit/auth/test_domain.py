@@ -101,7 +101,10 @@ def test_effective_limits_are_the_minimum() -> None:
     }
     assert eff.quota_period == "month"
     assert limits_within(Limits(), role) == "requests_per_minute"
-    assert limits_within(Limits({"requests_per_minute": 5, "token_quota": 1}), role) is None
+    narrow = {"requests_per_minute": 5, "token_quota": 1}
+    assert limits_within(Limits(narrow, "month"), role) is None
+    # 1 a day is up to 31 a month: looser than 10 a month.
+    assert limits_within(Limits(narrow), role) == "token_quota"
     assert expand(["admin"]) == PERMISSIONS
 
 
