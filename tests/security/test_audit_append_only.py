@@ -14,13 +14,8 @@ from tokenyard.auth.v1 import auth_service_pb2_grpc
 from services.auth.bootstrap import bootstrap_admin
 from services.auth.db.models import Base
 from services.auth.db.service_role import APPEND_ONLY, MUTABLE, READ_ONLY, service_role_sql
-from tests.integration.auth.conftest import (
-    ADMIN_PASSWORD,
-    PG_DSN,
-    _pg_available,
-    make_settings,
-    running,
-)
+from tests.integration.auth.conftest import ADMIN_PASSWORD, make_settings, running
+from tests.services import PG_DSN, require
 
 URL = "postgresql+psycopg://{user}@127.0.0.1:5432/test?options=-csearch_path%3D{schema}"
 
@@ -44,8 +39,7 @@ class Deployment:
 @pytest.fixture
 def deployment() -> Iterator[Deployment]:
     """A fresh schema and login role; both dropped afterwards, even on failure."""
-    if not _pg_available():
-        pytest.skip("PostgreSQL is not running on 127.0.0.1:5432")
+    require("postgres")
     tag = uuid.uuid4().hex[:10]
     dep = Deployment(f"t_{tag}", f"svc_{tag}")
     with psycopg.connect(PG_DSN, autocommit=True) as conn:

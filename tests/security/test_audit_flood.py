@@ -15,7 +15,7 @@ from tokenyard.auth.v1 import audit_service_pb2 as audit_pb
 from tokenyard.auth.v1 import auth_service_pb2 as auth_pb
 from tokenyard.auth.v1 import user_service_pb2 as users_pb
 
-from services.auth.app import start_auth
+from services.auth.app import AuthApp
 from services.auth.bootstrap import bootstrap_admin
 from services.auth.core import AuthCore
 from services.auth.db.models import AuditTallyRow
@@ -43,7 +43,8 @@ async def flood(settings: AuthSettings) -> AsyncIterator[tuple[Auth, Clock]]:
     settings = dataclasses.replace(settings, audit_rows_per_minute=ROWS, lockout_threshold=1000)
     admin_key = await bootstrap_admin(settings, "admin", ADMIN_PASSWORD)
     clock = Clock()
-    app = await start_auth(settings, AuthCore(settings, clock=clock))
+    app = AuthApp(settings, AuthCore(settings, clock=clock))
+    await app.start()
     channel = grpc.aio.insecure_channel(app.address)
     try:
         yield Auth(app, settings, channel, admin_key), clock
