@@ -243,6 +243,10 @@ class Worker:
                         )
                         prefill.end()
                         phase = _tracer.start_span("inference.decode", attributes=attributes)
+                        # Tokens that arrived with the first one (the event loop was
+                        # busy): each is one more token, delivered with no gap.
+                        for _ in range(produced - 1):
+                            metrics.INTER_TOKEN.observe(0.0)
                     elif produced:
                         for _ in range(produced):
                             metrics.INTER_TOKEN.observe((now - last) / produced)
