@@ -264,3 +264,16 @@ def test_the_quickstart_runs_admin_commands_inside_the_compose_network() -> None
         assert line.startswith(prefix), line
         args = parser.parse_args(line.removeprefix(prefix).split("#")[0].split())
         assert args.command in {"users", "roles", "keys", "usage", "audit"}
+
+
+def test_otlp_carries_traces_only_in_the_collector_and_the_quickstart() -> None:
+    """The services export traces by OTLP; metrics are Prometheus endpoints, scraped."""
+    import yaml
+
+    config = yaml.safe_load((ROOT / "deploy/otel/collector.yaml").read_text())
+    pipelines = config["service"]["pipelines"]
+    assert pipelines["traces"]["receivers"] == ["otlp"]
+    assert pipelines["metrics"]["receivers"] == ["prometheus"]
+    doc = (ROOT / "docs" / "quickstart-compose.md").read_text()
+    assert not re.search(r"OTLP traces and metrics|traces and metrics (by|over) OTLP", doc)
+    assert "Metrics are not exported by OTLP" in doc

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -272,3 +273,21 @@ def test_redis_requires_a_password_from_a_secret_and_the_router_sends_it() -> No
     assert (url.scheme, url.password, url.port) == ("redis", "$(REDIS_PASSWORD)", 6379)
     service = resources()[("Service", str(url.hostname))]
     assert selects({"matchLabels": service["spec"]["selector"]}, {APP: "tokenyard-redis"})
+
+
+def test_the_tls_guide_names_each_services_tls_variables_in_full() -> None:
+    """docs/kubernetes.md says which variables each service sets, each one a real setting."""
+    doc = (ROOT / "docs" / "kubernetes.md").read_text()
+    reference = (ROOT / "docs" / "configuration.md").read_text()
+    tls = {
+        name
+        for service in ("auth", "inference")
+        for name, _, _ in known_variables(*SETTINGS[service])
+        if "_TLS_" in name and not name.endswith("_NAMES")
+    }
+    tls |= {"TOKENYARD_ROUTER_TLS_CERT", "TOKENYARD_ROUTER_TLS_KEY"}
+    named = set(re.findall(r"\b(TOKENYARD_[A-Z0-9_]*[A-Z0-9])\b(?![{_<])", doc))
+    assert tls <= named, sorted(tls - named)
+    assert {n for n in named if f"`{n}`" not in reference} == set()
+    assert "cert-manager" in doc and "OTLP" in doc
+    assert not re.search(r"traces and metrics by OTLP|metrics (are sent|by) OTLP", doc)
