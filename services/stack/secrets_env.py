@@ -134,6 +134,7 @@ def report(outcome: Outcome, path: Path, out: TextIO, err: TextIO) -> int:
     """Print what was done (names only); 1 when a kept secret is weak or published."""
     if outcome.filled:
         print(f"filled {', '.join(outcome.filled)} in {path} (mode 0600)", file=out)
+        print(f"{path} now holds secrets: never commit it", file=out)
     if outcome.kept:
         print(f"kept {', '.join(outcome.kept)} (already set)", file=out)
     for name in outcome.weak:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import base64
 import os
 import stat
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -106,3 +108,19 @@ def test_the_command_prints_names_never_values_and_flags_weak_secrets(
     out, err = capsys.readouterr()
     assert "POSTGRES_PASSWORD" in err and "tokenyard-dev-only" not in out + err
     assert read_env_file(env_file)["POSTGRES_PASSWORD"] == "tokenyard-dev-only"
+
+
+def test_it_runs_from_a_bare_clone_with_the_standard_library_only(env_file: Path) -> None:
+    """`python3 -m services.stack.secrets_env` needs no installed package (-S: no site)."""
+    done = subprocess.run(
+        [sys.executable, "-S", "-m", "services.stack.secrets_env", "--env-file", str(env_file)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=False,
+        env={"PATH": os.environ.get("PATH", "")},
+    )
+    assert done.returncode == 0, done.stderr
+    values = read_env_file(env_file)
+    assert all(len(values[name]) >= 43 for name in SECRET_NAMES)
+    assert not any(values[name] in done.stdout + done.stderr for name in SECRET_NAMES)
