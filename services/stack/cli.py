@@ -42,6 +42,10 @@ def register(subparsers: Any) -> None:
     _client_flags(chat)
     chat.set_defaults(handler=_chat)
 
+    from services.stack.secrets_env import register as register_compose_secrets
+
+    register_compose_secrets(subparsers)
+
 
 def _client_flags(p: argparse.ArgumentParser) -> None:
     from services.common.settings import add_flags

@@ -29,8 +29,21 @@ _Loader.add_constructor("!reset", _reset)
 
 def read_env_file(path: Path) -> dict[str, str]:
     """KEY=VALUE lines of a .env file (comments and blanks skipped)."""
+    return parse_env(path.read_text())
+
+
+def filled_env() -> dict[str, str]:
+    """The shipped .env with its empty secrets filled, as the generator would."""
+    from services.stack.secrets_env import fill_text
+
+    text, _ = fill_text((ROOT / ".env").read_text())
+    return parse_env(text)
+
+
+def parse_env(text: str) -> dict[str, str]:
+    """KEY=VALUE lines of .env text (comments and blanks skipped)."""
     out: dict[str, str] = {}
-    for raw in path.read_text().splitlines():
+    for raw in text.splitlines():
         line = raw.strip()
         if not line or line.startswith("#"):
             continue
@@ -62,8 +75,11 @@ def interpolate(value: Any, env: dict[str, str]) -> Any:
 
 
 def load_compose(*names: str, env: dict[str, str] | None = None) -> dict[str, Any]:
-    """The merged, interpolated compose model of `names` (later files override)."""
-    env = read_env_file(ROOT / ".env") if env is None else env
+    """The merged, interpolated compose model of `names` (later files override).
+
+    `env` defaults to the shipped .env with its (empty) secrets filled.
+    """
+    env = filled_env() if env is None else env
     merged: dict[str, Any] = {}
     for name in names:
         doc = yaml.load((ROOT / name).read_text(), Loader=_Loader)

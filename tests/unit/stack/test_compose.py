@@ -6,7 +6,9 @@ and the settings classes instead of being started.
 
 from __future__ import annotations
 
+import re
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 
@@ -15,7 +17,8 @@ from services.cli import build_parser
 from services.common.settings import known_variables
 from services.inference.settings import InferenceSettings
 from services.router.settings import RouterSettings
-from tests.unit.stack.compose_file import ROOT, load_compose, read_env_file
+from services.stack.secrets_env import SECRET_NAMES
+from tests.unit.stack.compose_file import ROOT, filled_env, load_compose, read_env_file
 
 OURS = {"migrate": "auth", "auth": "auth", "router": "router"}
 OURS |= {"inference-1": "inference", "inference-2": "inference"}
@@ -142,7 +145,8 @@ def test_workers_reserve_a_gpu_and_the_cpu_override_removes_it() -> None:
 def test_secrets_are_required_and_only_workers_get_torch(services: dict[str, Any]) -> None:
     with pytest.raises(KeyError, match="TOKENYARD_AUTH_KEY_PEPPER"):
         load_compose(
-            "docker-compose.yml", env={"POSTGRES_PASSWORD": "x", "TOKENYARD_SERVICE_TOKEN": "y"}
+            "docker-compose.yml",
+            env={"POSTGRES_PASSWORD": "x", "REDIS_PASSWORD": "z", "TOKENYARD_SERVICE_TOKEN": "y"},
         )
     dockerfile = (ROOT / "Dockerfile").read_text()
     service_stage = dockerfile.split("AS service", 1)[1].split("FROM ", 1)[0]
@@ -170,3 +174,106 @@ def test_the_dockerfile_copies_files_that_exist_and_are_not_docker_ignored() -> 
     for src in sources:
         assert (ROOT / src).exists(), src
         assert src not in ignored, src
+
+
+# Secure by default (security issue 12, item 14).
+PUBLISHED = {"router": 50051, "jaeger": 16686}
+
+
+def published(services: dict[str, Any]) -> dict[str, list[tuple[str, int]]]:
+    """(host address, container port) of every published port, by service."""
+    out: dict[str, list[tuple[str, int]]] = {}
+    for name, svc in services.items():
+        for port in svc.get("ports") or []:
+            parts = str(port).split(":")
+            host_ip = parts[0] if len(parts) == 3 else "0.0.0.0"  # compose's default
+            out.setdefault(name, []).append((host_ip, int(parts[-1])))
+    return out
+
+
+def test_only_the_router_and_the_jaeger_ui_are_published_on_loopback_by_default() -> None:
+    env = filled_env()
+    for bare in (env, {k: v for k, v in env.items() if not k.endswith("_BIND_ADDRESS")}):
+        ports = published(load_compose("docker-compose.yml", env=bare)["services"])
+        assert ports == {name: [("127.0.0.1", port)] for name, port in PUBLISHED.items()}
+    cpu = load_compose("docker-compose.yml", "docker-compose.cpu.yml")["services"]
+    assert set(published(cpu)) == set(PUBLISHED)
+    wide = load_compose("docker-compose.yml", env=env | {"ROUTER_BIND_ADDRESS": "0.0.0.0"})
+    assert published(wide["services"])["router"] == [("0.0.0.0", 50051)]
+    assert published(wide["services"])["jaeger"] == [("127.0.0.1", 16686)]
+
+
+def test_the_env_file_ships_every_secret_empty_and_compose_refuses_to_start_so() -> None:
+    shipped = read_env_file(ROOT / ".env")
+    assert {name: shipped.get(name) for name in SECRET_NAMES} == dict.fromkeys(SECRET_NAMES, "")
+    with pytest.raises(KeyError, match="secrets_env"):
+        load_compose("docker-compose.yml", env=shipped)
+    for name in SECRET_NAMES:
+        env = filled_env() | {name: ""}
+        with pytest.raises(KeyError, match=rf"^'{name}: empty in \.env - run python3 -m "):
+            load_compose("docker-compose.yml", env=env)
+
+
+def test_no_secret_has_a_default_anywhere_in_the_compose_files() -> None:
+    for path in sorted(ROOT.glob("docker-compose*.yml")):
+        text = path.read_text()
+        for name in SECRET_NAMES:
+            uses = re.findall(rf"\$\{{{name}(?![A-Z_])(.?.?)", text)
+            assert all(op == ":?" for op in uses), f"{path.name}: {name} used as {uses}"
+            assert not re.search(rf"(?<!\{{)\b{name}\s*[:=]\s*[^$\s]", text), f"{path.name}: {name}"
+
+
+def test_redis_requires_the_password_from_env_and_the_router_sends_it() -> None:
+    env = filled_env()
+    services = load_compose("docker-compose.yml", env=env)["services"]
+    redis, router = services["redis"], services["router"]
+    password = env["REDIS_PASSWORD"]
+    assert redis["environment"]["REDISCLI_AUTH"] == password
+    script = redis["command"][-1]
+    assert redis["command"][:2] == ["sh", "-c"]
+    assert "exec redis-server - <<EOF" in script and "requirepass ${REDISCLI_AUTH}" in script
+    url = urlsplit(router["environment"]["TOKENYARD_REDIS_URL"])
+    assert (url.scheme, url.hostname, url.port, url.password) == ("redis", "redis", 6379, password)
+    health = redis["healthcheck"]["test"]
+    assert "redis-cli ping" in " ".join(health)
+    for argv in (redis["command"], health):  # what `ps` shows
+        assert not any(password in arg or arg in ("-a", "--pass") for arg in argv)
+
+
+def test_the_quickstart_names_the_images_compose_runs() -> None:
+    doc = (ROOT / "docs" / "quickstart-compose.md").read_text()
+    services = load_compose("docker-compose.yml")["services"]
+    rows = re.findall(r"^\| (`[^|]+) \| ([^|]+) \|", doc, flags=re.MULTILINE)
+    documented = {
+        name: image.strip().strip("`")
+        for names, image in rows
+        for name in re.findall(r"`([a-z0-9-]+)`", names)
+    }
+    assert documented == {name: svc["image"] for name, svc in services.items()}
+
+
+def test_the_quickstart_runs_admin_commands_inside_the_compose_network() -> None:
+    """auth's port is not published: admin commands go through `docker compose exec`."""
+    doc = (ROOT / "docs" / "quickstart-compose.md").read_text()
+    parser = build_parser()
+    admin = re.compile(r"\btokenyard (users|roles|keys|usage|audit)\b")
+    lines = [line.strip() for line in doc.splitlines() if admin.search(line)]
+    assert lines
+    for line in lines:
+        prefix = "$ docker compose exec -e TOKENYARD_API_KEY auth tokenyard "
+        assert line.startswith(prefix), line
+        args = parser.parse_args(line.removeprefix(prefix).split("#")[0].split())
+        assert args.command in {"users", "roles", "keys", "usage", "audit"}
+
+
+def test_otlp_carries_traces_only_in_the_collector_and_the_quickstart() -> None:
+    """The services export traces by OTLP; metrics are Prometheus endpoints, scraped."""
+    import yaml
+
+    config = yaml.safe_load((ROOT / "deploy/otel/collector.yaml").read_text())
+    pipelines = config["service"]["pipelines"]
+    assert pipelines["traces"]["receivers"] == ["otlp"]
+    assert pipelines["metrics"]["receivers"] == ["prometheus"]
+    doc = (ROOT / "docs" / "quickstart-compose.md").read_text()
+    assert not re.search(r"OTLP traces and metrics|traces and metrics (by|over) OTLP", doc)
+    assert "Metrics are not exported by OTLP" in doc
