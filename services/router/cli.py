@@ -22,6 +22,7 @@ def register(subparsers: Any) -> None:
     serve.add_argument("--workers", default=None, help="comma-separated worker host:port")
     serve.add_argument("--worker-dns", default=None, help="worker DNS name:port")
     serve.add_argument("--policy", default=None, help="least_load|prefix_affinity|...")
+    serve.add_argument("--http-address", default=None, help="OpenAI-compatible HTTP host:port")
     serve.add_argument("--stream-interval", default=None, help="tokens per client message")
     serve.set_defaults(handler=_serve)
 
@@ -52,6 +53,8 @@ async def _run(settings: Any) -> None:
     try:
         await app.start()
         print(f"tokenyard router listening on {app.address}", flush=True)
+        if app.http_address is not None:
+            print(f"OpenAI-compatible HTTP API on http://{app.http_address}/v1", flush=True)
         await app.server.wait_for_stop_signal()
     finally:
         await app.stop()

@@ -1,0 +1,68 @@
+"""uvicorn inside the router's own event loop, so grpc.aio objects stay on one loop.
+
+The socket is bound before uvicorn starts, so the port is known (port 0 works)
+and reachable as soon as `start` returns; signals stay the router's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import math
+import socket
+from collections.abc import Iterator
+from typing import Any
+
+import uvicorn
+
+
+class _InLoopServer(uvicorn.Server):
+    """A uvicorn server that leaves SIGINT/SIGTERM to the process that embeds it."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+def bind(address: str) -> socket.socket:
+    """A listening TCP socket on host:port (IPv6 hosts in brackets)."""
+    host, _, port = address.rpartition(":")
+    host = host.strip("[]")
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.create_server((host, int(port)), family=family, reuse_port=False)
+    sock.setblocking(False)
+    return sock
+
+
+class HttpServer:
+    """Serves an ASGI app on one address until `stop`."""
+
+    def __init__(self, app: Any, address: str, *, grace: float) -> None:
+        self.app, self.address, self.grace = app, address, grace
+        self.port = 0
+        self._server: _InLoopServer | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> int:
+        """Bind and serve; returns the bound port."""
+        sock = bind(self.address)
+        self.port = sock.getsockname()[1]
+        config = uvicorn.Config(
+            self.app,
+            lifespan="off",
+            log_config=None,
+            log_level="warning",  # uvicorn's start/stop lines add nothing to the router's
+            access_log=False,  # our own access log carries the request id
+            server_header=False,
+            timeout_graceful_shutdown=max(math.ceil(self.grace), 1),
+        )
+        self._server = _InLoopServer(config)
+        self._task = asyncio.ensure_future(self._server.serve(sockets=[sock]))
+        return self.port
+
+    async def stop(self) -> None:
+        """Stop accepting, let running responses finish (within the grace period)."""
+        if self._server is None or self._task is None:
+            return
+        self._server.should_exit = True
+        await self._task
