@@ -45,15 +45,19 @@ def build_limits(settings: RouterSettings) -> Limits:
 def _http_server(core: RouterCore, settings: RouterSettings) -> HttpServer:
     """The OpenAI-compatible HTTP API over the same core as gRPC."""
     from services.router.openai_api.app import HttpOptions, build_app
-    from services.router.openai_api.server import HttpServer
+    from services.router.openai_api.server import HttpServer, Tls
 
     assert settings.http_address is not None
+    server = settings.server
+    tls = None
+    if server.tls_cert is not None and server.tls_key is not None:
+        tls = Tls(server.tls_cert, server.tls_key, server.tls_client_ca)
     options = HttpOptions(
         force_usage=settings.http_include_usage,
         max_body_bytes=settings.server.max_message_bytes,
     )
-    grace = settings.server.grace_period
-    return HttpServer(build_app(core, options), settings.http_address, grace=grace)
+    app = build_app(core, options)
+    return HttpServer(app, settings.http_address, grace=server.grace_period, tls=tls)
 
 
 class RouterApp:

@@ -25,6 +25,7 @@ def register(subparsers: Any) -> None:
     up.add_argument("--model-name", help="name clients use for the model")
     up.add_argument("--host", help="address every service binds (default 127.0.0.1)")
     up.add_argument("--port", help="router port (default 50051)")
+    up.add_argument("--http-port", help="router's OpenAI-compatible HTTP port (default 8000)")
     up.add_argument("--auth-port", help="auth port (default 50052)")
     up.add_argument("--worker-port", help="first worker's port (default 50061)")
     up.add_argument("--metrics-port", help="first Prometheus port (router, auth, workers)")

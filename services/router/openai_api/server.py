@@ -1,7 +1,8 @@
 """uvicorn inside the router's own event loop, so grpc.aio objects stay on one loop.
 
 The socket is bound before uvicorn starts, so the port is known (port 0 works)
-and reachable as soon as `start` returns; signals stay the router's.
+and reachable as soon as `start` returns; signals stay the router's. TLS follows
+the router's public port settings (TOKENYARD_ROUTER_TLS_CERT/KEY/CLIENT_CA).
 """
 
 from __future__ import annotations
@@ -10,10 +11,22 @@ import asyncio
 import contextlib
 import math
 import socket
+import ssl
 from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import uvicorn
+
+
+@dataclass(frozen=True)
+class Tls:
+    """The router's public certificate, key and (mutual TLS) client CA."""
+
+    cert: Path
+    key: Path
+    client_ca: Path | None = None
 
 
 class _InLoopServer(uvicorn.Server):
@@ -37,8 +50,8 @@ def bind(address: str) -> socket.socket:
 class HttpServer:
     """Serves an ASGI app on one address until `stop`."""
 
-    def __init__(self, app: Any, address: str, *, grace: float) -> None:
-        self.app, self.address, self.grace = app, address, grace
+    def __init__(self, app: Any, address: str, *, grace: float, tls: Tls | None = None) -> None:
+        self.app, self.address, self.grace, self.tls = app, address, grace, tls
         self.port = 0
         self._server: _InLoopServer | None = None
         self._task: asyncio.Task[None] | None = None
@@ -47,8 +60,14 @@ class HttpServer:
         """Bind and serve; returns the bound port."""
         sock = bind(self.address)
         self.port = sock.getsockname()[1]
+        tls: dict[str, Any] = {}
+        if self.tls is not None:
+            tls = {"ssl_certfile": str(self.tls.cert), "ssl_keyfile": str(self.tls.key)}
+            if self.tls.client_ca is not None:
+                tls.update(ssl_ca_certs=str(self.tls.client_ca), ssl_cert_reqs=ssl.CERT_REQUIRED)
         config = uvicorn.Config(
             self.app,
+            **tls,
             lifespan="off",
             log_config=None,
             log_level="warning",  # uvicorn's start/stop lines add nothing to the router's
