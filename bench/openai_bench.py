@@ -22,7 +22,7 @@ import json
 import os
 import sys
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import suppress
 from pathlib import Path
 from typing import Any
@@ -39,6 +39,7 @@ from tokenyard.inference.v1 import worker_service_pb2_grpc as wrk_grpc  # noqa: 
 from bench.router_bench import (  # noqa: E402
     KEY,
     PY,
+    STREAM,
     TOKENYARD,
     Procs,
     Result,
@@ -51,7 +52,6 @@ from bench.router_bench import (  # noqa: E402
     start_auth,
     start_router,
     wait_serving,
-    workload,
 )
 
 MakeBody = Callable[[int, int], dict[str, Any]]
@@ -79,6 +79,8 @@ class SseConnection:
         done = False
         try:
             status = await reader.readline()
+            if b" 429 " in status:
+                raise Full
             if b" 200 " not in status:
                 raise RuntimeError(f"HTTP {status!r}")
             while await reader.readline() != b"\r\n":
@@ -107,34 +109,40 @@ class SseConnection:
         self.reader = self.writer = None
 
 
-async def http_workload(
-    port: int, concurrency: int, seconds: float, make_body: MakeBody, *, pid: int | None = None
+class Full(Exception):
+    """The router answered "every worker is full" (429 / RESOURCE_EXHAUSTED)."""
+
+
+# One stream: (client index, request number, counts) -> None; counts first-token time
+# in counts["ttft"] and tokens in counts["tokens"]; raises Full when refused for load.
+OneStream = Callable[[int, int, dict[str, Any]], Awaitable[None]]
+
+
+async def run_windows(
+    concurrency: int,
+    seconds: float,
+    one: OneStream,
+    *,
+    pid: int | None,
+    worker: str | None,
 ) -> Result:
-    """As router_bench's gRPC `workload`, over /v1/completions with include_usage."""
-    counts = {"messages": 0, "tokens": 0}
-    ttfts: list[float] = []
+    """`concurrency` clients streaming back to back; a warm-up window, then the measured one.
+
+    Streams cut by a window's end are cancelled; the worker is let drain them before
+    the measured window (the real model takes a while to free 64 cancelled sequences),
+    and a refusal for load is retried after a short pause rather than ending a client.
+    """
+    counts: dict[str, Any] = {"messages": 0, "tokens": 0, "ttfts": [], "full": 0}
 
     async def client(i: int) -> None:
-        conn = SseConnection(port)
         n = 0
-        try:
-            while True:
-                body = json.dumps(make_body(i, n)).encode()
-                n += 1
-                sent = time.perf_counter()
-                chunks = 0
-                async for data in conn.events("/v1/completions", body):
-                    if chunks == 0:
-                        ttfts.append(time.perf_counter() - sent)
-                    if b'"usage"' in data and b'"choices":[]' in data:
-                        # The stream completed: count its tokens exactly.
-                        counts["tokens"] += json.loads(data)["usage"]["completion_tokens"] - chunks
-                        continue
-                    chunks += 1
-                    counts["messages"] += 1
-                    counts["tokens"] += 1
-        finally:
-            conn.close()
+        while True:
+            n += 1
+            try:
+                await one(i, n, counts)
+            except Full:
+                counts["full"] += 1
+                await asyncio.sleep(0.05)
 
     async def window(length: float) -> float:
         tasks = [asyncio.create_task(client(i)) for i in range(concurrency)]
@@ -143,16 +151,67 @@ async def http_workload(
         elapsed = time.monotonic() - start
         for task in tasks:
             task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        for result in await asyncio.gather(*tasks, return_exceptions=True):
+            if not isinstance(result, asyncio.CancelledError):
+                raise RuntimeError(f"a client failed: {result!r}")
         return elapsed
 
-    await window(min(1.0, seconds / 3))
-    counts.update(messages=0, tokens=0)
-    ttfts.clear()
+    await window(min(1.0, seconds / 3))  # connections, the router's auth cache
+    if worker:
+        await idle(worker)
+    counts.update(messages=0, tokens=0, ttfts=[], full=0)
     cpu0 = cpu_seconds(pid) if pid else 0.0
     elapsed = await window(seconds)
     cpu = cpu_seconds(pid) - cpu0 if pid else None
-    return Result(counts["messages"], counts["tokens"], elapsed, ttfts, cpu)
+    if counts["full"]:
+        print(f"  ({counts['full']} refusals for load retried)", flush=True)
+    return Result(counts["messages"], counts["tokens"], elapsed, counts["ttfts"], cpu)
+
+
+def grpc_stream(channel: grpc.aio.Channel, make: Callable[[int, int], bytes]) -> OneStream:
+    """StreamGenerate through the router, bytes in and out."""
+    stream = channel.unary_stream(STREAM)
+    parse = gen.StreamGenerateResponse.FromString
+    md = (("authorization", f"Bearer {KEY}"),)
+
+    async def one(i: int, n: int, counts: dict[str, Any]) -> None:
+        sent = time.perf_counter()
+        first = True
+        try:
+            async for raw in stream(make(i, n), metadata=md):
+                if first:
+                    counts["ttfts"].append(time.perf_counter() - sent)
+                    first = False
+                counts["messages"] += 1
+                counts["tokens"] += len(parse(raw).token_ids)
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
+                raise Full from None
+            raise
+
+    return one
+
+
+def http_stream(port: int, make: Callable[[int, int], bytes]) -> OneStream:
+    """/v1/completions with include_usage, one keep-alive connection per client."""
+    conns: dict[int, SseConnection] = {}
+
+    async def one(i: int, n: int, counts: dict[str, Any]) -> None:
+        conn = conns.setdefault(i, SseConnection(port))
+        sent = time.perf_counter()
+        chunks = 0
+        async for data in conn.events("/v1/completions", make(i, n)):
+            if chunks == 0:
+                counts["ttfts"].append(time.perf_counter() - sent)
+            if data.startswith(b'{"id"') and b'"choices":[]' in data:
+                # The usage chunk: the stream's exact token count (chunks may merge tokens).
+                counts["tokens"] += json.loads(data)["usage"]["completion_tokens"] - chunks
+                continue
+            chunks += 1
+            counts["messages"] += 1
+            counts["tokens"] += 1
+
+    return one
 
 
 async def compare(
@@ -176,6 +235,9 @@ async def compare(
         }  # fmt: skip
 
     md = (("authorization", f"Bearer {KEY}"),)
+    channel = grpc.aio.insecure_channel(router)
+    via_grpc = grpc_stream(channel, lambda i, n: grpc_req(i, n).SerializeToString())
+    via_http = http_stream(http_port, lambda i, n: json.dumps(http_body(i, n)).encode())
     print(f"\n## {title}")
     print(
         "| conc | gRPC tok/s | HTTP tok/s | HTTP/gRPC (pair range) | TTFT p50 gRPC/HTTP ms "
@@ -186,12 +248,10 @@ async def compare(
         grpcs: list[Result] = []
         https: list[Result] = []
         for _ in range(args.reps):
-            if worker:
-                await idle(worker)
-            grpcs.append(await workload(router, conc, args.seconds, grpc_req, metadata=md, pid=pid))
-            if worker:
-                await idle(worker)
-            https.append(await http_workload(http_port, conc, args.seconds, http_body, pid=pid))
+            for results, one in ((grpcs, via_grpc), (https, via_http)):
+                if worker:
+                    await idle(worker)
+                results.append(await run_windows(conc, args.seconds, one, pid=pid, worker=worker))
         g, h = merged(grpcs), merged(https)
         g_cpu = sum(r.cpu or 0 for r in grpcs) / max(g.tokens, 1) * 1e6
         h_cpu = sum(r.cpu or 0 for r in https) / max(h.tokens, 1) * 1e6
@@ -203,24 +263,27 @@ async def compare(
             f"| {g_cpu:.1f} / {h_cpu:.1f} |",
             flush=True,
         )
+    await channel.close()
+    if worker:
+        await idle(worker)
     # Added TTFT: alternating single requests (max_tokens=1), one at a time.
     added: list[float] = []
     conn = SseConnection(http_port)
     async with grpc.aio.insecure_channel(router) as channel:
-        stream = channel.unary_stream("/tokenyard.generation.v1.GenerationService/StreamGenerate")
+        stream = channel.unary_stream(STREAM)
         for n in range(args.ttft_samples):
             req = grpc_req(0, n)
             req.sampling.max_tokens = 1
+            grpc_at: list[float] = []
             start = time.perf_counter()
             async for _ in stream(req.SerializeToString(), metadata=md):
-                break
-            via_grpc = time.perf_counter() - start
+                grpc_at.append(time.perf_counter() - start)
             body = {**http_body(0, n), "max_tokens": 1}
+            http_at: list[float] = []
             start = time.perf_counter()
             async for _ in conn.events("/v1/completions", json.dumps(body).encode()):
-                via_http = time.perf_counter() - start
-                break
-            added.append(via_http - via_grpc)
+                http_at.append(time.perf_counter() - start)  # read it all: keep-alive reuse
+            added.append(http_at[0] - grpc_at[0])
     conn.close()
     print(
         f"\nTTFT HTTP minus gRPC over {len(added)} alternating single requests: "
