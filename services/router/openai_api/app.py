@@ -98,6 +98,7 @@ class _Api:
         try:
             return await handler(request)
         except TokenyardError as exc:
+            request.state.reason = exc.reason
             status, body = error_body(exc, exc.field)
             headers = {"x-request-id": request_id, **retry_headers(exc)}
             return JSONResponse(body, status, headers=headers)
@@ -211,7 +212,10 @@ class _Call(Response):
                     await response(scope, receive, send)
                 finally:
                     if isinstance(response, _GenerationResponse):
-                        status = response.generation.outcome.status
+                        outcome = response.generation.outcome
+                        status = outcome.status
+                        if outcome.error is not None:
+                            request.state.reason = outcome.error.reason
                     span.set_attribute("http.response.status_code", status)
         finally:
             _access(self.route, request, status, start)
@@ -234,6 +238,7 @@ def _access(route: str, request: Request, status: int, start: float) -> None:
             "method": f"http.{route}",
             "protocol": "http",
             "code": status,
+            "reason": getattr(request.state, "reason", ""),
             "duration_ms": round(elapsed * 1000, 3),
             "peer": f"{client.host}:{client.port}" if client else "",
             "request_id": request_id_var.get(),

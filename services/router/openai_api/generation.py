@@ -11,7 +11,6 @@ the tokens sent are billed).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import time
@@ -97,8 +96,9 @@ class Generation:
             if not run.done():
                 self.outcome.status = 499  # the client went away: the generation is cancelled
                 run.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await run
+                await asyncio.wait({run})
+        if not run.cancelled():
+            run.result()  # a failure other than a domain error goes up to the server
 
     async def _run(self, send: Send) -> None:
         try:

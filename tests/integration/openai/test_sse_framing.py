@@ -38,7 +38,11 @@ def test_chat_stream_framing_role_usage_done_and_request_id(auth: Auth, launcher
     user = make_user(auth.proc, auth.admin)
     # The server setting forces the usage chunk on although the client did not ask.
     router = http_router(
-        launcher, auth.proc, [launcher.fake_worker()], TOKENYARD_ROUTER_HTTP_INCLUDE_USAGE="true"
+        launcher,
+        auth.proc,
+        [launcher.fake_worker()],
+        TOKENYARD_ROUTER_HTTP_INCLUDE_USAGE="true",
+        TOKENYARD_LOG_LEVEL="info",
     )
     body = {
         "model": MODEL,
@@ -61,6 +65,14 @@ def test_chat_stream_framing_role_usage_done_and_request_id(auth: Auth, launcher
     assert reasons[-1] == "length" and set(reasons[:-1]) == {None}
     assert chunks[-1]["choices"] == []
     assert chunks[-1]["usage"]["completion_tokens"] == 3
+    # One access line with the caller's request id, labelled http; never the key.
+    router.proc.stop()
+    log = router.proc.output()
+    access = [json.loads(x) for x in log.splitlines() if '"tokenyard.access"' in x]
+    [line] = [a for a in access if a.get("protocol") == "http"]
+    assert line["request_id"] == "abc-1" and line["code"] == 200
+    assert line["method"] == "http.chat"
+    assert user.key not in log
 
 
 def test_an_error_after_the_stream_started_is_an_error_event_then_done(
