@@ -246,6 +246,28 @@ async def test_a_client_leaving_mid_stream_frees_its_slot_and_is_billed(
     assert received <= cut < 2000
 
 
+async def test_a_client_giving_up_on_a_whole_reply_cancels_the_generation(
+    auth: Auth, launcher: Launcher
+) -> None:
+    user = make_user(auth.proc, auth.admin)
+    worker = launcher.fake_worker("--token-delay", "0.05")
+    router = http_router(launcher, auth.proc, [worker])
+    client = router.async_client(user.key)
+    with pytest.raises(openai.APITimeoutError):
+        await client.completions.create(
+            model=MODEL, prompt="too long to wait for", max_tokens=2000, timeout=1.0
+        )
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 20  # the generation would run 100 s if nobody cancelled it
+    running = await running_on_router(router.proc.address, user.key)
+    while running and loop.time() < deadline:
+        await asyncio.sleep(0.05)
+        running = await running_on_router(router.proc.address, user.key)
+    assert running == 0
+    recorded = await ledger(auth, user.user_id, requests=1)
+    assert recorded.total_requests == 1 and 0 < recorded.total_completion_tokens < 2000
+
+
 def test_a_worker_dying_mid_stream_is_invisible_to_the_client(
     auth: Auth, launcher: Launcher
 ) -> None:

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import json
 import shutil
+import signal
 import subprocess
+import urllib.error
+import urllib.request
 from typing import Any
 
 import pytest
@@ -101,3 +104,40 @@ def test_an_error_before_the_first_token_is_a_real_status_with_the_envelope(
     head, raw = curl(f"{router.base_url}/completions", "ty_sk_wrong", body)
     assert head.startswith("HTTP/1.1 401")
     assert json.loads(raw)["error"]["type"] == "authentication_error"
+
+
+def test_health_and_unknown_routes(auth: Auth, launcher: Launcher) -> None:
+    router = http_router(launcher, auth.proc, [launcher.fake_worker()])
+    root = router.base_url.removesuffix("/v1")
+    with urllib.request.urlopen(f"{root}/health", timeout=10) as reply:
+        assert reply.status == 200 and json.loads(reply.read()) == {"status": "ok"}
+    with pytest.raises(urllib.error.HTTPError) as info:
+        urllib.request.urlopen(f"{root}/v1/embeddings", timeout=10)
+    assert info.value.code == 404
+    assert json.loads(info.value.read())["error"]["code"] == "not_found"
+
+
+def test_sigterm_lets_a_running_http_stream_finish(auth: Auth, launcher: Launcher) -> None:
+    user = make_user(auth.proc, auth.admin)
+    worker = launcher.fake_worker("--token-delay", "0.02")
+    router = http_router(launcher, auth.proc, [worker])
+    body = {"model": MODEL, "prompt": "finish me", "max_tokens": 100, "stream": True}
+    args = [
+        "curl",
+        "-sS",
+        "-N",
+        f"{router.base_url}/completions",
+        "-H",
+        "Content-Type: application/json",
+    ]
+    args += ["-H", f"Authorization: Bearer {user.key}", "--data-binary", json.dumps(body)]
+    with subprocess.Popen(args, stdout=subprocess.PIPE) as curl_proc:
+        assert curl_proc.stdout is not None
+        assert curl_proc.stdout.readline().startswith(b"data: ")  # streaming has begun
+        router.proc.signal(signal.SIGTERM)  # 100 tokens take 2 s; the grace period is 10 s
+        raw = curl_proc.stdout.read().decode()
+    assert router.proc.popen.wait(30) == 0
+    data = events(raw.lstrip("\n"))  # the end of the event read above
+    assert data[-1] == "[DONE]"
+    texts = [json.loads(d)["choices"][0]["text"] for d in data[:-1]]
+    assert len("".join(texts).split()) == 99  # the first line was read above
