@@ -4,6 +4,7 @@ a second start reusing the state. Tests run in file order."""
 
 from __future__ import annotations
 
+import ssl
 import stat
 import time
 import urllib.request
@@ -244,6 +245,14 @@ def test_a_second_start_reuses_the_key_and_runs_over_tls(
             env={"TOKENYARD_API_KEY": key},
         )  # fmt: skip
         assert plain.returncode == 1 and "UNAVAILABLE" in plain.stderr
+        # The OpenAI-compatible HTTP API is served over TLS too.
+        https = f"https://127.0.0.1:{second.http_port}"
+        assert f"export OPENAI_BASE_URL={https}/v1" in second.output
+        trusted = ssl.create_default_context(cafile=ca)
+        with urllib.request.urlopen(f"{https}/health", context=trusted, timeout=10) as reply:
+            assert reply.status == 200
+        with pytest.raises(OSError):  # plain HTTP is refused by the TLS handshake
+            urllib.request.urlopen(f"http://127.0.0.1:{second.http_port}/health", timeout=10)
 
         worker, auth = f"127.0.0.1:{second.worker_port}", f"127.0.0.1:{second.auth_port}"
         as_router = [
