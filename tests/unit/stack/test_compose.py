@@ -86,6 +86,8 @@ def test_ports_and_addresses_agree(services: dict[str, Any]) -> None:
     assert workers == expected
     router_port = port_of(router, "router", 50051)
     assert any(str(p).endswith(f":{router_port}") for p in router["ports"])
+    http_port = router["environment"]["TOKENYARD_ROUTER_HTTP_ADDRESS"].rpartition(":")[2]
+    assert any(str(p).endswith(f":{http_port}") for p in router["ports"])
     for name, kind in OURS.items():
         if name == "migrate":
             continue
