@@ -8,8 +8,8 @@ signal handling and the order of shutdown are the same for all three.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Awaitable, Callable, Iterator
-from typing import Protocol
+from collections.abc import Awaitable, Callable, Iterable, Iterator
+from typing import Protocol, TypeVar
 
 from services.common.config import ObservabilitySettings, ServerSettings
 from services.common.server import GrpcServer
@@ -26,6 +26,9 @@ class ServiceApp(Protocol):
     async def start(self) -> int: ...
 
     async def stop(self, grace: float | None = None) -> None: ...
+
+
+A = TypeVar("A", bound=ServiceApp)
 
 
 def observe(service: str, obs: ObservabilitySettings) -> None:
@@ -56,11 +59,13 @@ def metrics_endpoint(server: ServerSettings) -> Iterator[None]:
 async def serve(
     service: str,
     server: ServerSettings,
-    make_app: Callable[[], Awaitable[ServiceApp]],
+    make_app: Callable[[], Awaitable[A]],
+    also: Callable[[A], Iterable[str]] = lambda _app: (),
 ) -> None:
     """Build the app, serve until SIGTERM/SIGINT, stop gracefully; always flush telemetry.
 
-    `observe()` must have run first (building the app may log).
+    `observe()` must have run first (building the app may log). Once serving it
+    prints where it listens, then the lines `also(app)` gives (other endpoints).
     """
     from services.common.telemetry import shutdown_telemetry
 
@@ -70,6 +75,8 @@ async def serve(
             try:
                 await app.start()
                 print(f"tokenyard {service} listening on {app.address}", flush=True)
+                for line in also(app):
+                    print(line, flush=True)
                 await app.server.wait_for_stop_signal()
             finally:
                 await app.stop()

@@ -8,7 +8,9 @@ await app.stop()              # graceful: streams finish, usage flushed
 
 from __future__ import annotations
 
+import asyncio
 import logging
+from typing import TYPE_CHECKING
 
 from services.common.channels import internal_channel
 from services.common.server import GrpcServer
@@ -20,6 +22,9 @@ from services.router.servicer import SERVICE_NAME, RouterServicer, add_router_se
 from services.router.settings import RouterSettings
 from services.router.usage import UsageReporter
 from services.router.workers import PoolSettings, WorkerPool
+
+if TYPE_CHECKING:
+    from services.router.openai_api.server import HttpServer
 
 log = logging.getLogger("tokenyard.router")
 
@@ -33,6 +38,24 @@ def build_limits(settings: RouterSettings) -> Limits:
             settings.redis_url, prefix=settings.redis_prefix, lease=settings.slot_lease
         )
     return LocalLimits()
+
+
+def _http_server(core: RouterCore, settings: RouterSettings) -> HttpServer:
+    """The OpenAI-compatible HTTP API over the same core as gRPC."""
+    from services.router.openai_api.app import HttpOptions, build_app
+    from services.router.openai_api.server import HttpServer, Tls
+
+    assert settings.http_address is not None
+    server = settings.server
+    tls = None
+    if server.tls_cert is not None and server.tls_key is not None:
+        tls = Tls(server.tls_cert, server.tls_key, server.tls_client_ca)
+    options = HttpOptions(
+        force_usage=settings.http_include_usage,
+        max_body_bytes=settings.server.max_message_bytes,
+    )
+    app = build_app(core, options)
+    return HttpServer(app, settings.http_address, grace=server.grace_period, tls=tls)
 
 
 class RouterApp:
@@ -81,6 +104,9 @@ class RouterApp:
         self.server = GrpcServer(settings.server)
         self.server.add(add_router_servicer, RouterServicer(self.core), SERVICE_NAME)
         self.port = 0
+        self.http: HttpServer | None = None
+        if settings.http_address is not None:
+            self.http = _http_server(self.core, settings)
 
     @property
     def address(self) -> str:
@@ -96,12 +122,24 @@ class RouterApp:
         # SERVING once each worker answered or failed its first contact (bounded), so a
         # load balancer does not send traffic to a router that knows no worker yet.
         await self.pool.wait_settled(self.settings.ready_timeout)
+        if self.http is not None:
+            await self.http.start()
         await self.server.set_serving(True)
         return self.port
 
+    @property
+    def http_address(self) -> str | None:
+        """host:port of the OpenAI-compatible HTTP API, when it is on."""
+        if self.http is None:
+            return None
+        return f"{self.http.address.rpartition(':')[0]}:{self.http.port}"
+
     async def stop(self, grace: float | None = None) -> None:
         """Stop taking calls, let running streams finish, flush usage, close channels."""
-        await self.server.stop(grace)
+        if self.http is None:
+            await self.server.stop(grace)
+        else:
+            await asyncio.gather(self.server.stop(grace), self.http.stop())
         await self.core.drain_background()
         await self.usage.close()
         await self.auth.close()

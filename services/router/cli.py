@@ -42,4 +42,9 @@ async def _run(settings: Any) -> None:
     async def make() -> RouterApp:
         return RouterApp(settings)
 
-    await serve("router", settings.server, make)
+    def http(app: RouterApp) -> list[str]:
+        if app.http_address is None:
+            return []
+        return [f"OpenAI-compatible HTTP API on http://{app.http_address}/v1"]
+
+    await serve("router", settings.server, make, http)

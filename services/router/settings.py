@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from services.common.config import InternalSettings, ObservabilitySettings, ServerSettings
 from services.common.settings import (
     parse_address,
+    parse_bool,
     parse_choice,
     parse_list,
     parse_non_negative_float,
@@ -192,6 +193,20 @@ class RouterSettings:
         parse_non_negative_float,
         default=10.0,
         help="Longest wait at start for the workers' first answers before health SERVING.",
+    )
+    http_address: str | None = setting(
+        "TOKENYARD_{service}_HTTP_ADDRESS",
+        parse_address,
+        default=None,
+        flag="--http-address",
+        help="host:port of the OpenAI-compatible HTTP API (/v1/chat/completions...); unset: off.",
+    )
+    http_include_usage: bool = setting(
+        "TOKENYARD_{service}_HTTP_INCLUDE_USAGE",
+        parse_bool,
+        default=False,
+        help="Every streamed HTTP response ends with a usage chunk, as if the client "
+        "asked for it (stream_options.include_usage), for billing by a gateway in front.",
     )
     max_attempts: int = setting(
         "TOKENYARD_{service}_MAX_ATTEMPTS",

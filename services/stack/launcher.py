@@ -102,6 +102,13 @@ class Layout:
         return self.address(self.settings.port)
 
     @property
+    def http(self) -> str:
+        """host:port of the router's OpenAI-compatible HTTP API."""
+        host = self.connect_host
+        host = f"[{host}]" if ":" in host else host
+        return f"{host}:{self.settings.http_port}"
+
+    @property
     def auth(self) -> str:
         return self.address(self.settings.auth_port)
 
@@ -189,6 +196,7 @@ def plan(settings: StackSettings, state: StateDir, tls: Tls | None) -> list[Chil
         TOKENYARD_ROUTER_PORT=str(settings.port),
         TOKENYARD_ROUTER_AUTH_ADDRESS=layout.auth,
         TOKENYARD_ROUTER_WORKERS=",".join(layout.address(p) for p in layout.worker_ports()),
+        TOKENYARD_ROUTER_HTTP_ADDRESS=_host_port(settings.host, settings.http_port),
     )
     env.pop("TOKENYARD_ROUTER_WORKER_DNS", None)
     if settings.redis_url:
@@ -216,6 +224,10 @@ def refuse_overridden(environ: Mapping[str, str], specs: list[ChildSpec]) -> Non
                     f"{name}: `tokenyard up` sets this itself for its {spec.name} service; "
                     "unset it and use `tokenyard up`'s flags (see tokenyard up --help)"
                 )
+
+
+def _host_port(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def _plaintext() -> grpc.ChannelCredentials | None:
@@ -267,6 +279,11 @@ def banner(
         "Stream tokens:",
         "",
         f'    tokenyard generate{address}{tls_flag} --model {model} "Write a haiku about gRPC"',
+        "",
+        "Or any OpenAI client (docs/openai.md):",
+        "",
+        f"    export OPENAI_BASE_URL={'https' if tls else 'http'}://{layout.http}/v1",
+        f"    export OPENAI_API_KEY=$(cat {key_file})",
         "",
         "Press Ctrl-C to stop.",
         "",

@@ -52,6 +52,13 @@ class StackSettings:
     port: int = setting(
         "TOKENYARD_UP_PORT", parse_port, default=50051, flag="--port", help="The router's port."
     )
+    http_port: int = setting(
+        "TOKENYARD_UP_HTTP_PORT",
+        parse_port,
+        default=8000,
+        flag="--http-port",
+        help="Port of the router's OpenAI-compatible HTTP API (base URL http://host:port/v1).",
+    )
     auth_port: int = setting(
         "TOKENYARD_UP_AUTH_PORT", parse_port, default=50052, flag="--auth-port", help="Auth's port."
     )

@@ -1,4 +1,5 @@
-"""The Node.js client (clients/node) against a real stack: list, stream, cancel, errors."""
+"""The Node.js clients (clients/node) against a real stack: list, stream, cancel, errors,
+over gRPC (client.mjs) and over the OpenAI-compatible HTTP API (openai-http.mjs)."""
 
 from __future__ import annotations
 
@@ -67,3 +68,27 @@ def test_node_client_lists_streams_cancels_and_reads_error_details(
     assert key not in done.stdout + done.stderr
     # The cancelled stream reached the worker as a cancellation, not a finished generation.
     stack.wait_for("GenerationService/StreamGenerate CANCELLED", timeout=10)
+
+
+def test_node_openai_package_streams_over_http_and_reads_errors(
+    node_client: Path, stack: StackProcess
+) -> None:
+    key = (stack.state_dir / "demo-key").read_text().strip()
+    env = dict(
+        os.environ,
+        OPENAI_API_KEY=key,
+        OPENAI_BASE_URL=f"http://127.0.0.1:{stack.http_port}/v1",
+    )
+    done = subprocess.run(
+        ["node", str(node_client.with_name("openai-http.mjs")), "--model", "tiny",
+         "--max-tokens", "5"],
+        capture_output=True, text=True, env=env, timeout=60, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert "models: tiny" in lines
+    assert "completion_tokens=5" in done.stdout
+    assert any(line.startswith("role=assistant finish_reason=length") for line in lines)
+    assert "rejected (bad key): 401 AuthenticationError param=null" in lines
+    assert "rejected (bad temperature): 400 BadRequestError param=temperature" in lines
+    assert key not in done.stdout + done.stderr

@@ -29,7 +29,7 @@ class StackProcess:
         env: dict[str, str] | None = None,
     ) -> None:
         self.state_dir = state_dir
-        self.port, self.auth_port = free_port(), free_port()
+        self.port, self.auth_port, self.http_port = free_port(), free_port(), free_port()
         self.worker_port = _free_run(workers)
         self.metrics_port = _free_run(2 + workers)
         self.workers = workers
@@ -38,6 +38,7 @@ class StackProcess:
             "--state-dir", str(state_dir), "--model", str(model), "--model-name", "tiny",
             "--workers", str(workers), "--port", str(self.port),
             "--auth-port", str(self.auth_port), "--worker-port", str(self.worker_port),
+            "--http-port", str(self.http_port),
             "--metrics-port", str(self.metrics_port), "--threads", "1", "--max-restarts", "2",
             *extra,
         ]  # fmt: skip

@@ -4,12 +4,14 @@ a second start reusing the state. Tests run in file order."""
 
 from __future__ import annotations
 
+import ssl
 import stat
 import time
 import urllib.request
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -142,6 +144,59 @@ def test_every_service_serves_prometheus_metrics(stack: StackProcess) -> None:
         assert "tokenyard_grpc_requests_total" in text, url
 
 
+def test_the_printed_openai_base_url_serves_the_model_to_the_official_client(
+    stack: StackProcess, sink: OtlpSink
+) -> None:
+    import grpc
+    import openai
+    from tokenyard.generation.v1 import generation_service_pb2 as gen
+    from tokenyard.generation.v1 import generation_service_pb2_grpc as gen_grpc
+
+    base_url = f"http://127.0.0.1:{stack.http_port}/v1"
+    assert f"export OPENAI_BASE_URL={base_url}" in stack.output
+    key = (stack.state_dir / "demo-key").read_text().strip()
+    messages: list[Any] = [{"role": "user", "content": "Say something"}]
+    with openai.OpenAI(base_url=base_url, api_key=key, max_retries=0, timeout=60) as client:
+        assert [m.id for m in client.models.list()] == ["tiny"]
+        chunks = list(
+            client.chat.completions.create(
+                model="tiny", messages=messages, max_tokens=6, temperature=0,
+                logprobs=True, top_logprobs=2, stream=True, stream_options={"include_usage": True},
+                extra_body={"ignore_eos": True},
+            )
+        )  # fmt: skip
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    entries = [
+        e
+        for c in chunks
+        if c.choices and c.choices[0].logprobs
+        for e in c.choices[0].logprobs.content or []
+    ]
+    assert len(entries) == 6 and all(len(e.top_logprobs) == 2 for e in entries)
+    usage = chunks[-1].usage
+    assert chunks[-1].choices == [] and usage is not None and usage.completion_tokens == 6
+
+    request = gen.StreamGenerateRequest(model="tiny")
+    request.messages.messages.append(gen.ChatMessage(role="user", content="Say something"))
+    request.sampling.max_tokens, request.sampling.temperature = 6, 0
+    request.sampling.ignore_eos = True
+    with grpc.insecure_channel(stack.address) as channel:
+        stub = gen_grpc.GenerationServiceStub(channel)
+        replies = list(stub.StreamGenerate(request, metadata=(("authorization", f"Bearer {key}"),)))
+    assert text == "".join(r.text for r in replies)  # greedy: the same text both ways
+    assert usage.prompt_tokens == replies[-1].usage.prompt_tokens
+    # The HTTP request's span and the worker's share one trace.
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        http = {s.trace_id for s in sink.spans() if s.name == "HTTP chat"}
+        worker = {s.trace_id for s in sink.spans() if s.service == "tokenyard-inference"}
+        if http & worker:
+            break
+        time.sleep(0.3)
+    assert http & worker
+
+
 def test_a_killed_worker_is_restarted_and_the_stack_keeps_serving(stack: StackProcess) -> None:
     import os
     import signal
@@ -190,6 +245,14 @@ def test_a_second_start_reuses_the_key_and_runs_over_tls(
             env={"TOKENYARD_API_KEY": key},
         )  # fmt: skip
         assert plain.returncode == 1 and "UNAVAILABLE" in plain.stderr
+        # The OpenAI-compatible HTTP API is served over TLS too.
+        https = f"https://127.0.0.1:{second.http_port}"
+        assert f"export OPENAI_BASE_URL={https}/v1" in second.output
+        trusted = ssl.create_default_context(cafile=ca)
+        with urllib.request.urlopen(f"{https}/health", context=trusted, timeout=10) as reply:
+            assert reply.status == 200
+        with pytest.raises(OSError):  # plain HTTP is refused by the TLS handshake
+            urllib.request.urlopen(f"http://127.0.0.1:{second.http_port}/health", timeout=10)
 
         worker, auth = f"127.0.0.1:{second.worker_port}", f"127.0.0.1:{second.auth_port}"
         as_router = [

@@ -89,6 +89,8 @@ def test_ports_and_addresses_agree(services: dict[str, Any]) -> None:
     assert workers == expected
     router_port = port_of(router, "router", 50051)
     assert any(str(p).endswith(f":{router_port}") for p in router["ports"])
+    http_port = router["environment"]["TOKENYARD_ROUTER_HTTP_ADDRESS"].rpartition(":")[2]
+    assert any(str(p).endswith(f":{http_port}") for p in router["ports"])
     for name, kind in OURS.items():
         if name == "migrate":
             continue
@@ -176,8 +178,8 @@ def test_the_dockerfile_copies_files_that_exist_and_are_not_docker_ignored() -> 
         assert src not in ignored, src
 
 
-# Secure by default (security issue 12, item 14).
-PUBLISHED = {"router": 50051, "jaeger": 16686}
+# Secure by default (security issue 12, item 14): the router's gRPC and HTTP ports.
+PUBLISHED = {"router": [50051, 8000], "jaeger": [16686]}
 
 
 def published(services: dict[str, Any]) -> dict[str, list[tuple[str, int]]]:
@@ -195,11 +197,13 @@ def test_only_the_router_and_the_jaeger_ui_are_published_on_loopback_by_default(
     env = filled_env()
     for bare in (env, {k: v for k, v in env.items() if not k.endswith("_BIND_ADDRESS")}):
         ports = published(load_compose("docker-compose.yml", env=bare)["services"])
-        assert ports == {name: [("127.0.0.1", port)] for name, port in PUBLISHED.items()}
+        assert ports == {
+            name: [("127.0.0.1", port) for port in want] for name, want in PUBLISHED.items()
+        }
     cpu = load_compose("docker-compose.yml", "docker-compose.cpu.yml")["services"]
     assert set(published(cpu)) == set(PUBLISHED)
     wide = load_compose("docker-compose.yml", env=env | {"ROUTER_BIND_ADDRESS": "0.0.0.0"})
-    assert published(wide["services"])["router"] == [("0.0.0.0", 50051)]
+    assert published(wide["services"])["router"] == [("0.0.0.0", 50051), ("0.0.0.0", 8000)]
     assert published(wide["services"])["jaeger"] == [("127.0.0.1", 16686)]
 
 

@@ -112,8 +112,13 @@ def test_commands_variables_ports_and_probes_agree_with_the_code(
     assert probe[:2] == ["tokenyard", "health"] and probe[2] == f"127.0.0.1:{port}"
     parser.parse_args(probe[1:])
     service_obj = resources()[("Service", name)]
-    assert [p["targetPort"] for p in service_obj["spec"]["ports"]] == ["grpc"]
+    # The router's Service also publishes its OpenAI-compatible HTTP port.
+    public = ["grpc", "http"] if service == "router" else ["grpc"]
+    assert [p["targetPort"] for p in service_obj["spec"]["ports"]] == public
     assert service_obj["spec"]["ports"][0]["port"] == port
+    if service == "router":
+        assert f"0.0.0.0:{ports['http']}" == env["TOKENYARD_ROUTER_HTTP_ADDRESS"]
+        assert service_obj["spec"]["ports"][1]["port"] == ports["http"]
 
 
 def test_the_router_finds_auth_redis_and_workers_by_their_service_names() -> None:

@@ -122,6 +122,20 @@ def test_the_banner_shows_the_key_only_when_it_was_just_created(tmp_path: Path) 
     assert 'tokenyard generate --model smollm2-135m "' in later
 
 
+def test_the_router_serves_openai_http_on_8000_and_the_banner_says_how_to_use_it(
+    tmp_path: Path,
+) -> None:
+    state = StateDir(tmp_path / "s")
+    state.ensure()
+    router = {s.name: s for s in plan(settings(), state, None)}["router"]
+    assert router.env["TOKENYARD_ROUTER_HTTP_ADDRESS"] == "127.0.0.1:8000"
+    other = {s.name: s for s in plan(settings(http_port="8123", host="::"), state, None)}
+    assert other["router"].env["TOKENYARD_ROUTER_HTTP_ADDRESS"] == "[::]:8123"
+    text = banner(settings(), state, "ty_sk_secret", True, None)
+    assert "export OPENAI_BASE_URL=http://127.0.0.1:8000/v1" in text
+    assert f"export OPENAI_API_KEY=$(cat {state.path('demo-key')})" in text
+
+
 def test_bad_flags_name_the_flag() -> None:
     with pytest.raises(SettingsError, match="--workers"):
         settings(workers="0")
