@@ -12,6 +12,9 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+from tokenizers import Tokenizer
+from tokenizers.decoders import DecodeStream
+
 _REPLACEMENT = "\ufffd"
 _CONTEXT_TOKENS = 5
 
@@ -20,7 +23,9 @@ class IncrementalDetokenizer:
     """Feed generated token ids; get text deltas that never split a UTF-8 character.
 
     `prompt_ids` (optional) seed the decoding window, so the first generated token gets
-    the same leading-space treatment as in a full decode.
+    the same leading-space treatment as in a full decode. Fast (Rust) tokenizers
+    decode through `tokenizers.decoders.DecodeStream` (the same deltas, ~5x less
+    work per token on the worker's event loop); others re-decode a short window.
     """
 
     def __init__(
@@ -35,6 +40,13 @@ class IncrementalDetokenizer:
         self._ids: list[int] = list(prompt_ids[-_CONTEXT_TOKENS:])
         self._prefix_offset = 0
         self._read_offset = len(self._ids)
+        backend = getattr(tokenizer, "_tokenizer", None)
+        self._fast: Any = backend if isinstance(backend, Tokenizer) else None
+        self._stream = (
+            DecodeStream(ids=list(self._ids), skip_special_tokens=skip_special_tokens)
+            if self._fast is not None
+            else None
+        )
 
     def _decode(self, ids: Sequence[int]) -> str:
         text: str = self._tokenizer.decode(
@@ -49,6 +61,14 @@ class IncrementalDetokenizer:
         out: list[str] = []
         for token_id in token_ids:
             self._ids.append(token_id)
+            if self._stream is not None:
+                chunk = self._stream.step(self._fast, token_id)
+                if chunk:
+                    out.append(chunk)
+                    # The window flush() decodes starts after what was emitted.
+                    self._prefix_offset = max(0, len(self._ids) - _CONTEXT_TOKENS - 1)
+                    self._read_offset = len(self._ids)
+                continue
             prefix_text = self._decode(self._ids[self._prefix_offset : self._read_offset])
             new_text = self._decode(self._ids[self._prefix_offset :])
             if len(new_text) > len(prefix_text) and not new_text.endswith(_REPLACEMENT):

@@ -130,3 +130,40 @@ def test_stop_matcher_equals_whole_text_search(
     expected = text[: min(hits)[1]] if hits else text
     assert emitted == expected
     assert (m.stopped is not None) == bool(hits)
+
+
+class _SlowTokenizer:
+    """The same tokenizer without its Rust backend: forces the re-decoding window."""
+
+    def __init__(self, tokenizer: object) -> None:
+        self._inner = tokenizer
+
+    def decode(self, ids: list[int], **kwargs: object) -> str:
+        return str(self._inner.decode(ids, **kwargs))  # type: ignore[attr-defined]
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.data())
+def test_decode_stream_gives_the_window_decoders_deltas_token_for_token(
+    tiny: LoadedModel, data: st.DataObject
+) -> None:
+    """The fast path (DecodeStream) and the window path emit identical deltas, on text
+    and on arbitrary token ids (partial characters, special tokens, odd spacing)."""
+    tok = tiny.tokenizer
+    vocab = len(tok)
+    text = data.draw(st.sampled_from([*TEXTS, " two  spaces\tand\nlines ", "🙂👍🏽 日本語"]))
+    ids = data.draw(
+        st.one_of(
+            st.just(tok(text, add_special_tokens=False)["input_ids"]),
+            st.lists(st.integers(0, vocab - 1), max_size=40),
+        )
+    )
+    prompt = tok("Say:")["input_ids"]
+    fast, window = (
+        IncrementalDetokenizer(tok, prompt),
+        IncrementalDetokenizer(_SlowTokenizer(tok), prompt),
+    )
+    assert fast._stream is not None and window._stream is None
+    for token_id in ids:
+        assert fast.feed([token_id]) == window.feed([token_id]), token_id
+    assert fast.flush() == window.flush()
