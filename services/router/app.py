@@ -9,6 +9,8 @@ await app.stop()              # graceful: streams finish, usage flushed
 from __future__ import annotations
 
 import logging
+import time
+from collections.abc import Callable
 
 from services.common.channels import internal_channel
 from services.common.server import GrpcServer
@@ -26,21 +28,21 @@ log = logging.getLogger("tokenyard.router")
 AUTH_RETRY = (("tokenyard.auth.v1.AuthService", "Authenticate"),)
 
 
-def build_limits(settings: RouterSettings) -> Limits:
+def build_limits(settings: RouterSettings, clock: Callable[[], float] = time.time) -> Limits:
     """Redis-backed limits when TOKENYARD_REDIS_URL is set, in-process otherwise."""
     if settings.redis_url:
         from services.router.redis_limits import RedisLimits
 
         return RedisLimits(
-            settings.redis_url, prefix=settings.redis_prefix, lease=settings.slot_lease
+            settings.redis_url, prefix=settings.redis_prefix, lease=settings.slot_lease, clock=clock
         )
-    return LocalLimits()
+    return LocalLimits(clock)
 
 
 class RouterApp:
     """A router: its server, auth client, worker pool, limits and usage reporter."""
 
-    def __init__(self, settings: RouterSettings) -> None:
+    def __init__(self, settings: RouterSettings, *, clock: Callable[[], float] = time.time) -> None:
         self.settings = settings
         self.auth_channel = internal_channel(settings.auth_address, settings.internal)
         self.auth = AuthClient(
@@ -56,7 +58,7 @@ class RouterApp:
             batch_size=settings.usage_batch_size,
             capacity=settings.usage_buffer,
         )
-        self.limits = build_limits(settings)
+        self.limits = build_limits(settings, clock)
         self.pool = WorkerPool(
             settings.internal,
             PoolSettings(
