@@ -82,7 +82,11 @@ class RouterApp:
             interval=settings.stream_interval,
         )
         self.core = RouterCore(Deps(self.auth, self.limits, self.pool, self.relay, self.usage))
-        self.server = GrpcServer(settings.server)
+        self.server = GrpcServer(
+            settings.server,
+            options=settings.server.grpc_options(),
+            maximum_concurrent_rpcs=settings.server.max_concurrent_rpcs,
+        )
         self.server.add(add_router_servicer, RouterServicer(self.core), SERVICE_NAME)
         self.port = 0
 
