@@ -10,8 +10,20 @@ from services.router.settings import RouterServerSettings
 from tests.unit.router.conftest import MODEL, Stack, bearer
 
 
-def server(**caps: int) -> RouterServerSettings:
-    return RouterServerSettings(port=0, grace_period=1.0, reflection=False, **caps)
+def server(
+    *,
+    max_request_bytes: int = 4 * 1024 * 1024,
+    max_streams_per_connection: int = 100,
+    max_concurrent_rpcs: int = 4096,
+) -> RouterServerSettings:
+    return RouterServerSettings(
+        port=0,
+        grace_period=1.0,
+        reflection=False,
+        max_request_bytes=max_request_bytes,
+        max_streams_per_connection=max_streams_per_connection,
+        max_concurrent_rpcs=max_concurrent_rpcs,
+    )
 
 
 def stream(prompt: str = "hello", max_tokens: int = 1000) -> gen.StreamGenerateRequest:
