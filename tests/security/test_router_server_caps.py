@@ -64,7 +64,7 @@ async def test_a_request_over_the_size_bound_is_refused_before_authentication() 
 async def test_concurrent_rpcs_on_one_connection_are_capped() -> None:
     """Attack: one client opened thousands of streams on one connection, each holding
     router memory and a task. The router caps RPCs per connection (HTTP/2
-    max_concurrent_streams): the next one waits."""
+    max_concurrent_streams): the next one waits, while other connections are served."""
     stack = Stack()
     await stack.start_auth()
     try:
@@ -82,6 +82,16 @@ async def test_concurrent_rpcs_on_one_connection_are_capped() -> None:
         else:
             raise AssertionError("a third stream ran on a connection capped at two")
         assert worker.load.running == 2
+        # Another connection (its own subchannel: channels to one address share one
+        # by default) is served meanwhile.
+        other = grpc.aio.insecure_channel(
+            app.address, options=[("grpc.use_local_subchannel_pool", 1)]
+        )
+        stack.channels.append(other)
+        small = gen.GenerateRequest(model=MODEL, prompt="hello")
+        small.sampling.max_tokens = 1
+        reply = await gen_grpc.GenerationServiceStub(other).Generate(small, metadata=bearer())
+        assert reply.usage.completion_tokens == 1
         for call in held:
             call.cancel()
     finally:
