@@ -23,6 +23,13 @@ def register(subparsers: Any) -> None:
     serve.add_argument("--worker-dns", default=None, help="worker DNS name:port")
     serve.add_argument("--policy", default=None, help="least_load|prefix_affinity|...")
     serve.add_argument("--stream-interval", default=None, help="tokens per client message")
+    serve.add_argument(
+        "--max-request-bytes", default=None, help="largest request read before authentication"
+    )
+    serve.add_argument(
+        "--max-streams-per-connection", default=None, help="concurrent RPCs per connection"
+    )
+    serve.add_argument("--max-concurrent-rpcs", default=None, help="concurrent RPCs in total")
     serve.set_defaults(handler=_serve)
 
 
