@@ -226,7 +226,7 @@ async def test_a_live_router_renews_its_leases() -> None:
 async def test_redis_down_falls_back_to_local_limits_and_logs_once(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    limits = RedisLimits("redis://127.0.0.1:1/0", prefix="x:")
+    limits = RedisLimits("redis://127.0.0.1:1/0", prefix="x:", clock=Clock())
     try:
         spec = LimitSpec("k", rpm=2, concurrency=5)
         with caplog.at_level(logging.WARNING, logger="tokenyard.router.limits"):
