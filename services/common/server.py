@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import logging
 import signal
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import grpc
@@ -81,6 +81,8 @@ class GrpcServer:
         token_methods: Sequence[str] | None = None,
         quiet_methods: Sequence[str] = (),
         extra_interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
+        options: Mapping[str, int] | None = None,
+        maximum_concurrent_rpcs: int | None = None,
     ) -> None:
         self.settings = settings
         interceptors: list[grpc.aio.ServerInterceptor] = [
@@ -94,15 +96,18 @@ class GrpcServer:
             interceptors.append(PeerNameInterceptor(settings.tls_client_names, token_methods))
         interceptors.extend(extra_interceptors)
         limit = settings.max_message_bytes
+        merged: dict[str, Any] = {
+            "grpc.max_send_message_length": limit,
+            "grpc.max_receive_message_length": limit,
+            "grpc.max_metadata_size": 16 * 1024,
+            "grpc.so_reuseport": 0,
+            **dict(SERVER_KEEPALIVE_OPTIONS),
+            **(options or {}),  # a service's own (the router's request bounds)
+        }
         self.server = grpc.aio.server(
             interceptors=interceptors,
-            options=[
-                ("grpc.max_send_message_length", limit),
-                ("grpc.max_receive_message_length", limit),
-                ("grpc.max_metadata_size", 16 * 1024),
-                ("grpc.so_reuseport", 0),
-                *SERVER_KEEPALIVE_OPTIONS,
-            ],
+            options=list(merged.items()),
+            maximum_concurrent_rpcs=maximum_concurrent_rpcs,
         )
         self.health = _Health()
         lenient(health_pb2_grpc.add_HealthServicer_to_server)(self.health, self.server)

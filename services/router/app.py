@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from services.common.channels import internal_channel
@@ -29,15 +31,15 @@ if TYPE_CHECKING:
 log = logging.getLogger("tokenyard.router")
 
 
-def build_limits(settings: RouterSettings) -> Limits:
+def build_limits(settings: RouterSettings, clock: Callable[[], float] = time.time) -> Limits:
     """Redis-backed limits when TOKENYARD_REDIS_URL is set, in-process otherwise."""
     if settings.redis_url:
         from services.router.redis_limits import RedisLimits
 
         return RedisLimits(
-            settings.redis_url, prefix=settings.redis_prefix, lease=settings.slot_lease
+            settings.redis_url, prefix=settings.redis_prefix, lease=settings.slot_lease, clock=clock
         )
-    return LocalLimits()
+    return LocalLimits(clock)
 
 
 def _http_server(core: RouterCore, settings: RouterSettings) -> HttpServer:
@@ -61,7 +63,7 @@ def _http_server(core: RouterCore, settings: RouterSettings) -> HttpServer:
 class RouterApp:
     """A router: its server, auth client, worker pool, limits and usage reporter."""
 
-    def __init__(self, settings: RouterSettings) -> None:
+    def __init__(self, settings: RouterSettings, *, clock: Callable[[], float] = time.time) -> None:
         self.settings = settings
         self.auth_channel = internal_channel(settings.auth_address, settings.internal)
         self.auth = AuthClient(
@@ -77,7 +79,7 @@ class RouterApp:
             batch_size=settings.usage_batch_size,
             capacity=settings.usage_buffer,
         )
-        self.limits = build_limits(settings)
+        self.limits = build_limits(settings, clock)
         self.pool = WorkerPool(
             settings.internal,
             PoolSettings(
@@ -101,7 +103,11 @@ class RouterApp:
             interval=settings.stream_interval,
         )
         self.core = RouterCore(Deps(self.auth, self.limits, self.pool, self.relay, self.usage))
-        self.server = GrpcServer(settings.server)
+        self.server = GrpcServer(
+            settings.server,
+            options=settings.server.grpc_options(),
+            maximum_concurrent_rpcs=settings.server.max_concurrent_rpcs,
+        )
         self.server.add(add_router_servicer, RouterServicer(self.core), SERVICE_NAME)
         self.port = 0
         self.http: HttpServer | None = None

@@ -48,7 +48,6 @@ class CachedPrincipal:
     expires: float
     permissions: frozenset[str]
     models: tuple[str, ...]
-    local_tokens: int = 0  # tokens settled here since auth made this answer (quota)
     key: bytes = b""
 
     @property

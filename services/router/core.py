@@ -31,11 +31,17 @@ from services.common.errors import (
     Unavailable,
 )
 from services.router import metrics
+from services.router.admission import (
+    admission,
+    effective_max_tokens,
+    requests_only,
+    reservation,
+)
 from services.router.auth_client import AuthClient, CachedPrincipal, bearer_credential
-from services.router.limits import Limits, LimitSpec, Slot, check_quota, effective_max_tokens
+from services.router.limits import Limits, Slot
 from services.router.relay import PASS_THROUGH, Relay, StreamState, WorkerError
 from services.router.usage import UsageReporter
-from services.router.validation import validate_generation, validate_input
+from services.router.validation import validate_generation, validate_input, validate_size
 from services.router.workers import WorkerPool
 from services.router.writer import Emit
 
@@ -170,21 +176,18 @@ class RouterCore:
         entry = await self.principal(authorization)
         validate_generation(request)
         self.authorize_model(entry, request.model, "generate")
+        context_length = self.pool.context_length(request.model)
+        validate_size(request, context_length)
         limits = entry.principal.limits
         requested = request.sampling.max_tokens if request.sampling.HasField("max_tokens") else None
         max_tokens = effective_max_tokens(requested, limits)
         if max_tokens is not None and max_tokens != requested:
             request.sampling.max_tokens = max_tokens
-        check_quota(
-            limits,
-            entry.principal.quota_used_tokens + entry.local_tokens,
-            entry.credential_id,
-            wall_start,
-        )
         router_id = uuid.uuid4().hex
         if not request.request_id:
             request.request_id = router_id
-        slot = await self.limits.admit(LimitSpec.of(entry.credential_id, limits), router_id)
+        reserve = reservation(request, context_length)
+        slot = await self.limits.admit(admission(entry.principal, router_id, reserve=reserve))
         return entry, slot, router_id
 
     async def _settle(
@@ -198,27 +201,31 @@ class RouterCore:
         wall_start: float,
         code: grpc.StatusCode,
     ) -> None:
-        """Free the limit slot and record usage (after the stream, off the client's path)."""
+        """Free the limit slot and record usage (after the stream, off the client's path).
+
+        Whatever is raised while counting, the slot is settled and usage recorded.
+        """
         completion = len(state.tokens)
-        prompt = state.prompt_tokens
-        if prompt is None:
-            prompt = await self._count_prompt(request) if state.attempts else 0
-        entry.local_tokens += prompt + completion
-        metrics.TOKENS_IN.labels(request.model).inc(prompt)
-        metrics.TOKENS_OUT.labels(request.model).inc(completion)
+        prompt = state.prompt_tokens or 0
         try:
-            await slot.settle(prompt + completion)
+            if state.prompt_tokens is None and state.attempts:
+                prompt = await self._count_prompt(request)
         finally:
-            self.usage.record(
-                request_id=router_id,
-                credential_id=entry.credential_id,
-                user_id=entry.principal.user_id,
-                model=request.model,
-                prompt_tokens=prompt,
-                completion_tokens=completion,
-                start_time=wall_start,
-                status=code.name,
-            )
+            try:
+                await slot.settle(prompt + completion)
+            finally:
+                metrics.TOKENS_IN.labels(request.model).inc(prompt)
+                metrics.TOKENS_OUT.labels(request.model).inc(completion)
+                self.usage.record(
+                    request_id=router_id,
+                    credential_id=entry.credential_id,
+                    user_id=entry.principal.user_id,
+                    model=request.model,
+                    prompt_tokens=prompt,
+                    completion_tokens=completion,
+                    start_time=wall_start,
+                    status=code.name,
+                )
 
     async def _count_prompt(self, request: gen.StreamGenerateRequest) -> int:
         """Prompt tokens of a stream that ended before the worker said (cancel, failure)."""
@@ -231,9 +238,12 @@ class RouterCore:
             count.messages.CopyFrom(request.messages)
         try:
             raw = await self.count_tokens_raw(count, timeout=2.0)
+            return gen.CountTokensResponse.FromString(raw).token_count
         except TokenyardError:
             return 0
-        return gen.CountTokensResponse.FromString(raw).token_count
+        except Exception:
+            log.exception("counting the prompt of a cut stream failed; billed without it")
+            return 0
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.ensure_future(coro)
@@ -283,11 +293,16 @@ class RouterCore:
     async def count_tokens(
         self, authorization: str | None, request: gen.CountTokensRequest, timeout: float | None
     ) -> bytes:
-        """CountTokens for a caller allowed to generate with the model."""
+        """CountTokens, checked and limited as a generation (it holds a stream slot)."""
         entry = await self.principal(authorization)
         validate_input(request)
         self.authorize_model(entry, request.model, "generate")
-        return await self.count_tokens_raw(request, timeout or 10.0)
+        validate_size(request, self.pool.context_length(request.model))
+        slot = await self.limits.admit(admission(entry.principal, uuid.uuid4().hex))
+        try:
+            return await self.count_tokens_raw(request, timeout or 10.0)
+        finally:
+            await slot.settle(0)
 
     async def list_models(
         self, authorization: str | None, request: gen.ListModelsRequest
@@ -298,6 +313,7 @@ class RouterCore:
             raise PermissionDenied(
                 "this credential lacks the 'models.list' permission", reason="PERMISSION_MISSING"
             )
+        await self.limits.admit(requests_only(entry.principal, uuid.uuid4().hex))
         if request.page_size < 0:
             raise InvalidArgument("page_size", "must be >= 0")
         size = min(request.page_size or DEFAULT_PAGE, MAX_PAGE)

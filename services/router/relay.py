@@ -287,16 +287,21 @@ class Relay:
                     last = now
                     tokens.extend(ids)
                 if msg.finish_reason:
+                    forward: bytes | None = raw
                     state.finish_reason = msg.finish_reason
                     state.prompt_tokens = msg.usage.prompt_tokens
+                    if msg.usage.completion_tokens != len(tokens):
+                        # The client is shown what the ledger records: the tokens relayed.
+                        msg.usage.completion_tokens = len(tokens)
+                        forward = None
                     if held is not None:
                         merge(held, msg)
                         out.send(None, held)
                         held = None
                     elif first:
-                        await out.write_now(raw, msg)
+                        await out.write_now(forward, msg)
                     else:
-                        out.send(raw, msg)
+                        out.send(forward, msg)
                     # Read the status the worker sends with its last message: cheaper than
                     # cancelling, and the worker sees a clean end rather than a cancel.
                     with contextlib.suppress(grpc.aio.AioRpcError, TimeoutError):

@@ -45,6 +45,35 @@ class RouterServerSettings(ServerSettings):
         flag="--port",
         help="gRPC port.",
     )
+    max_request_bytes: int = setting(
+        "TOKENYARD_{service}_MAX_REQUEST_BYTES",
+        parse_positive_int,
+        default=4 * 1024 * 1024,
+        flag="--max-request-bytes",
+        help="Largest request message the router reads (it is buffered before the caller "
+        "is authenticated).",
+    )
+    max_streams_per_connection: int = setting(
+        "TOKENYARD_{service}_MAX_STREAMS_PER_CONNECTION",
+        parse_positive_int,
+        default=100,
+        flag="--max-streams-per-connection",
+        help="Concurrent RPCs one client connection may hold (HTTP/2 max_concurrent_streams).",
+    )
+    max_concurrent_rpcs: int = setting(
+        "TOKENYARD_{service}_MAX_CONCURRENT_RPCS",
+        parse_positive_int,
+        default=4096,
+        flag="--max-concurrent-rpcs",
+        help="Concurrent RPCs over all connections; past it a call gets RESOURCE_EXHAUSTED.",
+    )
+
+    def grpc_options(self) -> dict[str, int]:
+        """The gRPC server options that bound what one caller can make the router hold."""
+        return {
+            "grpc.max_receive_message_length": self.max_request_bytes,
+            "grpc.max_concurrent_streams": self.max_streams_per_connection,
+        }
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -19,6 +19,8 @@ MAX_REQUEST_ID = 128
 MAX_AFFINITY_KEY = 256
 MAX_STOP = 16
 MAX_STOP_BYTES = 256
+MAX_STOP_TOKEN_IDS = 64  # a worker checks each generated token against every one
+MAX_MESSAGES = 1024  # chat turns in one request
 
 # String fields by path: (field number, ...) -> name, for locating invalid UTF-8.
 _STRING_FIELDS = {
@@ -128,9 +130,17 @@ def validate_generation(request: gen.StreamGenerateRequest | gen.GenerateRequest
         raise InvalidArgument("request_id", f"at most {MAX_REQUEST_ID} printable characters")
     if len(request.affinity_key) > MAX_AFFINITY_KEY:
         raise InvalidArgument("affinity_key", f"at most {MAX_AFFINITY_KEY} characters")
-    if (
-        s.HasField("max_tokens")
-        and request.continuation_token_ids
-        and len(request.continuation_token_ids) >= s.max_tokens
-    ):
-        raise InvalidArgument("continuation_token_ids", "already holds max_tokens tokens")
+    if len(s.stop_token_ids) > MAX_STOP_TOKEN_IDS:
+        raise InvalidArgument("sampling.stop_token_ids", f"at most {MAX_STOP_TOKEN_IDS} ids")
+    if request.continuation_token_ids:
+        # The router's own resume mechanism: from a caller it would be unbilled prefill.
+        raise InvalidArgument("continuation_token_ids", "is not accepted from callers")
+
+
+def validate_size(request: Any, context_length: int | None) -> None:
+    """Repeated inputs within what one model call can use (context_length None: unknown)."""
+    kind = request.WhichOneof("input")
+    if kind == "messages" and len(request.messages.messages) > MAX_MESSAGES:
+        raise InvalidArgument("messages", f"at most {MAX_MESSAGES} messages")
+    if kind == "token_ids" and context_length and len(request.token_ids.ids) > context_length:
+        raise InvalidArgument("token_ids", f"more ids than the model's {context_length} context")

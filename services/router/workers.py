@@ -310,6 +310,11 @@ class WorkerPool:
         """Whether any worker (healthy or not) has said it serves `model`."""
         return any(w.model == model for w in self.workers.values())
 
+    def context_length(self, model: str) -> int | None:
+        """The largest context length the workers of `model` reported (None: none did)."""
+        lengths = [w.context_length for w in self.workers.values() if w.model == model]
+        return max(lengths, default=0) or None
+
     def undescribed(self) -> bool:
         """Whether some worker has not yet said what it serves (unreachable so far)."""
         return any(w.model is None for w in self.workers.values())

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import grpc
@@ -44,7 +45,9 @@ class Stack:
         self.workers.append(worker)
         return worker
 
-    async def router(self, *, wait: bool = True, **overrides: Any) -> RouterApp:
+    async def router(
+        self, *, wait: bool = True, clock: Callable[[], float] = time.time, **overrides: Any
+    ) -> RouterApp:
         server = RouterServerSettings(port=0, grace_period=1.0, reflection=False)
         base = RouterSettings(
             server=server,
@@ -53,7 +56,7 @@ class Stack:
             usage_flush_interval=0.05,
             ejection_base=0.2,
         )
-        app = RouterApp(dataclasses.replace(base, **overrides))
+        app = RouterApp(dataclasses.replace(base, **overrides), clock=clock)
         await app.start()
         self.routers.append(app)
         if wait and app.pool.workers:

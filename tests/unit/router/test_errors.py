@@ -162,7 +162,7 @@ async def test_rate_limit_is_resource_exhausted_with_retry_and_quota_details(
     assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     details = details_of(err)
     assert details.retry_after is not None and details.retry_after > 0
-    assert details.quota_violations and details.quota_violations[0][0] == "credential:cred-r"
+    assert details.quota_violations and details.quota_violations[0][0] == "user:u1"
 
 
 async def test_quota_used_up_is_resource_exhausted(stack: Stack) -> None:

@@ -115,7 +115,7 @@ class ApiKey(_message.Message):
     def __init__(self, key_id: _Optional[str] = ..., user_id: _Optional[str] = ..., name: _Optional[str] = ..., hint: _Optional[str] = ..., permissions: _Optional[_Iterable[str]] = ..., allowed_models: _Optional[_Iterable[str]] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., expire_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., revoke_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last_used_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., rotated_from_key_id: _Optional[str] = ...) -> None: ...
 
 class Principal(_message.Message):
-    __slots__ = ("user_id", "username", "credential_id", "credential_type", "permissions", "allowed_models", "limits", "expire_time", "quota_used_tokens", "roles")
+    __slots__ = ("user_id", "username", "credential_id", "credential_type", "permissions", "allowed_models", "limits", "expire_time", "quota_used_tokens", "roles", "user_limits")
     USER_ID_FIELD_NUMBER: _ClassVar[int]
     USERNAME_FIELD_NUMBER: _ClassVar[int]
     CREDENTIAL_ID_FIELD_NUMBER: _ClassVar[int]
@@ -126,6 +126,7 @@ class Principal(_message.Message):
     EXPIRE_TIME_FIELD_NUMBER: _ClassVar[int]
     QUOTA_USED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     ROLES_FIELD_NUMBER: _ClassVar[int]
+    USER_LIMITS_FIELD_NUMBER: _ClassVar[int]
     user_id: str
     username: str
     credential_id: str
@@ -136,4 +137,5 @@ class Principal(_message.Message):
     expire_time: _timestamp_pb2.Timestamp
     quota_used_tokens: int
     roles: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, user_id: _Optional[str] = ..., username: _Optional[str] = ..., credential_id: _Optional[str] = ..., credential_type: _Optional[_Union[CredentialType, str]] = ..., permissions: _Optional[_Iterable[str]] = ..., allowed_models: _Optional[_Iterable[str]] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., expire_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., quota_used_tokens: _Optional[int] = ..., roles: _Optional[_Iterable[str]] = ...) -> None: ...
+    user_limits: Limits
+    def __init__(self, user_id: _Optional[str] = ..., username: _Optional[str] = ..., credential_id: _Optional[str] = ..., credential_type: _Optional[_Union[CredentialType, str]] = ..., permissions: _Optional[_Iterable[str]] = ..., allowed_models: _Optional[_Iterable[str]] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., expire_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., quota_used_tokens: _Optional[int] = ..., roles: _Optional[_Iterable[str]] = ..., user_limits: _Optional[_Union[Limits, _Mapping]] = ...) -> None: ...
