@@ -78,6 +78,7 @@ def principal_to_proto(p: Principal) -> resources_pb2.Principal:
         permissions=sorted(p.permissions),
         allowed_models=list(p.allowed_models),
         limits=limits_to_proto(p.limits),
+        user_limits=limits_to_proto(p.user_limits),
         expire_time=ts(p.expire_time),
         quota_used_tokens=p.quota_used_tokens,
         roles=list(p.roles),

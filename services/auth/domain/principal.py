@@ -28,6 +28,9 @@ class Principal:
     expire_time: datetime | None
     quota_used_tokens: int = 0
     roles: tuple[str, ...] = ()
+    # The user's own (role) limits, counted across all the user's credentials;
+    # `limits` are the credential's effective ones (role narrowed by the key).
+    user_limits: Limits = Limits()
     # The user who made this key for its owner (a keys.admin holder), or "".
     minted_by: str = ""
 
@@ -90,6 +93,7 @@ def key_principal(session: Session, key: ApiKeyRow, user: UserRow, now: datetime
         expire_time=key.expires_at,
         quota_used_tokens=quota_used(session, user.id, eff_limits.quota_period, now),
         roles=tuple(r.name for r in user.roles),
+        user_limits=limits,
         minted_by=key.created_by or "",
     )
 
@@ -108,6 +112,7 @@ def session_principal(session: Session, row: SessionRow, user: UserRow, now: dat
         expire_time=row.expires_at,
         quota_used_tokens=quota_used(session, user.id, limits.quota_period, now),
         roles=tuple(r.name for r in user.roles),
+        user_limits=limits,
     )
 
 
