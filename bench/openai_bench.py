@@ -303,7 +303,7 @@ async def part_relay(args: argparse.Namespace) -> None:
     procs = Procs()
     try:
         wport = _free_port()
-        procs.start([PY, "-m", "services.router.testing.fake_worker", "--port", str(wport)])
+        procs.start([PY, "-m", "tests.doubles.fake_worker", "--port", str(wport)])
         worker = f"127.0.0.1:{wport}"
         await wait_serving(worker)
         auth = await start_auth(procs)

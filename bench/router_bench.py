@@ -235,7 +235,7 @@ def router_env(auth: str, workers: Sequence[str], **extra: str) -> dict[str, str
 
 async def start_auth(procs: Procs) -> str:
     port = _free_port()
-    procs.start([PY, "-m", "services.router.testing.fake_auth", "--port", str(port), "--key", KEY])
+    procs.start([PY, "-m", "tests.doubles.fake_auth", "--port", str(port), "--key", KEY])
     address = f"127.0.0.1:{port}"
     await wait_serving(address)
     return address
@@ -253,7 +253,7 @@ async def part_relay(args: argparse.Namespace) -> None:
     procs = Procs()
     try:
         wport = _free_port()
-        procs.start([PY, "-m", "services.router.testing.fake_worker", "--port", str(wport)])
+        procs.start([PY, "-m", "tests.doubles.fake_worker", "--port", str(wport)])
         worker = f"127.0.0.1:{wport}"
         await wait_serving(worker)
         auth = await start_auth(procs)
@@ -460,7 +460,7 @@ async def part_prefix(args: argparse.Namespace) -> None:
             workers = []
             for _ in range(args.workers):
                 port = _free_port()
-                double = [PY, "-m", "services.router.testing.fake_worker", "--port", str(port)]
+                double = [PY, "-m", "tests.doubles.fake_worker", "--port", str(port)]
                 double += ["--prefill-us-per-char", "20", "--token-delay", "0.02"]
                 double += ["--prefix-cache-blocks", str(args.cache_blocks)]
                 procs.start(double)

@@ -8,7 +8,7 @@ import grpc
 from tokenyard.auth.v1 import resources_pb2 as res
 from tokenyard.generation.v1 import generation_service_pb2 as gen
 
-from services.router.testing.fake_auth import principal
+from tests.doubles.fake_auth import principal
 from tests.security import router_fixtures
 from tests.security.router_fixtures import SecurityStack, bearer, drain, outcome
 from tests.unit.router.conftest import MODEL

@@ -12,7 +12,7 @@ from tokenyard.generation.v1 import generation_service_pb2 as gen
 
 from services.router.core import RouterCore
 from services.router.relay import Relay
-from services.router.testing.fake_auth import principal
+from tests.doubles.fake_auth import principal
 from tests.security import router_fixtures
 from tests.security.router_fixtures import SecurityStack, bearer, drain, eventually, outcome
 from tests.unit.router.conftest import MODEL

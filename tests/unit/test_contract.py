@@ -110,3 +110,22 @@ def test_buf_breaking_catches_a_renumbered_field(tmp_path: Path) -> None:
     )
     assert proc.returncode != 0
     assert "affinity_key" in proc.stdout + proc.stderr
+
+
+def test_the_product_never_imports_test_code() -> None:
+    """Test doubles live under tests/; nothing in services/ may depend on them."""
+    import ast
+    from pathlib import Path
+
+    offenders = []
+    for path in Path(__file__).resolve().parents[2].joinpath("services").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = (
+                [node.module or ""]
+                if isinstance(node, ast.ImportFrom)
+                else [a.name for a in node.names]
+                if isinstance(node, ast.Import)
+                else []
+            )
+            offenders += [f"{path}: {n}" for n in names if n == "tests" or n.startswith("tests.")]
+    assert not offenders, offenders

@@ -14,7 +14,7 @@ from tokenyard.inference.v1 import worker_service_pb2 as wpb
 from tokenyard.inference.v1 import worker_service_pb2_grpc as wpb_grpc
 
 from services.common.interceptors import SERVICE_TOKEN_HEADER
-from services.inference.testing import build_tiny_model
+from tests.doubles.tiny_model import build_tiny_model
 from tests.integration.inference.launcher import WorkerProcess
 
 TOKEN = "integration-service-token"

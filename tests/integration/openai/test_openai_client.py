@@ -12,7 +12,7 @@ from tokenyard.auth.v1 import resources_pb2 as res
 from tokenyard.generation.v1 import generation_service_pb2 as gen
 from tokenyard.generation.v1 import generation_service_pb2_grpc as gen_grpc
 
-from services.router.testing.fake_worker import expected_token, token_text
+from tests.doubles.fake_worker import expected_token, token_text
 from tests.integration.openai.conftest import MODEL, Auth, HttpRouter, http_router, ledger
 from tests.integration.router.conftest import Launcher, bearer, make_user
 

@@ -2,7 +2,7 @@
 
 The real auth (`tokenyard auth serve` on a SQLite file, admin made by
 `tokenyard auth bootstrap`), test-double workers
-(`python -m services.router.testing.fake_worker`) or real ones
+(`python -m tests.doubles.fake_worker`) or real ones
 (`tokenyard inference serve`), and routers (`tokenyard router serve`).
 """
 
@@ -117,7 +117,7 @@ class Launcher:
 
     def fake_worker(self, *extra: str, port: int | None = None, wait: bool = True) -> Proc:
         port = port or free_port()
-        args = [PYTHON, "-m", "services.router.testing.fake_worker", "--port", str(port), *extra]
+        args = [PYTHON, "-m", "tests.doubles.fake_worker", "--port", str(port), *extra]
         proc = self.spawn("worker", args, port, base_env())
         return self.wait_serving(proc) if wait else proc
 

@@ -20,8 +20,8 @@ from tokenyard.generation.v1 import generation_service_pb2 as gen
 from tokenyard.generation.v1 import generation_service_pb2_grpc as gen_grpc
 
 from services.common.status import details_of
-from services.router.testing.fake_worker import expected_token
 from tests.conftest import WAIT_TIMEOUT
+from tests.doubles.fake_worker import expected_token
 from tests.integration.router.conftest import (
     TOKENYARD,
     Launcher,

@@ -15,7 +15,7 @@ def build_tiny_model(folder: Path) -> Path:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from services.inference.testing import build_tokenizer
+    from tests.doubles.tiny_model import build_tokenizer
 
     if (folder / "config.json").is_file():
         return folder

@@ -9,7 +9,7 @@ import pytest
 
 from services.inference.engine import Engine
 from services.inference.model_loading import LoadedModel
-from services.inference.testing import build_tiny_model
+from tests.doubles.tiny_model import build_tiny_model
 
 EngineFactory = Callable[..., Engine]
 

@@ -19,7 +19,7 @@ from services.inference.engine.threads import (
 )
 from services.inference.engine.types import SamplingConfig
 from services.inference.model_loading import LoadedModel
-from services.inference.testing import build_tiny_model
+from tests.doubles.tiny_model import build_tiny_model
 from tests.unit.inference.helpers import collect, request
 
 pytestmark = pytest.mark.timeout(60)

@@ -15,7 +15,7 @@ from services.inference.model_loading import (
     resolve_device,
     resolve_dtype,
 )
-from services.inference.testing import build_tiny_model
+from tests.doubles.tiny_model import build_tiny_model
 
 
 @pytest.mark.parametrize("device", ["gpu", "cuda:x", "tpu"])

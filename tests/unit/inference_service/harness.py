@@ -27,7 +27,7 @@ from tokenyard.inference.v1 import worker_service_pb2_grpc as wpb_grpc
 from services.inference.app import InferenceApp
 from services.inference.model_loading import LoadedModel
 from services.inference.settings import InferenceServerSettings, InferenceSettings
-from services.inference.testing import build_tiny_model
+from tests.doubles.tiny_model import build_tiny_model
 
 MODEL = "tiny-llama"
 

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 from tokenyard.generation.v1 import generation_service_pb2 as gen
 
-from services.inference.testing import build_tokenizer
+from tests.doubles.tiny_model import build_tokenizer
 from tests.unit.inference_service.harness import (
     MODEL,
     as_generate,

@@ -17,7 +17,7 @@ from services.common.config import InternalSettings
 from services.common.interceptors import SERVICE_TOKEN_HEADER
 from services.common.status import details_of
 from services.inference.model_loading import LoadedModel
-from services.inference.testing import build_tiny_model
+from tests.doubles.tiny_model import build_tiny_model
 from tests.unit.inference_service.harness import MODEL, request, serving
 
 LONG = 3000  # tokens: far more than a test waits for

@@ -9,7 +9,7 @@ from tokenyard.generation.v1 import generation_service_pb2 as gen
 
 from services.inference.engine.types import NO_TOKEN, TokenEvent
 from services.inference.streaming import ResponseAssembler, collect
-from services.inference.testing import build_tokenizer
+from tests.doubles.tiny_model import build_tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -13,8 +13,8 @@ from tokenyard.generation.v1 import generation_service_pb2_grpc as gen_grpc
 
 from services.router.app import RouterApp
 from services.router.settings import RouterServerSettings, RouterSettings
-from services.router.testing.fake_auth import FakeAuth, principal
-from services.router.testing.fake_worker import FakeWorker, FakeWorkerConfig
+from tests.doubles.fake_auth import FakeAuth, principal
+from tests.doubles.fake_worker import FakeWorker, FakeWorkerConfig
 
 KEY = "ty_sk_testkey0000000000000000000001"
 MODEL = "fake-model"

@@ -11,8 +11,8 @@ from tokenyard.auth.v1 import auth_service_pb2 as auth_pb
 
 from services.common.errors import Unauthenticated, Unavailable
 from services.router.auth_client import AuthClient, bearer_credential, model_matches
-from services.router.testing.fake_auth import FakeAuth, principal
 from tests.conftest import eventually
+from tests.doubles.fake_auth import FakeAuth, principal
 
 KEY = "ty_sk_aaaaaaaaaaaaaaaaaaaaaaaaaaaa"
 

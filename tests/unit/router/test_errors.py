@@ -8,8 +8,8 @@ from tokenyard.auth.v1 import resources_pb2 as res
 from tokenyard.generation.v1 import generation_service_pb2 as gen
 
 from services.common.status import details_of
-from services.router.testing.fake_auth import principal
 from tests.conftest import eventually
+from tests.doubles.fake_auth import principal
 from tests.unit.router.conftest import KEY, MODEL, Stack, bearer
 
 

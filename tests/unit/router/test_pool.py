@@ -7,8 +7,8 @@ import pytest
 from prometheus_client import REGISTRY
 from tokenyard.generation.v1 import generation_service_pb2 as gen
 
-from services.router.testing.fake_worker import FakeWorker, FakeWorkerConfig
 from tests.conftest import eventually
+from tests.doubles.fake_worker import FakeWorker, FakeWorkerConfig
 from tests.unit.router.conftest import MODEL, Stack, bearer
 
 

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 from tokenyard.generation.v1 import generation_service_pb2 as gen
 
-from services.router.testing.fake_worker import expected_token
+from tests.doubles.fake_worker import expected_token
 from tests.unit.router.conftest import MODEL, Stack, bearer
 
 

@@ -8,8 +8,8 @@ import grpc
 import pytest
 from tokenyard.generation.v1 import generation_service_pb2 as gen
 
-from services.router.testing.fake_worker import expected_token, token_text
 from tests.conftest import WAIT_TIMEOUT, eventually
+from tests.doubles.fake_worker import expected_token, token_text
 from tests.unit.router.conftest import MODEL, Stack, bearer
 
 
@@ -92,7 +92,7 @@ async def test_stream_ends_unavailable_when_nobody_can_resume(stack: Stack) -> N
 async def test_client_cancel_stops_the_worker_and_frees_the_slot(stack: Stack) -> None:
     from tokenyard.auth.v1 import resources_pb2 as res
 
-    from services.router.testing.fake_auth import principal
+    from tests.doubles.fake_auth import principal
 
     stack.auth.state.add_key(
         "ty_sk_one", principal("cred-1s", limits=res.Limits(concurrent_streams=1))
@@ -197,7 +197,7 @@ async def test_list_models_and_count_tokens(stack: Stack) -> None:
     await stack.add_worker(model="alpha")
     await stack.add_worker(model="beta")
     await stack.add_worker(model="beta")
-    from services.router.testing.fake_auth import principal
+    from tests.doubles.fake_auth import principal
 
     stack.auth.state.add_key("ty_sk_beta", principal("cred-b", models=("beta",)))
     client = stack.client(await stack.router())

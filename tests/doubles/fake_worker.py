@@ -8,7 +8,7 @@ another worker checkable: a gap or a repeat changes the sequence. A continuation
 that does not match what this worker would have produced is refused.
 
 Used by the router's tests, the reliability suite and bench/router_bench.py:
-`python -m services.router.testing.fake_worker --port 0 --model m` prints
+`python -m tests.doubles.fake_worker --port 0 --model m` prints
 `PORT <n>` once serving.
 """
 
