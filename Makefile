@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 MODEL_STAMP := $(VENV)/.demo-model
 PROTO_FILES := $(shell find protos -name '*.proto' | sort)
 
-.PHONY: setup up test lint protos check-protos buf-lint buf-breaking pytest docs clean
+.PHONY: setup up test test-random lint protos check-protos buf-lint buf-breaking pytest docs clean
 
 # Create or reuse the virtual environment and install everything (idempotent).
 setup: $(STAMP) $(BUF) $(MODEL_STAMP)
@@ -66,6 +66,11 @@ lint: setup buf-lint
 # 127.0.0.1:6379: their tests fail with how to start them when either is missing.
 pytest: setup
 	$(VENV)/bin/pytest -q -rs --require-services $(PYTEST_ARGS)
+
+# The unit tests in a random order (pytest-randomly prints its seed; add
+# PYTEST_ARGS=--randomly-seed=N to replay an order).
+test-random: setup
+	$(VENV)/bin/pytest -p randomly tests/unit $(PYTEST_ARGS)
 
 # Everything CI checks, from a fresh clone.
 test: setup lint check-protos buf-breaking pytest
