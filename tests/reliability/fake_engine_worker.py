@@ -4,7 +4,8 @@ The gRPC layer is the real one (services/inference/servicer.py, worker_service.p
 `Worker`, `lenient`, `GrpcServer`): only the model is replaced. `FakeEngine`
 emits token `f(prompt, position)` every `token_delay` seconds, so any worker
 produces the same tokens for the same prompt and a stream resumed elsewhere is
-checkable; it honours capacity (EngineFull), deadlines, aborts and drain like the
+checkable; it honours capacity (EngineFull), deadlines, aborts, drain and
+`stop_token_ids` (the stop token is emitted and counted, finish STOP) like the
 real engine. The tokenizer is byte-level (token id = UTF-8 byte, 256 = EOS).
 
 Run: `python -m tests.reliability.fake_engine_worker --port N [--token-delay S]`;
@@ -32,6 +33,7 @@ from services.inference import servicer, worker_service
 from services.inference.engine.types import (
     FINISH_CANCELLED,
     FINISH_LENGTH,
+    FINISH_STOP,
     NO_TOKEN,
     EngineClosed,
     EngineFull,
@@ -108,7 +110,8 @@ class FakeStream:
         token = fake_token(req.prompt_ids, self.position)
         self.position += 1
         self.engine.generated += 1
-        last = self.position >= req.sampling.max_tokens
+        stopped = token in req.sampling.stop_token_ids
+        last = stopped or self.position >= req.sampling.max_tokens
         top: tuple[tuple[int, float], ...] = ()
         logprob = None
         if req.sampling.logprobs is not None:
@@ -116,7 +119,8 @@ class FakeStream:
             top = tuple((FIRST + k, -1.0 - k) for k in range(req.sampling.logprobs))
         if last:
             self._release()
-        return [TokenEvent(token, logprob, top, FINISH_LENGTH if last else None)]
+        finish = FINISH_STOP if stopped else FINISH_LENGTH if last else None
+        return [TokenEvent(token, logprob, top, finish)]
 
     async def aclose(self) -> None:
         self._release()

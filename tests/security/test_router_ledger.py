@@ -18,7 +18,7 @@ from tokenyard.generation.v1 import generation_service_pb2_grpc as gen_grpc
 
 from tests.integration.router.conftest import bearer
 from tests.reliability.conftest import MODEL, Proc, kill, load_of, stack_for
-from tests.reliability.fake_engine_worker import expected_text
+from tests.reliability.fake_engine_worker import expected_text, fake_token
 from tests.reliability.streams import get_usage
 
 
@@ -103,6 +103,13 @@ async def test_the_ledger_equals_the_usage_shown_for_every_finish_reason(tmp_pat
             assert finish == gen.FINISH_REASON_STOP_SEQUENCE
             assert usage.completion_tokens == tokens
             await check("stop sequence", usage)
+
+            stop_at = fake_token(list(b"by stop token"), 3)  # positions 0-2 differ from it
+            req = request("by stop token", 12)
+            req.sampling.stop_token_ids.append(stop_at)
+            finish, usage, tokens = await shown(stub.StreamGenerate(req, metadata=md))
+            assert (finish, usage.completion_tokens, tokens) == (gen.FINISH_REASON_STOP, 4, 4)
+            await check("stop token", usage)
 
             unary = gen.GenerateRequest(model=MODEL, prompt="unary call")
             unary.sampling.max_tokens = 5
