@@ -108,7 +108,7 @@ class FakeStream:
         token = fake_token(req.prompt_ids, self.position)
         self.position += 1
         self.engine.generated += 1
-        last = self.position >= req.sampling.max_tokens
+        last = self.position >= (req.sampling.max_tokens or 0)
         top: tuple[tuple[int, float], ...] = ()
         logprob = None
         if req.sampling.logprobs is not None:
