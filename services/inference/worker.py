@@ -147,7 +147,9 @@ class Worker:
 
     # -- requests ------------------------------------------------------------------
 
-    async def prepare(self, request: Any) -> PreparedRequest:
+    async def prepare(
+        self, request: gen.GenerateRequest | gen.StreamGenerateRequest
+    ) -> PreparedRequest:
         """Check a Generate/StreamGenerate request and render its prompt ids."""
         checked = generation_request(request, from_caller=False)
         self._check_served(checked.model)
@@ -311,6 +313,8 @@ class Worker:
             ) from None
         except EngineClosed:
             raise Unavailable("worker is shutting down", reason="SHUTTING_DOWN") from None
+        # InvalidRequest is not caught: prepare() met the engine's preconditions, so it
+        # is a bug, answered INTERNAL by the error interceptor, never a user's mistake.
 
     # -- load and drain ---------------------------------------------------------------
 
