@@ -31,7 +31,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from services.inference.engine import Engine, EngineRequest, SamplingConfig
+from services.inference.engine import Engine, EngineRequest, Sampling
 from services.inference.engine.threads import confine_torch_threads
 from services.inference.model_loading import LoadedModel, load_model
 
@@ -165,7 +165,7 @@ def bench_generate_batch(loaded: LoadedModel, prompts: list[list[int]], new: int
 async def bench_engine(
     engine: Engine, prompts: list[list[int]], new: int, stagger: float, name: str
 ) -> Result:
-    sampling = SamplingConfig(max_tokens=new, temperature=0.0, ignore_eos=True)
+    sampling = Sampling(max_tokens=new, temperature=0.0, ignore_eos=True)
     ttft: list[float] = []
     per_stream: list[float] = []
 

@@ -21,6 +21,7 @@ from prometheus_client import Counter, Histogram
 
 from services.common.errors import TokenyardError, Unauthenticated
 from services.common.logs import request_id_var
+from services.common.requests import valid_request_id
 from services.common.status import grpc_code_name, to_grpc_status
 
 log = logging.getLogger("tokenyard.access")
@@ -29,7 +30,6 @@ errlog = logging.getLogger("tokenyard.errors")
 REQUEST_ID_HEADER = "x-request-id"
 SERVICE_TOKEN_HEADER = "x-tokenyard-service-token"
 _QUIET_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
-_MAX_REQUEST_ID = 128
 
 RPC_REQUESTS = Counter(
     "tokenyard_grpc_requests_total", "gRPC calls served, by method and status.", ["method", "code"]
@@ -244,8 +244,7 @@ class _Call:
         self.code = grpc.StatusCode.OK
         self.recorded = False
         given = metadata_value(context, REQUEST_ID_HEADER) or ""
-        rid = given if 0 < len(given) <= _MAX_REQUEST_ID and given.isprintable() else ""
-        self.request_id = rid or uuid.uuid4().hex
+        self.request_id = given if valid_request_id(given) else uuid.uuid4().hex
         self.token = request_id_var.set(self.request_id)
 
     async def fail(self, exc: BaseException) -> None:

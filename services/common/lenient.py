@@ -14,15 +14,16 @@ import contextlib
 import inspect
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar, cast
 
 import grpc
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
-from google.protobuf.message import DecodeError
+from google.protobuf.message import DecodeError, Message
 
 from services.common.errors import InvalidArgument
 
 _LENGTH_DELIMITED = 2
+M = TypeVar("M", bound=Message)
 
 
 @dataclass(frozen=True)
@@ -38,6 +39,14 @@ class Undecodable:
         if field is not None:
             return InvalidArgument(field, "invalid UTF-8")
         return InvalidArgument("request", "not a valid encoded message")
+
+
+def decode(kind: type[M], data: bytes) -> M:
+    """`data` as a `kind`, or the InvalidArgument naming the field that spoils it."""
+    try:
+        return kind.FromString(data)
+    except DecodeError:
+        raise Undecodable(cast(Descriptor, kind.DESCRIPTOR), data).error() from None
 
 
 def _varint(data: bytes, pos: int) -> tuple[int, int]:

@@ -1,32 +1,18 @@
-"""Turn a request's input (prompt, chat messages or token ids) into prompt token ids.
+"""Turn a request's checked input (prompt, chat messages or token ids) into prompt ids.
 
 Raw prompts are tokenized as given (with the tokenizer's own special tokens, such
 as a BOS); chat messages go through the model's chat template with the assistant's
-generation prompt appended; token ids are checked against the vocabulary.
+generation prompt appended; token ids are checked against the vocabulary. The
+model-free rules (non-empty, bounded, roles set) are `services.common.requests`'.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Protocol
-
-from tokenyard.generation.v1 import generation_service_pb2 as gen
+from typing import Any
 
 from services.common.errors import InvalidArgument
-from services.inference.validation import check_token_ids
-
-MAX_MESSAGES = 1024
-
-
-class HasInput(Protocol):
-    """Any request with the `input` oneof (Generate, StreamGenerate, CountTokens)."""
-
-    prompt: str
-    messages: gen.ChatMessages
-    token_ids: gen.TokenIds
-
-    def WhichOneof(self, name: Any) -> Any:
-        """The name of the set member of a oneof, or None."""
+from services.common.requests import Input, check_token_ids
 
 
 @dataclass(frozen=True)
@@ -37,37 +23,21 @@ class RenderedInput:
     token_ids: list[int]
 
 
-def render_input(request: HasInput, tokenizer: Any, vocab_size: int) -> RenderedInput:
-    """The prompt ids of `request`'s input; InvalidArgument names any bad field."""
-    kind = request.WhichOneof("input")
-    if kind == "prompt":
-        if not request.prompt:
-            raise InvalidArgument("prompt", "must not be empty")
-        ids = list(tokenizer(request.prompt, add_special_tokens=True)["input_ids"])
+def render_input(given: Input, tokenizer: Any, vocab_size: int) -> RenderedInput:
+    """The prompt ids of a checked input; InvalidArgument names what the model refuses."""
+    if given.field == "prompt":
+        ids = list(tokenizer(given.prompt, add_special_tokens=True)["input_ids"])
         if not ids:
             raise InvalidArgument("prompt", "tokenizes to no tokens")
         return RenderedInput("prompt", ids)
-    if kind == "messages":
-        return RenderedInput("messages", _render_chat(request.messages, tokenizer))
-    if kind == "token_ids":
-        if not request.token_ids.ids:
-            raise InvalidArgument("token_ids.ids", "must not be empty")
-        return RenderedInput(
-            "token_ids", check_token_ids(request.token_ids.ids, "token_ids.ids", vocab_size)
-        )
-    raise InvalidArgument("input", "set exactly one of prompt, messages or token_ids")
+    if given.field == "messages":
+        return RenderedInput("messages", _render_chat(given.messages, tokenizer))
+    checked = check_token_ids(given.token_ids, "token_ids.ids", vocab_size)
+    return RenderedInput("token_ids", list(checked))
 
 
-def _render_chat(chat: gen.ChatMessages, tokenizer: Any) -> list[int]:
-    if not chat.messages:
-        raise InvalidArgument("messages.messages", "must hold at least one message")
-    if len(chat.messages) > MAX_MESSAGES:
-        raise InvalidArgument("messages.messages", f"at most {MAX_MESSAGES} messages")
-    turns: list[dict[str, str]] = []
-    for index, message in enumerate(chat.messages):
-        if not message.role:
-            raise InvalidArgument(f"messages.messages[{index}].role", "must not be empty")
-        turns.append({"role": message.role, "content": message.content})
+def _render_chat(messages: tuple[tuple[str, str], ...], tokenizer: Any) -> list[int]:
+    turns = [{"role": role, "content": content} for role, content in messages]
     if not getattr(tokenizer, "chat_template", None):
         raise InvalidArgument("messages", "this model has no chat template: send a prompt")
     from jinja2.exceptions import TemplateError

@@ -23,11 +23,11 @@ from tokenyard.generation.v1 import generation_service_pb2_grpc as gen_grpc
 
 from services.common.errors import InvalidArgument
 from services.common.logs import request_id_var
+from services.common.requests import page_size_of
 from services.inference.streaming import collect
 from services.inference.worker import Worker
 
 SERVICE_NAME = "tokenyard.generation.v1.GenerationService"
-MAX_PAGE_SIZE = 1000
 
 
 def deadline_of(context: Any) -> float | None:
@@ -65,8 +65,7 @@ class GenerationServicer(gen_grpc.GenerationServiceServicer):
     async def ListModels(
         self, request: gen.ListModelsRequest, context: Any
     ) -> gen.ListModelsResponse:
-        if not 0 <= request.page_size <= MAX_PAGE_SIZE:
-            raise InvalidArgument("page_size", f"must be in [0, {MAX_PAGE_SIZE}]")
+        page_size_of(request.page_size)  # one model: any valid size holds the page
         if request.page_token:
             raise InvalidArgument("page_token", "unknown page token")
         info = self.worker.info
@@ -84,7 +83,7 @@ class GenerationServicer(gen_grpc.GenerationServiceServicer):
     async def CountTokens(
         self, request: gen.CountTokensRequest, context: Any
     ) -> gen.CountTokensResponse:
-        count = await self.worker.count_tokens(request, request.model)
+        count = await self.worker.count_tokens(request)
         return gen.CountTokensResponse(
             model=self.worker.info.model,
             token_count=count,

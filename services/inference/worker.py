@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import importlib.metadata
 import logging
 import time
+import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -22,9 +24,19 @@ from tokenyard.generation.v1 import generation_service_pb2 as gen
 
 from services.common.errors import (
     DeadlineExceeded,
-    InvalidArgument,
+    NotFound,
     ResourceExhausted,
     Unavailable,
+)
+from services.common.requests import (
+    HasInput,
+    Input,
+    Sampling,
+    check_model,
+    check_token_ids,
+    generation_request,
+    input_of,
+    resolve_max_tokens,
 )
 from services.common.telemetry import tracer
 from services.inference import metrics
@@ -36,20 +48,10 @@ from services.inference.engine.types import (
     EngineFull,
     EngineRequest,
     EngineStats,
-    InvalidRequest,
-    SamplingConfig,
     TokenEvent,
 )
-from services.inference.inputs import HasInput, RenderedInput, render_input
+from services.inference.inputs import RenderedInput, render_input
 from services.inference.streaming import ResponseAssembler
-from services.inference.validation import (
-    SamplingChoice,
-    check_model,
-    check_token_ids,
-    request_id_of,
-    resolve_max_tokens,
-    sampling_choice,
-)
 
 log = logging.getLogger("tokenyard.inference")
 _tracer = tracer("tokenyard.inference")
@@ -104,13 +106,18 @@ class LoadReport:
 
 @dataclass(frozen=True)
 class PreparedRequest:
-    """A checked request, ready for the engine."""
+    """A checked request, ready for the engine: `sampling.max_tokens` is resolved."""
 
     request_id: str
     prompt_ids: list[int]
     continuation_ids: list[int]
-    sampling: SamplingChoice
-    max_tokens: int
+    sampling: Sampling
+
+    @property
+    def max_tokens(self) -> int:
+        """The resolved token budget (prompt plus it fit the context)."""
+        assert self.sampling.max_tokens is not None
+        return self.sampling.max_tokens
 
 
 class Worker:
@@ -140,35 +147,48 @@ class Worker:
 
     # -- requests ------------------------------------------------------------------
 
-    async def prepare(self, request: Any) -> PreparedRequest:
+    async def prepare(
+        self, request: gen.GenerateRequest | gen.StreamGenerateRequest
+    ) -> PreparedRequest:
         """Check a Generate/StreamGenerate request and render its prompt ids."""
-        request_id = request_id_of(request.request_id)
-        check_model(request.model, self.info.model)
-        logprobs = request.logprobs if request.HasField("logprobs") else None
-        choice = sampling_choice(request.sampling, logprobs, self.info.vocab_size)
-        continuation = check_token_ids(
-            request.continuation_token_ids, "continuation_token_ids", self.info.vocab_size
-        )
-        rendered = await self._render(request)
+        checked = generation_request(request, from_caller=False)
+        self._check_served(checked.model)
+        vocab = self.info.vocab_size
+        check_token_ids(request.sampling.stop_token_ids, "sampling.stop_token_ids", vocab)
+        continuation = check_token_ids(checked.continuation_ids, "continuation_token_ids", vocab)
+        rendered = await self._render(checked.input)
         max_tokens = resolve_max_tokens(
-            choice,
+            checked.sampling.max_tokens,
             input_field=rendered.field,
             prompt_tokens=len(rendered.token_ids),
             continuation_tokens=len(continuation),
             context_length=self.info.context_length,
         )
-        return PreparedRequest(request_id, rendered.token_ids, continuation, choice, max_tokens)
-
-    async def _render(self, request: HasInput) -> RenderedInput:
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(
-            self._tokenize, render_input, request, self.tokenizer, self.info.vocab_size
+        return PreparedRequest(
+            checked.request_id or uuid.uuid4().hex,
+            rendered.token_ids,
+            list(continuation),
+            dataclasses.replace(checked.sampling, max_tokens=max_tokens),
         )
 
-    async def count_tokens(self, request: HasInput, model: str) -> int:
+    def _check_served(self, model: str) -> None:
+        if check_model(model) != self.info.model:
+            raise NotFound(
+                f"model: {model!r} is not served by this worker (it serves {self.info.model!r})",
+                reason="MODEL_NOT_FOUND",
+                field="model",
+            )
+
+    async def _render(self, given: Input) -> RenderedInput:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(
+            self._tokenize, render_input, given, self.tokenizer, self.info.vocab_size
+        )
+
+    async def count_tokens(self, request: HasInput) -> int:
         """Tokens of an input under this model's tokenizer (and chat template)."""
-        check_model(model, self.info.model)
-        rendered = await self._render(request)
+        self._check_served(request.model)
+        rendered = await self._render(input_of(request))
         return len(rendered.token_ids)
 
     async def generate(
@@ -276,22 +296,10 @@ class Worker:
             span.set_attribute("tokenyard.finish_reason", reason or "ABORTED")
 
     def _submit(self, prep: PreparedRequest, deadline: float | None) -> AsyncIterator[Any]:
-        choice = prep.sampling
         request = EngineRequest(
             request_id=prep.request_id,
             prompt_ids=prep.prompt_ids,
-            sampling=SamplingConfig(
-                max_tokens=prep.max_tokens,
-                temperature=choice.temperature,
-                top_p=choice.top_p,
-                top_k=choice.top_k,
-                min_p=choice.min_p,
-                repetition_penalty=choice.repetition_penalty,
-                seed=choice.seed,
-                stop_token_ids=choice.stop_token_ids,
-                ignore_eos=choice.ignore_eos,
-                logprobs=choice.logprobs,
-            ),
+            sampling=prep.sampling,
             continuation_ids=prep.continuation_ids,
             deadline=deadline,
         )
@@ -305,8 +313,8 @@ class Worker:
             ) from None
         except EngineClosed:
             raise Unavailable("worker is shutting down", reason="SHUTTING_DOWN") from None
-        except InvalidRequest as exc:  # the checks above should have caught it
-            raise InvalidArgument(exc.field, str(exc).split(": ", 1)[-1]) from None
+        # InvalidRequest is not caught: prepare() met the engine's preconditions, so it
+        # is a bug, answered INTERNAL by the error interceptor, never a user's mistake.
 
     # -- load and drain ---------------------------------------------------------------
 

@@ -30,6 +30,13 @@ from services.common.errors import (
     TokenyardError,
     Unavailable,
 )
+from services.common.requests import (
+    check_model,
+    check_size,
+    generation_request,
+    input_of,
+    page_size_of,
+)
 from services.router import metrics
 from services.router.admission import (
     admission,
@@ -41,14 +48,10 @@ from services.router.auth_client import AuthClient, CachedPrincipal, bearer_cred
 from services.router.limits import Limits, Slot
 from services.router.relay import PASS_THROUGH, Relay, StreamState, WorkerError
 from services.router.usage import UsageReporter
-from services.router.validation import validate_generation, validate_input, validate_size
 from services.router.workers import WorkerPool
 from services.router.writer import Emit
 
 log = logging.getLogger("tokenyard.router")
-
-DEFAULT_PAGE = 100
-MAX_PAGE = 1000
 
 
 @dataclass
@@ -174,13 +177,12 @@ class RouterCore:
     ) -> tuple[CachedPrincipal, Slot, str]:
         """Every check before routing; the principal, its limit slot and the router's id."""
         entry = await self.principal(authorization)
-        validate_generation(request)
-        self.authorize_model(entry, request.model, "generate")
-        context_length = self.pool.context_length(request.model)
-        validate_size(request, context_length)
-        limits = entry.principal.limits
-        requested = request.sampling.max_tokens if request.sampling.HasField("max_tokens") else None
-        max_tokens = effective_max_tokens(requested, limits)
+        checked = generation_request(request, from_caller=True)
+        self.authorize_model(entry, checked.model, "generate")
+        context_length = self.pool.context_length(checked.model)
+        check_size(checked.input, context_length)
+        requested = checked.sampling.max_tokens
+        max_tokens = effective_max_tokens(requested, entry.principal.limits)
         if max_tokens is not None and max_tokens != requested:
             request.sampling.max_tokens = max_tokens
         router_id = uuid.uuid4().hex
@@ -295,9 +297,10 @@ class RouterCore:
     ) -> bytes:
         """CountTokens, checked and limited as a generation (it holds a stream slot)."""
         entry = await self.principal(authorization)
-        validate_input(request)
-        self.authorize_model(entry, request.model, "generate")
-        validate_size(request, self.pool.context_length(request.model))
+        model = check_model(request.model)
+        given = input_of(request)
+        self.authorize_model(entry, model, "generate")
+        check_size(given, self.pool.context_length(model))
         slot = await self.limits.admit(admission(entry.principal, uuid.uuid4().hex))
         try:
             return await self.count_tokens_raw(request, timeout or 10.0)
@@ -314,9 +317,7 @@ class RouterCore:
                 "this credential lacks the 'models.list' permission", reason="PERMISSION_MISSING"
             )
         await self.limits.admit(requests_only(entry.principal, uuid.uuid4().hex))
-        if request.page_size < 0:
-            raise InvalidArgument("page_size", "must be >= 0")
-        size = min(request.page_size or DEFAULT_PAGE, MAX_PAGE)
+        size = page_size_of(request.page_size)
         after = ""
         if request.page_token:
             try:

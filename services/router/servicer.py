@@ -1,9 +1,9 @@
 """GenerationService on the public port: proto in, proto (or relayed bytes) out.
 
-Requests are registered with an identity deserializer so that invalid UTF-8 is
-reported as INVALID_ARGUMENT naming the field, and streamed responses with a
-serializer that passes bytes through, so worker messages are relayed as they
-came. Everything else is `services.router.core`.
+Requests are registered with an identity deserializer and decoded here
+(`lenient.decode`), so that invalid UTF-8 is INVALID_ARGUMENT naming the field,
+and streamed responses with a serializer that passes bytes through, so worker
+messages are relayed as they came. Everything else is `services.router.core`.
 """
 
 from __future__ import annotations
@@ -15,9 +15,9 @@ import grpc
 from tokenyard.generation.v1 import generation_service_pb2 as gen
 
 from services.common.interceptors import metadata_value
+from services.common.lenient import decode
 from services.router.core import RouterCore
 from services.router.relay import StreamState
-from services.router.validation import parse_request
 
 SERVICE_NAME = "tokenyard.generation.v1.GenerationService"
 
@@ -42,7 +42,7 @@ class RouterServicer:
         self.core = core
 
     async def StreamGenerate(self, raw: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> None:
-        request = parse_request(raw, gen.StreamGenerateRequest)
+        request = decode(gen.StreamGenerateRequest, raw)
         await self.core.generate(
             metadata_value(context, "authorization"),
             request,
@@ -54,7 +54,7 @@ class RouterServicer:
     async def Generate(
         self, raw: bytes, context: grpc.aio.ServicerContext[Any, Any]
     ) -> gen.GenerateResponse:
-        unary = parse_request(raw, gen.GenerateRequest)
+        unary = decode(gen.GenerateRequest, raw)
         request = gen.StreamGenerateRequest.FromString(unary.SerializeToString())
         reply = gen.GenerateResponse()
 
@@ -84,7 +84,7 @@ class RouterServicer:
         return reply
 
     async def CountTokens(self, raw: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> bytes:
-        request = parse_request(raw, gen.CountTokensRequest)
+        request = decode(gen.CountTokensRequest, raw)
         return await self.core.count_tokens(
             metadata_value(context, "authorization"), request, context.time_remaining()
         )
@@ -92,7 +92,7 @@ class RouterServicer:
     async def ListModels(
         self, raw: bytes, context: grpc.aio.ServicerContext[Any, Any]
     ) -> gen.ListModelsResponse:
-        request = parse_request(raw, gen.ListModelsRequest)
+        request = decode(gen.ListModelsRequest, raw)
         return await self.core.list_models(metadata_value(context, "authorization"), request)
 
 

@@ -111,7 +111,7 @@ class FakeStream:
         self.position += 1
         self.engine.generated += 1
         stopped = token in req.sampling.stop_token_ids
-        last = stopped or self.position >= req.sampling.max_tokens
+        last = stopped or self.position >= (req.sampling.max_tokens or 0)
         top: tuple[tuple[int, float], ...] = ()
         logprob = None
         if req.sampling.logprobs is not None:

@@ -7,8 +7,8 @@ import pytest
 from tokenyard.auth.v1 import resources_pb2 as res
 from tokenyard.generation.v1 import generation_service_pb2 as gen
 
+from services.common.requests import MAX_STOP_TOKEN_IDS
 from services.common.status import details_of
-from services.router.validation import MAX_STOP_TOKEN_IDS
 from tests.doubles.fake_auth import principal
 from tests.security import router_fixtures
 from tests.security.router_fixtures import SecurityStack, bearer, drain, outcome

@@ -5,6 +5,7 @@ The public surface is re-exported here; the modules behind it are private.
 
 from __future__ import annotations
 
+from services.common.requests import Sampling
 from services.inference.engine.engine import Engine
 from services.inference.engine.types import (
     FINISH_CANCELLED,
@@ -17,7 +18,6 @@ from services.inference.engine.types import (
     EngineRequest,
     EngineStats,
     InvalidRequest,
-    SamplingConfig,
     TokenEvent,
 )
 
@@ -33,6 +33,6 @@ __all__ = [
     "EngineRequest",
     "EngineStats",
     "InvalidRequest",
-    "SamplingConfig",
+    "Sampling",
     "TokenEvent",
 ]

@@ -28,6 +28,7 @@ from collections.abc import AsyncIterator
 
 import torch
 
+from services.common.requests import Sampling, sampling_error
 from services.inference.engine.prefix_cache import PrefixCache
 from services.inference.engine.runner import Runner
 from services.inference.engine.sampling import SampleRow, sample
@@ -35,14 +36,12 @@ from services.inference.engine.scheduler import Scheduler, Sequence
 from services.inference.engine.stream import RequestStream
 from services.inference.engine.threads import claim_torch_threads, release_default_threads
 from services.inference.engine.types import (
-    MAX_LOGPROBS,
     EngineClosed,
     EngineError,
     EngineFull,
     EngineRequest,
     EngineStats,
     InvalidRequest,
-    SamplingConfig,
     TokenEvent,
 )
 from services.inference.model_loading import LoadedModel
@@ -179,7 +178,7 @@ class Engine:
         """Run one tiny generation so the first request does not pay one-time setup."""
         vocab = self.runner.vocab_size
         prompt = torch.arange(1, 9, dtype=torch.long, device=self.runner.device) % vocab
-        config = SamplingConfig(max_tokens=4, temperature=0.7, top_p=0.9, top_k=20, logprobs=2)
+        config = Sampling(max_tokens=4, temperature=0.7, top_p=0.9, top_k=20, logprobs=2)
         with self._step_lock:
             cache = self.runner.new_cache(1, 16)
             logits = self.runner.prefill(cache, [(0, prompt, 0)])
@@ -196,33 +195,30 @@ class Engine:
 
     # -- requests --------------------------------------------------------------
 
-    def _validate(self, req: EngineRequest) -> None:
-        s = req.sampling
+    def _check(self, req: EngineRequest) -> None:
+        """The engine's preconditions, which the worker's checks already met.
+
+        An `InvalidRequest` here is a bug in the caller: the user-facing rules are
+        `services.common.requests`', and the sampling ones are asserted with them.
+        """
         vocab = self.runner.vocab_size
+        ids = (*req.prompt_ids, *req.continuation_ids)
         if not req.prompt_ids:
             raise InvalidRequest("prompt_ids", "must not be empty")
-        if any(not 0 <= t < vocab for t in (*req.prompt_ids, *req.continuation_ids)):
+        if any(not 0 <= t < vocab for t in ids):
             raise InvalidRequest("prompt_ids", f"token ids must be in [0, {vocab})")
-        if len(req.prompt_ids) + len(req.continuation_ids) >= self.context_length:
+        if len(ids) >= self.context_length:
             raise InvalidRequest(
                 "prompt_ids", f"prompt is longer than the context ({self.context_length})"
             )
-        if s.max_tokens < 1:
-            raise InvalidRequest("max_tokens", "must be at least 1")
-        if len(req.continuation_ids) >= s.max_tokens:
+        problem = sampling_error(req.sampling)
+        if problem is not None:
+            raise InvalidRequest(problem[0].removeprefix("sampling."), problem[1])
+        budget = req.sampling.max_tokens
+        if budget is None:
+            raise InvalidRequest("max_tokens", "must be resolved before the engine")
+        if len(req.continuation_ids) >= budget:
             raise InvalidRequest("continuation_ids", "already reach max_tokens")
-        if not s.temperature >= 0.0:
-            raise InvalidRequest("temperature", "must be >= 0")
-        if not 0.0 < s.top_p <= 1.0:
-            raise InvalidRequest("top_p", "must be in (0, 1]")
-        if s.top_k < 0:
-            raise InvalidRequest("top_k", "must be >= 0")
-        if not 0.0 <= s.min_p <= 1.0:
-            raise InvalidRequest("min_p", "must be in [0, 1]")
-        if not s.repetition_penalty > 0.0:
-            raise InvalidRequest("repetition_penalty", "must be > 0")
-        if s.logprobs is not None and not 0 <= s.logprobs <= MAX_LOGPROBS:
-            raise InvalidRequest("logprobs", f"must be in [0, {MAX_LOGPROBS}]")
 
     def generate(self, req: EngineRequest) -> AsyncIterator[list[TokenEvent]]:
         """Submit `req`; iterate the result for its token events (see module docstring).
@@ -230,7 +226,7 @@ class Engine:
         Raises `InvalidRequest`, `EngineFull` (queue full) or `EngineClosed` at once.
         Closing or cancelling the iterator aborts the request within one step.
         """
-        self._validate(req)
+        self._check(req)
         loop = asyncio.get_running_loop()
         seed = req.sampling.seed if req.sampling.seed is not None else secrets.randbits(63)
         stream = RequestStream(loop)

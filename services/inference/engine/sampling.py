@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from services.inference.engine.types import SamplingConfig
+from services.common.requests import Sampling
 
 _MASK64 = (1 << 64) - 1
 
@@ -30,7 +30,7 @@ def position_seed(seed: int, position: int) -> int:
 class SampleRow:
     """What the sampler needs for one row: settings, seed, position, and the tokens seen."""
 
-    config: SamplingConfig
+    config: Sampling
     seed: int
     position: int  # index of the token being drawn among the generated ones
     history: Sequence[int]  # prompt + generated tokens, for the repetition penalty

@@ -41,6 +41,7 @@ class Sequence:
     request: EngineRequest
     seed: int
     sink: Any  # opaque here: the engine's weak reference to the request's stream
+    max_tokens: int  # the request's resolved budget
     tokens: list[int] = field(default_factory=list)  # prompt + continuation + generated
     n_prefill: int = 0  # tokens fed by prefill (prompt + continuation)
     generated: int = 0  # continuation + newly generated
@@ -56,10 +57,12 @@ class Sequence:
     def create(cls, request: EngineRequest, seed: int, sink: Any) -> Sequence:
         """State for a new request: the continuation counts as already generated."""
         tokens = [*request.prompt_ids, *request.continuation_ids]
+        assert request.sampling.max_tokens is not None  # Engine._check
         return cls(
             request=request,
             seed=seed,
             sink=sink,
+            max_tokens=request.sampling.max_tokens,
             tokens=tokens,
             n_prefill=len(tokens),
             generated=len(request.continuation_ids),
@@ -73,7 +76,7 @@ class Sequence:
     def pending_tokens(self) -> int:
         """Prompt tokens still to compute plus tokens still allowed to generate."""
         return (self.n_prefill - min(self.computed, self.n_prefill)) + max(
-            self.request.sampling.max_tokens - self.generated, 0
+            self.max_tokens - self.generated, 0
         )
 
 
@@ -334,7 +337,7 @@ class Scheduler:
             token in sampling.stop_token_ids
         ):
             finish = FINISH_STOP
-        elif seq.generated >= sampling.max_tokens or len(seq.tokens) >= self.context_length:
+        elif seq.generated >= seq.max_tokens or len(seq.tokens) >= self.context_length:
             finish = FINISH_LENGTH
         event = TokenEvent(
             token, choice.logprob, choice.top_logprobs, finish, *self._first_event_fields(seq)

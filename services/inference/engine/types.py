@@ -1,15 +1,16 @@
-"""The engine's public data types: requests, sampling settings, token events, stats."""
+"""The engine's public data types: requests, token events, stats (sampling is shared)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+
+from services.common.requests import Sampling
 
 FINISH_STOP = "stop"
 FINISH_LENGTH = "length"
 FINISH_CANCELLED = "cancelled"
 # token_id of an event that carries no token: the "cancelled" end of a stream.
 NO_TOKEN = -1
-MAX_LOGPROBS = 20
 
 
 class EngineFull(Exception):
@@ -25,32 +26,15 @@ class EngineError(Exception):
 
 
 class InvalidRequest(ValueError):
-    """A request field is out of range; `field` names it."""
+    """A request breaks the engine's preconditions; `field` names it.
+
+    The worker checks every request first (`services.common.requests`), so this is
+    a bug in the caller, answered as an internal error, never a user's mistake.
+    """
 
     def __init__(self, field: str, message: str) -> None:
         super().__init__(f"{field}: {message}")
         self.field = field
-
-
-@dataclass(frozen=True)
-class SamplingConfig:
-    """How to pick each next token; every field applies per request.
-
-    temperature 0 means greedy; top_k 0 and top_p 1 disable those filters; `seed` makes
-    the stream reproducible (alone or batched, and across a resume); `logprobs` asks
-    for the chosen token's log-probability plus that many top alternatives.
-    """
-
-    max_tokens: int
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
-    min_p: float = 0.0
-    repetition_penalty: float = 1.0
-    seed: int | None = None
-    stop_token_ids: frozenset[int] = frozenset()
-    ignore_eos: bool = False
-    logprobs: int | None = None
 
 
 @dataclass
@@ -64,7 +48,7 @@ class EngineRequest:
 
     request_id: str
     prompt_ids: list[int]
-    sampling: SamplingConfig
+    sampling: Sampling  # max_tokens resolved
     continuation_ids: list[int] = field(default_factory=list)
     deadline: float | None = None
 

@@ -26,6 +26,7 @@ from tokenyard.generation.v1 import generation_service_pb2 as gen
 
 from services.common.errors import InvalidArgument, NotFound, TokenyardError
 from services.common.logs import request_id_var
+from services.common.requests import valid_request_id
 from services.common.telemetry import tracer
 from services.router.core import RouterCore
 from services.router.openai_api import convert
@@ -46,7 +47,6 @@ HTTP_SECONDS = Histogram(
     "Duration of OpenAI-compatible HTTP requests (whole streams included), by route.",
     ["route"],
 )
-MAX_REQUEST_ID = 128
 
 Handler = Callable[[Request], Awaitable[Response]]
 
@@ -197,8 +197,7 @@ class _Call(Response):
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         request = self.request
         given = request.headers.get("x-request-id", "")
-        valid = 0 < len(given) <= MAX_REQUEST_ID and given.isprintable()
-        request_id = given if valid else uuid.uuid4().hex
+        request_id = given if valid_request_id(given) else uuid.uuid4().hex
         request.state.request_id = request_id
         token = request_id_var.set(request_id)
         start = time.perf_counter()

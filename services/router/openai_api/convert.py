@@ -105,8 +105,10 @@ def param_of(field: str | None, body: Body | None) -> str | None:
         if name == "max_tokens" and isinstance(body, ChatCompletionRequest):
             return "max_completion_tokens" if body.max_completion_tokens else "max_tokens"
         return name
-    if field in ("input", "prompt", "token_ids") or field.startswith("messages"):
+    if field in ("input", "prompt") or field.startswith(("messages", "token_ids")):
         return "messages" if isinstance(body, ChatCompletionRequest) else "prompt"
+    if field == "logprobs" and isinstance(body, ChatCompletionRequest):
+        return "top_logprobs"
     if field == "request_id":
         return "X-Request-Id"
     return field

@@ -2,7 +2,7 @@
 
 pydantic checks types and shapes (a string where a number belongs is a 400 naming
 the field); value ranges of sampling fields are the router's own
-(`services.router.validation`), checked once after conversion. Fields that
+(`services.common.requests`), checked once after conversion. Fields that
 depend on features the gRPC contract does not have yet are refused here with a
 400 naming them; unknown fields are ignored, as OpenAI does.
 """

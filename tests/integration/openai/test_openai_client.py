@@ -173,6 +173,9 @@ IMAGE_PARAM = "messages[0].content"
         ({"messages": [{"role": "tool", "content": "x"}]}, "messages[0].role"),
         ({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, IMAGE_PARAM),
         ({"messages": []}, "messages"),
+        # The router's own rules (services.common.requests), before any worker:
+        ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
+        ({"stop": ["ok", ""]}, "stop[1]"),
     ],
 )
 def test_a_bad_field_is_a_bad_request_naming_it(

@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-from services.inference.engine import Engine, EngineRequest, SamplingConfig, TokenEvent
+from services.inference.engine import Engine, EngineRequest, Sampling, TokenEvent
 from services.inference.model_loading import LoadedModel
 
 
@@ -42,5 +42,5 @@ def request(
     """An EngineRequest with sampling fields given as keywords (max_tokens defaults to 12)."""
     sampling.setdefault("max_tokens", 12)
     return EngineRequest(
-        request_id, prompt, SamplingConfig(**sampling), continuation_ids=continuation or []
+        request_id, prompt, Sampling(**sampling), continuation_ids=continuation or []
     )

@@ -9,7 +9,7 @@ import threading
 import pytest
 import torch
 
-from services.inference.engine import Engine
+from services.inference.engine import Engine, Sampling
 from services.inference.engine.runner import Runner, packs_weights
 from services.inference.engine.sampling import SampleRow, sample
 from services.inference.engine.threads import (
@@ -17,7 +17,6 @@ from services.inference.engine.threads import (
     confine_torch_threads,
     release_default_threads,
 )
-from services.inference.engine.types import SamplingConfig
 from services.inference.model_loading import LoadedModel
 from tests.doubles.tiny_model import build_tiny_model
 from tests.unit.inference.helpers import collect, request
@@ -66,12 +65,12 @@ def test_sampling_bf16_logits_equals_sampling_them_widened() -> None:
     torch.manual_seed(0)
     logits = (torch.randn(6, 300) * 4).to(torch.bfloat16)
     configs = [
-        SamplingConfig(max_tokens=4, temperature=0.0),
-        SamplingConfig(max_tokens=4, temperature=0.0, logprobs=3),
-        SamplingConfig(max_tokens=4, temperature=0.8, top_p=0.9, seed=1),
-        SamplingConfig(max_tokens=4, temperature=1.2, top_k=20, min_p=0.01, seed=2),
-        SamplingConfig(max_tokens=4, temperature=0.7, repetition_penalty=1.3, seed=3),
-        SamplingConfig(max_tokens=4, temperature=0.0, repetition_penalty=1.5),
+        Sampling(max_tokens=4, temperature=0.0),
+        Sampling(max_tokens=4, temperature=0.0, logprobs=3),
+        Sampling(max_tokens=4, temperature=0.8, top_p=0.9, seed=1),
+        Sampling(max_tokens=4, temperature=1.2, top_k=20, min_p=0.01, seed=2),
+        Sampling(max_tokens=4, temperature=0.7, repetition_penalty=1.3, seed=3),
+        Sampling(max_tokens=4, temperature=0.0, repetition_penalty=1.5),
     ]
     rows = [SampleRow(c, 7, i, [1, 5, 9, 200]) for i, c in enumerate(configs)]
     for subset in (rows[:1], rows[:2], rows):  # all-greedy, greedy + logprobs, mixed

@@ -10,9 +10,8 @@ from typing import Any
 import pytest
 import torch
 
-from services.inference.engine import FINISH_LENGTH, FINISH_STOP, InvalidRequest
+from services.inference.engine import FINISH_LENGTH, FINISH_STOP, InvalidRequest, Sampling
 from services.inference.engine.sampling import SampleRow, sample
-from services.inference.engine.types import SamplingConfig
 from services.inference.model_loading import LoadedModel
 from tests.unit.inference.conftest import EngineFactory
 from tests.unit.inference.helpers import collect, hf_greedy, request
@@ -151,7 +150,7 @@ def test_sampling_follows_the_distribution() -> None:
     # Two tokens with probabilities 0.75 / 0.25: seeded draws over many positions
     # land near those frequencies, and min_p 0.5 removes the rarer one.
     logits = torch.log(torch.tensor([[0.75, 0.25, 0.0]])).float()
-    config = SamplingConfig(max_tokens=1, temperature=1.0)
+    config = Sampling(max_tokens=1, temperature=1.0)
     draws = [sample(logits, [SampleRow(config, 11, pos, [])])[0].token_id for pos in range(2000)]
     assert 0.70 < draws.count(0) / len(draws) < 0.80
     assert 2 not in draws

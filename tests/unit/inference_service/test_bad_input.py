@@ -189,6 +189,12 @@ async def test_list_models_page_checks(worker: Running) -> None:
     assert details_of(caught.value).metadata["field"] == "page_size"
 
 
+async def test_list_models_page_size_rule_is_the_routers(worker: Running) -> None:
+    # Over the maximum means the maximum (as the router has it), not an error.
+    reply = await worker.gen.ListModels(gen.ListModelsRequest(page_size=10**6))
+    assert [m.name for m in reply.models] == [MODEL]
+
+
 async def test_invalid_utf8_is_refused_and_worker_keeps_serving(worker: Running) -> None:
     # Python clients cannot even build such a message; another language's client
     # could send one, so send the bytes by hand: field 2 (prompt), bytes ff fe.

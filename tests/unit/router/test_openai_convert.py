@@ -135,6 +135,15 @@ def test_grpc_field_names_become_openai_params() -> None:
     assert convert.param_of(None, completion) is None
 
 
+def test_the_shared_rules_field_names_become_openai_params() -> None:
+    completion = CompletionRequest.model_validate({"model": "m", "prompt": [1, 2]})
+    assert convert.param_of("token_ids.ids", completion) == "prompt"
+    assert convert.param_of("token_ids.ids[1]", completion) == "prompt"
+    assert convert.param_of("logprobs", completion) == "logprobs"
+    assert convert.param_of("logprobs", chat(logprobs=True)) == "top_logprobs"
+    assert convert.param_of("messages.messages[0].role", chat()) == "messages"
+
+
 def test_finish_reasons_are_never_empty() -> None:
     assert convert.finish_reason(gen.FINISH_REASON_STOP) == "stop"
     assert convert.finish_reason(gen.FINISH_REASON_STOP_SEQUENCE) == "stop"
