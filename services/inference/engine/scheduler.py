@@ -19,8 +19,8 @@ from typing import Any
 
 import torch
 
+from services.inference.engine.kv_cache import CAPACITY_STEP, DecodeBatch, ModelRunner, SlotCache
 from services.inference.engine.prefix_cache import PrefixCache
-from services.inference.engine.runner import CAPACITY_STEP, DecodeBatch, KVCache, Runner
 from services.inference.engine.sampling import Sampled, SampleRow, sample
 from services.inference.engine.types import (
     FINISH_CANCELLED,
@@ -85,7 +85,7 @@ class Scheduler:
 
     def __init__(
         self,
-        runner: Runner,
+        runner: ModelRunner,
         *,
         max_running: int,
         max_batch_tokens: int,
@@ -103,7 +103,7 @@ class Scheduler:
         self.eos_token_ids = eos_token_ids
         self.prefix_cache = prefix_cache
         self._initial_capacity = min(initial_capacity, context_length)
-        self.cache: KVCache = runner.new_cache(max_running, self._initial_capacity)
+        self.cache: SlotCache = runner.new_cache(max_running, self._initial_capacity)
         self.running: list[Sequence] = []
         self.waiting: deque[Sequence] = deque()
         self._deliver = deliver
