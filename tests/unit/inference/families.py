@@ -82,6 +82,18 @@ GENERIC_FAMILIES: dict[str, tuple[str, dict[str, Any]]] = {
             "tie_word_embeddings": False,
         },
     ),
+    # Gemma 3: sliding-window layers (window 16) between global ones, q/k norms,
+    # soft-capped attention: its transformers cache is not plain keys and values.
+    "gemma3_text": (
+        "Gemma3TextConfig",
+        {
+            **_COMMON,
+            "head_dim": 16,
+            "sliding_window": 16,
+            "layer_types": ["sliding_attention", "full_attention"],
+            "tie_word_embeddings": False,
+        },
+    ),
 }
 
 
