@@ -6,7 +6,8 @@ own cache, one sequence at a time: each sequence keeps a transformers
 `DynamicCache`, built from the model's config as `generate` builds it, in its slot.
 Every step computes the same calls `generate` makes for that sequence alone, so the
 output is what transformers gives, at batch one's speed. The scheduler, sampling,
-streaming, cancellation and limits are the engine's, as on the fast path. The prefix
+streaming, cancellation and limits are the engine's, as on the fast path; prompts
+are prefilled whole, never in chunks (see `whole_prompts`). The prefix
 cache is off here: a transformers cache can hold more than keys and values per
 position (sliding windows, recurrent state), so its blocks cannot be copied safely.
 """
@@ -71,6 +72,10 @@ class GenericRunner:
 
     path = "generic"
     supports_prefix_cache = False
+    # A prompt split into chunks can change the result: rotary types that pick their
+    # frequencies from the longest position in a call (longrope, dynamic NTK) would
+    # encode a long prompt's first chunk unlike `generate`, which sees it whole.
+    whole_prompts = True
     packed = False
     released_bytes = 0
 

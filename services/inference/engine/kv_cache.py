@@ -69,6 +69,8 @@ class ModelRunner(Protocol):
     vocab_size: int
     context_length: int
     supports_prefix_cache: bool
+    # Prefill each prompt in one call: its output may depend on how it is split.
+    whole_prompts: bool
 
     def new_cache(self, slots: int, capacity: int = CAPACITY_STEP) -> SlotCache:
         """An empty cache for `slots` sequences."""

@@ -117,6 +117,7 @@ class Runner:
         self.vocab_size = int(model.lm_head.weight.shape[0])
         self.path = "fast"
         self.supports_prefix_cache = True
+        self.whole_prompts = False
         self.packed = (
             packs_weights(self.dtype, self.device) if pack_weights is None else pack_weights
         )

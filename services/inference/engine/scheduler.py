@@ -233,7 +233,9 @@ class Scheduler:
         for seq in sorted((s for s in self.running if s.prefilling), key=lambda s: s.order):
             if budget <= 0:
                 break
-            n = min(seq.n_prefill - seq.computed, budget)
+            n = seq.n_prefill - seq.computed
+            if not self.runner.whole_prompts:
+                n = min(n, budget)
             budget -= n
             planned.append((seq, n))
         if not decoding and not planned:

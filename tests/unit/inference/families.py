@@ -82,6 +82,22 @@ GENERIC_FAMILIES: dict[str, tuple[str, dict[str, Any]]] = {
             "tie_word_embeddings": False,
         },
     ),
+    # Phi-3 128k / Phi-3.5: "longrope" picks its frequencies by sequence length (long
+    # past 32 positions here), which the fast path does not model.
+    "phi3_longrope": (
+        "Phi3Config",
+        {
+            **_COMMON,
+            "original_max_position_embeddings": 32,
+            "rope_parameters": {
+                "rope_type": "longrope",
+                "rope_theta": 10000.0,
+                "short_factor": [1.0 + i / 8 for i in range(8)],
+                "long_factor": [2.0 + i for i in range(8)],
+                "original_max_position_embeddings": 32,
+            },
+        },
+    ),
     # Gemma 3: sliding-window layers (window 16) between global ones, q/k norms,
     # soft-capped attention: its transformers cache is not plain keys and values.
     "gemma3_text": (

@@ -1,7 +1,8 @@
 """Models without a fast path run on transformers' own forward, under the same engine.
 
-Greedy output equals transformers' generate (alone, batched, with chunked prefill,
-after a resume); seeded sampling, cancellation and limits behave as on the fast path.
+Greedy output equals transformers' generate (alone, batched, under a token budget
+smaller than the long prompts, after a resume); seeded sampling, cancellation and
+limits behave as on the fast path.
 """
 
 from __future__ import annotations
@@ -39,10 +40,11 @@ def ids(events: list[TokenEvent]) -> list[int]:
     return [e.token_id for e in events]
 
 
-async def test_greedy_alone_batched_and_chunked_match_generate(
+async def test_greedy_alone_batched_and_over_budget_match_generate(
     make_engine: EngineFactory, generic: LoadedModel, prompts: list[list[int]]
 ) -> None:
-    engine = make_engine(generic, max_batch_tokens=20)  # long prompts in several chunks
+    # Prompts longer than the budget: prefilled whole all the same (longrope needs it).
+    engine = make_engine(generic, max_batch_tokens=20)
     assert engine.path == "generic" and not engine.prefix_cache_enabled
     references = [hf_greedy(generic, p, NEW) for p in prompts]
     assert len({tuple(r) for r in references}) > 1
