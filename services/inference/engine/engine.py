@@ -29,7 +29,7 @@ from collections.abc import AsyncIterator
 import torch
 
 from services.inference.engine.generic import GenericRunner, select_runner
-from services.inference.engine.kv_cache import ModelRunner
+from services.inference.engine.kv_cache import MIN_KV_POSITIONS, kv_positions
 from services.inference.engine.prefix_cache import PrefixCache
 from services.inference.engine.runner import Runner
 from services.inference.engine.sampling import SampleRow, sample
@@ -49,6 +49,7 @@ from services.inference.engine.types import (
 )
 from services.inference.model_loading import LoadedModel
 
+__all__ = ["MIN_KV_POSITIONS", "Engine", "kv_positions"]
 log = logging.getLogger(__name__)
 _RATE_WINDOW_S = 10.0
 
@@ -397,27 +398,6 @@ class Engine:
         for loop, future in waiters:
             with contextlib.suppress(RuntimeError):
                 loop.call_soon_threadsafe(_resolve, future)
-
-
-MIN_KV_POSITIONS = 64
-
-
-def kv_positions(runner: ModelRunner, max_running: int, budget_bytes: int) -> int:
-    """Positions per sequence that a KV cache of `budget_bytes` holds for every slot.
-
-    Each of the `max_running` slots may grow to the engine's context length, so the
-    budget caps that length: the cache can never outgrow it, whatever the requests.
-    Raises ValueError when the budget cannot hold even `MIN_KV_POSITIONS`.
-    """
-    per_position = runner.kv_bytes_per_position() * max_running
-    positions = budget_bytes // per_position
-    if positions < MIN_KV_POSITIONS:
-        raise ValueError(
-            f"a KV cache of {budget_bytes / 2**20:.1f} MiB holds {positions} positions per "
-            f"sequence at max_running={max_running} ({per_position} bytes per position); "
-            f"at least {MIN_KV_POSITIONS} are needed: give it more memory or lower max_running"
-        )
-    return int(positions)
 
 
 def _resolve(future: asyncio.Future[None]) -> None:

@@ -98,6 +98,27 @@ class ModelRunner(Protocol):
         """One token for each of slots ``0..B-1``; returns logits ``[B, vocab]``."""
 
 
+MIN_KV_POSITIONS = 64
+
+
+def kv_positions(runner: ModelRunner, max_running: int, budget_bytes: int) -> int:
+    """Positions per sequence that a KV cache of `budget_bytes` holds for every slot.
+
+    Each of the `max_running` slots may grow to the engine's context length, so the
+    budget caps that length: the cache can never outgrow it, whatever the requests.
+    Raises ValueError when the budget cannot hold even `MIN_KV_POSITIONS`.
+    """
+    per_position = runner.kv_bytes_per_position() * max_running
+    positions = budget_bytes // per_position
+    if positions < MIN_KV_POSITIONS:
+        raise ValueError(
+            f"a KV cache of {budget_bytes / 2**20:.1f} MiB holds {positions} positions per "
+            f"sequence at max_running={max_running} ({per_position} bytes per position); "
+            f"at least {MIN_KV_POSITIONS} are needed: give it more memory or lower max_running"
+        )
+    return int(positions)
+
+
 class KVCache:
     """Keys and values per (layer, slot): ``[layers, slots, kv_heads, capacity, head_dim]``.
 
