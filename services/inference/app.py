@@ -74,6 +74,9 @@ class InferenceApp:
             take_model_weights=owns_model,
         )
         log.info(
+            "model %s: %s path", loaded.name, self.engine.path, extra={"path": self.engine.path}
+        )
+        log.info(
             "kv cache budget %d MiB: up to %d positions per sequence, %d sequences",
             kv_bytes // 2**20,
             self.engine.context_length,
@@ -87,8 +90,9 @@ class InferenceApp:
             max_queued=settings.max_queued,
             device=str(loaded.device),
             dtype=_dtype_name(loaded.dtype),
-            prefix_cache=settings.prefix_cache,
+            prefix_cache=self.engine.prefix_cache_enabled,
             version=tokenyard_version(),
+            execution_path=self.engine.path,
         )
         self.server = GrpcServer(
             settings.server, service_token=settings.internal.service_token or None

@@ -36,7 +36,7 @@ async def _run(settings: Any) -> int:
     from services.common.lifecycle import observe, serve
     from services.common.telemetry import shutdown_telemetry
     from services.inference.app import InferenceApp, load
-    from services.inference.engine.runner import UnsupportedModelError
+    from services.inference.engine.families import UnsupportedModelError
     from services.inference.engine.threads import confine_torch_threads
     from services.inference.model_loading import ModelLoadError
 

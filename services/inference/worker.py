@@ -90,6 +90,7 @@ class WorkerInfo:
     dtype: str
     prefix_cache: bool
     version: str
+    execution_path: str = "fast"  # "fast" (the engine's forward pass) or "generic"
 
 
 @dataclass(frozen=True)

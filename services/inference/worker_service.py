@@ -12,6 +12,7 @@ from tokenyard.inference.v1 import worker_service_pb2_grpc as pb_grpc
 from services.inference.worker import LoadReport, Worker
 
 SERVICE_NAME = "tokenyard.inference.v1.WorkerService"
+_PATHS = {"fast": pb.EXECUTION_PATH_FAST, "generic": pb.EXECUTION_PATH_GENERIC}
 DEFAULT_INTERVAL_MS = 250
 MIN_INTERVAL_MS = 10
 
@@ -54,6 +55,7 @@ class WorkerServicer(pb_grpc.WorkerServiceServicer):
             dtype=info.dtype,
             version=info.version,
             prefix_cache=info.prefix_cache,
+            execution_path=_PATHS.get(info.execution_path, pb.EXECUTION_PATH_UNSPECIFIED),
         )
 
     async def WatchLoad(

@@ -29,6 +29,8 @@ from collections.abc import AsyncIterator
 import torch
 
 from services.common.requests import Sampling, sampling_error
+from services.inference.engine.generic import GenericRunner, select_runner
+from services.inference.engine.kv_cache import MIN_KV_POSITIONS, kv_positions
 from services.inference.engine.prefix_cache import PrefixCache
 from services.inference.engine.runner import Runner
 from services.inference.engine.sampling import SampleRow, sample
@@ -46,6 +48,7 @@ from services.inference.engine.types import (
 )
 from services.inference.model_loading import LoadedModel
 
+__all__ = ["MIN_KV_POSITIONS", "Engine", "kv_positions"]
 log = logging.getLogger(__name__)
 _RATE_WINDOW_S = 10.0
 
@@ -60,7 +63,9 @@ class Engine:
     intra-op threads the compute thread claims when it starts (threads.py); None
     leaves torch's thread settings alone. `take_model_weights` frees the loaded
     model's copies of the weights the engine keeps (see `Runner`): for a process
-    that serves the model with this engine only.
+    that serves the model with this engine only. The model runs on the fast path
+    where `Runner` implements its family, else on the generic path (generic.py),
+    where the prefix cache is off; `path` says which.
     """
 
     def __init__(
@@ -90,8 +95,11 @@ class Engine:
         self.max_running = max_running
         self.max_queued = max_queued
         self.max_batch_tokens = max_batch_tokens
-        self.runner = Runner(loaded.model, take_weights=take_model_weights)
-        if take_model_weights:
+        self.runner: Runner | GenericRunner = select_runner(
+            loaded.model, take_weights=take_model_weights
+        )
+        log.info("%s runs on the %s path", loaded.name, self.runner.path)
+        if take_model_weights and self.runner.released_bytes:
             log.info(
                 "engine took the model's weights: %d MiB of copies freed",
                 self.runner.released_bytes // 2**20,
@@ -101,6 +109,7 @@ class Engine:
             self.context_length = min(
                 self.context_length, kv_positions(self.runner, max_running, kv_cache_bytes)
             )
+        prefix_cache = prefix_cache and self.runner.supports_prefix_cache
         cache = PrefixCache(prefix_block_size, prefix_cache_bytes) if prefix_cache else None
         self._scheduler = Scheduler(
             self.runner,
@@ -124,6 +133,16 @@ class Engine:
         self._pending_tokens = 0
         self._total_requests = 0
         self._total_prompt_tokens = 0
+
+    @property
+    def path(self) -> str:
+        """ "fast" (the engine's own forward pass) or "generic" (transformers runs it)."""
+        return self.runner.path
+
+    @property
+    def prefix_cache_enabled(self) -> bool:
+        """Whether prompts reuse cached prefixes (asked for, and the path supports it)."""
+        return self._prefix_cache is not None
 
     @property
     def vocab_size(self) -> int:
@@ -375,27 +394,6 @@ class Engine:
         for loop, future in waiters:
             with contextlib.suppress(RuntimeError):
                 loop.call_soon_threadsafe(_resolve, future)
-
-
-MIN_KV_POSITIONS = 64
-
-
-def kv_positions(runner: Runner, max_running: int, budget_bytes: int) -> int:
-    """Positions per sequence that a KV cache of `budget_bytes` holds for every slot.
-
-    Each of the `max_running` slots may grow to the engine's context length, so the
-    budget caps that length: the cache can never outgrow it, whatever the requests.
-    Raises ValueError when the budget cannot hold even `MIN_KV_POSITIONS`.
-    """
-    per_position = runner.kv_bytes_per_position() * max_running
-    positions = budget_bytes // per_position
-    if positions < MIN_KV_POSITIONS:
-        raise ValueError(
-            f"a KV cache of {budget_bytes / 2**20:.1f} MiB holds {positions} positions per "
-            f"sequence at max_running={max_running} ({per_position} bytes per position); "
-            f"at least {MIN_KV_POSITIONS} are needed: give it more memory or lower max_running"
-        )
-    return int(positions)
 
 
 def _resolve(future: asyncio.Future[None]) -> None:

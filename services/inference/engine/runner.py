@@ -1,29 +1,52 @@
-"""A lean batched forward pass for Llama-family decoders over a slot KV cache.
+"""The fast path: a lean batched forward pass for Llama-shaped decoders over a slot KV cache.
 
 Why not call the transformers model each step: its eager forward costs ~45 ms per
 decode step on the 2-core CPU whatever the batch, mostly Python and dispatch. This
 runner reads the same weights (fused QKV and gate/up projections, precomputed
 rotary tables) and issues a handful of tensor ops per layer, so a decode step costs
-little more than its matmuls. Numerics follow transformers' Llama exactly (same op
-order and dtypes), which the unit tests check token for token in float32.
+little more than its matmuls. Numerics follow transformers exactly (same op order and
+dtypes) for each family in families.py, which the unit tests check token for token
+in float32.
 """
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
-from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-SUPPORTED_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2"})
+from services.inference.engine.families import (
+    FAST_MODEL_TYPES,
+    Layer,
+    UnsupportedModelError,
+    attention_span,
+    bias,
+    cat_bias,
+    check_fast_path,
+    gate_up_modules,
+    head_norms,
+    qkv_modules,
+)
+from services.inference.engine.kv_cache import (
+    CAPACITY_STEP,
+    Chunks,
+    DecodeBatch,
+    KVCache,
+    SlotCache,
+)
 
-
-class UnsupportedModelError(ValueError):
-    """The model's architecture is not one the runner implements."""
+__all__ = [
+    "CAPACITY_STEP",
+    "FAST_MODEL_TYPES",
+    "DecodeBatch",
+    "KVCache",
+    "Runner",
+    "UnsupportedModelError",
+    "packs_weights",
+]
 
 
 def packs_weights(dtype: torch.dtype, device: torch.device) -> bool:
@@ -44,118 +67,6 @@ def _packed_linear(
 ) -> torch.Tensor:
     out: torch.Tensor = torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
     return out
-
-
-@dataclass
-class _Layer:
-    ln1: torch.Tensor
-    ln2: torch.Tensor
-    w_qkv: torch.Tensor
-    b_qkv: torch.Tensor | None
-    w_o: torch.Tensor
-    b_o: torch.Tensor | None
-    w_gate_up: torch.Tensor
-    b_gate_up: torch.Tensor | None
-    w_down: torch.Tensor
-    b_down: torch.Tensor | None
-
-
-@dataclass(frozen=True)
-class DecodeBatch:
-    """One new token for each of cache slots ``0..B-1``.
-
-    `positions` are rotary positions, `write_index` the flat cache rows (see
-    `Runner.write_rows`) receiving the new keys/values, `mask` ``[B, 1, 1, L]`` which
-    of the first L cached positions each row attends to, and `rows` the rows whose
-    logits are wanted (slots that ride along as no-ops are left out). L equal to the
-    cache's capacity is fastest on CPU (no copies: 10-25% of a 64-row step).
-    """
-
-    tokens: torch.Tensor
-    positions: torch.Tensor
-    write_index: torch.Tensor
-    mask: torch.Tensor
-    rows: torch.Tensor
-
-
-CAPACITY_STEP = 64  # cache capacities are multiples of this many positions
-
-
-class KVCache:
-    """Keys and values per (layer, slot): ``[layers, slots, kv_heads, capacity, head_dim]``.
-
-    Capacity grows when a sequence needs more positions, so memory follows the longest
-    running sequence instead of the model's full context. It grows by a quarter (at
-    least one `CAPACITY_STEP`) rather than doubling: decode attention reads a slot's
-    whole capacity, which is contiguous, so it is kept close to the length in use.
-    """
-
-    def __init__(self, runner: Runner, slots: int, capacity: int) -> None:
-        self.runner = runner
-        self.slots = slots
-        shape = (runner.n_layers, slots, runner.n_kv_heads, capacity, runner.head_dim)
-        self.k = torch.zeros(shape, dtype=runner.dtype, device=runner.device)
-        self.v = torch.zeros(shape, dtype=runner.dtype, device=runner.device)
-
-    @property
-    def capacity(self) -> int:
-        """Positions each slot can hold."""
-        return int(self.k.shape[3])
-
-    def nbytes(self) -> int:
-        """Memory held by keys and values."""
-        return 2 * self.k.numel() * self.k.element_size()
-
-    def ensure_capacity(self, needed: int, limit: int) -> None:
-        """Grow every slot to hold at least `needed` positions (at most `limit`)."""
-        if needed <= self.capacity:
-            return
-        wanted = max(needed, self.capacity + self.capacity // 4)
-        new_cap = -(-wanted // CAPACITY_STEP) * CAPACITY_STEP
-        new_cap = max(min(new_cap, limit), needed)
-        for name in ("k", "v"):
-            old = getattr(self, name)
-            new = torch.zeros(
-                (*old.shape[:3], new_cap, old.shape[4]), dtype=old.dtype, device=old.device
-            )
-            new[:, :, :, : old.shape[3]] = old
-            setattr(self, name, new)
-
-    def move(self, src: int, dst: int, length: int) -> None:
-        """Copy the first `length` positions of slot `src` into slot `dst`."""
-        self.k[:, dst, :, :length] = self.k[:, src, :, :length]
-        self.v[:, dst, :, :length] = self.v[:, src, :, :length]
-
-    def read(self, slot: int, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Copies of positions [start, end) of `slot`: ``[layers, kv_heads, n, head_dim]``."""
-        return (
-            self.k[:, slot, :, start:end].clone(),
-            self.v[:, slot, :, start:end].clone(),
-        )
-
-    def write(self, slot: int, start: int, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Store `k`/`v` (as returned by `read`) at positions from `start` of `slot`."""
-        end = start + k.shape[2]
-        self.k[:, slot, :, start:end] = k
-        self.v[:, slot, :, start:end] = v
-
-
-def _bias(module: Any) -> torch.Tensor | None:
-    bias = getattr(module, "bias", None)
-    return None if bias is None else bias.detach()
-
-
-def _cat_bias(*modules: Any) -> torch.Tensor | None:
-    biases = [_bias(m) for m in modules]
-    if all(b is None for b in biases):
-        return None
-    parts = [
-        b
-        if b is not None
-        else torch.zeros(m.weight.shape[0], dtype=m.weight.dtype, device=m.weight.device)
-        for b, m in zip(biases, modules, strict=True)
-    ]
-    return torch.cat(parts)
 
 
 def _release(modules: list[Any], keep: torch.Tensor) -> int:
@@ -190,17 +101,7 @@ class Runner:
         as the model; the model can then no longer run by itself.
         """
         config = model.config
-        if config.model_type not in SUPPORTED_MODEL_TYPES:
-            raise UnsupportedModelError(
-                f"model type {config.model_type!r} is not supported by the engine "
-                f"(supported: {', '.join(sorted(SUPPORTED_MODEL_TYPES))})"
-            )
-        if getattr(config, "hidden_act", "silu") != "silu":
-            raise UnsupportedModelError(f"activation {config.hidden_act!r} is not supported")
-        window = getattr(config, "sliding_window", None)
-        uses_window = getattr(config, "use_sliding_window", window is not None)
-        if uses_window and window is not None and window < config.max_position_embeddings:
-            raise UnsupportedModelError("sliding-window attention is not supported")
+        check_fast_path(config)
         inner = model.model
         self.n_layers = int(config.num_hidden_layers)
         self.n_heads = int(config.num_attention_heads)
@@ -209,11 +110,14 @@ class Runner:
         self.groups = self.n_heads // self.n_kv_heads
         self.eps = float(config.rms_norm_eps)
         self.scaling = self.head_dim**-0.5
-        self.context_length = int(config.max_position_embeddings)
+        self.context_length = attention_span(config)
         first = inner.embed_tokens.weight
         self.dtype: torch.dtype = first.dtype
         self.device: torch.device = first.device
         self.vocab_size = int(model.lm_head.weight.shape[0])
+        self.path = "fast"
+        self.supports_prefix_cache = True
+        self.whole_prompts = False
         self.packed = (
             packs_weights(self.dtype, self.device) if pack_weights is None else pack_weights
         )
@@ -230,26 +134,31 @@ class Runner:
         self.released_bytes = (
             _release(self._copied, inner.embed_tokens.weight) if take_weights else 0
         )
-        half = self.head_dim // 2
-        sign = torch.ones(self.head_dim, dtype=sin.dtype, device=self.device)
+        self.rotary_dim = int(cos.shape[-1])  # less than head_dim: partial rotary (Phi-4-mini)
+        half = self.rotary_dim // 2
+        sign = torch.ones(self.rotary_dim, dtype=sin.dtype, device=self.device)
         sign[:half] = -1
         # rotate_half(x) * sin == roll(x, half) * (sign * sin): one op fewer per layer.
         self.cos = cos[0].contiguous()
         self.sin_signed = (sin[0] * sign).contiguous()
 
-    def _layer(self, layer: Any) -> _Layer:
+    def _layer(self, layer: Any) -> Layer:
         attn, mlp = layer.self_attn, layer.mlp
-        return _Layer(
+        qkv, gate_up = qkv_modules(layer), gate_up_modules(layer)
+        q_norm, k_norm = head_norms(layer)
+        return Layer(
             ln1=layer.input_layernorm.weight.detach(),
             ln2=layer.post_attention_layernorm.weight.detach(),
-            w_qkv=self._weight(attn.q_proj, attn.k_proj, attn.v_proj),
-            b_qkv=_cat_bias(attn.q_proj, attn.k_proj, attn.v_proj),
+            w_qkv=self._weight(*qkv),
+            b_qkv=cat_bias(*qkv),
             w_o=self._weight(attn.o_proj),
-            b_o=_bias(attn.o_proj),
-            w_gate_up=self._weight(mlp.gate_proj, mlp.up_proj),
-            b_gate_up=_cat_bias(mlp.gate_proj, mlp.up_proj),
+            b_o=bias(attn.o_proj),
+            w_gate_up=self._weight(*gate_up),
+            b_gate_up=cat_bias(*gate_up),
             w_down=self._weight(mlp.down_proj),
-            b_down=_bias(mlp.down_proj),
+            b_down=bias(mlp.down_proj),
+            q_norm=q_norm,
+            k_norm=k_norm,
         )
 
     def _weight(self, *modules: Any) -> torch.Tensor:
@@ -270,7 +179,14 @@ class Runner:
 
     def new_cache(self, slots: int, capacity: int = CAPACITY_STEP) -> KVCache:
         """An empty cache for `slots` sequences."""
-        return KVCache(self, slots, min(capacity, self.context_length))
+        shape = (
+            self.n_layers,
+            slots,
+            self.n_kv_heads,
+            min(capacity, self.context_length),
+            self.head_dim,
+        )
+        return KVCache(shape, self.dtype, self.device)
 
     def _rms_norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         # Same as transformers' LlamaRMSNorm: normalise in float32, scale in model dtype.
@@ -278,14 +194,26 @@ class Runner:
         return weight * normed.to(x.dtype)
 
     def _rope(self, qk: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        return qk * cos + torch.roll(qk, self.head_dim // 2, -1) * sin
+        rd = self.rotary_dim
+        if rd == self.head_dim:
+            return qk * cos + torch.roll(qk, rd // 2, -1) * sin
+        rot = qk[..., :rd]
+        return torch.cat([rot * cos + torch.roll(rot, rd // 2, -1) * sin, qk[..., rd:]], dim=-1)
 
-    def _mlp(self, x: torch.Tensor, layer: _Layer) -> torch.Tensor:
+    def _head_norms(self, qk: torch.Tensor, layer: Layer) -> torch.Tensor:
+        """Qwen3's RMSNorm on each query and key head (before rotary)."""
+        if layer.q_norm is None or layer.k_norm is None:
+            return qk
+        nh = self.n_heads
+        q = self._rms_norm(qk[:, :nh], layer.q_norm)
+        return torch.cat([q, self._rms_norm(qk[:, nh:], layer.k_norm)], dim=1)
+
+    def _mlp(self, x: torch.Tensor, layer: Layer) -> torch.Tensor:
         h = self._rms_norm(x, layer.ln2)
         gate, up = self._linear(h, layer.w_gate_up, layer.b_gate_up).chunk(2, dim=-1)
         return x + self._linear(F.silu(gate) * up, layer.w_down, layer.b_down)
 
-    def write_rows(self, cache: KVCache, write_pos: torch.Tensor) -> torch.Tensor:
+    def write_rows(self, cache: SlotCache, write_pos: torch.Tensor) -> torch.Tensor:
         """Flat row indices in a layer's ``[slots*kv_heads*capacity, head_dim]`` view."""
         b = write_pos.shape[0]
         heads = torch.arange(self.n_kv_heads, device=self.device)
@@ -295,7 +223,7 @@ class Runner:
 
     def decode(
         self,
-        cache: KVCache,
+        cache: SlotCache,
         tokens: torch.Tensor,
         positions: torch.Tensor,
         write_index: torch.Tensor,
@@ -305,18 +233,16 @@ class Runner:
         rows = torch.arange(tokens.shape[0], device=self.device)
         return self.forward(cache, DecodeBatch(tokens, positions, write_index, mask, rows), ())
 
-    def prefill(
-        self, cache: KVCache, chunks: Sequence[tuple[int, torch.Tensor, int]]
-    ) -> torch.Tensor:
+    def prefill(self, cache: SlotCache, chunks: Chunks) -> torch.Tensor:
         """Prompt chunks ``(slot, tokens, start)`` only; returns ``[len(chunks), vocab]``."""
         return self.forward(cache, None, chunks)
 
     @torch.inference_mode()
     def forward(
         self,
-        cache: KVCache,
+        cache: SlotCache,
         decode: DecodeBatch | None,
-        chunks: Sequence[tuple[int, torch.Tensor, int]],
+        chunks: Chunks,
     ) -> torch.Tensor:
         """One pass over a decode batch and prompt chunks together; returns logits.
 
@@ -326,6 +252,7 @@ class Runner:
         start)`` needs positions before `start` cached already. Returns the logits
         of ``decode.rows`` followed by those of each chunk's last token.
         """
+        assert isinstance(cache, KVCache), "the fast path runs over its own KVCache"
         nh, nkv, hd, g = self.n_heads, self.n_kv_heads, self.head_dim, self.groups
         device = self.device
         tokens: list[torch.Tensor] = []
@@ -360,7 +287,7 @@ class Runner:
         for i, layer in enumerate(self.layers):
             h = self._rms_norm(x, layer.ln1)
             qkv = self._linear(h, layer.w_qkv, layer.b_qkv).view(total, nh + 2 * nkv, hd)
-            qk = self._rope(qkv[:, : nh + nkv], cos, sin)
+            qk = self._rope(self._head_norms(qkv[:, : nh + nkv], layer), cos, sin)
             outs: list[torch.Tensor] = []
             if decode is not None:
                 # Written before the chunks: a prompt slot riding along in the decode

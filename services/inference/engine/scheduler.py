@@ -19,8 +19,8 @@ from typing import Any
 
 import torch
 
+from services.inference.engine.kv_cache import CAPACITY_STEP, DecodeBatch, ModelRunner, SlotCache
 from services.inference.engine.prefix_cache import PrefixCache
-from services.inference.engine.runner import CAPACITY_STEP, DecodeBatch, KVCache, Runner
 from services.inference.engine.sampling import Sampled, SampleRow, sample
 from services.inference.engine.types import (
     FINISH_CANCELLED,
@@ -88,7 +88,7 @@ class Scheduler:
 
     def __init__(
         self,
-        runner: Runner,
+        runner: ModelRunner,
         *,
         max_running: int,
         max_batch_tokens: int,
@@ -106,7 +106,7 @@ class Scheduler:
         self.eos_token_ids = eos_token_ids
         self.prefix_cache = prefix_cache
         self._initial_capacity = min(initial_capacity, context_length)
-        self.cache: KVCache = runner.new_cache(max_running, self._initial_capacity)
+        self.cache: SlotCache = runner.new_cache(max_running, self._initial_capacity)
         self.running: list[Sequence] = []
         self.waiting: deque[Sequence] = deque()
         self._deliver = deliver
@@ -236,7 +236,9 @@ class Scheduler:
         for seq in sorted((s for s in self.running if s.prefilling), key=lambda s: s.order):
             if budget <= 0:
                 break
-            n = min(seq.n_prefill - seq.computed, budget)
+            n = seq.n_prefill - seq.computed
+            if not self.runner.whole_prompts:
+                n = min(n, budget)
             budget -= n
             planned.append((seq, n))
         if not decoding and not planned:

@@ -11,16 +11,22 @@ import torch
 
 from services.inference.engine import Engine
 from services.inference.engine.detokenizer import IncrementalDetokenizer
-from services.inference.model_loading import load_model
+from services.inference.model_loading import demo_gguf_path, load_model
+from services.inference.model_sources import content_digest
 from tests.unit.inference.helpers import collect, request
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
 
 
+def _entry_name() -> str:
+    gguf = demo_gguf_path()
+    return f"{gguf.stem}-{content_digest(gguf)}"
+
+
 def _cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     # Reuse the user's converted copy when present (2 s) instead of converting (25 s).
     shared = Path(os.path.expanduser("~/.cache/tokenyard/models"))
-    if (shared / "smollm2-135m-instruct" / "config.json").is_file():
+    if (shared / _entry_name() / "config.json").is_file():
         return shared
     return tmp_path_factory.mktemp("models")
 
@@ -52,9 +58,10 @@ async def test_demo_model_knows_the_capital_of_france(
 def test_demo_alias_converts_once_into_the_cache(tmp_path: Path) -> None:
     # The GGUF is dequantized and saved as safetensors once; later loads use the copy.
     first = load_model("smollm2-135m", device="cpu", dtype="float32", cache_dir=tmp_path)
+    name = _entry_name()
     entries = sorted(p.name for p in tmp_path.iterdir())
-    assert entries == ["smollm2-135m-instruct"]  # no temporary folder left behind
-    folder = tmp_path / "smollm2-135m-instruct"
+    assert entries == [f".{name}.lock", name]  # no temporary folder left behind
+    folder = tmp_path / name
     assert (folder / "model.safetensors").is_file() and (folder / "tokenizer.json").is_file()
     assert first.context_length == 8192 and first.eos_token_ids
     started = time.monotonic()

@@ -141,6 +141,7 @@ async def test_describe() -> None:
     assert info.device == "cpu"
     assert info.dtype == "float32"
     assert info.prefix_cache is True
+    assert info.execution_path == wpb.EXECUTION_PATH_FAST
     assert info.version
     assert info.worker_id.startswith("127.0.0.1:")
 

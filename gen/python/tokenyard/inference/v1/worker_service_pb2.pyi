@@ -1,6 +1,7 @@
 import datetime
 
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from collections.abc import Mapping as _Mapping
@@ -8,12 +9,21 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class ExecutionPath(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    EXECUTION_PATH_UNSPECIFIED: _ClassVar[ExecutionPath]
+    EXECUTION_PATH_FAST: _ClassVar[ExecutionPath]
+    EXECUTION_PATH_GENERIC: _ClassVar[ExecutionPath]
+EXECUTION_PATH_UNSPECIFIED: ExecutionPath
+EXECUTION_PATH_FAST: ExecutionPath
+EXECUTION_PATH_GENERIC: ExecutionPath
+
 class DescribeRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
 class DescribeResponse(_message.Message):
-    __slots__ = ("worker_id", "model", "context_length", "vocab_size", "max_running", "max_queued", "device", "dtype", "version", "prefix_cache")
+    __slots__ = ("worker_id", "model", "context_length", "vocab_size", "max_running", "max_queued", "device", "dtype", "version", "prefix_cache", "execution_path")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     CONTEXT_LENGTH_FIELD_NUMBER: _ClassVar[int]
@@ -24,6 +34,7 @@ class DescribeResponse(_message.Message):
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     PREFIX_CACHE_FIELD_NUMBER: _ClassVar[int]
+    EXECUTION_PATH_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     model: str
     context_length: int
@@ -34,7 +45,8 @@ class DescribeResponse(_message.Message):
     dtype: str
     version: str
     prefix_cache: bool
-    def __init__(self, worker_id: _Optional[str] = ..., model: _Optional[str] = ..., context_length: _Optional[int] = ..., vocab_size: _Optional[int] = ..., max_running: _Optional[int] = ..., max_queued: _Optional[int] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., version: _Optional[str] = ..., prefix_cache: _Optional[bool] = ...) -> None: ...
+    execution_path: ExecutionPath
+    def __init__(self, worker_id: _Optional[str] = ..., model: _Optional[str] = ..., context_length: _Optional[int] = ..., vocab_size: _Optional[int] = ..., max_running: _Optional[int] = ..., max_queued: _Optional[int] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., version: _Optional[str] = ..., prefix_cache: _Optional[bool] = ..., execution_path: _Optional[_Union[ExecutionPath, str]] = ...) -> None: ...
 
 class WatchLoadRequest(_message.Message):
     __slots__ = ("interval_ms",)

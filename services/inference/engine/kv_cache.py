@@ -1,0 +1,181 @@
+"""What the scheduler needs from a model path: a slot cache and a batched forward.
+
+Two paths implement it: `runner.Runner`, the engine's own forward pass for the
+families it knows, over `KVCache`; and `generic.GenericRunner`, which runs any
+transformers causal LM itself over its own per-sequence cache.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+CAPACITY_STEP = 64  # cache capacities are multiples of this many positions
+
+
+@dataclass(frozen=True)
+class DecodeBatch:
+    """One new token for each of cache slots ``0..B-1``.
+
+    `positions` are rotary positions, `write_index` the flat cache rows (see
+    `Runner.write_rows`) receiving the new keys/values, `mask` ``[B, 1, 1, L]`` which
+    of the first L cached positions each row attends to, and `rows` the rows whose
+    logits are wanted (slots that ride along as no-ops are left out). L equal to the
+    cache's capacity is fastest on CPU (no copies: 10-25% of a 64-row step).
+    """
+
+    tokens: torch.Tensor
+    positions: torch.Tensor
+    write_index: torch.Tensor
+    mask: torch.Tensor
+    rows: torch.Tensor
+
+
+class SlotCache(Protocol):
+    """Keys and values for a fixed number of sequence slots."""
+
+    @property
+    def capacity(self) -> int:
+        """Positions each slot can hold."""
+
+    def nbytes(self) -> int:
+        """Memory held by keys and values."""
+
+    def ensure_capacity(self, needed: int, limit: int) -> None:
+        """Grow every slot to hold at least `needed` positions (at most `limit`)."""
+
+    def move(self, src: int, dst: int, length: int) -> None:
+        """Make slot `dst` hold the first `length` positions of slot `src`."""
+
+    def read(self, slot: int, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Copies of positions [start, end) of `slot`: ``[layers, kv_heads, n, head_dim]``."""
+
+    def write(self, slot: int, start: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Store `k`/`v` (as returned by `read`) at positions from `start` of `slot`."""
+
+
+Chunks = Sequence[tuple[int, torch.Tensor, int]]
+
+
+class ModelRunner(Protocol):
+    """A model path: batched prefill and decode over a `SlotCache`, returning logits."""
+
+    path: str  # "fast" (the engine's own forward pass) or "generic" (transformers)
+    device: torch.device
+    dtype: torch.dtype
+    vocab_size: int
+    context_length: int
+    supports_prefix_cache: bool
+    # Prefill each prompt in one call: its output may depend on how it is split.
+    whole_prompts: bool
+
+    def new_cache(self, slots: int, capacity: int = CAPACITY_STEP) -> SlotCache:
+        """An empty cache for `slots` sequences."""
+
+    def kv_bytes_per_position(self) -> int:
+        """Key and value bytes one sequence position takes in the cache, all layers."""
+
+    def write_rows(self, cache: SlotCache, write_pos: torch.Tensor) -> torch.Tensor:
+        """Where a decode batch's new keys/values go (see `DecodeBatch.write_index`)."""
+
+    def forward(self, cache: SlotCache, decode: DecodeBatch | None, chunks: Chunks) -> torch.Tensor:
+        """Logits of ``decode.rows`` then of each chunk ``(slot, tokens, start)``'s last token."""
+
+    def prefill(self, cache: SlotCache, chunks: Chunks) -> torch.Tensor:
+        """Prompt chunks only; returns ``[len(chunks), vocab]``."""
+
+    def decode(
+        self,
+        cache: SlotCache,
+        tokens: torch.Tensor,
+        positions: torch.Tensor,
+        write_index: torch.Tensor,
+        mask: torch.Tensor,
+    ) -> torch.Tensor:
+        """One token for each of slots ``0..B-1``; returns logits ``[B, vocab]``."""
+
+
+MIN_KV_POSITIONS = 64
+
+
+def kv_positions(runner: ModelRunner, max_running: int, budget_bytes: int) -> int:
+    """Positions per sequence that a KV cache of `budget_bytes` holds for every slot.
+
+    Each of the `max_running` slots may grow to the engine's context length, so the
+    budget caps that length: the cache can never outgrow it, whatever the requests.
+    Raises ValueError when the budget cannot hold even `MIN_KV_POSITIONS`.
+    """
+    per_position = runner.kv_bytes_per_position() * max_running
+    positions = budget_bytes // per_position
+    if positions < MIN_KV_POSITIONS:
+        raise ValueError(
+            f"a KV cache of {budget_bytes / 2**20:.1f} MiB holds {positions} positions per "
+            f"sequence at max_running={max_running} ({per_position} bytes per position); "
+            f"at least {MIN_KV_POSITIONS} are needed: give it more memory or lower max_running"
+        )
+    return int(positions)
+
+
+class KVCache:
+    """Keys and values per (layer, slot): ``[layers, slots, kv_heads, capacity, head_dim]``.
+
+    Capacity grows when a sequence needs more positions, so memory follows the longest
+    running sequence instead of the model's full context. It grows by a quarter (at
+    least one `CAPACITY_STEP`) rather than doubling: decode attention reads a slot's
+    whole capacity, which is contiguous, so it is kept close to the length in use.
+    """
+
+    def __init__(
+        self,
+        shape: tuple[int, int, int, int, int],
+        dtype: torch.dtype,
+        device: torch.device,
+    ) -> None:
+        self.slots = shape[1]
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+
+    @property
+    def capacity(self) -> int:
+        """Positions each slot can hold."""
+        return int(self.k.shape[3])
+
+    def nbytes(self) -> int:
+        """Memory held by keys and values."""
+        return 2 * self.k.numel() * self.k.element_size()
+
+    def ensure_capacity(self, needed: int, limit: int) -> None:
+        """Grow every slot to hold at least `needed` positions (at most `limit`)."""
+        if needed <= self.capacity:
+            return
+        wanted = max(needed, self.capacity + self.capacity // 4)
+        new_cap = -(-wanted // CAPACITY_STEP) * CAPACITY_STEP
+        new_cap = max(min(new_cap, limit), needed)
+        for name in ("k", "v"):
+            old = getattr(self, name)
+            new = torch.zeros(
+                (*old.shape[:3], new_cap, old.shape[4]), dtype=old.dtype, device=old.device
+            )
+            new[:, :, :, : old.shape[3]] = old
+            setattr(self, name, new)
+
+    def move(self, src: int, dst: int, length: int) -> None:
+        """Copy the first `length` positions of slot `src` into slot `dst`."""
+        self.k[:, dst, :, :length] = self.k[:, src, :, :length]
+        self.v[:, dst, :, :length] = self.v[:, src, :, :length]
+
+    def read(self, slot: int, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Copies of positions [start, end) of `slot`: ``[layers, kv_heads, n, head_dim]``."""
+        return (
+            self.k[:, slot, :, start:end].clone(),
+            self.v[:, slot, :, start:end].clone(),
+        )
+
+    def write(self, slot: int, start: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Store `k`/`v` (as returned by `read`) at positions from `start` of `slot`."""
+        end = start + k.shape[2]
+        self.k[:, slot, :, start:end] = k
+        self.v[:, slot, :, start:end] = v
