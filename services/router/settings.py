@@ -56,7 +56,10 @@ class RouterServerSettings(ServerSettings):
     max_streams_per_connection: int = setting(
         "TOKENYARD_{service}_MAX_STREAMS_PER_CONNECTION",
         parse_positive_int,
-        default=100,
+        # Room for a backend that multiplexes its whole concurrency on one channel
+        # (the reliability suite runs 500 streams on one): streams past the cap are
+        # refused (UNAVAILABLE), not queued, by gRPC.
+        default=1000,
         flag="--max-streams-per-connection",
         help="Concurrent RPCs one client connection may hold (HTTP/2 max_concurrent_streams).",
     )
