@@ -332,6 +332,7 @@ class UsageServicer(usage_grpc.UsageServiceServicer):
                 convert.opt_ts(r, "start_time", f"records[{i}].start_time"),
                 convert.opt_ts(r, "end_time", f"records[{i}].end_time"),
                 r.status,
+                r.end_user,
             )
             for i, r in enumerate(request.records)
         ]
@@ -348,6 +349,7 @@ class UsageServicer(usage_grpc.UsageServiceServicer):
             request.model,
             convert.opt_ts(request, "start_time", "start_time"),
             convert.opt_ts(request, "end_time", "end_time"),
+            request.end_user,
         )
         rows = await self.usage.get(caller, q)
         return usage_pb.GetUsageResponse(

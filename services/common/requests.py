@@ -22,6 +22,7 @@ from services.common.errors import InvalidArgument
 
 MAX_REQUEST_ID = 128
 MAX_AFFINITY_KEY = 256
+MAX_END_USER = 256  # the caller's id for its end user (OpenAI's `user`), kept with usage
 MAX_STOP = 16
 MAX_STOP_BYTES = 256
 MAX_STOP_TOKEN_IDS = 64  # a worker checks each generated token against every one
@@ -77,6 +78,7 @@ class GenerationRequest:
     request_id: str  # "" when the caller left it to the server
     affinity_key: str
     continuation_ids: tuple[int, ...]
+    end_user: str = ""
 
 
 class HasInput(Protocol):
@@ -187,6 +189,8 @@ def generation_request(
         raise InvalidArgument("request_id", f"at most {MAX_REQUEST_ID} printable characters")
     if len(request.affinity_key) > MAX_AFFINITY_KEY:
         raise InvalidArgument("affinity_key", f"at most {MAX_AFFINITY_KEY} characters")
+    if len(request.end_user) > MAX_END_USER or not request.end_user.isprintable():
+        raise InvalidArgument("end_user", f"at most {MAX_END_USER} printable characters")
     if from_caller and request.continuation_token_ids:
         # The router's own resume mechanism: from a caller it would be unbilled prefill.
         raise InvalidArgument("continuation_token_ids", "is not accepted from callers")
@@ -197,6 +201,7 @@ def generation_request(
         request_id=request.request_id,
         affinity_key=request.affinity_key,
         continuation_ids=tuple(request.continuation_token_ids),
+        end_user=request.end_user,
     )
 
 

@@ -227,6 +227,7 @@ class RouterCore:
                     completion_tokens=completion,
                     start_time=wall_start,
                     status=code.name,
+                    end_user=request.end_user,
                 )
 
     async def _count_prompt(self, request: gen.StreamGenerateRequest) -> int:

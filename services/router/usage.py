@@ -70,6 +70,7 @@ class UsageReporter:
         completion_tokens: int,
         start_time: float,
         status: str,
+        end_user: str = "",
     ) -> None:
         """Queue the usage of one finished request."""
         if len(self._buffer) >= self.capacity:
@@ -92,6 +93,7 @@ class UsageReporter:
                 start_time=timestamp(start_time),
                 end_time=timestamp(time.time()),
                 status=status,
+                end_user=end_user,
             )
         )
         if len(self._buffer) >= self.batch_size:

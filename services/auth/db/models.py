@@ -149,6 +149,8 @@ class UsageRow(Base):
     end_time: Mapped[datetime] = mapped_column(UtcDateTime)
     status: Mapped[str] = mapped_column(String(32))
     day: Mapped[str] = mapped_column(String(10))
+    # The caller's id for its end user (OpenAI's `user`); "" when not given.
+    end_user: Mapped[str] = mapped_column(String(256), default="", server_default="")
 
 
 class UsageDailyRow(Base):

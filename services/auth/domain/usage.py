@@ -15,6 +15,7 @@ from services.auth.db.models import UsageDailyRow, UsageRow
 from services.auth.domain import validation
 from services.auth.domain.principal import Caller, utcnow
 from services.common.errors import InvalidArgument
+from services.common.requests import MAX_END_USER
 
 if TYPE_CHECKING:
     from services.auth.core import AuthCore
@@ -36,6 +37,7 @@ class Record:
     start_time: datetime | None
     end_time: datetime | None
     status: str
+    end_user: str = ""  # the caller's id for its end user, or ""
 
 
 @dataclass(frozen=True)
@@ -47,6 +49,7 @@ class UsageQuery:
     model: str = ""
     start_time: datetime | None = None
     end_time: datetime | None = None
+    end_user: str = ""
 
 
 @dataclass(frozen=True)
@@ -71,6 +74,7 @@ def _check(i: int, r: Record) -> None:
     validation.text(r.user_id, f"{f}.user_id", 36, required=True)
     validation.text(r.model, f"{f}.model", 200, required=True)
     validation.text(r.status, f"{f}.status", 32)
+    validation.text(r.end_user, f"{f}.end_user", MAX_END_USER)
     if r.prompt_tokens >= MAX_TOKENS or r.completion_tokens >= MAX_TOKENS:
         raise InvalidArgument(f"{f}.prompt_tokens", "too large")
 
@@ -113,6 +117,7 @@ class Usage:
                     "start_time": start,
                     "end_time": r.end_time or start,
                     "status": r.status or "OK",
+                    "end_user": r.end_user,
                     "day": start.strftime("%Y-%m-%d"),
                 },
             )
@@ -164,6 +169,7 @@ class Usage:
             user_id = p.user_id
         validation.text(q.credential_id, "credential_id", 36)
         validation.text(q.model, "model", 200)
+        validation.text(q.end_user, "end_user", MAX_END_USER)
         validation.text(user_id, "user_id", 36)
         end = q.end_time or utcnow()
         start = q.start_time or end - timedelta(days=30)
@@ -189,6 +195,8 @@ class Usage:
                 stmt = stmt.where(UsageRow.credential_id == q.credential_id)
             if q.model:
                 stmt = stmt.where(UsageRow.model == q.model)
+            if q.end_user:
+                stmt = stmt.where(UsageRow.end_user == q.end_user)
             return [
                 UsageSum(r[0], r[1], r[2], r[3], int(r[4]), int(r[5] or 0), int(r[6] or 0))
                 for r in session.execute(stmt)

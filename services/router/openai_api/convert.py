@@ -94,6 +94,8 @@ def _sampling(body: Body, request: gen.StreamGenerateRequest, max_tokens: int | 
     s.stop_token_ids.extend(body.stop_token_ids or ())
     if body.affinity_key:
         request.affinity_key = body.affinity_key
+    if body.user:
+        request.end_user = body.user
 
 
 def param_of(field: str | None, body: Body | None) -> str | None:
@@ -111,6 +113,8 @@ def param_of(field: str | None, body: Body | None) -> str | None:
         return "top_logprobs"
     if field == "request_id":
         return "X-Request-Id"
+    if field == "end_user":
+        return "user"
     return field
 
 

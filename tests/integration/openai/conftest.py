@@ -18,7 +18,7 @@ import pytest
 from tokenyard.auth.v1 import usage_service_pb2 as usage_pb
 from tokenyard.auth.v1 import usage_service_pb2_grpc as usage_grpc
 
-from tests.conftest import free_port
+from tests.conftest import WAIT_TIMEOUT, free_port
 from tests.integration.router.conftest import Launcher, Proc, bearer, bootstrap
 
 MODEL = "fake-model"
@@ -116,15 +116,19 @@ def router(auth: Auth) -> HttpRouter:
     return http_router(auth.launcher, auth.proc, [auth.launcher.fake_worker()])
 
 
-async def ledger(auth: Auth, user_id: str, requests: int) -> usage_pb.GetUsageResponse:
-    """The user's usage totals once auth has recorded `requests` requests (30 s at most)."""
+async def ledger(
+    auth: Auth, user_id: str, requests: int, end_user: str = ""
+) -> usage_pb.GetUsageResponse:
+    """The user's usage totals (for one end user, if given) once auth has recorded
+    `requests` requests (60 s at most)."""
     async with grpc.aio.insecure_channel(auth.proc.address) as channel:
         stub = usage_grpc.UsageServiceStub(channel)
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + 30
+        deadline = loop.time() + WAIT_TIMEOUT
         while True:
             reply = await stub.GetUsage(
-                usage_pb.GetUsageRequest(user_id=user_id), metadata=bearer(auth.admin)
+                usage_pb.GetUsageRequest(user_id=user_id, end_user=end_user),
+                metadata=bearer(auth.admin),
             )
             if reply.total_requests >= requests or loop.time() > deadline:
                 assert isinstance(reply, usage_pb.GetUsageResponse)

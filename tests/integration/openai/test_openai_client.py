@@ -288,3 +288,31 @@ def test_a_worker_dying_mid_stream_is_invisible_to_the_client(
     text = "".join(c.choices[0].text for c in stream)
     assert text == expected_text(prompt_request("resume me", 10), 10)
     assert sum(w.popen.poll() is not None for w in workers) == 1  # one died, one took over
+
+
+async def test_the_user_field_is_recorded_as_the_end_user_of_the_usage(
+    auth: Auth, router: HttpRouter
+) -> None:
+    """OpenAI's `user` is kept with each request's usage, so GetUsage reports per end user."""
+    user = make_user(auth.proc, auth.admin)
+    client = router.async_client(user.key)
+    hello: list[Any] = [{"role": "user", "content": "hello"}]
+    try:
+        for end_user in ("alice", "alice", "bob"):
+            await client.chat.completions.create(
+                model=MODEL, messages=hello, max_tokens=3, user=end_user
+            )
+        await client.completions.create(model=MODEL, prompt="no end user", max_tokens=2)
+        with pytest.raises(openai.BadRequestError) as caught:
+            await client.chat.completions.create(
+                model=MODEL, messages=hello, max_tokens=3, user="x" * 257
+            )
+        assert caught.value.param == "user"
+    finally:
+        await client.close()
+    everyone = await ledger(auth, user.user_id, requests=4)
+    assert everyone.total_requests == 4
+    alice = await ledger(auth, user.user_id, requests=2, end_user="alice")
+    assert (alice.total_requests, alice.total_completion_tokens) == (2, 6)
+    bob = await ledger(auth, user.user_id, requests=1, end_user="bob")
+    assert (bob.total_requests, bob.total_completion_tokens) == (1, 3)

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n0tokenyard/generation/v1/generation_service.proto\x12\x17tokenyard.generation.v1\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"F\n\x0c\x43hatMessages\x12\x36\n\x08messages\x18\x01 \x03(\x0b\x32$.tokenyard.generation.v1.ChatMessage\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\"\xde\x02\n\x0eSamplingParams\x12\x17\n\nmax_tokens\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x04 \x01(\x05H\x03\x88\x01\x01\x12\x12\n\x05min_p\x18\x05 \x01(\x02H\x04\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x06 \x01(\x02H\x05\x88\x01\x01\x12\x11\n\x04seed\x18\x07 \x01(\x04H\x06\x88\x01\x01\x12\x0c\n\x04stop\x18\x08 \x03(\t\x12\x16\n\x0estop_token_ids\x18\t \x03(\r\x12\x17\n\nignore_eos\x18\n \x01(\x08H\x07\x88\x01\x01\x42\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x08\n\x06_min_pB\x15\n\x13_repetition_penaltyB\x07\n\x05_seedB\r\n\x0b_ignore_eos\"\xd7\x02\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x10\n\x06prompt\x18\x02 \x01(\tH\x00\x12\x39\n\x08messages\x18\x03 \x01(\x0b\x32%.tokenyard.generation.v1.ChatMessagesH\x00\x12\x36\n\ttoken_ids\x18\x04 \x01(\x0b\x32!.tokenyard.generation.v1.TokenIdsH\x00\x12\x39\n\x08sampling\x18\x05 \x01(\x0b\x32\'.tokenyard.generation.v1.SamplingParams\x12\x15\n\x08logprobs\x18\x06 \x01(\rH\x01\x88\x01\x01\x12\x12\n\nrequest_id\x18\x07 \x01(\t\x12\x14\n\x0c\x61\x66\x66inity_key\x18\x08 \x01(\t\x12\x1e\n\x16\x63ontinuation_token_ids\x18\t \x03(\rB\x07\n\x05inputB\x0b\n\t_logprobs\"\xfc\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x11\n\ttoken_ids\x18\x04 \x03(\r\x12\x37\n\x08logprobs\x18\x05 \x03(\x0b\x32%.tokenyard.generation.v1.TokenLogprob\x12<\n\rfinish_reason\x18\x06 \x01(\x0e\x32%.tokenyard.generation.v1.FinishReason\x12-\n\x05usage\x18\x07 \x01(\x0b\x32\x1e.tokenyard.generation.v1.Usage\"\xdd\x02\n\x15StreamGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x10\n\x06prompt\x18\x02 \x01(\tH\x00\x12\x39\n\x08messages\x18\x03 \x01(\x0b\x32%.tokenyard.generation.v1.ChatMessagesH\x00\x12\x36\n\ttoken_ids\x18\x04 \x01(\x0b\x32!.tokenyard.generation.v1.TokenIdsH\x00\x12\x39\n\x08sampling\x18\x05 \x01(\x0b\x32\'.tokenyard.generation.v1.SamplingParams\x12\x15\n\x08logprobs\x18\x06 \x01(\rH\x01\x88\x01\x01\x12\x12\n\nrequest_id\x18\x07 \x01(\t\x12\x14\n\x0c\x61\x66\x66inity_key\x18\x08 \x01(\t\x12\x1e\n\x16\x63ontinuation_token_ids\x18\t \x03(\rB\x07\n\x05inputB\x0b\n\t_logprobs\"\x82\x02\n\x16StreamGenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x11\n\ttoken_ids\x18\x04 \x03(\r\x12\x37\n\x08logprobs\x18\x05 \x03(\x0b\x32%.tokenyard.generation.v1.TokenLogprob\x12<\n\rfinish_reason\x18\x06 \x01(\x0e\x32%.tokenyard.generation.v1.FinishReason\x12-\n\x05usage\x18\x07 \x01(\x0b\x32\x1e.tokenyard.generation.v1.Usage\"W\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x1c\n\x14\x63\x61\x63hed_prompt_tokens\x18\x03 \x01(\r\"/\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\"c\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12\x30\n\x03top\x18\x03 \x03(\x0b\x32#.tokenyard.generation.v1.TopLogprob\":\n\x11ListModelsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"]\n\x12ListModelsResponse\x12.\n\x06models\x18\x01 \x03(\x0b\x32\x1e.tokenyard.generation.v1.Model\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"t\n\x05Model\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x16\n\x0e\x63ontext_length\x18\x02 \x01(\r\x12\x0f\n\x07workers\x18\x03 \x01(\r\x12\x13\n\x0bmax_running\x18\x04 \x01(\r\x12\x0f\n\x07running\x18\x05 \x01(\r\x12\x0e\n\x06queued\x18\x06 \x01(\r\"\xb1\x01\n\x12\x43ountTokensRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x10\n\x06prompt\x18\x02 \x01(\tH\x00\x12\x39\n\x08messages\x18\x03 \x01(\x0b\x32%.tokenyard.generation.v1.ChatMessagesH\x00\x12\x36\n\ttoken_ids\x18\x04 \x01(\x0b\x32!.tokenyard.generation.v1.TokenIdsH\x00\x42\x07\n\x05input\"Q\n\x13\x43ountTokensResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x13\n\x0btoken_count\x18\x02 \x01(\r\x12\x16\n\x0e\x63ontext_length\x18\x03 \x01(\r*\x9d\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x1f\n\x1b\x46INISH_REASON_STOP_SEQUENCE\x10\x03\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x04\x32\xba\x03\n\x11GenerationService\x12_\n\x08Generate\x12(.tokenyard.generation.v1.GenerateRequest\x1a).tokenyard.generation.v1.GenerateResponse\x12s\n\x0eStreamGenerate\x12..tokenyard.generation.v1.StreamGenerateRequest\x1a/.tokenyard.generation.v1.StreamGenerateResponse0\x01\x12\x65\n\nListModels\x12*.tokenyard.generation.v1.ListModelsRequest\x1a+.tokenyard.generation.v1.ListModelsResponse\x12h\n\x0b\x43ountTokens\x12+.tokenyard.generation.v1.CountTokensRequest\x1a,.tokenyard.generation.v1.CountTokensResponseB\x83\x01\n\x1b\x64\x65v.tokenyard.generation.v1B\x16GenerationServiceProtoP\x01ZJgithub.com/tokenyard/tokenyard/gen/go/tokenyard/generation/v1;generationv1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n0tokenyard/generation/v1/generation_service.proto\x12\x17tokenyard.generation.v1\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"F\n\x0c\x43hatMessages\x12\x36\n\x08messages\x18\x01 \x03(\x0b\x32$.tokenyard.generation.v1.ChatMessage\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\"\xde\x02\n\x0eSamplingParams\x12\x17\n\nmax_tokens\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x04 \x01(\x05H\x03\x88\x01\x01\x12\x12\n\x05min_p\x18\x05 \x01(\x02H\x04\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x06 \x01(\x02H\x05\x88\x01\x01\x12\x11\n\x04seed\x18\x07 \x01(\x04H\x06\x88\x01\x01\x12\x0c\n\x04stop\x18\x08 \x03(\t\x12\x16\n\x0estop_token_ids\x18\t \x03(\r\x12\x17\n\nignore_eos\x18\n \x01(\x08H\x07\x88\x01\x01\x42\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x08\n\x06_min_pB\x15\n\x13_repetition_penaltyB\x07\n\x05_seedB\r\n\x0b_ignore_eos\"\xe9\x02\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x10\n\x06prompt\x18\x02 \x01(\tH\x00\x12\x39\n\x08messages\x18\x03 \x01(\x0b\x32%.tokenyard.generation.v1.ChatMessagesH\x00\x12\x36\n\ttoken_ids\x18\x04 \x01(\x0b\x32!.tokenyard.generation.v1.TokenIdsH\x00\x12\x39\n\x08sampling\x18\x05 \x01(\x0b\x32\'.tokenyard.generation.v1.SamplingParams\x12\x15\n\x08logprobs\x18\x06 \x01(\rH\x01\x88\x01\x01\x12\x12\n\nrequest_id\x18\x07 \x01(\t\x12\x14\n\x0c\x61\x66\x66inity_key\x18\x08 \x01(\t\x12\x1e\n\x16\x63ontinuation_token_ids\x18\t \x03(\r\x12\x10\n\x08\x65nd_user\x18\n \x01(\tB\x07\n\x05inputB\x0b\n\t_logprobs\"\xfc\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x11\n\ttoken_ids\x18\x04 \x03(\r\x12\x37\n\x08logprobs\x18\x05 \x03(\x0b\x32%.tokenyard.generation.v1.TokenLogprob\x12<\n\rfinish_reason\x18\x06 \x01(\x0e\x32%.tokenyard.generation.v1.FinishReason\x12-\n\x05usage\x18\x07 \x01(\x0b\x32\x1e.tokenyard.generation.v1.Usage\"\xef\x02\n\x15StreamGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x10\n\x06prompt\x18\x02 \x01(\tH\x00\x12\x39\n\x08messages\x18\x03 \x01(\x0b\x32%.tokenyard.generation.v1.ChatMessagesH\x00\x12\x36\n\ttoken_ids\x18\x04 \x01(\x0b\x32!.tokenyard.generation.v1.TokenIdsH\x00\x12\x39\n\x08sampling\x18\x05 \x01(\x0b\x32\'.tokenyard.generation.v1.SamplingParams\x12\x15\n\x08logprobs\x18\x06 \x01(\rH\x01\x88\x01\x01\x12\x12\n\nrequest_id\x18\x07 \x01(\t\x12\x14\n\x0c\x61\x66\x66inity_key\x18\x08 \x01(\t\x12\x1e\n\x16\x63ontinuation_token_ids\x18\t \x03(\r\x12\x10\n\x08\x65nd_user\x18\n \x01(\tB\x07\n\x05inputB\x0b\n\t_logprobs\"\x82\x02\n\x16StreamGenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x11\n\ttoken_ids\x18\x04 \x03(\r\x12\x37\n\x08logprobs\x18\x05 \x03(\x0b\x32%.tokenyard.generation.v1.TokenLogprob\x12<\n\rfinish_reason\x18\x06 \x01(\x0e\x32%.tokenyard.generation.v1.FinishReason\x12-\n\x05usage\x18\x07 \x01(\x0b\x32\x1e.tokenyard.generation.v1.Usage\"W\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x1c\n\x14\x63\x61\x63hed_prompt_tokens\x18\x03 \x01(\r\"/\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\"c\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12\x30\n\x03top\x18\x03 \x03(\x0b\x32#.tokenyard.generation.v1.TopLogprob\":\n\x11ListModelsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"]\n\x12ListModelsResponse\x12.\n\x06models\x18\x01 \x03(\x0b\x32\x1e.tokenyard.generation.v1.Model\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"t\n\x05Model\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x16\n\x0e\x63ontext_length\x18\x02 \x01(\r\x12\x0f\n\x07workers\x18\x03 \x01(\r\x12\x13\n\x0bmax_running\x18\x04 \x01(\r\x12\x0f\n\x07running\x18\x05 \x01(\r\x12\x0e\n\x06queued\x18\x06 \x01(\r\"\xb1\x01\n\x12\x43ountTokensRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x10\n\x06prompt\x18\x02 \x01(\tH\x00\x12\x39\n\x08messages\x18\x03 \x01(\x0b\x32%.tokenyard.generation.v1.ChatMessagesH\x00\x12\x36\n\ttoken_ids\x18\x04 \x01(\x0b\x32!.tokenyard.generation.v1.TokenIdsH\x00\x42\x07\n\x05input\"Q\n\x13\x43ountTokensResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x13\n\x0btoken_count\x18\x02 \x01(\r\x12\x16\n\x0e\x63ontext_length\x18\x03 \x01(\r*\x9d\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x1f\n\x1b\x46INISH_REASON_STOP_SEQUENCE\x10\x03\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x04\x32\xba\x03\n\x11GenerationService\x12_\n\x08Generate\x12(.tokenyard.generation.v1.GenerateRequest\x1a).tokenyard.generation.v1.GenerateResponse\x12s\n\x0eStreamGenerate\x12..tokenyard.generation.v1.StreamGenerateRequest\x1a/.tokenyard.generation.v1.StreamGenerateResponse0\x01\x12\x65\n\nListModels\x12*.tokenyard.generation.v1.ListModelsRequest\x1a+.tokenyard.generation.v1.ListModelsResponse\x12h\n\x0b\x43ountTokens\x12+.tokenyard.generation.v1.CountTokensRequest\x1a,.tokenyard.generation.v1.CountTokensResponseB\x83\x01\n\x1b\x64\x65v.tokenyard.generation.v1B\x16GenerationServiceProtoP\x01ZJgithub.com/tokenyard/tokenyard/gen/go/tokenyard/generation/v1;generationv1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -32,8 +32,8 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'tokenyard.generation.v1.gen
 if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'\n\033dev.tokenyard.generation.v1B\026GenerationServiceProtoP\001ZJgithub.com/tokenyard/tokenyard/gen/go/tokenyard/generation/v1;generationv1'
-  _globals['_FINISHREASON']._serialized_start=2563
-  _globals['_FINISHREASON']._serialized_end=2720
+  _globals['_FINISHREASON']._serialized_start=2599
+  _globals['_FINISHREASON']._serialized_end=2756
   _globals['_CHATMESSAGE']._serialized_start=77
   _globals['_CHATMESSAGE']._serialized_end=121
   _globals['_CHATMESSAGES']._serialized_start=123
@@ -43,29 +43,29 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SAMPLINGPARAMS']._serialized_start=221
   _globals['_SAMPLINGPARAMS']._serialized_end=571
   _globals['_GENERATEREQUEST']._serialized_start=574
-  _globals['_GENERATEREQUEST']._serialized_end=917
-  _globals['_GENERATERESPONSE']._serialized_start=920
-  _globals['_GENERATERESPONSE']._serialized_end=1172
-  _globals['_STREAMGENERATEREQUEST']._serialized_start=1175
-  _globals['_STREAMGENERATEREQUEST']._serialized_end=1524
-  _globals['_STREAMGENERATERESPONSE']._serialized_start=1527
-  _globals['_STREAMGENERATERESPONSE']._serialized_end=1785
-  _globals['_USAGE']._serialized_start=1787
-  _globals['_USAGE']._serialized_end=1874
-  _globals['_TOPLOGPROB']._serialized_start=1876
-  _globals['_TOPLOGPROB']._serialized_end=1923
-  _globals['_TOKENLOGPROB']._serialized_start=1925
-  _globals['_TOKENLOGPROB']._serialized_end=2024
-  _globals['_LISTMODELSREQUEST']._serialized_start=2026
-  _globals['_LISTMODELSREQUEST']._serialized_end=2084
-  _globals['_LISTMODELSRESPONSE']._serialized_start=2086
-  _globals['_LISTMODELSRESPONSE']._serialized_end=2179
-  _globals['_MODEL']._serialized_start=2181
-  _globals['_MODEL']._serialized_end=2297
-  _globals['_COUNTTOKENSREQUEST']._serialized_start=2300
-  _globals['_COUNTTOKENSREQUEST']._serialized_end=2477
-  _globals['_COUNTTOKENSRESPONSE']._serialized_start=2479
-  _globals['_COUNTTOKENSRESPONSE']._serialized_end=2560
-  _globals['_GENERATIONSERVICE']._serialized_start=2723
-  _globals['_GENERATIONSERVICE']._serialized_end=3165
+  _globals['_GENERATEREQUEST']._serialized_end=935
+  _globals['_GENERATERESPONSE']._serialized_start=938
+  _globals['_GENERATERESPONSE']._serialized_end=1190
+  _globals['_STREAMGENERATEREQUEST']._serialized_start=1193
+  _globals['_STREAMGENERATEREQUEST']._serialized_end=1560
+  _globals['_STREAMGENERATERESPONSE']._serialized_start=1563
+  _globals['_STREAMGENERATERESPONSE']._serialized_end=1821
+  _globals['_USAGE']._serialized_start=1823
+  _globals['_USAGE']._serialized_end=1910
+  _globals['_TOPLOGPROB']._serialized_start=1912
+  _globals['_TOPLOGPROB']._serialized_end=1959
+  _globals['_TOKENLOGPROB']._serialized_start=1961
+  _globals['_TOKENLOGPROB']._serialized_end=2060
+  _globals['_LISTMODELSREQUEST']._serialized_start=2062
+  _globals['_LISTMODELSREQUEST']._serialized_end=2120
+  _globals['_LISTMODELSRESPONSE']._serialized_start=2122
+  _globals['_LISTMODELSRESPONSE']._serialized_end=2215
+  _globals['_MODEL']._serialized_start=2217
+  _globals['_MODEL']._serialized_end=2333
+  _globals['_COUNTTOKENSREQUEST']._serialized_start=2336
+  _globals['_COUNTTOKENSREQUEST']._serialized_end=2513
+  _globals['_COUNTTOKENSRESPONSE']._serialized_start=2515
+  _globals['_COUNTTOKENSRESPONSE']._serialized_end=2596
+  _globals['_GENERATIONSERVICE']._serialized_start=2759
+  _globals['_GENERATIONSERVICE']._serialized_end=3201
 # @@protoc_insertion_point(module_scope)
