@@ -20,7 +20,13 @@ from typing import Any
 import torch
 
 from services.inference.engine.families import UnsupportedModelError
-from services.inference.engine.kv_cache import CAPACITY_STEP, Chunks, DecodeBatch, SlotCache
+from services.inference.engine.kv_cache import (
+    CAPACITY_STEP,
+    Chunks,
+    DecodeBatch,
+    ForwardSteps,
+    SlotCache,
+)
 from services.inference.engine.runner import Runner
 
 log = logging.getLogger(__name__)
@@ -67,7 +73,7 @@ class GenericCache:
         raise NotImplementedError("the generic path has no prefix cache")
 
 
-class GenericRunner:
+class GenericRunner(ForwardSteps):
     """Runs a transformers causal LM's own forward pass, one sequence per call."""
 
     path = "generic"
@@ -105,22 +111,6 @@ class GenericRunner:
     def write_rows(self, cache: SlotCache, write_pos: torch.Tensor) -> torch.Tensor:
         """Unused here: each sequence's cache takes its own new positions."""
         return write_pos
-
-    def decode(
-        self,
-        cache: SlotCache,
-        tokens: torch.Tensor,
-        positions: torch.Tensor,
-        write_index: torch.Tensor,
-        mask: torch.Tensor,
-    ) -> torch.Tensor:
-        """One token for each of slots ``0..B-1``; returns logits ``[B, vocab]``."""
-        rows = torch.arange(tokens.shape[0], device=self.device)
-        return self.forward(cache, DecodeBatch(tokens, positions, write_index, mask, rows), ())
-
-    def prefill(self, cache: SlotCache, chunks: Chunks) -> torch.Tensor:
-        """Prompt chunks ``(slot, tokens, start)`` only; returns ``[len(chunks), vocab]``."""
-        return self.forward(cache, None, chunks)
 
     @torch.inference_mode()
     def forward(self, cache: SlotCache, decode: DecodeBatch | None, chunks: Chunks) -> torch.Tensor:

@@ -179,3 +179,29 @@ class KVCache:
         end = start + k.shape[2]
         self.k[:, slot, :, start:end] = k
         self.v[:, slot, :, start:end] = v
+
+
+class ForwardSteps:
+    """`decode` and `prefill` as calls of a runner's one `forward` (fast and generic)."""
+
+    device: torch.device
+
+    def forward(self, cache: SlotCache, decode: DecodeBatch | None, chunks: Chunks) -> torch.Tensor:
+        """Logits of ``decode.rows`` then of each chunk ``(slot, tokens, start)``'s last token."""
+        raise NotImplementedError
+
+    def decode(
+        self,
+        cache: SlotCache,
+        tokens: torch.Tensor,
+        positions: torch.Tensor,
+        write_index: torch.Tensor,
+        mask: torch.Tensor,
+    ) -> torch.Tensor:
+        """One token for each of slots ``0..B-1``; returns logits ``[B, vocab]``."""
+        rows = torch.arange(tokens.shape[0], device=self.device)
+        return self.forward(cache, DecodeBatch(tokens, positions, write_index, mask, rows), ())
+
+    def prefill(self, cache: SlotCache, chunks: Chunks) -> torch.Tensor:
+        """Prompt chunks ``(slot, tokens, start)`` only; returns ``[len(chunks), vocab]``."""
+        return self.forward(cache, None, chunks)

@@ -34,6 +34,7 @@ from services.inference.engine.kv_cache import (
     CAPACITY_STEP,
     Chunks,
     DecodeBatch,
+    ForwardSteps,
     KVCache,
     SlotCache,
 )
@@ -85,7 +86,7 @@ def _release(modules: list[Any], keep: torch.Tensor) -> int:
     return released
 
 
-class Runner:
+class Runner(ForwardSteps):
     """Prefill and decode forward passes over a `KVCache`, returning logits.
 
     Logits come in the model's dtype; `sampling.sample` widens the rows it needs.
@@ -220,22 +221,6 @@ class Runner:
         slots = torch.arange(b, device=self.device)
         rows = (slots[:, None] * self.n_kv_heads + heads[None]) * cache.capacity
         return (rows + write_pos[:, None]).reshape(-1)
-
-    def decode(
-        self,
-        cache: SlotCache,
-        tokens: torch.Tensor,
-        positions: torch.Tensor,
-        write_index: torch.Tensor,
-        mask: torch.Tensor,
-    ) -> torch.Tensor:
-        """One token for each of slots ``0..B-1``; returns logits ``[B, vocab]``."""
-        rows = torch.arange(tokens.shape[0], device=self.device)
-        return self.forward(cache, DecodeBatch(tokens, positions, write_index, mask, rows), ())
-
-    def prefill(self, cache: SlotCache, chunks: Chunks) -> torch.Tensor:
-        """Prompt chunks ``(slot, tokens, start)`` only; returns ``[len(chunks), vocab]``."""
-        return self.forward(cache, None, chunks)
 
     @torch.inference_mode()
     def forward(
