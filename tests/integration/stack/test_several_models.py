@@ -39,7 +39,7 @@ def stack(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterato
         f'[[models]]\nname = "tiny-a"\nsource = "{tiny_model}"\nworkers = 1\n'
         f'aliases = ["a-latest"]\n[[models]]\nname = "tiny-b"\nsource = "{other}"\nworkers = 1\n'
     )
-    proc = StackProcess(root / "state", None, workers=2, extra=["--models-file", str(models)])
+    proc = StackProcess(root / "state", None, models=2, extra=["--models-file", str(models)])
     try:
         proc.wait_for(READY)
         yield proc
@@ -135,6 +135,12 @@ def test_each_name_reaches_its_own_model_and_an_alias_reaches_its_model(
     assert not same(a, b)  # two models with other weights
     assert same(generate(stack, key, "a-latest"), a)
     assert same(generate(stack, key, "tiny-a"), a)
+    with grpc.insecure_channel(stack.address) as channel:
+        stub = gen_grpc.GenerationServiceStub(channel)
+        counted = stub.CountTokens(
+            gen.CountTokensRequest(model="a-latest", prompt="Hello there"), metadata=bearer(key)
+        )
+    assert counted.token_count > 0
     with grpc.insecure_channel(stack.address) as channel, pytest.raises(grpc.RpcError) as caught:
         stub = gen_grpc.GenerationServiceStub(channel)
         stub.Generate(gen.GenerateRequest(model="tiny-c", prompt="x"), metadata=bearer(key))
@@ -186,3 +192,20 @@ def test_usage_rows_carry_one_name_per_model(stack: StackProcess) -> None:
     assert by_model["tiny-a"].requests == 2 and by_model["tiny-b"].requests == 1
     assert by_model["tiny-a"].completion_tokens == 16
     assert only_b.total_requests == 1
+
+
+@pytest.mark.slow
+def test_the_demo_model_and_a_tiny_model_behind_one_router(
+    tiny_model: Path, tmp_path: Path
+) -> None:
+    """`--models smollm2-135m,tiny=FOLDER`: the real demo model next to a random one."""
+    extra = ["--models", f"smollm2-135m,tiny={tiny_model}"]
+    proc = StackProcess(tmp_path / "state", None, models=2, extra=extra)
+    try:
+        proc.wait_for(READY, timeout=300)
+        key = demo_key(proc)
+        assert sorted(list_models(proc, key)) == ["smollm2-135m", "tiny"]
+        demo, tiny = generate(proc, key, "smollm2-135m"), generate(proc, key, "tiny")
+    finally:
+        assert proc.stop() == 0
+    assert not same(demo, tiny)
