@@ -57,8 +57,14 @@ def bearer(key: str) -> tuple[tuple[str, str]]:
     return (("authorization", f"Bearer {key}"),)
 
 
-def make_user(stack: StackProcess, models: list[str]) -> User:
-    """A role allowed only `models`, a user holding it and their key, made by the admin."""
+def make_user(
+    stack: StackProcess,
+    models: list[str],
+    key_models: list[str] | None = None,
+    key_limits: res.Limits | None = None,
+) -> User:
+    """A role allowed only `models`, a user holding it and their key (narrowed to
+    `key_models`, with `key_limits`), made by the admin."""
     admin = bearer((stack.state_dir / "admin-key").read_text().strip())
     name = f"u{uuid.uuid4().hex[:10]}"
     with grpc.insecure_channel(f"127.0.0.1:{stack.auth_port}") as channel:
@@ -73,7 +79,13 @@ def make_user(stack: StackProcess, models: list[str]) -> User:
             metadata=admin,
         )
         made = keys_grpc.ApiKeyServiceStub(channel).CreateApiKey(
-            keys_pb.CreateApiKeyRequest(user_id=user.user.user_id, name="k"), metadata=admin
+            keys_pb.CreateApiKeyRequest(
+                user_id=user.user.user_id,
+                name="k",
+                allowed_models=key_models or [],
+                limits=key_limits or res.Limits(),
+            ),
+            metadata=admin,
         )
     return User(user.user.user_id, made.secret)
 
@@ -168,6 +180,20 @@ def test_a_key_for_one_model_cannot_reach_the_other(stack: StackProcess) -> None
     with pytest.raises(grpc.RpcError) as caught:  # an alias is no way around a role
         generate(stack, only_b.key, "a-latest")
     assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED
+
+
+def test_a_key_for_one_model_carries_that_models_own_limits(stack: StackProcess) -> None:
+    """A budget for one model: a key narrowed to it with its own request rate."""
+    limited = make_user(stack, ["*"], ["tiny-a"], res.Limits(requests_per_minute=2))
+    with pytest.raises(grpc.RpcError) as caught:
+        generate(stack, limited.key, "tiny-b")
+    assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    generate(stack, limited.key, "tiny-a")
+    generate(stack, limited.key, "a-latest")  # counted against the same key and model
+    with pytest.raises(grpc.RpcError) as caught:
+        generate(stack, limited.key, "tiny-a")
+    assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    generate(stack, demo_key(stack), "tiny-a")  # other keys are not held back
 
 
 def test_usage_rows_carry_one_name_per_model(stack: StackProcess) -> None:
