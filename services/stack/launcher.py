@@ -331,6 +331,7 @@ async def supervise(
 
 def run_stack(settings: StackSettings, out: IO[str]) -> int:
     """Everything `tokenyard up` does; returns its exit status."""
+    served_models(settings)  # a bad model list stops the start before anything is made
     state = StateDir(settings.state_dir)
     state.ensure()
     tls: Tls | None = None

@@ -24,7 +24,7 @@ from tokenyard.auth.v1 import user_service_pb2_grpc as users_grpc
 from tokenyard.generation.v1 import generation_service_pb2 as gen
 from tokenyard.generation.v1 import generation_service_pb2_grpc as gen_grpc
 
-from tests.integration.stack.launcher import READY, StackProcess
+from tests.integration.stack.launcher import READY, StackProcess, run_cli
 from tests.integration.stack.tiny_model import build_tiny_model
 
 SHORT_CONTEXT = 64  # tiny-b's context; tiny-a has 512
@@ -159,6 +159,18 @@ def test_each_name_reaches_its_own_model_and_an_alias_reaches_its_model(
     assert caught.value.code() == grpc.StatusCode.NOT_FOUND
 
 
+def test_an_alias_is_a_name_of_its_model_over_http(stack: StackProcess) -> None:
+    import openai
+
+    base_url = f"http://127.0.0.1:{stack.http_port}/v1"
+    with openai.OpenAI(base_url=base_url, api_key=demo_key(stack), max_retries=0) as client:
+        assert sorted(m.id for m in client.models.list()) == ["tiny-a", "tiny-b"]
+        assert client.models.retrieve("a-latest").id == "tiny-a"
+        done = client.completions.create(model="a-latest", prompt="Hi", max_tokens=2)
+    assert done.model == "tiny-a" and done.usage is not None
+    assert done.usage.completion_tokens <= 2
+
+
 def test_limits_are_the_models_own(stack: StackProcess) -> None:
     """A prompt over tiny-b's short context is refused for tiny-b only."""
     key, prompt = demo_key(stack), "word " * (SHORT_CONTEXT + 8)
@@ -218,6 +230,15 @@ def test_usage_rows_carry_one_name_per_model(stack: StackProcess) -> None:
     assert by_model["tiny-a"].requests == 2 and by_model["tiny-b"].requests == 1
     assert by_model["tiny-a"].completion_tokens == 16
     assert only_b.total_requests == 1
+
+
+def test_conflicting_model_flags_stop_the_start_with_one_line(tmp_path: Path) -> None:
+    done = run_cli("up", "--state-dir", str(tmp_path / "state"), "--models", "a", "--model", "b")
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [
+        "tokenyard: configuration error: --model and --models: give one way of naming the models"
+    ]
+    assert not (tmp_path / "state").exists()
 
 
 @pytest.mark.slow
