@@ -62,7 +62,7 @@ class StackSettings:
         default=None,
         flag="--models-file",
         help="TOML file of models instead of --model: one [[models]] table each with source "
-        "and optional name, workers and aliases (docs/models.md).",
+        "and optional name, workers and aliases (docs/local-stack.md).",
     )
     host: str = setting(
         "TOKENYARD_UP_HOST", default="127.0.0.1", flag="--host", help="Address every service binds."

@@ -140,3 +140,14 @@ def test_bad_models_and_aliases_values_name_the_flag() -> None:
     ]:
         with pytest.raises(ValueError, match=message):
             parse_model_aliases(raw)
+
+
+def test_model_given_twice_is_refused_not_replaced(capsys: pytest.CaptureFixture[str]) -> None:
+    from services.cli import build_parser
+
+    parser = build_parser()
+    assert parser.parse_args(["up", "--model", "a"]).model == "a"
+    with pytest.raises(SystemExit) as caught:
+        parser.parse_args(["up", "--model", "a", "--model", "b"])
+    assert caught.value.code == 2
+    assert "--model names one model; name several with --models A,B" in capsys.readouterr().err
