@@ -16,8 +16,8 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import Coroutine
-from dataclasses import dataclass
+from collections.abc import Coroutine, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
@@ -63,6 +63,7 @@ class Deps:
     pool: WorkerPool
     relay: Relay
     usage: UsageReporter
+    aliases: Mapping[str, str] = field(default_factory=dict)  # alias → the model's name
 
 
 class RouterCore:
@@ -71,12 +72,18 @@ class RouterCore:
     def __init__(self, deps: Deps) -> None:
         self.auth, self.limits, self.pool = deps.auth, deps.limits, deps.pool
         self.relay, self.usage = deps.relay, deps.usage
+        self.aliases = deps.aliases
         self._background: set[asyncio.Task[None]] = set()
         self._active = 0  # generations between their start and their settlement spawn
         self._idle = asyncio.Event()
         self._idle.set()
 
     # -- checks -----------------------------------------------------------------
+
+    def canonical(self, model: str) -> str:
+        """The model's own name for an alias (itself otherwise): roles, limits, routing
+        and usage rows see one name per model, whichever name the caller used."""
+        return self.aliases.get(model, model)
 
     async def principal(self, authorization: str | None) -> CachedPrincipal:
         """The caller's principal (UNAUTHENTICATED / UNAVAILABLE otherwise)."""
@@ -177,6 +184,7 @@ class RouterCore:
     ) -> tuple[CachedPrincipal, Slot, str]:
         """Every check before routing; the principal, its limit slot and the router's id."""
         entry = await self.principal(authorization)
+        request.model = self.canonical(request.model)
         checked = generation_request(request, from_caller=True)
         self.authorize_model(entry, checked.model, "generate")
         context_length = self.pool.context_length(checked.model)
@@ -298,6 +306,7 @@ class RouterCore:
     ) -> bytes:
         """CountTokens, checked and limited as a generation (it holds a stream slot)."""
         entry = await self.principal(authorization)
+        request.model = self.canonical(request.model)
         model = check_model(request.model)
         given = input_of(request)
         self.authorize_model(entry, model, "generate")

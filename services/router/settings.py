@@ -34,6 +34,22 @@ def parse_worker_list(raw: str) -> tuple[str, ...]:
 parse_redis_url = parse_url("redis", "rediss", "unix")
 
 
+def parse_model_aliases(raw: str) -> tuple[tuple[str, str], ...]:
+    """Comma-separated `alias=model` pairs: requests for the alias go to the model."""
+    pairs: list[tuple[str, str]] = []
+    for part in parse_list(raw):
+        alias, sep, model = (p.strip() for p in part.partition("="))
+        if not sep or not alias or not model:
+            raise ValueError(f"expected ALIAS=MODEL, got {part!r}")
+        if alias in dict(pairs) or alias == model:
+            raise ValueError(f"alias {alias!r} is given twice or names itself")
+        pairs.append((alias, model))
+    models = {m for _, m in pairs}
+    if clash := sorted(models & {a for a, _ in pairs}):
+        raise ValueError(f"{clash[0]!r} is both an alias and a model")
+    return tuple(pairs)
+
+
 @dataclass(frozen=True)
 class RouterServerSettings(ServerSettings):
     """The public listener; as every service's, but on port 50051 by default."""
@@ -107,6 +123,14 @@ class RouterSettings:
         default=None,
         flag="--worker-dns",
         help="name:port resolved periodically to find workers (a headless service).",
+    )
+    model_aliases: tuple[tuple[str, str], ...] = setting(
+        "TOKENYARD_{service}_MODEL_ALIASES",
+        parse_model_aliases,
+        default=(),
+        flag="--model-aliases",
+        help="Comma-separated ALIAS=MODEL: a request for ALIAS is authorized, limited, "
+        "routed and recorded in usage as MODEL.",
     )
     dns_interval: float = setting(
         "TOKENYARD_{service}_DNS_INTERVAL",

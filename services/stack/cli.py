@@ -22,6 +22,9 @@ def register(subparsers: Any) -> None:
         "See docs/configuration.md.",
     )
     add_flags(up, StackSettings)
+    for action in up._actions:  # the generated --model: given twice, refuse (not last wins)
+        if action.dest == "model":
+            action.__class__ = _OneModel
     up.set_defaults(handler=_up)
 
     gen = subparsers.add_parser(
@@ -45,6 +48,21 @@ def register(subparsers: Any) -> None:
     from services.stack.secrets_env import register as register_compose_secrets
 
     register_compose_secrets(subparsers)
+
+
+class _OneModel(argparse._StoreAction):
+    """`--model` names one model; a second one would silently replace the first."""
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: Any,
+        option_string: str | None = None,
+    ) -> None:
+        if getattr(namespace, self.dest, None) is not None:
+            parser.error("--model names one model; name several with --models A,B or --models-file")
+        setattr(namespace, self.dest, values)
 
 
 def _client_flags(p: argparse.ArgumentParser) -> None:

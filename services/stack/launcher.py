@@ -21,7 +21,8 @@ import grpc
 
 from services.common.settings import SettingsError
 from services.stack.certs import make_dev_certs
-from services.stack.settings import DEMO_MODEL, StackSettings
+from services.stack.models import ServedModel, alias_map, served_models
+from services.stack.settings import StackSettings
 from services.stack.state import (
     ADMIN_KEY,
     ADMIN_PASSWORD,
@@ -36,22 +37,16 @@ CLI = (sys.executable, "-m", "services.cli")
 
 
 def served_model_name(settings: StackSettings) -> str:
-    """The name clients put in requests: --model-name, else derived from --model."""
-    if settings.model_name:
-        return settings.model_name
-    if settings.model == DEMO_MODEL:
-        return DEMO_MODEL
-    path = Path(settings.model).expanduser()
-    if path.suffix == ".gguf":
-        return path.stem
-    return path.name if path.exists() else settings.model
+    """The name clients put in requests for the (first) model."""
+    return served_models(settings)[0].name
 
 
 def threads_per_worker(settings: StackSettings) -> int:
     """torch threads of each worker: the machine's cores shared out, at least one."""
     if settings.threads:
         return settings.threads
-    return max(1, (os.cpu_count() or 1) // settings.workers)
+    workers = sum(m.workers for m in served_models(settings))
+    return max(1, (os.cpu_count() or 1) // workers)
 
 
 @dataclass(frozen=True)
@@ -112,8 +107,14 @@ class Layout:
     def auth(self) -> str:
         return self.address(self.settings.auth_port)
 
+    def workers(self) -> list[tuple[int, ServedModel]]:
+        """(port, model) of every worker: each model's workers on the next ports."""
+        models = served_models(self.settings)
+        each = [m for m in models for _ in range(m.workers)]
+        return [(self.settings.worker_port + i, m) for i, m in enumerate(each)]
+
     def worker_ports(self) -> list[int]:
-        return [self.settings.worker_port + i for i in range(self.settings.workers)]
+        return [port for port, _ in self.workers()]
 
     def metrics(self, index: int) -> dict[str, str]:
         """Metrics port variables for service number `index` (router 0, auth 1, workers 2…)."""
@@ -173,13 +174,13 @@ def plan(settings: StackSettings, state: StateDir, tls: Tls | None) -> list[Chil
         )
     )
     threads = str(threads_per_worker(settings))
-    for i, port in enumerate(layout.worker_ports()):
+    for i, (port, model) in enumerate(layout.workers()):
         env = base_env(state, tls)
         env.update(
             TOKENYARD_INFERENCE_HOST=settings.host,
             TOKENYARD_INFERENCE_PORT=str(port),
-            TOKENYARD_INFERENCE_MODEL=settings.model,
-            TOKENYARD_INFERENCE_SERVED_MODEL_NAME=served_model_name(settings),
+            TOKENYARD_INFERENCE_MODEL=model.source,
+            TOKENYARD_INFERENCE_SERVED_MODEL_NAME=model.name,
             OMP_NUM_THREADS=threads,
             MKL_NUM_THREADS=threads,
         )
@@ -199,6 +200,8 @@ def plan(settings: StackSettings, state: StateDir, tls: Tls | None) -> list[Chil
         TOKENYARD_ROUTER_HTTP_ADDRESS=_host_port(settings.host, settings.http_port),
     )
     env.pop("TOKENYARD_ROUTER_WORKER_DNS", None)
+    if aliases := alias_map(served_models(settings)):
+        env["TOKENYARD_ROUTER_MODEL_ALIASES"] = aliases
     if settings.redis_url:
         env["TOKENYARD_REDIS_URL"] = settings.redis_url
     if m := layout.metrics(0):
@@ -257,12 +260,14 @@ def banner(
 ) -> str:
     """What `tokenyard up` prints once the stack is SERVING."""
     layout = Layout(settings)
-    model = served_model_name(settings)
+    models = served_models(settings)
+    model = models[0].name
     key_file = state.path("demo-key")
     tls_flag = f" --tls-ca {tls.ca}" if tls else ""
+    serving = ", ".join(f"{m.workers} worker(s) serving {_names(m)}" for m in models)
     lines = [
-        f"tokenyard is up: router {layout.router}, {settings.workers} worker(s) serving "
-        f"{model}, auth {layout.auth}, state in {state.root}",
+        f"tokenyard is up: router {layout.router}, {serving}, auth {layout.auth}, "
+        f"state in {state.root}",
     ]
     if created:
         lines += [
@@ -289,6 +294,12 @@ def banner(
         "",
     ]
     return "\n".join(lines)
+
+
+def _names(model: ServedModel) -> str:
+    if not model.aliases:
+        return model.name
+    return f"{model.name} (also {', '.join(model.aliases)})"
 
 
 async def supervise(
@@ -320,6 +331,7 @@ async def supervise(
 
 def run_stack(settings: StackSettings, out: IO[str]) -> int:
     """Everything `tokenyard up` does; returns its exit status."""
+    served_models(settings)  # a bad model list stops the start before anything is made
     state = StateDir(settings.state_dir)
     state.ensure()
     tls: Tls | None = None

@@ -17,14 +17,15 @@ from services.common.settings import (
     setting,
 )
 from services.router.settings import parse_redis_url
+from services.stack.models import DEMO_MODEL, ModelEntry, parse_models
 from services.stack.state import state_dir_setting
 
-DEMO_MODEL = "smollm2-135m"
+__all__ = ["DEMO_MODEL", "ClientSettings", "StackSettings"]
 
 
 @dataclass(frozen=True, kw_only=True)
 class StackSettings:
-    """Where state lives, how many workers on which model, ports, restarts, TLS."""
+    """Where state lives, how many workers on which models, ports, restarts, TLS."""
 
     state_dir: Path = state_dir_setting()
     workers: int = setting(
@@ -32,19 +33,36 @@ class StackSettings:
         parse_positive_int,
         default=2,
         flag="--workers",
-        help="Inference workers to start.",
+        help="Inference workers to start per model (a models file may say otherwise).",
     )
-    model: str = setting(
+    model: str | None = setting(
         "TOKENYARD_UP_MODEL",
-        default=DEMO_MODEL,
+        default=None,
         flag="--model",
-        help="Model the workers serve: smollm2-135m, a model folder, a GGUF file or a hub id.",
+        help="The one model the workers serve: smollm2-135m (the default), a model folder, "
+        "a GGUF file or a hub id.",
     )
     model_name: str | None = setting(
         "TOKENYARD_UP_MODEL_NAME",
         default=None,
         flag="--model-name",
         help="Name clients use for the model (default: derived from --model).",
+    )
+    models: tuple[ModelEntry, ...] = setting(
+        "TOKENYARD_UP_MODELS",
+        parse_models,
+        default=(),
+        flag="--models",
+        help="Several models instead of --model: comma-separated [NAME=]SOURCE entries, "
+        "--workers workers each (e.g. smollm2-135m,tiny=/models/tiny).",
+    )
+    models_file: Path | None = setting(
+        "TOKENYARD_UP_MODELS_FILE",
+        parse_path,
+        default=None,
+        flag="--models-file",
+        help="TOML file of models instead of --model: one [[models]] table each with source "
+        "and optional name, workers and aliases (docs/local-stack.md).",
     )
     host: str = setting(
         "TOKENYARD_UP_HOST", default="127.0.0.1", flag="--host", help="Address every service binds."

@@ -127,8 +127,9 @@ class _Api:
 
     async def model(self, request: Request) -> Response:
         name = request.path_params["model_id"]
+        wanted = self.core.canonical(name)  # an alias shows its model
         for found in await self._all_models(request):
-            if found.name == name:
+            if found.name == wanted:
                 return JSONResponse(_model(found))
         raise NotFound(f"model {name!r} is not served", reason="MODEL_NOT_FOUND", field="model")
 

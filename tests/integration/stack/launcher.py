@@ -17,25 +17,31 @@ READY = "Press Ctrl-C to stop."
 
 
 class StackProcess:
-    """One `tokenyard up` with free ports; its output is collected in `output`."""
+    """One `tokenyard up` with free ports; its output is collected in `output`.
+
+    `model` is served as "tiny"; with None, `extra` names the `models` (--models
+    or --models-file), each with `workers` workers unless a models file says
+    otherwise.
+    """
 
     def __init__(
         self,
         state_dir: Path,
-        model: Path,
+        model: Path | None,
         *,
         workers: int = 1,
+        models: int = 1,
         extra: Sequence[str] = (),
         env: dict[str, str] | None = None,
     ) -> None:
         self.state_dir = state_dir
         self.port, self.auth_port, self.http_port = free_port(), free_port(), free_port()
-        self.worker_port = _free_run(workers)
-        self.metrics_port = _free_run(2 + workers)
-        self.workers = workers
+        self.worker_port = _free_run(workers * models)
+        self.metrics_port = _free_run(2 + workers * models)
+        self.workers = workers * models
+        named = [] if model is None else ["--model", str(model), "--model-name", "tiny"]
         argv = [
-            sys.executable, "-m", "services.cli", "up",
-            "--state-dir", str(state_dir), "--model", str(model), "--model-name", "tiny",
+            sys.executable, "-m", "services.cli", "up", "--state-dir", str(state_dir), *named,
             "--workers", str(workers), "--port", str(self.port),
             "--auth-port", str(self.auth_port), "--worker-port", str(self.worker_port),
             "--http-port", str(self.http_port),

@@ -10,8 +10,9 @@ from __future__ import annotations
 from pathlib import Path
 
 
-def build_tiny_model(folder: Path) -> Path:
-    """Write config, weights and tokenizer of a ~100k-parameter model into `folder`."""
+def build_tiny_model(folder: Path, *, seed: int = 0, context: int = 512) -> Path:
+    """Write config, weights and tokenizer of a ~100k-parameter model into `folder`
+    (another `seed` makes other weights, so another model's text)."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -22,7 +23,7 @@ def build_tiny_model(folder: Path) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     tokenizer = build_tokenizer()
     tokenizer.save_pretrained(folder)
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     config = LlamaConfig(
         vocab_size=len(tokenizer),
         hidden_size=64,
@@ -30,7 +31,7 @@ def build_tiny_model(folder: Path) -> Path:
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
-        max_position_embeddings=512,
+        max_position_embeddings=context,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
         tie_word_embeddings=True,
