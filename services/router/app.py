@@ -102,7 +102,9 @@ class RouterApp:
             max_attempts=settings.max_attempts,
             interval=settings.stream_interval,
         )
-        self.core = RouterCore(Deps(self.auth, self.limits, self.pool, self.relay, self.usage))
+        self.core = RouterCore(
+            Deps(self.auth, self.limits, self.pool, self.relay, self.usage, settings.max_n)
+        )
         self.server = GrpcServer(
             settings.server,
             options=settings.server.grpc_options(),
