@@ -131,7 +131,10 @@ async def test_the_writer_never_merges_messages_of_different_samples() -> None:
 
     def msg(index: int, token: int, finish: bool = False) -> gen.StreamGenerateResponse:
         return gen.StreamGenerateResponse(
-            index=index, token_ids=[token], text=f"t{token}", finish_reason=int(finish)
+            index=index,
+            token_ids=[token],
+            text=f"t{token}",
+            finish_reason=gen.FINISH_REASON_LENGTH if finish else gen.FINISH_REASON_UNSPECIFIED,
         )
 
     for message in (msg(0, 1), msg(1, 2), msg(1, 3), msg(0, 4), msg(0, 5, True), msg(0, 6)):
