@@ -34,7 +34,8 @@ from services.inference.engine.kv_cache import MIN_KV_POSITIONS, kv_positions
 from services.inference.engine.prefix_cache import PrefixCache
 from services.inference.engine.runner import Runner
 from services.inference.engine.sampling import SampleRow, sample
-from services.inference.engine.scheduler import Scheduler, Sequence
+from services.inference.engine.scheduler import Scheduler
+from services.inference.engine.sequence import Sequence
 from services.inference.engine.stream import RequestStream
 from services.inference.engine.threads import claim_torch_threads, release_default_threads
 from services.inference.engine.types import (

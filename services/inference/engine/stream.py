@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 from services.inference.engine.types import TokenEvent
 
 if TYPE_CHECKING:
-    from services.inference.engine.scheduler import Sequence
+    from services.inference.engine.sequence import Sequence
 
 
 class RequestStream:
