@@ -1,11 +1,12 @@
 // Calling tokenyard from Node.js with @grpc/grpc-js: list models, stream a
-// generation, cancel a stream midway, and read the rich error details
+// generation, ask for n samples of one prompt, cancel a stream midway, and read
+// the rich error details
 // (google.rpc.Status in the grpc-status-details-bin trailer) of rejected calls.
 //
 //   TOKENYARD_API_KEY=ty_... node client.mjs --address 127.0.0.1:50051 --model smollm2-135m
 //
 // Options: --address HOST:PORT, --model NAME, --prompt TEXT, --max-tokens N,
-// --tls-ca FILE (TLS), --deadline SECONDS. Protos load at run time from
+// --n SAMPLES (default 2), --tls-ca FILE (TLS), --deadline SECONDS. Protos load at run time from
 // ../../protos (tokenyard) and ./protos (google/rpc, vendored).
 import fs from "node:fs";
 import path from "node:path";
@@ -25,6 +26,7 @@ const { values: opts } = parseArgs({
     model: { type: "string", default: process.env.TOKENYARD_MODEL ?? "smollm2-135m" },
     prompt: { type: "string", default: "Write a haiku about gRPC." },
     "max-tokens": { type: "string", default: "24" },
+    n: { type: "string", default: "2" },
     "tls-ca": { type: "string" },
     deadline: { type: "string", default: "30" },
   },
@@ -104,6 +106,14 @@ function listModels(stub, key) {
   });
 }
 
+function generate(stub, key, request) {
+  return new Promise((resolve, reject) => {
+    stub.Generate(request, metadataFor(key), { deadline: deadline() }, (err, reply) =>
+      err ? reject(err) : resolve(reply),
+    );
+  });
+}
+
 function streamGenerate(stub, key, request, { cancelAfter } = {}) {
   return new Promise((resolve, reject) => {
     const call = stub.StreamGenerate(request, metadataFor(key), { deadline: deadline() });
@@ -146,6 +156,20 @@ async function main() {
   console.log(
     `finished: ${done.last?.finish_reason} after ${done.messages} messages, ` +
       `completion_tokens=${usage.completion_tokens}`,
+  );
+
+  // n samples of one prompt, prefilled once: `choices` holds one entry per sample.
+  const samples = await generate(stub, key, {
+    model: opts.model,
+    prompt: opts.prompt,
+    n: Number(opts.n),
+    sampling: { max_tokens: maxTokens, ignore_eos: true, seed: "7" },
+  });
+  const described = samples.choices.map(
+    (c) => `${c.index}:${c.finish_reason}:${c.token_ids.length}`,
+  );
+  console.log(
+    `samples: ${described.join(" ")} completion_tokens=${samples.usage.completion_tokens}`,
   );
 
   process.stdout.write("cancel: ");

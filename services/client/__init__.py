@@ -10,6 +10,7 @@ from __future__ import annotations
 from services.client.client import DEFAULT_ADDRESS, DEFAULT_MODEL, Client
 from services.client.errors import TokenyardCallError
 from services.client.types import (
+    Choice,
     Completion,
     Message,
     ModelInfo,
@@ -22,6 +23,7 @@ from services.client.types import (
 __all__ = [
     "DEFAULT_ADDRESS",
     "DEFAULT_MODEL",
+    "Choice",
     "Client",
     "Completion",
     "Message",

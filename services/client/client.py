@@ -21,6 +21,7 @@ from tokenyard.generation.v1 import generation_service_pb2_grpc as gen_grpc
 
 from services.client.errors import TokenyardCallError, from_rpc_error
 from services.client.types import (
+    Choice,
     Completion,
     Input,
     Message,
@@ -114,15 +115,19 @@ class Client:
         request_id: str = "",
         affinity_key: str = "",
         timeout: float | None = None,
+        n: int = 1,
     ) -> AsyncIterator[StreamEvent]:
         """Stream a generation as events: text delta, token ids, logprobs, and at the end
-        `finish_reason` and `usage`. Closing the iterator cancels the generation."""
+        `finish_reason` and `usage`. Closing the iterator cancels the generation.
+        With `n` > 1 the samples' events interleave, each with its `index`; each sample
+        ends with its own `finish_reason`, and the last event carries `usage`."""
         request = gen.StreamGenerateRequest(
             model=model,
             sampling=(sampling or Sampling()).to_proto(),
             request_id=request_id,
             affinity_key=affinity_key,
             logprobs=logprobs,
+            n=n,
             **Input.of(prompt, messages, token_ids).fields(),
         )
         attempt = 0
@@ -140,6 +145,7 @@ class Client:
                         logprobs=logprobs_of(reply.logprobs),
                         finish_reason=finish_reason_name(reply.finish_reason),
                         usage=usage_of(reply),
+                        index=reply.index,
                     )
                 return
             except grpc.aio.AioRpcError as exc:
@@ -170,14 +176,16 @@ class Client:
         request_id: str = "",
         affinity_key: str = "",
         timeout: float | None = None,
+        n: int = 1,
     ) -> Completion:
-        """Run a generation to the end and return it whole."""
+        """Run a generation to the end and return it whole (`n` samples in `choices`)."""
         request = gen.GenerateRequest(
             model=model,
             sampling=(sampling or Sampling()).to_proto(),
             request_id=request_id,
             affinity_key=affinity_key,
             logprobs=logprobs,
+            n=n,
             **Input.of(prompt, messages, token_ids).fields(),
         )
         reply = await self._unary(
@@ -191,6 +199,16 @@ class Client:
             finish_reason=finish_reason_name(reply.finish_reason),
             usage=usage_of(reply),
             logprobs=logprobs_of(reply.logprobs),
+            choices=tuple(
+                Choice(
+                    index=c.index,
+                    text=c.text,
+                    token_ids=tuple(c.token_ids),
+                    finish_reason=finish_reason_name(c.finish_reason),
+                    logprobs=logprobs_of(c.logprobs),
+                )
+                for c in reply.choices
+            ),
         )
 
     async def list_models(self) -> list[ModelInfo]:

@@ -80,13 +80,26 @@ class StreamEvent:
     request_id: str
     model: str
     logprobs: tuple[TokenLogprob, ...] = ()
-    finish_reason: str | None = None
-    usage: Usage | None = None
+    finish_reason: str | None = None  # on the last event of its sample
+    usage: Usage | None = None  # on the last event of the stream
+    index: int = 0  # which sample (n > 1)
+
+
+@dataclass(frozen=True)
+class Choice:
+    """One sample of a whole generation."""
+
+    index: int
+    text: str
+    token_ids: tuple[int, ...]
+    finish_reason: str | None
+    logprobs: tuple[TokenLogprob, ...] = ()
 
 
 @dataclass(frozen=True)
 class Completion:
-    """A whole generation (`Generate`)."""
+    """A whole generation (`Generate`): `choices` holds the n samples, the other
+    fields repeat choice 0; `usage` counts the prompt once and every sample."""
 
     text: str
     token_ids: tuple[int, ...]
@@ -95,6 +108,7 @@ class Completion:
     finish_reason: str | None
     usage: Usage | None
     logprobs: tuple[TokenLogprob, ...] = ()
+    choices: tuple[Choice, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -28,6 +28,7 @@ MAX_STOP_BYTES = 256
 MAX_STOP_TOKEN_IDS = 64  # a worker checks each generated token against every one
 MAX_MESSAGES = 1024  # chat turns in one request
 MAX_LOGPROBS = 20
+DEFAULT_MAX_N = 16  # samples per request (`n`); the router's and the worker's setting
 DEFAULT_PAGE_SIZE = 100
 MAX_PAGE_SIZE = 1000
 
@@ -79,6 +80,7 @@ class GenerationRequest:
     affinity_key: str
     continuation_ids: tuple[int, ...]
     end_user: str = ""
+    n: int = 1  # samples sharing one prefill; sample i is seeded with seed + i
 
 
 class HasInput(Protocol):
@@ -177,10 +179,24 @@ def input_of(request: HasInput) -> Input:
     raise InvalidArgument("input", "set exactly one of prompt, messages or token_ids")
 
 
+def samples_of(requested: int, max_n: int) -> int:
+    """The request's `n` (0 means 1), at most `max_n`."""
+    n = requested or 1
+    if n > max_n:
+        raise InvalidArgument("n", f"at most {max_n} samples per request (got {n})")
+    return n
+
+
 def generation_request(
-    request: gen.GenerateRequest | gen.StreamGenerateRequest, *, from_caller: bool
+    request: gen.GenerateRequest | gen.StreamGenerateRequest,
+    *,
+    from_caller: bool,
+    max_n: int = DEFAULT_MAX_N,
 ) -> GenerationRequest:
-    """The checked request; `from_caller`: a public caller, who may not resume a stream."""
+    """The checked request; `from_caller`: a public caller, who may not resume a stream.
+
+    `max_n` caps the samples per request (the service's setting).
+    """
     model = check_model(request.model)
     given_input = input_of(request)
     logprobs = request.logprobs if request.HasField("logprobs") else None
@@ -194,6 +210,9 @@ def generation_request(
     if from_caller and request.continuation_token_ids:
         # The router's own resume mechanism: from a caller it would be unbilled prefill.
         raise InvalidArgument("continuation_token_ids", "is not accepted from callers")
+    n = samples_of(request.n, max_n)
+    if n > 1 and request.continuation_token_ids:
+        raise InvalidArgument("continuation_token_ids", "cannot resume a request with n > 1")
     return GenerationRequest(
         model=model,
         input=given_input,
@@ -202,6 +221,7 @@ def generation_request(
         affinity_key=request.affinity_key,
         continuation_ids=tuple(request.continuation_token_ids),
         end_user=request.end_user,
+        n=n,
     )
 
 

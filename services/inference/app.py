@@ -102,6 +102,7 @@ class InferenceApp:
             loaded.tokenizer,
             info,
             eos_token_ids=loaded.eos_token_ids,
+            max_n=settings.max_n,
             on_drained=lambda: self.server.set_serving(False),
         )
         self.server.add(

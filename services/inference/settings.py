@@ -17,6 +17,7 @@ from services.common.config import (
     ServerSettings,
     check_internal_exposure,
 )
+from services.common.requests import DEFAULT_MAX_N
 from services.common.settings import (
     load_settings,
     parse_bool,
@@ -108,6 +109,14 @@ class InferenceSettings:
         default=32,
         flag="--max-queued",
         help="Most requests waiting for a slot; beyond it calls get RESOURCE_EXHAUSTED.",
+    )
+    max_n: int = setting(
+        "TOKENYARD_{service}_MAX_N",
+        parse_positive_int,
+        default=DEFAULT_MAX_N,
+        flag="--max-n",
+        help="Most samples one generation request may ask for (`n`); above it "
+        "INVALID_ARGUMENT naming n.",
     )
     max_batch_tokens: int = setting(
         "TOKENYARD_{service}_MAX_BATCH_TOKENS",

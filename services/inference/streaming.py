@@ -19,6 +19,7 @@ from typing import Any
 
 from tokenyard.generation.v1 import generation_service_pb2 as gen
 
+from services.common.choices import add_to_choice, finish_choices
 from services.inference.engine.detokenizer import IncrementalDetokenizer, StopStringMatcher
 from services.inference.engine.types import (
     FINISH_CANCELLED,
@@ -158,16 +159,60 @@ class ResponseAssembler:
             self.finish_reason = gen.FINISH_REASON_STOP_SEQUENCE
 
 
+class SampleSet:
+    """The n samples of one request: one assembler each, messages tagged with `index`.
+
+    Each sample's last message carries its finish reason; the stream's last message
+    (the one ending the last sample) also carries the usage of the whole request:
+    the prompt once and the completions of every sample.
+    """
+
+    def __init__(self, assemblers: Sequence[ResponseAssembler]) -> None:
+        self.assemblers = list(assemblers)
+
+    @property
+    def finished(self) -> bool:
+        """True once every sample has its last message."""
+        return all(a.finished for a in self.assemblers)
+
+    def totals(self) -> Totals:
+        """Usage of the request so far (the prompt counted once)."""
+        first = self.assemblers[0].totals
+        return Totals(
+            first.prompt_tokens,
+            sum(a.totals.completion_tokens for a in self.assemblers),
+            first.cached_prompt_tokens,
+        )
+
+    def feed(self, events: Sequence[TokenEvent]) -> list[gen.StreamGenerateResponse]:
+        """The messages for one batch of events, one per sample with something new."""
+        by_index: dict[int, list[TokenEvent]] = {}
+        for event in events:
+            by_index.setdefault(event.index, []).append(event)
+        out: list[gen.StreamGenerateResponse] = []
+        for index, batch in by_index.items():
+            message = self.assemblers[index].feed(batch)
+            if message is None:
+                continue
+            message.index = index
+            if message.finish_reason != gen.FINISH_REASON_UNSPECIFIED:
+                if self.finished:
+                    message.usage.CopyFrom(self.totals().usage())
+                else:
+                    message.ClearField("usage")
+            out.append(message)
+        return out
+
+
 def collect(
     request_id: str, model: str, messages: Sequence[gen.StreamGenerateResponse]
 ) -> gen.GenerateResponse:
-    """Join a stream's messages into the unary GenerateResponse."""
+    """Join a stream's messages into the unary GenerateResponse (choice 0 on top)."""
     out = gen.GenerateResponse(request_id=request_id, model=model)
-    out.text = "".join(m.text for m in messages)
+    choices: dict[int, gen.Choice] = {}
     for message in messages:
-        out.token_ids.extend(message.token_ids)
-        out.logprobs.extend(message.logprobs)
-        if message.finish_reason != gen.FINISH_REASON_UNSPECIFIED:
-            out.finish_reason = message.finish_reason
+        add_to_choice(choices, message)
+        if message.HasField("usage"):
             out.usage.CopyFrom(message.usage)
+    finish_choices(out, choices)
     return out

@@ -29,6 +29,7 @@ from services.common.errors import (
     Unavailable,
 )
 from services.common.requests import (
+    DEFAULT_MAX_N,
     HasInput,
     Input,
     Sampling,
@@ -51,7 +52,7 @@ from services.inference.engine.types import (
     TokenEvent,
 )
 from services.inference.inputs import RenderedInput, render_input
-from services.inference.streaming import ResponseAssembler
+from services.inference.streaming import ResponseAssembler, SampleSet
 
 log = logging.getLogger("tokenyard.inference")
 _tracer = tracer("tokenyard.inference")
@@ -113,6 +114,7 @@ class PreparedRequest:
     prompt_ids: list[int]
     continuation_ids: list[int]
     sampling: Sampling
+    n: int = 1  # samples sharing the prompt's prefill
 
     @property
     def max_tokens(self) -> int:
@@ -131,6 +133,7 @@ class Worker:
         info: WorkerInfo,
         *,
         eos_token_ids: frozenset[int] = frozenset(),
+        max_n: int = DEFAULT_MAX_N,
         on_drained: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         self.engine = engine
@@ -138,6 +141,8 @@ class Worker:
         self.info = info
         self.worker_id = ""
         self.eos_token_ids = eos_token_ids
+        # A request's samples run at once: no more than the running slots.
+        self.max_n = min(max_n, info.max_running)
         self.draining = False
         self._on_drained = on_drained
         self._drain_task: asyncio.Task[None] | None = None
@@ -152,7 +157,7 @@ class Worker:
         self, request: gen.GenerateRequest | gen.StreamGenerateRequest
     ) -> PreparedRequest:
         """Check a Generate/StreamGenerate request and render its prompt ids."""
-        checked = generation_request(request, from_caller=False)
+        checked = generation_request(request, from_caller=False, max_n=self.max_n)
         self._check_served(checked.model)
         vocab = self.info.vocab_size
         check_token_ids(request.sampling.stop_token_ids, "sampling.stop_token_ids", vocab)
@@ -170,6 +175,7 @@ class Worker:
             rendered.token_ids,
             list(continuation),
             dataclasses.replace(checked.sampling, max_tokens=max_tokens),
+            checked.n,
         )
 
     def _check_served(self, model: str) -> None:
@@ -202,20 +208,25 @@ class Worker:
         """
         if self.draining:
             raise Unavailable("worker is draining: send new work elsewhere", reason="DRAINING")
-        assembler = ResponseAssembler(
-            tokenizer=self.tokenizer,
-            request_id=prep.request_id,
-            model=self.info.model,
-            prompt_ids=prep.prompt_ids,
-            continuation_ids=prep.continuation_ids,
-            stops=prep.sampling.stop,
-            stop_token_ids=prep.sampling.stop_token_ids,
-            eos_token_ids=self.eos_token_ids,
-            ignore_eos=prep.sampling.ignore_eos,
-            logprobs=prep.sampling.logprobs is not None,
+        samples = SampleSet(
+            [
+                ResponseAssembler(
+                    tokenizer=self.tokenizer,
+                    request_id=prep.request_id,
+                    model=self.info.model,
+                    prompt_ids=prep.prompt_ids,
+                    continuation_ids=prep.continuation_ids,
+                    stops=prep.sampling.stop,
+                    stop_token_ids=prep.sampling.stop_token_ids,
+                    eos_token_ids=self.eos_token_ids,
+                    ignore_eos=prep.sampling.ignore_eos,
+                    logprobs=prep.sampling.logprobs is not None,
+                )
+                for _ in range(prep.n)
+            ]
         )
-        if assembler.finished:  # the continuation had already ended the generation
-            yield assembler.final()
+        if samples.finished:  # the continuation had already ended the generation
+            yield samples.assemblers[0].final()
             return
         attributes: dict[str, str | int] = {
             "tokenyard.request_id": prep.request_id,
@@ -224,7 +235,7 @@ class Worker:
             "gen_ai.usage.input_tokens": len(prep.prompt_ids),
         }
         with _tracer.start_as_current_span("inference.generate", attributes=attributes) as span:
-            run = self._run(prep, assembler, deadline, attributes, span)
+            run = self._run(prep, samples, deadline, attributes, span)
             async with contextlib.aclosing(run):
                 async for message in run:
                     yield message
@@ -232,7 +243,7 @@ class Worker:
     async def _run(
         self,
         prep: PreparedRequest,
-        assembler: ResponseAssembler,
+        samples: SampleSet,
         deadline: float | None,
         attributes: dict[str, str | int],
         span: Span,
@@ -276,11 +287,14 @@ class Worker:
                         # The caller's deadline, not a cancel: say so, rather than
                         # racing the client's own timer with an OK "CANCELLED" reply.
                         raise DeadlineExceeded("deadline passed before the generation finished")
-                    message = assembler.feed(batch)
-                    if message is not None:
+                    for message in samples.feed(batch):
                         metrics.GENERATED_TOKENS.inc(len(message.token_ids))
+                        if samples.assemblers[message.index].stopped_by_string:
+                            abort = getattr(events, "abort_sample", None)
+                            if abort is not None and not samples.finished:
+                                abort(message.index)  # the others go on
                         yield message
-                    if assembler.finished:
+                    if samples.finished:
                         break  # leaving the `async with` aborts a request a stop string ended
         except EngineError as exc:
             log.error("generation failed", extra={"request_id": prep.request_id, "error": str(exc)})
@@ -291,9 +305,10 @@ class Worker:
         finally:
             phase.end()
             self._changed.set()
-            reason = gen.FinishReason.Name(assembler.finish_reason) if assembler.finished else ""
+            lead = samples.assemblers[0]
+            reason = gen.FinishReason.Name(lead.finish_reason) if samples.finished else ""
             metrics.REQUESTS.labels(reason.removeprefix("FINISH_REASON_") or "ABORTED").inc()
-            span.set_attribute("gen_ai.usage.output_tokens", assembler.totals.completion_tokens)
+            span.set_attribute("gen_ai.usage.output_tokens", samples.totals().completion_tokens)
             span.set_attribute("tokenyard.finish_reason", reason or "ABORTED")
 
     def _submit(self, prep: PreparedRequest, deadline: float | None) -> AsyncIterator[Any]:
@@ -303,6 +318,7 @@ class Worker:
             sampling=prep.sampling,
             continuation_ids=prep.continuation_ids,
             deadline=deadline,
+            n=prep.n,
         )
         try:
             return self.engine.generate(request)

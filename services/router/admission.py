@@ -94,14 +94,20 @@ def prompt_bound(request: gen.StreamGenerateRequest | gen.CountTokensRequest) ->
     return len(request.prompt.encode())
 
 
-def reservation(request: gen.StreamGenerateRequest, context_length: int | None) -> int:
-    """Tokens a generation may use at most: prompt bound + max_tokens, within the context."""
+def reservation(request: gen.StreamGenerateRequest, context_length: int | None, n: int = 1) -> int:
+    """Tokens a generation may use at most: prompt bound + n * max_tokens.
+
+    Each of the `n` samples' completions is bounded by the context too.
+    """
     prompt = prompt_bound(request)
     s = request.sampling
     total = prompt + s.max_tokens if s.HasField("max_tokens") else None
     if context_length:
         total = context_length if total is None else min(total, context_length)
-    return prompt if total is None else total
+    if total is None:
+        return prompt
+    # The prompt is counted once; every sample may use the whole completion budget.
+    return total + (n - 1) * max(total - prompt, 0)
 
 
 def admission(

@@ -109,6 +109,7 @@ class RouterApp:
                 self.pool,
                 self.relay,
                 self.usage,
+                max_n=settings.max_n,
                 aliases=dict(settings.model_aliases),
             )
         )

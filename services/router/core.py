@@ -31,6 +31,7 @@ from services.common.errors import (
     Unavailable,
 )
 from services.common.requests import (
+    DEFAULT_MAX_N,
     check_model,
     check_size,
     generation_request,
@@ -63,6 +64,7 @@ class Deps:
     pool: WorkerPool
     relay: Relay
     usage: UsageReporter
+    max_n: int = DEFAULT_MAX_N  # samples per request (`n`)
     aliases: Mapping[str, str] = field(default_factory=dict)  # alias → the model's name
 
 
@@ -73,6 +75,7 @@ class RouterCore:
         self.auth, self.limits, self.pool = deps.auth, deps.limits, deps.pool
         self.relay, self.usage = deps.relay, deps.usage
         self.aliases = deps.aliases
+        self.max_n = deps.max_n
         self._background: set[asyncio.Task[None]] = set()
         self._active = 0  # generations between their start and their settlement spawn
         self._idle = asyncio.Event()
@@ -185,7 +188,7 @@ class RouterCore:
         """Every check before routing; the principal, its limit slot and the router's id."""
         entry = await self.principal(authorization)
         request.model = self.canonical(request.model)
-        checked = generation_request(request, from_caller=True)
+        checked = generation_request(request, from_caller=True, max_n=self.max_n)
         self.authorize_model(entry, checked.model, "generate")
         context_length = self.pool.context_length(checked.model)
         check_size(checked.input, context_length)
@@ -196,7 +199,7 @@ class RouterCore:
         router_id = uuid.uuid4().hex
         if not request.request_id:
             request.request_id = router_id
-        reserve = reservation(request, context_length)
+        reserve = reservation(request, context_length, checked.n)
         slot = await self.limits.admit(admission(entry.principal, router_id, reserve=reserve))
         return entry, slot, router_id
 

@@ -8,6 +8,10 @@ invisibly. A worker that dies mid-stream is replaced too, with the original
 request plus `continuation_token_ids` = every token already relayed, so the
 client's stream continues without a gap or a repeat. Where no worker can take
 over, the stream ends with UNAVAILABLE. A failed worker is ejected.
+
+A request of n > 1 samples fails over before its first token only: mid-stream it
+ends with UNAVAILABLE (STREAM_INTERRUPTED), since resuming n interleaved samples
+needs each one's continuation. Its stream ends once every sample has ended.
 """
 
 from __future__ import annotations
@@ -68,6 +72,7 @@ class StreamState:
     finish_reason: int = 0
     first_token_at: float = 0.0
     attempts: int = 0
+    samples_ended: int = 0  # samples whose last message was relayed
 
 
 class WorkerError(TokenyardError):
@@ -194,6 +199,11 @@ class Relay:
                 timeout = deadline - time.monotonic()
                 if timeout <= 0:
                     raise DeadlineExceeded("deadline exceeded")
+            if state.tokens and (request.n or 1) > 1:
+                raise Unavailable(
+                    "the stream was interrupted; a request with n > 1 cannot be resumed",
+                    reason="STREAM_INTERRUPTED",
+                )
             relayed_before = len(state.tokens)
             try:
                 if await self._attempt(
@@ -262,7 +272,9 @@ class Relay:
         call = worker.stream_generate(request, timeout=timeout, metadata=metadata)
         worker.inflight += 1
         worker.dispatched += 1
-        interval = self.interval
+        samples = request.n or 1
+        # Gathering would merge messages of different samples: n > 1 streams as it comes.
+        interval = self.interval if samples == 1 else 1
         held: gen.StreamGenerateResponse | None = None  # stream_interval accumulation
         tokens = state.tokens
         model = request.model
@@ -287,6 +299,8 @@ class Relay:
                     last = now
                     tokens.extend(ids)
                 if msg.finish_reason:
+                    state.samples_ended += 1
+                if msg.finish_reason and state.samples_ended >= samples:
                     forward: bytes | None = raw
                     state.finish_reason = msg.finish_reason
                     state.prompt_tokens = msg.usage.prompt_tokens

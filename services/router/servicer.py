@@ -14,6 +14,7 @@ from typing import Any
 import grpc
 from tokenyard.generation.v1 import generation_service_pb2 as gen
 
+from services.common.choices import add_to_choice, finish_choices
 from services.common.interceptors import metadata_value
 from services.common.lenient import decode
 from services.router.core import RouterCore
@@ -57,6 +58,7 @@ class RouterServicer:
         unary = decode(gen.GenerateRequest, raw)
         request = gen.StreamGenerateRequest.FromString(unary.SerializeToString())
         reply = gen.GenerateResponse()
+        choices: dict[int, gen.Choice] = {}
 
         async def collect(payload: bytes | gen.StreamGenerateResponse) -> None:
             message = (
@@ -64,11 +66,8 @@ class RouterServicer:
                 if isinstance(payload, bytes)
                 else payload
             )
-            reply.text += message.text
-            reply.token_ids.extend(message.token_ids)
-            reply.logprobs.extend(message.logprobs)
-            if message.finish_reason:
-                reply.finish_reason = message.finish_reason
+            add_to_choice(choices, message)
+            if message.HasField("usage"):
                 reply.usage.CopyFrom(message.usage)
 
         state: StreamState = await self.core.generate(
@@ -79,6 +78,7 @@ class RouterServicer:
             method="Generate",
         )
         del state
+        finish_choices(reply, choices)
         reply.request_id = request.request_id
         reply.model = request.model
         return reply

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from services.common.config import InternalSettings, ObservabilitySettings, ServerSettings
+from services.common.requests import DEFAULT_MAX_N
 from services.common.settings import (
     parse_address,
     parse_bool,
@@ -269,4 +270,12 @@ class RouterSettings:
         parse_positive_int,
         default=4,
         help="Most workers one request is tried on (failover and resume).",
+    )
+    max_n: int = setting(
+        "TOKENYARD_{service}_MAX_N",
+        parse_positive_int,
+        default=DEFAULT_MAX_N,
+        flag="--max-n",
+        help="Most samples one generation request may ask for (`n`); above it "
+        "INVALID_ARGUMENT naming n.",
     )

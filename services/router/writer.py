@@ -22,6 +22,7 @@ class Writer:
     further messages are merged into one pending message, written when the current
     write completes. So a slow client gets fewer, larger messages and the router
     spends less per token; a fast one gets every message as it came, unchanged.
+    Messages of different samples (`index`, n > 1) are never merged together.
     """
 
     __slots__ = ("emit", "error", "pending", "task")
@@ -29,21 +30,21 @@ class Writer:
     def __init__(self, emit: Emit) -> None:
         self.emit = emit
         self.task: asyncio.Future[None] | None = None
-        self.pending: gen.StreamGenerateResponse | None = None
+        self.pending: list[gen.StreamGenerateResponse] = []
         self.error: BaseException | None = None
 
     def send(self, raw: bytes | None, msg: gen.StreamGenerateResponse) -> None:
         """Queue one message (raw bytes when unchanged from the worker)."""
         if self.task is None and self.error is None:
             self._start(raw or msg)
-        elif self.pending is None:
-            self.pending = msg
+        elif self.pending and _mergeable(self.pending[-1], msg):
+            merge(self.pending[-1], msg)
         else:
-            merge(self.pending, msg)
+            self.pending.append(msg)
 
     async def write_now(self, raw: bytes | None, msg: gen.StreamGenerateResponse) -> None:
         """Write without a task hop when nothing is in flight (the first token's latency)."""
-        if self.task is None and self.pending is None and self.error is None:
+        if self.task is None and not self.pending and self.error is None:
             await self.emit(raw or msg)
         else:
             self.send(raw, msg)
@@ -60,9 +61,8 @@ class Writer:
         if error is not None:
             self.error = error
             return
-        if self.pending is not None:
-            payload, self.pending = self.pending, None
-            self._start(payload)
+        if self.pending:
+            self._start(self.pending.pop(0))
 
     async def flush(self) -> None:
         """Wait until everything sent is written; raise a write's error."""
@@ -73,9 +73,14 @@ class Writer:
 
     def cancel(self) -> None:
         """Drop what is not written (the client went away)."""
-        self.pending = None
+        self.pending = []
         if self.task is not None:
             self.task.cancel()
+
+
+def _mergeable(into: gen.StreamGenerateResponse, msg: gen.StreamGenerateResponse) -> bool:
+    """Whether `msg` may join `into`: the same sample, which has not ended yet."""
+    return into.index == msg.index and not into.finish_reason
 
 
 def merge(into: gen.StreamGenerateResponse, msg: gen.StreamGenerateResponse) -> None:

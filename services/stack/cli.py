@@ -34,6 +34,9 @@ def register(subparsers: Any) -> None:
     )
     gen.add_argument("prompt", help="what to ask")
     gen.add_argument("--raw", action="store_true", help="send the prompt as is, no chat template")
+    gen.add_argument(
+        "--n", type=int, default=1, help="samples of one prompt (prefilled once; seed + i each)"
+    )
     _client_flags(gen)
     gen.set_defaults(handler=_generate)
 
@@ -126,6 +129,7 @@ def _options(args: argparse.Namespace) -> Any:
         tls=args.tls,
         tls_ca=args.tls_ca,
         timeout=args.timeout,
+        n=getattr(args, "n", 1),
     )
 
 

@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 from services.client import Client, Message, Sampling, StreamEvent, TokenyardCallError, Usage
 
@@ -32,6 +32,7 @@ class Options:
     tls: bool = False
     tls_ca: Path | None = None
     timeout: float = 300.0
+    n: int = 1  # samples (generate only)
 
 
 @dataclass
@@ -131,6 +132,34 @@ async def stream_reply(
     return "".join(text)
 
 
+async def print_samples(
+    client: Client,
+    options: Options,
+    model: str,
+    given: dict[str, Any],
+    *,
+    out: IO[str],
+    err: IO[str],
+) -> None:
+    """`generate --n`: the samples one after another, each under a header line."""
+    stats = Stats()
+    reply = await client.generate(
+        model=model,
+        sampling=options.sampling,
+        logprobs=options.logprobs,
+        timeout=options.timeout,
+        n=options.n,
+        **given,
+    )
+    stats.finished = time.perf_counter()
+    for choice in reply.choices:
+        out.write(f"--- sample {choice.index} ({choice.finish_reason}) ---\n{choice.text}\n")
+    out.flush()
+    stats.usage = reply.usage
+    err.write(stats.line() + "\n")
+    err.flush()
+
+
 def _client(options: Options) -> Client:
     return Client(
         options.address,
@@ -146,12 +175,15 @@ async def generate(options: Options, prompt: str, out: IO[str], err: IO[str]) ->
     async with _client(options) as client:
         try:
             model = await _pick_model(client, options)
-            if options.raw:
-                await stream_reply(client, options, model, prompt=prompt, out=out, err=err)
-            else:
+            given: dict[str, Any] = {"prompt": prompt}
+            if not options.raw:
                 turns = [Message("system", options.system)] if options.system else []
                 turns.append(Message("user", prompt))
-                await stream_reply(client, options, model, messages=turns, out=out, err=err)
+                given = {"messages": turns}
+            if options.n > 1:
+                await print_samples(client, options, model, given, out=out, err=err)
+            else:
+                await stream_reply(client, options, model, **given, out=out, err=err)
         except TokenyardCallError as exc:
             err.write(describe_error(exc) + "\n")
             return 1

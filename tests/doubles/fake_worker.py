@@ -76,9 +76,12 @@ def prompt_tokens(request: Any) -> int:
     return max(1, len(prompt_text(request).split()))
 
 
-def expected_token(request: Any, position: int) -> int:
-    """The token this double emits at `position` for `request` (every worker agrees)."""
-    seed = request.sampling.seed if request.sampling.HasField("seed") else 0
+def expected_token(request: Any, position: int, index: int = 0) -> int:
+    """The token this double emits at `position` of sample `index` (every worker agrees).
+
+    Sample i is seeded with seed + i, as a real worker does.
+    """
+    seed = (request.sampling.seed if request.sampling.HasField("seed") else 0) + index
     digest = hashlib.blake2b(f"{seed}:{prompt_text(request)}".encode(), digest_size=4).digest()
     return (int.from_bytes(digest, "big") + position) % VOCAB
 
@@ -171,6 +174,11 @@ class FakeGeneration(gen_grpc.GenerationServiceServicer):
         if prompt_tokens(request) + max_tokens > cfg.context_length:
             raise errors.InvalidArgument("prompt", "prompt plus max_tokens exceeds the context")
         rid = request.request_id or uuid.uuid4().hex
+        samples = request.n or 1
+        if samples > 1:
+            async for msg in self._samples(request, rid, samples, max_tokens):
+                yield msg
+            return
         load.running += 1
         load.pending_tokens += max_tokens - len(done)
         self._changed()
@@ -203,6 +211,43 @@ class FakeGeneration(gen_grpc.GenerationServiceServicer):
         finally:
             load.running -= 1
             load.pending_tokens -= max_tokens - position
+            self._changed()
+
+    async def _samples(
+        self, request: gen.StreamGenerateRequest, rid: str, samples: int, max_tokens: int
+    ) -> AsyncGenerator[gen.StreamGenerateResponse, None]:
+        """n > 1: one message per sample and position, interleaved; usage on the last."""
+        load = self.load
+        load.running += samples
+        self._changed()
+        try:
+            await self._prefill(request)
+            for position in range(max_tokens):
+                if self.config.token_delay:
+                    await asyncio.sleep(self.config.token_delay)
+                for index in range(samples):
+                    token = expected_token(request, position, index)
+                    load.generated += 1
+                    self.emitted_total += 1
+                    msg = gen.StreamGenerateResponse(
+                        request_id=rid,
+                        model=self.config.model,
+                        text=token_text(token),
+                        token_ids=[token],
+                        index=index,
+                    )
+                    if position == max_tokens - 1:
+                        msg.finish_reason = gen.FINISH_REASON_LENGTH
+                        if index == samples - 1:
+                            msg.usage.prompt_tokens = prompt_tokens(request)
+                            msg.usage.completion_tokens = samples * max_tokens
+                    yield msg
+                    if self.config.die_after_tokens and (
+                        self.emitted_total >= self.config.die_after_tokens
+                    ):
+                        os._exit(1)
+        finally:
+            load.running -= samples
             self._changed()
 
     async def Generate(self, request: gen.GenerateRequest, context: Any) -> gen.GenerateResponse:

@@ -34,7 +34,8 @@ from services.inference.engine.kv_cache import MIN_KV_POSITIONS, kv_positions
 from services.inference.engine.prefix_cache import PrefixCache
 from services.inference.engine.runner import Runner
 from services.inference.engine.sampling import SampleRow, sample
-from services.inference.engine.scheduler import Scheduler, Sequence
+from services.inference.engine.scheduler import Scheduler
+from services.inference.engine.sequence import Sequence
 from services.inference.engine.stream import RequestStream
 from services.inference.engine.threads import claim_torch_threads, release_default_threads
 from services.inference.engine.types import (
@@ -238,31 +239,42 @@ class Engine:
             raise InvalidRequest("max_tokens", "must be resolved before the engine")
         if len(req.continuation_ids) >= budget:
             raise InvalidRequest("continuation_ids", "already reach max_tokens")
+        if not 1 <= req.n <= self.max_running:
+            raise InvalidRequest("n", f"must be in [1, max_running={self.max_running}]")
+        if req.n > 1 and req.continuation_ids:
+            raise InvalidRequest("continuation_ids", "cannot resume a request with n > 1")
 
     def generate(self, req: EngineRequest) -> AsyncIterator[list[TokenEvent]]:
         """Submit `req`; iterate the result for its token events (see module docstring).
 
         Raises `InvalidRequest`, `EngineFull` (queue full) or `EngineClosed` at once.
         Closing or cancelling the iterator aborts the request within one step.
+        With `req.n` > 1 the events of sample i carry `index` i; sample 0 prefills the
+        prompt and the others copy its keys/values (where the path keeps its own
+        cache), so the prompt is computed once; each counts as one sequence.
         """
         self._check(req)
         loop = asyncio.get_running_loop()
         seed = req.sampling.seed if req.sampling.seed is not None else secrets.randbits(63)
         stream = RequestStream(loop)
-        seq = Sequence.create(req, seed, weakref.ref(stream))
-        stream.bind(seq)
+        sink = weakref.ref(stream)
+        seqs = [Sequence.create(req, (seed + i) % 2**64, sink, index=i) for i in range(req.n)]
+        stream.bind(seqs)
+        # The generic path's caches cannot be copied: its samples prefill each.
+        heads = seqs[:1] if self.runner.supports_prefix_cache else seqs
+        heads[0].forks = seqs[len(heads) :]
         with self._cond:
             if self._closed:
                 raise EngineClosed("engine is stopped")
-            if self._outstanding >= self.max_running + self.max_queued:
+            if self._outstanding + req.n > self.max_running + self.max_queued:
                 raise EngineFull(
-                    f"{self._outstanding} requests running or queued "
+                    f"{self._outstanding} sequences running or queued, {req.n} more asked "
                     f"(max_running={self.max_running}, max_queued={self.max_queued})"
                 )
-            self._outstanding += 1
+            self._outstanding += req.n
             self._total_requests += 1
-            self._total_prompt_tokens += seq.n_prefill
-            self._inbox.append(seq)
+            self._total_prompt_tokens += seqs[0].n_prefill
+            self._inbox.extend(heads)
             self._cond.notify()
         return stream
 
@@ -307,6 +319,8 @@ class Engine:
             total_prompt_tokens=prompt_tokens,
             total_generated_tokens=sched.total_generated,
             total_steps=sched.total_steps,
+            total_prefill_tokens=sched.total_prefill_tokens,
+            total_forks=sched.total_forks,
         )
 
     # -- compute thread ----------------------------------------------------------

@@ -14,71 +14,20 @@ from __future__ import annotations
 import itertools
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 
 from services.inference.engine.kv_cache import CAPACITY_STEP, DecodeBatch, ModelRunner, SlotCache
 from services.inference.engine.prefix_cache import PrefixCache
 from services.inference.engine.sampling import Sampled, SampleRow, sample
+from services.inference.engine.sequence import Sequence
 from services.inference.engine.types import (
     FINISH_CANCELLED,
     FINISH_LENGTH,
     FINISH_STOP,
     NO_TOKEN,
-    EngineRequest,
     TokenEvent,
 )
-
-_order = itertools.count()
-
-
-@dataclass(eq=False)
-class Sequence:
-    """A request's state inside the engine."""
-
-    request: EngineRequest
-    seed: int
-    sink: Any  # opaque here: the engine's weak reference to the request's stream
-    max_tokens: int  # the request's resolved budget
-    tokens: list[int] = field(default_factory=list)  # prompt + continuation + generated
-    n_prefill: int = 0  # tokens fed by prefill (prompt + continuation)
-    generated: int = 0  # continuation + newly generated
-    computed: int = 0  # positions whose keys/values are in the cache
-    slot: int = -1
-    cached_tokens: int = 0
-    admitted_at: float | None = None  # time.monotonic() when it got a slot
-    first_sent: bool = False
-    aborted: bool = False  # set from any thread when the consumer goes away
-    order: int = field(default_factory=lambda: next(_order))
-
-    @classmethod
-    def create(cls, request: EngineRequest, seed: int, sink: Any) -> Sequence:
-        """State for a new request: the continuation counts as already generated."""
-        tokens = [*request.prompt_ids, *request.continuation_ids]
-        assert request.sampling.max_tokens is not None  # Engine._check
-        return cls(
-            request=request,
-            seed=seed,
-            sink=sink,
-            max_tokens=request.sampling.max_tokens,
-            tokens=tokens,
-            n_prefill=len(tokens),
-            generated=len(request.continuation_ids),
-        )
-
-    @property
-    def prefilling(self) -> bool:
-        """True until the whole prompt (and continuation) is in the cache."""
-        return self.computed < self.n_prefill
-
-    def pending_tokens(self) -> int:
-        """Prompt tokens still to compute plus tokens still allowed to generate."""
-        return (self.n_prefill - min(self.computed, self.n_prefill)) + max(
-            self.max_tokens - self.generated, 0
-        )
-
 
 Deliver = Callable[[list[tuple[Sequence, list[TokenEvent]]]], None]
 
@@ -120,6 +69,8 @@ class Scheduler:
         self.total_generated = 0
         self.total_cancelled = 0
         self.total_finished = 0
+        self.total_prefill_tokens = 0
+        self.total_forks = 0
 
     def add(self, seq: Sequence) -> None:
         """Queue a new sequence; it joins the batch at a step boundary."""
@@ -131,7 +82,14 @@ class Scheduler:
 
     def pending_tokens(self) -> int:
         """Work still owed to admitted and waiting sequences, in tokens."""
-        return sum(s.pending_tokens() for s in itertools.chain(self.running, self.waiting))
+        return sum(
+            s.pending_tokens() + sum(f.pending_tokens() for f in s.forks)
+            for s in itertools.chain(self.running, self.waiting)
+        )
+
+    def _reserved(self) -> int:
+        """Slots held for forks of running sequences still prefilling."""
+        return sum(len(s.forks) for s in self.running)
 
     # -- removal ---------------------------------------------------------------
 
@@ -145,11 +103,21 @@ class Scheduler:
             self.running.pop()
             seq.slot = -1
         self._removed.append(seq)
+        self._drop_forks(seq)
+
+    def _drop_forks(self, seq: Sequence) -> None:
+        """End the forks a removed sequence never handed its prompt to, as cancelled."""
+        forks, seq.forks = seq.forks, []
+        for fork in forks:
+            self._cancel(fork)
+            self._removed.append(fork)
 
     def _cancel(self, seq: Sequence) -> None:
         self.total_cancelled += 1
         if not seq.aborted:
-            event = TokenEvent(NO_TOKEN, None, (), FINISH_CANCELLED, *self._first_event_fields(seq))
+            event = TokenEvent(
+                NO_TOKEN, None, (), FINISH_CANCELLED, *self._first_event_fields(seq), seq.index
+            )
             self._out.append((seq, [event]))
 
     def cancel_all(self) -> None:
@@ -165,6 +133,7 @@ class Scheduler:
     def fail_all(self) -> list[Sequence]:
         """Drop every sequence without events (after a compute error); returns them."""
         dropped = [*self.running, *self.waiting]
+        dropped += [f for s in dropped for f in s.forks]
         for seq in list(reversed(self.running)):
             self._remove(seq)
         while self.waiting:
@@ -187,6 +156,7 @@ class Scheduler:
                 if gone(seq):
                     self._cancel(seq)
                     self._removed.append(seq)
+                    self._drop_forks(seq)
                 else:
                     keep.append(seq)
             self.waiting = keep
@@ -194,7 +164,12 @@ class Scheduler:
     # -- admission ---------------------------------------------------------------
 
     def _admit(self, now: float) -> None:
-        while self.waiting and len(self.running) < self.max_running:
+        while self.waiting:
+            # A sequence with forks is admitted once a slot for each is free too.
+            if len(self.running) + self._reserved() + 1 + len(self.waiting[0].forks) > (
+                self.max_running
+            ):
+                break
             seq = self.waiting.popleft()
             seq.admitted_at = now
             seq.slot = len(self.running)
@@ -267,12 +242,15 @@ class Scheduler:
             seq.computed += 1
         for index, (seq, n) in enumerate(planned):
             seq.computed += n
+            self.total_prefill_tokens += n
             if not seq.prefilling:
                 self._store_prefix(seq, seq.n_prefill)
-                ready.append(seq)
-                rows.append(len(decoding) + index)
+                # Its forks sample their first token from the same logits row.
+                for member in (seq, *self._fork(seq)):
+                    ready.append(member)
+                    rows.append(len(decoding) + index)
         if ready:
-            if len(rows) != logits.shape[0]:
+            if rows != list(range(logits.shape[0])):
                 logits = logits[rows]
             sample_rows = [
                 SampleRow(s.request.sampling, s.seed, s.generated, s.tokens) for s in ready
@@ -284,6 +262,25 @@ class Scheduler:
             # One long request must not pin a large cache for every slot forever.
             self.cache = self.runner.new_cache(self.max_running, self._initial_capacity)
         return len(ready)
+
+    def _fork(self, seq: Sequence) -> list[Sequence]:
+        """Give `seq`'s prefilled prompt to its forks, each in a slot of its own."""
+        forks, seq.forks = seq.forks, []
+        started: list[Sequence] = []
+        for fork in forks:
+            if fork.aborted:
+                self._cancel(fork)
+                self._removed.append(fork)
+                continue
+            fork.slot = len(self.running)
+            self.running.append(fork)
+            self.cache.move(seq.slot, fork.slot, seq.computed)
+            fork.computed = seq.computed
+            fork.admitted_at = seq.admitted_at
+            fork.cached_tokens = seq.cached_tokens
+            self.total_forks += 1
+            started.append(fork)
+        return started
 
     def _decode_batch(self, decoding: list[Sequence]) -> DecodeBatch | None:
         """One token for each decoding slot; prompt slots ride along as no-ops."""
@@ -342,7 +339,12 @@ class Scheduler:
         elif seq.generated >= seq.max_tokens or len(seq.tokens) >= self.context_length:
             finish = FINISH_LENGTH
         event = TokenEvent(
-            token, choice.logprob, choice.top_logprobs, finish, *self._first_event_fields(seq)
+            token,
+            choice.logprob,
+            choice.top_logprobs,
+            finish,
+            *self._first_event_fields(seq),
+            seq.index,
         )
         self._out.append((seq, [event]))
         if finish is not None:

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 from services.inference.engine.types import TokenEvent
 
 if TYPE_CHECKING:
-    from services.inference.engine.scheduler import Sequence
+    from services.inference.engine.sequence import Sequence
 
 
 class RequestStream:
@@ -16,21 +16,29 @@ class RequestStream:
 
     Each `__anext__` returns every event produced since the previous one. Closing the
     stream (`aclose`), cancelling the task awaiting it, or dropping it marks the
-    sequence aborted, and the engine frees its slot at the next step.
+    request's sequences aborted, and the engine frees their slots at the next step.
+    A request of n samples ends once each of its n sequences sent its last event.
     """
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
-        self._seq: Sequence | None = None
+        self._seqs: list[Sequence] = []
+        self._ends_in = 0  # last events arrived
+        self._ends_out = 0  # last events handed out
         self._buffer: list[TokenEvent] = []
         self._error: BaseException | None = None
         self._waiter: asyncio.Future[None] | None = None
         self._finished = False  # the last event was handed out
         self._ended = False  # the last event (or an error) arrived
 
-    def bind(self, seq: Sequence) -> None:
-        """Attach the engine-side sequence this stream reports on."""
-        self._seq = seq
+    def bind(self, seqs: list[Sequence]) -> None:
+        """Attach the engine-side sequences (one per sample) this stream reports on."""
+        self._seqs = seqs
+
+    def abort_sample(self, index: int) -> None:
+        """Stop one sample (a stop string ended it): its slot is freed, silently."""
+        if 0 <= index < len(self._seqs):
+            self._seqs[index].aborted = True
 
     # -- called on the loop by the engine --------------------------------------
 
@@ -41,7 +49,8 @@ class RequestStream:
             self._ended = True
         else:
             self._buffer.extend(item)
-            if item and item[-1].finish is not None:
+            self._ends_in += sum(1 for event in item if event.finish is not None)
+            if self._ends_in >= len(self._seqs):
                 self._ended = True
         waiter = self._waiter
         if waiter is not None and not waiter.done():
@@ -72,7 +81,8 @@ class RequestStream:
                 self._waiter = None
         if self._buffer:
             events, self._buffer = self._buffer, []
-            if events[-1].finish is not None:
+            self._ends_out += sum(1 for event in events if event.finish is not None)
+            if self._ends_out >= len(self._seqs):
                 self._finished = True
             return events
         self._finished = True
@@ -86,10 +96,12 @@ class RequestStream:
     def _abort(self) -> None:
         if not self._finished:
             self._finished = True
-            if self._seq is not None and not self._ended:
-                self._seq.aborted = True
+            if not self._ended:
+                for seq in self._seqs:
+                    seq.aborted = True
 
     def __del__(self) -> None:
-        # Only a flag write: safe from any thread, even inside the engine's locks.
-        if not self._ended and self._seq is not None:
-            self._seq.aborted = True
+        # Only flag writes: safe from any thread, even inside the engine's locks.
+        if not self._ended:
+            for seq in self._seqs:
+                seq.aborted = True

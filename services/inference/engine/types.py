@@ -51,6 +51,7 @@ class EngineRequest:
     sampling: Sampling  # max_tokens resolved
     continuation_ids: list[int] = field(default_factory=list)
     deadline: float | None = None
+    n: int = 1  # samples sharing the prompt's prefill; sample i is seeded with seed + i
 
 
 @dataclass(frozen=True)
@@ -62,7 +63,7 @@ class TokenEvent:
     most likely first. `finish` is set on the last event of a stream. The first event
     carries `cached_prompt_tokens` (prompt tokens the prefix cache supplied) and
     `admitted_at`, the `time.monotonic()` instant the request got a slot: queueing
-    ended and prefill began there.
+    ended and prefill began there. `index` says which of the request's n samples.
     """
 
     token_id: int
@@ -71,6 +72,7 @@ class TokenEvent:
     finish: str | None
     cached_prompt_tokens: int = 0
     admitted_at: float | None = None
+    index: int = 0
 
 
 @dataclass(frozen=True)
@@ -93,3 +95,5 @@ class EngineStats:
     total_prompt_tokens: int
     total_generated_tokens: int
     total_steps: int
+    total_prefill_tokens: int = 0  # prompt positions computed by the model (not cache, not fork)
+    total_forks: int = 0  # samples that took their prompt's keys/values from a sibling

@@ -92,6 +92,8 @@ def _sampling(body: Body, request: gen.StreamGenerateRequest, max_tokens: int | 
         s.ignore_eos = body.ignore_eos
     s.stop.extend(body.stop_list())
     s.stop_token_ids.extend(body.stop_token_ids or ())
+    if body.n is not None:
+        request.n = body.n
     if body.affinity_key:
         request.affinity_key = body.affinity_key
     if body.user:

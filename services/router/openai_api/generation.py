@@ -75,9 +75,11 @@ class Generation:
     force_usage: bool = False
     outcome: Outcome = field(default_factory=Outcome)
     _started: bool = False
-    _text: list[str] = field(default_factory=list)
-    _logprobs: list[gen.StreamGenerateResponse] = field(default_factory=list)
-    _offset: int = 0
+    # Per sample (choice index): text, messages with logprobs, text offset, finish.
+    _text: dict[int, list[str]] = field(default_factory=dict)
+    _logprobs: dict[int, list[gen.StreamGenerateResponse]] = field(default_factory=dict)
+    _offset: dict[int, int] = field(default_factory=dict)
+    _finish: dict[int, int] = field(default_factory=dict)
 
     @property
     def chat(self) -> bool:
@@ -112,7 +114,7 @@ class Generation:
         prompt = state.prompt_tokens or 0
         usage = convert.usage(prompt, len(state.tokens))
         if not self.body.stream:
-            await send_json(send, 200, self._whole(state.finish_reason, usage), self._headers())
+            await send_json(send, 200, self._whole(usage), self._headers())
             return
         if not self._started:
             await self._start_stream(send)
@@ -148,25 +150,29 @@ class Generation:
 
     async def _emit(self, send: Send, payload: bytes | gen.StreamGenerateResponse) -> None:
         msg = _parse(payload) if isinstance(payload, bytes) else payload
+        index = msg.index
         if not self.body.stream:
-            self._text.append(msg.text)
+            self._text.setdefault(index, []).append(msg.text)
             if msg.logprobs:
-                self._logprobs.append(msg)
+                self._logprobs.setdefault(index, []).append(msg)
+            if msg.finish_reason:
+                self._finish[index] = msg.finish_reason
             return
-        first = not self._started
-        if first:
+        if not self._started:
             await self._start_stream(send)
+        first = index not in self._offset  # this choice's first chunk
+        offset = self._offset.get(index, 0)
+        self._offset[index] = offset + len(msg.text)
         reason = convert.finish_reason(msg.finish_reason) if msg.finish_reason else None
         if self.chat:
             delta: dict[str, Any] = {"role": "assistant"} if first else {}
             if msg.text or first:
                 delta["content"] = msg.text
             logprobs = {"content": convert.chat_logprobs(msg)} if msg.logprobs else None
-            choice = {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": reason}
+            choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": reason}
         else:
-            lp = convert.completion_logprobs(msg, self._offset) if msg.logprobs else None
-            self._offset += len(msg.text)
-            choice = {"index": 0, "text": msg.text, "logprobs": lp, "finish_reason": reason}
+            lp = convert.completion_logprobs(msg, offset) if msg.logprobs else None
+            choice = {"index": index, "text": msg.text, "logprobs": lp, "finish_reason": reason}
         chunk = b"data: " + self._chunk([choice]) + b"\n\n"
         await send({"type": "http.response.body", "body": chunk, "more_body": True})
 
@@ -182,30 +188,34 @@ class Generation:
             obj["usage"] = usage
         return _dumps(obj)
 
-    def _whole(self, finish: int, usage: dict[str, int]) -> dict[str, Any]:
-        text = "".join(self._text)
-        reason = convert.finish_reason(finish)
-        choice: dict[str, Any]
-        if self.chat:
-            logprobs = None
-            if self._logprobs:
-                entries = [e for m in self._logprobs for e in convert.chat_logprobs(m)]
-                logprobs = {"content": entries}
-            message = {"role": "assistant", "content": text}
-            choice = {"index": 0, "message": message, "logprobs": logprobs, "finish_reason": reason}
-        else:
-            lp = None
-            if self._logprobs:
-                lp = _merge_completion_logprobs(self._logprobs)
-            choice = {"index": 0, "text": text, "logprobs": lp, "finish_reason": reason}
+    def _whole(self, usage: dict[str, int]) -> dict[str, Any]:
         return {
             "id": self.id,
             "object": "chat.completion" if self.chat else "text_completion",
             "created": self.created,
             "model": self.request.model,
-            "choices": [choice],
+            "choices": [self._choice(i) for i in sorted(self._text.keys() | {0})],
             "usage": usage,
         }
+
+    def _choice(self, index: int) -> dict[str, Any]:
+        """One sample of the whole (non-streamed) reply."""
+        text = "".join(self._text.get(index, ()))
+        reason = convert.finish_reason(self._finish.get(index, 0))
+        messages = self._logprobs.get(index)
+        if self.chat:
+            logprobs = None
+            if messages:
+                logprobs = {"content": [e for m in messages for e in convert.chat_logprobs(m)]}
+            message = {"role": "assistant", "content": text}
+            return {
+                "index": index,
+                "message": message,
+                "logprobs": logprobs,
+                "finish_reason": reason,
+            }
+        lp = _merge_completion_logprobs(messages) if messages else None
+        return {"index": index, "text": text, "logprobs": lp, "finish_reason": reason}
 
 
 def _merge_completion_logprobs(messages: list[gen.StreamGenerateResponse]) -> dict[str, Any]:

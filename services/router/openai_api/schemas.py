@@ -59,7 +59,7 @@ class _Common(BaseModel):
     top_p: float | None = None
     seed: UInt64 | None = None
     stop: str | list[str] | None = None
-    n: int | None = None
+    n: UInt32 | None = None  # samples (choices); the router's max_n caps it
     frequency_penalty: float | None = None
     presence_penalty: float | None = None
     logit_bias: dict[str, float] | None = None
@@ -75,8 +75,8 @@ class _Common(BaseModel):
 
     def refuse_unsupported(self) -> None:
         """400 naming the first field that needs a feature the contract lacks."""
-        if self.n is not None and self.n != 1:
-            raise InvalidArgument("n", "only n=1 is supported (one sample per request)")
+        if self.n is not None and self.n < 1:
+            raise InvalidArgument("n", "must be at least 1")
         for name in ("frequency_penalty", "presence_penalty"):
             if getattr(self, name):
                 raise InvalidArgument(

@@ -60,6 +60,10 @@ def test_node_client_lists_streams_cancels_and_reads_error_details(
     assert "models: tiny (1 workers)" in lines
     assert "completion_tokens=8" in done.stdout and "FINISH_REASON_LENGTH" in done.stdout
     assert "cancelled: true after 3 messages" in lines
+    # --n 2 (the default): two samples of 8 tokens, usage counting both.
+    assert (
+        "samples: 0:FINISH_REASON_LENGTH:8 1:FINISH_REASON_LENGTH:8 completion_tokens=16" in lines
+    )
     assert "rejected (bad key): UNAUTHENTICATED reason=UNAUTHENTICATED" in lines
     assert (
         "rejected (bad top_p): INVALID_ARGUMENT reason=INVALID_ARGUMENT field=sampling.top_p"

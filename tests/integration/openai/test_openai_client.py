@@ -125,6 +125,57 @@ def test_completions_stream_and_whole_reply(auth: Auth, router: HttpRouter) -> N
     assert by_ids.choices[0].text == expected_text(request, 3)
 
 
+def test_n_samples_are_choices_whole_and_streamed(auth: Auth, router: HttpRouter) -> None:
+    user = make_user(auth.proc, auth.admin)
+    client = router.client(user.key)
+    request = prompt_request("once upon a time", 4)
+    request.sampling.seed = 5
+
+    def sample(index: int) -> str:  # the double seeds sample i with seed + i, as a worker does
+        return "".join(token_text(expected_token(request, i, index)) for i in range(4))
+
+    whole = client.completions.create(
+        model=MODEL, prompt="once upon a time", max_tokens=4, seed=5, n=2
+    )
+    assert [(c.index, c.text, c.finish_reason) for c in whole.choices] == [
+        (0, sample(0), "length"),
+        (1, sample(1), "length"),
+    ]
+    assert sample(0) != sample(1)
+    assert whole.usage is not None
+    assert (whole.usage.prompt_tokens, whole.usage.completion_tokens) == (4, 8)
+
+    chat = prompt_request("x", 3)
+    chat.ClearField("prompt")
+    chat.messages.messages.add(role="user", content="hi")
+    chat.sampling.seed = 9
+    stream = client.chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "user", "content": "hi"}],
+        max_tokens=3,
+        seed=9,
+        n=2,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    texts: dict[int, str] = {}
+    roles: dict[int, str | None] = {}
+    ends: dict[int, str | None] = {}
+    usage = None
+    for chunk in stream:
+        usage = chunk.usage or usage
+        for choice in chunk.choices:
+            roles.setdefault(choice.index, choice.delta.role)
+            texts[choice.index] = texts.get(choice.index, "") + (choice.delta.content or "")
+            if choice.finish_reason:
+                ends[choice.index] = choice.finish_reason
+    want = {i: "".join(token_text(expected_token(chat, p, i)) for p in range(3)) for i in (0, 1)}
+    assert texts == want
+    assert roles == {0: "assistant", 1: "assistant"}
+    assert ends == {0: "length", 1: "length"}
+    assert usage is not None and usage.completion_tokens == 6
+
+
 def test_bad_key_is_an_authentication_error_in_the_envelope(auth: Auth, router: HttpRouter) -> None:
     for key in ("ty_sk_notarealkey0000000000000000", "garbage"):
         with pytest.raises(openai.AuthenticationError) as info:
@@ -166,7 +217,7 @@ IMAGE_PARAM = "messages[0].content"
         ({"top_p": 1.5}, "top_p"),
         ({"max_tokens": 0}, "max_tokens"),
         ({"max_completion_tokens": -3}, "max_completion_tokens"),
-        ({"n": 2}, "n"),
+        ({"n": 17}, "n"),  # above the router's max_n
         ({"frequency_penalty": 0.5}, "frequency_penalty"),
         ({"response_format": {"type": "json_object"}}, "response_format"),
         ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),

@@ -104,6 +104,35 @@ async def test_sigkill_of_a_worker_under_16_streams_loses_no_token(
     ]
 
 
+async def test_a_worker_dying_mid_stream_ends_an_n_samples_stream_with_unavailable(
+    shared: tuple[Launcher, Proc, str], launcher: Launcher
+) -> None:
+    """n > 1 is not resumed on another worker: the stream ends with a clean status
+    after the tokens already relayed, never a hang; a healthy worker remains."""
+    _, auth, admin = shared
+    user = make_user(auth, admin)
+    dying = launcher.fake_worker("--token-delay", "0.01", "--die-after-tokens", "10")
+    healthy = launcher.fake_worker("--token-delay", "0.01")
+    router = launcher.router(auth, [dying, healthy], TOKENYARD_ROUTER_POLICY="round_robin")
+    req = request("two samples", 40)
+    req.n = 2
+    outcomes: list[tuple[int, grpc.StatusCode | None, str]] = []
+    async with grpc.aio.insecure_channel(router.address) as channel:
+        stub = gen_grpc.GenerationServiceStub(channel)
+        for _ in range(2):  # round robin: one of the two lands on the dying worker
+            received = 0
+            try:
+                async for msg in stub.StreamGenerate(req, metadata=bearer(user.key)):
+                    received += len(msg.token_ids)
+                outcomes.append((received, None, ""))
+            except grpc.aio.AioRpcError as exc:
+                outcomes.append((received, exc.code(), details_of(exc).reason))
+    cut, whole = sorted(outcomes, key=lambda o: o[0])
+    # The worker exits right after its 10th token: at most those reached the client.
+    assert 0 < cut[0] <= 10 and cut[1:] == (grpc.StatusCode.UNAVAILABLE, "STREAM_INTERRUPTED")
+    assert whole == (80, None, "")
+
+
 async def test_revocation_reaches_the_router_before_the_cache_time(
     shared: tuple[Launcher, Proc, str], launcher: Launcher
 ) -> None:

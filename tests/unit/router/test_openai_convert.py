@@ -72,7 +72,7 @@ def test_completion_prompts_text_ids_and_one_element_batches() -> None:
 @pytest.mark.parametrize(
     ("fields", "param"),
     [
-        ({"n": 3}, "n"),
+        ({"n": 0}, "n"),
         ({"presence_penalty": 1.0}, "presence_penalty"),
         ({"logit_bias": {"5": 1.0}}, "logit_bias"),
         ({"tools": [{"type": "function"}]}, "tools"),
