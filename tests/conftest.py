@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import os
 import socket
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
 import grpc
@@ -84,14 +85,21 @@ WAIT_TIMEOUT = 60.0
 
 
 async def eventually(
-    check: Callable[[], bool], timeout: float = WAIT_TIMEOUT, interval: float = 0.01
+    check: Callable[[], bool | Awaitable[bool]],
+    timeout: float = WAIT_TIMEOUT,
+    interval: float = 0.01,
+    what: str = "condition",
 ) -> None:
-    """Wait until `check()` holds; fail the test after `timeout` seconds."""
+    """Wait until `check()` (plain or async) holds, polling every `interval` s;
+    fail the test after `timeout` seconds. The one polling loop of the suite."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
-    while not check():
+    while True:
+        result = check()
+        if await result if inspect.isawaitable(result) else result:
+            return
         if loop.time() > deadline:
-            pytest.fail(f"condition not reached in {timeout:.0f} s")
+            pytest.fail(f"{what} not reached in {timeout:.0f} s")
         await asyncio.sleep(interval)
 
 

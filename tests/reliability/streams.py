@@ -14,6 +14,7 @@ from tokenyard.auth.v1 import usage_service_pb2_grpc as usage_grpc
 from tokenyard.generation.v1 import generation_service_pb2 as gen
 from tokenyard.generation.v1 import generation_service_pb2_grpc as gen_grpc
 
+from tests.conftest import WAIT_TIMEOUT, eventually
 from tests.integration.router.conftest import Proc, bearer
 from tests.reliability.conftest import MODEL, load_of
 from tests.reliability.fake_engine_worker import expected_text
@@ -84,24 +85,44 @@ def tally(outcomes: Iterable[Outcome]) -> Counter[str]:
     return Counter(o.status for o in outcomes)
 
 
-async def get_usage(auth: Proc, admin: str, user_id: str) -> usage_pb.GetUsageResponse:
-    """Auth's usage totals for `user_id`."""
+async def get_usage(
+    auth: Proc, admin: str, user_id: str, end_user: str = ""
+) -> usage_pb.GetUsageResponse:
+    """Auth's usage totals for `user_id` (on behalf of `end_user`, when given)."""
     async with grpc.aio.insecure_channel(auth.address) as channel:
         reply: usage_pb.GetUsageResponse = await usage_grpc.UsageServiceStub(channel).GetUsage(
-            usage_pb.GetUsageRequest(user_id=user_id), metadata=bearer(admin), timeout=10
+            usage_pb.GetUsageRequest(user_id=user_id, end_user=end_user),
+            metadata=bearer(admin),
+            timeout=10,
         )
     return reply
 
 
+async def usage_after(
+    auth: Proc,
+    admin: str,
+    user_id: str,
+    requests: int,
+    end_user: str = "",
+    timeout: float = WAIT_TIMEOUT,
+) -> usage_pb.GetUsageResponse:
+    """Auth's totals once at least `requests` records arrived (fails the test otherwise)."""
+    replies = [await get_usage(auth, admin, user_id, end_user)]
+
+    async def arrived() -> bool:
+        if replies[-1].total_requests < requests:
+            replies.append(await get_usage(auth, admin, user_id, end_user))
+        return replies[-1].total_requests >= requests
+
+    await eventually(arrived, timeout, interval=0.05, what=f"{requests} usage records")
+    return replies[-1]
+
+
 async def settled_usage(
-    auth: Proc, admin: str, user_id: str, requests: int, timeout: float = 60.0
+    auth: Proc, admin: str, user_id: str, requests: int, timeout: float = WAIT_TIMEOUT
 ) -> usage_pb.GetUsageResponse:
     """Usage once `requests` records arrived, re-read after more flushes (no late doubles)."""
-    deadline = time.monotonic() + timeout
-    reply = await get_usage(auth, admin, user_id)
-    while reply.total_requests < requests and time.monotonic() < deadline:
-        await asyncio.sleep(0.25)
-        reply = await get_usage(auth, admin, user_id)
+    await usage_after(auth, admin, user_id, requests, timeout=timeout)
     await asyncio.sleep(1.5)  # several router flush intervals: a retried batch would show now
     return await get_usage(auth, admin, user_id)
 
@@ -169,7 +190,4 @@ async def lanes(
 async def more_outcomes(outcomes: list[Outcome], count: int, timeout: float = 120.0) -> None:
     """Wait until `count` more streams ended than now (the load is flowing)."""
     target = len(outcomes) + count
-    deadline = time.monotonic() + timeout
-    while len(outcomes) < target:
-        assert time.monotonic() < deadline, f"only {len(outcomes)} of {target} streams ended"
-        await asyncio.sleep(0.05)
+    await eventually(lambda: len(outcomes) >= target, timeout, 0.05, f"{target} ended streams")

@@ -12,6 +12,7 @@ from tokenyard.auth.v1 import usage_service_pb2 as usage_pb
 from tokenyard.auth.v1 import usage_service_pb2_grpc as usage_grpc
 from tokenyard.generation.v1 import generation_service_pb2_grpc as gen_grpc
 
+from tests.conftest import eventually
 from tests.integration.router.conftest import bearer
 from tests.reliability.conftest import Stack
 from tests.reliability.streams import (
@@ -43,10 +44,7 @@ def terminate(application_name: str) -> int:
 async def more_reads(side: Counter[str], count: int, timeout: float = 120.0) -> None:
     """Wait until `count` more of auth's own reads ended (whatever their status)."""
     target = sum(side.values()) + count
-    deadline = asyncio.get_running_loop().time() + timeout
-    while sum(side.values()) < target:
-        assert asyncio.get_running_loop().time() < deadline, "auth's reads stopped"
-        await asyncio.sleep(0.02)
+    await eventually(lambda: sum(side.values()) >= target, timeout, 0.02, "auth's reads")
 
 
 async def test_auth_survives_its_postgres_connections_being_terminated(

@@ -14,7 +14,7 @@ from tokenyard.generation.v1 import generation_service_pb2_grpc as gen_grpc
 from tokenyard.inference.v1 import worker_service_pb2 as wrk
 from tokenyard.inference.v1 import worker_service_pb2_grpc as wrk_grpc
 
-from tests.conftest import WAIT_TIMEOUT
+from tests.conftest import eventually
 from tests.integration.router.conftest import bearer
 from tests.reliability.conftest import SERVICE_MD, Proc, Stack, load_of, stack_for
 from tests.reliability.streams import (
@@ -86,19 +86,12 @@ async def test_sigkill_of_a_worker_under_32_streams(
 
 async def routable_workers(stub: gen_grpc.GenerationServiceStub, key: str, count: int) -> None:
     """Wait until ListModels reports `count` workers the router may send new requests to."""
-    workers = -1
 
-    async def poll() -> None:
-        nonlocal workers
+    async def listed() -> bool:
         reply = await stub.ListModels(gen.ListModelsRequest(), metadata=bearer(key))
-        workers = reply.models[0].workers if reply.models else 0
+        return (reply.models[0].workers if reply.models else 0) == count
 
-    deadline = asyncio.get_running_loop().time() + WAIT_TIMEOUT
-    await poll()
-    while workers != count:
-        assert asyncio.get_running_loop().time() < deadline, f"{workers} workers, not {count}"
-        await asyncio.sleep(0.05)
-        await poll()
+    await eventually(listed, interval=0.05, what=f"{count} routable workers")
 
 
 async def test_a_drained_worker_finishes_its_streams_and_gets_no_new_ones(

@@ -9,9 +9,8 @@ resets a counter mid-test. Everything a test starts is stopped by the fixture.
 
 from __future__ import annotations
 
-import asyncio
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable
 from typing import Any
 
 import grpc
@@ -19,6 +18,7 @@ import pytest
 import redis
 
 from services.router.app import RouterApp
+from tests.conftest import eventually
 from tests.unit.router.conftest import Stack, bearer
 
 REDIS = "redis://127.0.0.1:6379/0"
@@ -88,17 +88,6 @@ async def outcome(call: Awaitable[Any]) -> grpc.StatusCode:
 async def drain(call: Any) -> list[Any]:
     """Every message of a server stream."""
     return [message async for message in call]
-
-
-async def eventually(check: Callable[[], Awaitable[bool]], timeout: float = 10.0) -> None:
-    """Wait until `await check()` holds; fail the test after `timeout` seconds."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while loop.time() < deadline:
-        if await check():
-            return
-        await asyncio.sleep(0.02)
-    pytest.fail(f"condition not reached within {timeout} s")
 
 
 __all__ = [

@@ -8,7 +8,6 @@ auth's GetUsage. Every log is scanned for secrets when the stack stops.
 from __future__ import annotations
 
 import asyncio
-import time
 from pathlib import Path
 
 import grpc
@@ -19,19 +18,14 @@ from tokenyard.generation.v1 import generation_service_pb2_grpc as gen_grpc
 from tests.integration.router.conftest import bearer
 from tests.reliability.conftest import MODEL, Proc, kill, load_of, stack_for
 from tests.reliability.fake_engine_worker import expected_text, fake_token
-from tests.reliability.streams import get_usage
+from tests.reliability.streams import usage_after
 
 
 async def ledger_after(
     auth: Proc, admin: str, user_id: str, requests: int
 ) -> usage_pb.GetUsageResponse:
-    """Auth's totals for the user once `requests` records arrived (60 s at most)."""
-    deadline = time.monotonic() + 60
-    reply = await get_usage(auth, admin, user_id)
-    while reply.total_requests < requests:
-        assert time.monotonic() < deadline, f"{reply.total_requests} of {requests} records"
-        await asyncio.sleep(0.05)
-        reply = await get_usage(auth, admin, user_id)
+    """Auth's totals for the user once `requests` records arrived, and no more."""
+    reply = await usage_after(auth, admin, user_id, requests)
     assert reply.total_requests == requests
     return reply
 

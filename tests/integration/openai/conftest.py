@@ -6,20 +6,18 @@ when the test (or the module) ends, failed or not.
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import grpc
 import openai
 import pytest
 from tokenyard.auth.v1 import usage_service_pb2 as usage_pb
-from tokenyard.auth.v1 import usage_service_pb2_grpc as usage_grpc
 
-from tests.conftest import WAIT_TIMEOUT, free_port
-from tests.integration.router.conftest import Launcher, Proc, bearer, bootstrap
+from tests.conftest import free_port
+from tests.integration.router.conftest import Launcher, Proc, bootstrap
+from tests.reliability.streams import usage_after
 
 MODEL = "fake-model"
 
@@ -120,17 +118,5 @@ async def ledger(
     auth: Auth, user_id: str, requests: int, end_user: str = ""
 ) -> usage_pb.GetUsageResponse:
     """The user's usage totals (for one end user, if given) once auth has recorded
-    `requests` requests (60 s at most)."""
-    async with grpc.aio.insecure_channel(auth.proc.address) as channel:
-        stub = usage_grpc.UsageServiceStub(channel)
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + WAIT_TIMEOUT
-        while True:
-            reply = await stub.GetUsage(
-                usage_pb.GetUsageRequest(user_id=user_id, end_user=end_user),
-                metadata=bearer(auth.admin),
-            )
-            if reply.total_requests >= requests or loop.time() > deadline:
-                assert isinstance(reply, usage_pb.GetUsageResponse)
-                return reply
-            await asyncio.sleep(0.05)
+    `requests` requests."""
+    return await usage_after(auth.proc, auth.admin, user_id, requests, end_user)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import asyncio
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import grpc
@@ -12,6 +12,7 @@ from tokenyard.auth.v1 import resources_pb2 as res
 from tokenyard.generation.v1 import generation_service_pb2 as gen
 from tokenyard.generation.v1 import generation_service_pb2_grpc as gen_grpc
 
+from tests.conftest import eventually
 from tests.doubles.fake_worker import expected_token, token_text
 from tests.integration.openai.conftest import MODEL, Auth, HttpRouter, http_router, ledger
 from tests.integration.router.conftest import Launcher, bearer, make_user
@@ -35,6 +36,19 @@ async def running_on_router(address: str, key: str) -> int:
             gen.ListModelsRequest(), metadata=bearer(key)
         )
     return sum(m.running for m in reply.models if m.name == MODEL)
+
+
+def idle_on(router: HttpRouter, key: str) -> Callable[[], Awaitable[bool]]:
+    """A check for `eventually`: no sequence of MODEL runs on the router's workers.
+
+    The generations these tests cut would run 100 s (2000 tokens at 20/s), longer than
+    `eventually` waits, so only a propagated cancel makes the check hold in time.
+    """
+
+    async def idle() -> bool:
+        return await running_on_router(router.proc.address, key) == 0
+
+    return idle
 
 
 def test_models_list_retrieve_and_unknown_model(auth: Auth, router: HttpRouter) -> None:
@@ -276,23 +290,22 @@ async def test_a_client_leaving_mid_stream_frees_its_slot_and_is_billed(
         if received >= 3:
             break
     await stream.close()  # 2000 tokens at 20/s: only a cancel ends it within the test
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + 20
-    running = await running_on_router(router.proc.address, user.key)
-    while running and loop.time() < deadline:
-        await asyncio.sleep(0.05)
-        running = await running_on_router(router.proc.address, user.key)
-    assert running == 0
+    await eventually(idle_on(router, user.key), what="the cut generation stopping")
     # The one concurrency slot is free again (settled just after the cancel): the next
     # stream is admitted. Refusals until then are retried; a held slot fails the test.
-    while True:
+    replies: list[Any] = []
+
+    async def admitted() -> bool:
         try:
-            again = await client.completions.create(model=MODEL, prompt="next", max_tokens=2)
-            break
+            replies.append(
+                await client.completions.create(model=MODEL, prompt="next", max_tokens=2)
+            )
         except openai.RateLimitError:
-            assert loop.time() < deadline, "the cut stream's slot was never freed"
-            await asyncio.sleep(0.05)
-    assert again.choices[0].text == expected_text(prompt_request("next", 2), 2)
+            return False
+        return True
+
+    await eventually(admitted, interval=0.05, what="the cut stream's slot being freed")
+    assert replies[0].choices[0].text == expected_text(prompt_request("next", 2), 2)
     await client.close()
     recorded = await ledger(auth, user.user_id, requests=2)
     assert recorded.total_requests == 2
@@ -311,13 +324,7 @@ async def test_a_client_giving_up_on_a_whole_reply_cancels_the_generation(
         await client.completions.create(
             model=MODEL, prompt="too long to wait for", max_tokens=2000, timeout=1.0
         )
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + 20  # the generation would run 100 s if nobody cancelled it
-    running = await running_on_router(router.proc.address, user.key)
-    while running and loop.time() < deadline:
-        await asyncio.sleep(0.05)
-        running = await running_on_router(router.proc.address, user.key)
-    assert running == 0
+    await eventually(idle_on(router, user.key), what="the abandoned generation stopping")
     recorded = await ledger(auth, user.user_id, requests=1)
     assert recorded.total_requests == 1 and 0 < recorded.total_completion_tokens < 2000
 

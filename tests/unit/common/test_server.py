@@ -21,6 +21,7 @@ from services.common.interceptors import SERVICE_TOKEN_HEADER
 from services.common.lenient import lenient
 from services.common.server import GrpcServer
 from services.common.status import details_of
+from tests.conftest import eventually
 
 SERVICE = "tokenyard.generation.v1.GenerationService"
 
@@ -150,22 +151,24 @@ async def test_unexpected_error_is_internal_without_leaking() -> None:
     await server.stop(0)
 
 
-async def _refused_soon(stub: gen_grpc.GenerationServiceStub, timeout: float = 30.0) -> Any:
-    """The status new calls get once the stopping server refuses them (until `timeout`).
+async def _refused_soon(stub: gen_grpc.GenerationServiceStub) -> Any:
+    """The status new calls get once the stopping server refuses them.
 
     A call that races the start of the stop may still be served, or cancelled by
     grpc as the server shuts down (CANCELLED): both mean "not yet refused".
     """
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while loop.time() < deadline:
+    codes: list[grpc.StatusCode] = []
+
+    async def refused() -> bool:
         try:
             await stub.Generate(gen.GenerateRequest(model="new"), timeout=5)
         except grpc.aio.AioRpcError as err:
             if err.code() != grpc.StatusCode.CANCELLED:
-                return err.code()
-        await asyncio.sleep(0.01)
-    raise AssertionError("the stopping server kept accepting new calls")
+                codes.append(err.code())
+        return bool(codes)
+
+    await eventually(refused, what="the stopping server refusing new calls")
+    return codes[0]
 
 
 async def test_graceful_stop_finishes_stream_and_refuses_new_calls() -> None:
@@ -253,15 +256,16 @@ class Flooder(gen_grpc.GenerationServiceServicer):
             self.closed.set()
 
 
-async def _blocked_in_a_send(flooder: Flooder, timeout: float = 30.0) -> None:
+async def _blocked_in_a_send(flooder: Flooder) -> None:
     """Wait until the server has filled the flow-control window: its sends stop advancing."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    seen = -1
-    while flooder.sent != seen or flooder.sent < 2:
-        assert loop.time() < deadline, "the server never blocked in a send"
-        seen = flooder.sent
-        await asyncio.sleep(0.1)
+    seen = [-1]
+
+    def stalled() -> bool:
+        still = flooder.sent == seen[0] and flooder.sent >= 2
+        seen[0] = flooder.sent
+        return still
+
+    await eventually(stalled, interval=0.1, what="the server blocking in a send")
 
 
 async def test_a_stream_cancelled_inside_a_send_is_closed_in_its_own_task() -> None:
