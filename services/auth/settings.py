@@ -12,6 +12,7 @@ from services.common.config import (
     ObservabilitySettings,
     ServerSettings,
     check_internal_exposure,
+    port_setting,
 )
 from services.common.settings import (
     SettingsError,
@@ -19,7 +20,6 @@ from services.common.settings import (
     parse_existing_file,
     parse_list,
     parse_non_negative_float,
-    parse_port,
     parse_positive_float,
     parse_positive_int,
     parse_url,
@@ -61,13 +61,7 @@ def parse_pepper(raw: str) -> str:
 class AuthServerSettings(ServerSettings):
     """Auth's listener: as every service's, on port 50052 by default."""
 
-    port: int = setting(
-        "TOKENYARD_{service}_PORT",
-        parse_port,
-        default=DEFAULT_PORT,
-        flag="--port",
-        help="gRPC port.",
-    )
+    port: int = port_setting(DEFAULT_PORT)
 
 
 @dataclass(frozen=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import ipaddress
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from services.common.settings import (
     SettingsError,
@@ -21,14 +22,19 @@ from services.common.settings import (
 MiB = 1024 * 1024
 
 
+def port_setting(default: int) -> Any:
+    """The `TOKENYARD_{service}_PORT` / `--port` setting, with each service's default."""
+    return setting(
+        "TOKENYARD_{service}_PORT", parse_port, default=default, flag="--port", help="gRPC port."
+    )
+
+
 @dataclass(frozen=True)
 class ServerSettings:
     """How a service listens. Variables are prefixed per service (`TOKENYARD_AUTH_PORT`)."""
 
     host: str = setting("TOKENYARD_{service}_HOST", default="127.0.0.1", help="Address to bind.")
-    port: int = setting(
-        "TOKENYARD_{service}_PORT", parse_port, default=0, flag="--port", help="gRPC port."
-    )
+    port: int = port_setting(0)
     grace_period: float = setting(
         "TOKENYARD_{service}_GRACE_PERIOD",
         parse_non_negative_float,

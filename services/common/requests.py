@@ -19,6 +19,7 @@ from typing import Any, Protocol
 from tokenyard.generation.v1 import generation_service_pb2 as gen
 
 from services.common.errors import InvalidArgument
+from services.common.settings import parse_positive_int, setting
 
 MAX_REQUEST_ID = 128
 MAX_AFFINITY_KEY = 256
@@ -29,6 +30,20 @@ MAX_STOP_TOKEN_IDS = 64  # a worker checks each generated token against every on
 MAX_MESSAGES = 1024  # chat turns in one request
 MAX_LOGPROBS = 20
 DEFAULT_MAX_N = 16  # samples per request (`n`); the router's and the worker's setting
+
+
+def max_n_setting() -> Any:
+    """The `TOKENYARD_{service}_MAX_N` / `--max-n` setting of the router and the worker."""
+    return setting(
+        "TOKENYARD_{service}_MAX_N",
+        parse_positive_int,
+        default=DEFAULT_MAX_N,
+        flag="--max-n",
+        help="Most samples one generation request may ask for (`n`); above it "
+        "INVALID_ARGUMENT naming n.",
+    )
+
+
 DEFAULT_PAGE_SIZE = 100
 MAX_PAGE_SIZE = 1000
 

@@ -16,15 +16,15 @@ from services.common.config import (
     ObservabilitySettings,
     ServerSettings,
     check_internal_exposure,
+    port_setting,
 )
-from services.common.requests import DEFAULT_MAX_N
+from services.common.requests import max_n_setting
 from services.common.settings import (
     load_settings,
     parse_bool,
     parse_choice,
     parse_non_negative_int,
     parse_path,
-    parse_port,
     parse_positive_int,
     setting,
 )
@@ -50,13 +50,7 @@ def parse_device(raw: str) -> str:
 class InferenceServerSettings(ServerSettings):
     """The worker's internal listener: as every service's, on port 50061 by default."""
 
-    port: int = setting(
-        "TOKENYARD_{service}_PORT",
-        parse_port,
-        default=DEFAULT_PORT,
-        flag="--port",
-        help="gRPC port.",
-    )
+    port: int = port_setting(DEFAULT_PORT)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -110,14 +104,7 @@ class InferenceSettings:
         flag="--max-queued",
         help="Most requests waiting for a slot; beyond it calls get RESOURCE_EXHAUSTED.",
     )
-    max_n: int = setting(
-        "TOKENYARD_{service}_MAX_N",
-        parse_positive_int,
-        default=DEFAULT_MAX_N,
-        flag="--max-n",
-        help="Most samples one generation request may ask for (`n`); above it "
-        "INVALID_ARGUMENT naming n.",
-    )
+    max_n: int = max_n_setting()
     max_batch_tokens: int = setting(
         "TOKENYARD_{service}_MAX_BATCH_TOKENS",
         parse_positive_int,

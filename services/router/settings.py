@@ -8,15 +8,19 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from services.common.config import InternalSettings, ObservabilitySettings, ServerSettings
-from services.common.requests import DEFAULT_MAX_N
+from services.common.config import (
+    InternalSettings,
+    ObservabilitySettings,
+    ServerSettings,
+    port_setting,
+)
+from services.common.requests import max_n_setting
 from services.common.settings import (
     parse_address,
     parse_bool,
     parse_choice,
     parse_list,
     parse_non_negative_float,
-    parse_port,
     parse_positive_float,
     parse_positive_int,
     parse_url,
@@ -55,13 +59,7 @@ def parse_model_aliases(raw: str) -> tuple[tuple[str, str], ...]:
 class RouterServerSettings(ServerSettings):
     """The public listener; as every service's, but on port 50051 by default."""
 
-    port: int = setting(
-        "TOKENYARD_{service}_PORT",
-        parse_port,
-        default=DEFAULT_PORT,
-        flag="--port",
-        help="gRPC port.",
-    )
+    port: int = port_setting(DEFAULT_PORT)
     max_request_bytes: int = setting(
         "TOKENYARD_{service}_MAX_REQUEST_BYTES",
         parse_positive_int,
@@ -271,11 +269,4 @@ class RouterSettings:
         default=4,
         help="Most workers one request is tried on (failover and resume).",
     )
-    max_n: int = setting(
-        "TOKENYARD_{service}_MAX_N",
-        parse_positive_int,
-        default=DEFAULT_MAX_N,
-        flag="--max-n",
-        help="Most samples one generation request may ask for (`n`); above it "
-        "INVALID_ARGUMENT naming n.",
-    )
+    max_n: int = max_n_setting()
