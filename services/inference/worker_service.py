@@ -33,6 +33,9 @@ def load_response(report: LoadReport) -> pb.WatchLoadResponse:
         prefix_cache_reused_tokens=stats.prefix_cache_reused_tokens,
         draining=report.draining,
         report_time=stamp,
+        kv_cache_usage=stats.kv_cache_usage,
+        queue_time_p50_seconds=report.queue_p50,
+        queue_time_p95_seconds=report.queue_p95,
     )
 
 

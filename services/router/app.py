@@ -9,7 +9,9 @@ await app.stop()              # graceful: streams finish, usage flushed
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import signal
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
@@ -86,10 +88,12 @@ class RouterApp:
                 load_interval_ms=settings.load_interval_ms,
                 ejection_base=settings.ejection_base,
                 ejection_max=settings.ejection_max,
-                dns_interval=settings.dns_interval,
+                discovery_interval=settings.dns_interval,
+                drain_timeout=settings.worker_drain_timeout,
             ),
             static=settings.workers,
             dns=settings.worker_dns,
+            workers_file=settings.workers_file,
         )
         chooser = Chooser(
             settings.policy,
@@ -120,6 +124,7 @@ class RouterApp:
         )
         self.server.add(add_router_servicer, RouterServicer(self.core), SERVICE_NAME)
         self.port = 0
+        self._sighup = False
         self.http: HttpServer | None = None
         if settings.http_address is not None:
             self.http = _http_server(self.core, settings)
@@ -134,6 +139,11 @@ class RouterApp:
         self.auth.start()
         self.usage.start()
         await self.pool.start()
+        if self.settings.workers_file is not None:
+            # SIGHUP re-reads the workers file (where the process owns the signals).
+            with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+                asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, self.pool.reload_file)
+                self._sighup = True
         self.port = await self.server.start()
         # SERVING once each worker answered or failed its first contact (bounded), so a
         # load balancer does not send traffic to a router that knows no worker yet.
@@ -152,6 +162,9 @@ class RouterApp:
 
     async def stop(self, grace: float | None = None) -> None:
         """Stop taking calls, let running streams finish, flush usage, close channels."""
+        if self._sighup:
+            asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
+            self._sighup = False
         if self.http is None:
             await self.server.stop(grace)
         else:

@@ -8,6 +8,9 @@ checkable; it honours capacity (EngineFull), deadlines, aborts, drain and
 `stop_token_ids` (the stop token is emitted and counted, finish STOP) like the
 real engine. The tokenizer is byte-level (token id = UTF-8 byte, 256 = EOS).
 
+SIGTERM drains it (WatchLoad reports draining, new work is refused, running
+streams get `--grace` seconds), then stops it, as a real worker does.
+
 Run: `python -m tests.reliability.fake_engine_worker --port N [--token-delay S]`;
 prints `PORT <n>` once serving. The service token comes from TOKENYARD_SERVICE_TOKEN.
 """
@@ -193,6 +196,7 @@ class FakeEngine:
             total_prompt_tokens=0,
             total_generated_tokens=self.generated,
             total_steps=0,
+            kv_cache_usage=self.running / self.max_running,
         )
 
 
@@ -241,6 +245,9 @@ async def serve(args: argparse.Namespace) -> None:
     print(f"PORT {port}", flush=True)
     try:
         await server.wait_for_stop_signal()
+        # As InferenceApp.stop: drain first, so routers move new work elsewhere
+        # while the streams here finish.
+        await worker.drained(args.grace)
     finally:
         engine.closed = True
         await server.stop()
@@ -256,6 +263,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-running", type=int, default=64)
     parser.add_argument("--max-queued", type=int, default=64)
     parser.add_argument("--context-length", type=int, default=4096)
+    parser.add_argument("--grace", type=float, default=2.0, help="drain time on SIGTERM")
     asyncio.run(serve(parser.parse_args(argv)))
 
 
