@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from prometheus_client import REGISTRY, Counter, Gauge, Histogram
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 _LATENCY_BUCKETS = (
@@ -102,7 +102,7 @@ _WORKER_SIGNALS: tuple[tuple[str, str, Any], ...] = (
 class PoolCollector(Collector):
     """Per-worker and per-model load gauges, read from the pools when scraped."""
 
-    def collect(self) -> Iterator[GaugeMetricFamily]:
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
         per_worker = {
             name: GaugeMetricFamily(
                 f"tokenyard_router_worker_{name}",
@@ -119,6 +119,11 @@ class PoolCollector(Collector):
             "kv_cache_usage_ratio": "Mean KV-cache utilisation of the model's healthy workers.",
             "queue_seconds_p95": "Largest 95th percentile queue time of the model's workers.",
         }
+        sent = CounterMetricFamily(
+            "tokenyard_router_worker_requests",
+            "Requests (attempts, failovers included) this router sent to the worker.",
+            labels=["worker", "model"],
+        )
         per_model = {
             name: GaugeMetricFamily(f"tokenyard_router_model_{name}", doc, labels=["model"])
             for name, doc in model_doc.items()
@@ -126,6 +131,7 @@ class PoolCollector(Collector):
         for pool in list(POOLS):
             for model, workers in pool.by_model():
                 for worker in workers:
+                    sent.add_metric([worker.address, model], float(worker.attempts))
                     for name, _, value in _WORKER_SIGNALS:
                         per_worker[name].add_metric([worker.address, model], float(value(worker)))
                 healthy = [w for w in workers if w.healthy]
@@ -142,9 +148,10 @@ class PoolCollector(Collector):
                 for name, value in figures.items():
                     per_model[name].add_metric([model], float(value))
         yield from per_worker.values()
+        yield sent
         yield from per_model.values()
 
-    def describe(self) -> Iterator[GaugeMetricFamily]:
+    def describe(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
         return iter(())  # computed at scrape time: no fixed description
 
 

@@ -272,6 +272,7 @@ class Relay:
         call = worker.stream_generate(request, timeout=timeout, metadata=metadata)
         worker.inflight += 1
         worker.dispatched += 1
+        worker.attempts += 1
         samples = request.n or 1
         # Gathering would merge messages of different samples: n > 1 streams as it comes.
         interval = self.interval if samples == 1 else 1

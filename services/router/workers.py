@@ -111,6 +111,7 @@ class Worker:
         self.load_seen = False  # WatchLoad stream is up
         self.inflight = 0  # requests this router has running there
         self.dispatched = 0  # requests sent since the last load report
+        self.attempts = 0  # requests (attempts) ever sent there by this router
         self.ejected_until = 0.0
         self.failures = 0
         self.task: asyncio.Task[None] | None = None

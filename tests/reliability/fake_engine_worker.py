@@ -89,6 +89,8 @@ class FakeStream:
         self.engine, self.req = engine, req
         self.position = len(req.continuation_ids)
         self.admitted = self.done = False
+        self.admitted_at: float | None = None
+        self.first = True
 
     def __aiter__(self) -> FakeStream:
         return self
@@ -100,6 +102,7 @@ class FakeStream:
             if not self.admitted:
                 await self.engine.slots.acquire()
                 self.admitted = True
+                self.admitted_at = time.monotonic()  # queueing ended: the queue-time signal
                 self.engine.queued -= 1
                 self.engine.running += 1
             await asyncio.sleep(self.engine.token_delay)
@@ -123,7 +126,8 @@ class FakeStream:
         if last:
             self._release()
         finish = FINISH_STOP if stopped else FINISH_LENGTH if last else None
-        return [TokenEvent(token, logprob, top, finish)]
+        admitted_at, self.first = (self.admitted_at if self.first else None), False
+        return [TokenEvent(token, logprob, top, finish, admitted_at=admitted_at)]
 
     async def aclose(self) -> None:
         self._release()
