@@ -71,3 +71,8 @@ USAGE_DROPPED = Counter(
 LIMITS_BACKEND = Gauge(
     "tokenyard_router_limits_redis_up", "1 when limits are shared in Redis, 0 when local."
 )
+RESPONSE_CACHE = Counter(
+    "tokenyard_router_response_cache_total",
+    "Response cache lookups and writes: hit, miss, store, skip_too_large, error.",
+    ["result"],
+)
