@@ -7,6 +7,9 @@ request count tells whether a worker generated an answer or the cache did.
 from __future__ import annotations
 
 import asyncio
+import json
+import urllib.error
+import urllib.request
 from typing import Any
 
 import grpc
@@ -316,3 +319,49 @@ async def test_two_routers_sharing_redis_share_the_cache() -> None:
         assert generated(worker) == 2
     finally:
         await s.close()
+
+
+async def test_the_openai_door_shares_the_cache(stack: SecurityStack) -> None:
+    """One code path: a gRPC answer hits over HTTP (whole and streamed), marked
+    `cached` in usage; `"cache": "bypass"` reaches the worker."""
+    from tests.conftest import free_port
+
+    add_keys(stack)
+    worker = await stack.add_worker(tokens_per_message=2)
+    app = await router(stack, http_address=f"127.0.0.1:{free_port()}")
+    await ask(stack.client(app), greedy())
+    body = {"model": MODEL, "prompt": "the same question", "max_tokens": 6, "temperature": 0}
+
+    async def post(**extra: Any) -> tuple[int, str]:
+        request = urllib.request.Request(
+            f"http://{app.http_address}/v1/completions",
+            data=json.dumps({**body, **extra}).encode(),
+            headers={"authorization": f"Bearer {KEY_A}", "content-type": "application/json"},
+        )
+
+        def call() -> tuple[int, str]:
+            try:
+                with urllib.request.urlopen(request, timeout=30) as reply:
+                    return reply.status, reply.read().decode()
+            except urllib.error.HTTPError as exc:
+                return exc.code, exc.read().decode()
+
+        return await asyncio.to_thread(call)
+
+    status, whole = await post()
+    assert status == 200
+    usage = json.loads(whole)["usage"]
+    assert usage["cached"] and usage["cached_completion_tokens"] == 6
+    status, streamed = await post(stream=True, stream_options={"include_usage": True})
+    events = [json.loads(line[6:]) for line in streamed.splitlines() if line[6:].startswith("{")]
+    assert events[-1]["usage"]["cached"]
+    assert (
+        "".join(e["choices"][0]["text"] for e in events if e["choices"])
+        == json.loads(whole)["choices"][0]["text"]
+    )
+    assert generated(worker) == 1
+    status, bypass = await post(cache="bypass")
+    assert "cached" not in json.loads(bypass)["usage"]
+    status, bad = await post(cache="sometimes")
+    assert status == 400 and "cache" in bad
+    assert generated(worker) == 2
