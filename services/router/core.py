@@ -224,7 +224,7 @@ class RouterCore:
         messages = await self.cache.find(lookup, revisions)
         if messages is None:
             return False
-        for message in replayed(messages, request.request_id):
+        for raw, message in replayed(messages, request.request_id):
             state.tokens.extend(message.token_ids)
             if message.finish_reason:
                 state.samples_ended += 1
@@ -232,7 +232,7 @@ class RouterCore:
             if message.HasField("usage"):
                 state.prompt_tokens = message.usage.prompt_tokens
             state.cached_tokens = len(state.tokens)
-            await emit(message)
+            await emit(message if raw is None else raw)
         return True
 
     async def _store(self, lookup: Lookup, revision: str, recorded: list[bytes]) -> None:

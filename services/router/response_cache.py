@@ -260,12 +260,39 @@ def _without_request_id(messages: list[bytes]) -> list[bytes]:
     return out
 
 
-def replayed(messages: list[bytes], request_id: str) -> list[gen.StreamGenerateResponse]:
-    """The recorded messages for this request: its id, and `cached` on the last usage."""
-    out = [gen.StreamGenerateResponse.FromString(m) for m in messages]
-    for message in out:
-        message.request_id = request_id
+def replayed(
+    messages: list[bytes], request_id: str
+) -> list[tuple[bytes | None, gen.StreamGenerateResponse]]:
+    """The recorded messages for this request, each as (bytes to send or None, message):
+    its request id set, and `cached` on the last usage. Stored messages carry no request
+    id, so the id is appended as one more field (protobuf keeps the last occurrence) and
+    all but the usage message go out without being serialized again."""
+    suffix = _request_id_field(request_id)
+    out: list[tuple[bytes | None, gen.StreamGenerateResponse]] = []
+    for raw in messages:
+        message = gen.StreamGenerateResponse.FromString(raw)
         if message.HasField("usage"):
+            message.request_id = request_id
             message.usage.cached = True
             message.usage.cached_completion_tokens = message.usage.completion_tokens
+            out.append((None, message))
+        else:
+            out.append((raw + suffix, message))
     return out
+
+
+def _request_id_field(request_id: str) -> bytes:
+    """StreamGenerateResponse.request_id (field 1, length-delimited) as wire bytes."""
+    if not request_id:
+        return b""
+    value = request_id.encode()
+    return b"\x0a" + _varint(len(value)) + value
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while value >= 0x80:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
