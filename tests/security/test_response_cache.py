@@ -365,3 +365,31 @@ async def test_the_openai_door_shares_the_cache(stack: SecurityStack) -> None:
     status, bad = await post(cache="sometimes")
     assert status == 400 and "cache" in bad
     assert generated(worker) == 2
+
+
+async def test_the_python_client_sets_cache_and_reads_cached(stack: SecurityStack) -> None:
+    from services.client import Client, Sampling
+
+    add_keys(stack)
+    worker = await stack.add_worker()
+    app = await router(stack)
+    greedy_sampling = Sampling(max_tokens=5, temperature=0.0)
+    async with Client(app.address, KEY_A, retries=0) as client:
+        first = await client.generate("client question", model=MODEL, sampling=greedy_sampling)
+        events = [
+            e
+            async for e in client.stream_events(
+                "client question", model=MODEL, sampling=greedy_sampling
+            )
+        ]
+        bypass = await client.generate(
+            "client question", model=MODEL, sampling=greedy_sampling, cache="bypass"
+        )
+        with pytest.raises(ValueError, match="cache"):
+            await client.generate("x", model=MODEL, cache="always")
+    assert first.usage is not None and not first.usage.cached
+    last = events[-1].usage
+    assert last is not None and last.cached and last.cached_completion_tokens == 5
+    assert "".join(e.text for e in events) == first.text
+    assert bypass.usage is not None and not bypass.usage.cached
+    assert generated(worker) == 2
