@@ -393,3 +393,23 @@ async def test_the_python_client_sets_cache_and_reads_cached(stack: SecurityStac
     assert "".join(e.text for e in events) == first.text
     assert bypass.usage is not None and not bypass.usage.cached
     assert generated(worker) == 2
+
+
+async def test_with_redis_down_the_cache_misses_and_generation_goes_on(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Redis unreachable: every request is generated (no error reaches the caller), and
+    the outage is logged once."""
+    s = SecurityStack("local")
+    await s.start_auth()
+    try:
+        add_keys(s)
+        worker = await s.add_worker()
+        client = s.client(await router(s, redis_url="redis://127.0.0.1:1/0"))
+        for _ in range(3):
+            assert not (await ask(client, greedy()))[-1].usage.cached
+        assert generated(worker) == 3
+    finally:
+        await s.close()
+    outages = [r for r in caplog.records if "response cache: redis unreachable" in r.message]
+    assert len(outages) == 1
