@@ -50,7 +50,7 @@ from services.router.admission import (
 from services.router.auth_client import AuthClient, CachedPrincipal, bearer_credential
 from services.router.limits import Limits, Slot
 from services.router.relay import PASS_THROUGH, Relay, StreamState, WorkerError
-from services.router.response_cache import Lookup, ResponseCache, replayed
+from services.router.response_cache import Lookup, ResponseCache, complete, recording, replay
 from services.router.usage import UsageReporter
 from services.router.workers import WorkerPool
 from services.router.writer import Emit
@@ -161,9 +161,9 @@ class RouterCore:
                 return state
             recorded: list[bytes] = []
             if lookup is not None:
-                emit = _recording(emit, recorded)
+                emit = recording(emit, recorded)
             await self.relay.run(request, emit, state, deadline=deadline, started=started)
-            if lookup is not None and _complete(state, checked.n):
+            if lookup is not None and complete(state, checked.n):
                 # Before the call ends, so the caller's next request finds the entry.
                 await self._store(lookup, state.revision, recorded)
         except TokenyardError as exc:
@@ -224,15 +224,7 @@ class RouterCore:
         messages = await self.cache.find(lookup, revisions)
         if messages is None:
             return False
-        for raw, message in replayed(messages, request.request_id):
-            state.tokens.extend(message.token_ids)
-            if message.finish_reason:
-                state.samples_ended += 1
-                state.finish_reason = message.finish_reason
-            if message.HasField("usage"):
-                state.prompt_tokens = message.usage.prompt_tokens
-            state.cached_tokens = len(state.tokens)
-            await emit(message if raw is None else raw)
+        await replay(messages, request.request_id, emit, state)
         return True
 
     async def _store(self, lookup: Lookup, revision: str, recorded: list[bytes]) -> None:
@@ -415,24 +407,3 @@ class RouterCore:
         if len(names) > size:
             reply.next_page_token = base64.urlsafe_b64encode(names[size - 1].encode()).decode()
         return reply
-
-
-def _recording(emit: Emit, recorded: list[bytes]) -> Emit:
-    """`emit`, keeping each message as the client received it (for the response cache)."""
-
-    async def record(payload: bytes | gen.StreamGenerateResponse) -> None:
-        recorded.append(payload if isinstance(payload, bytes) else payload.SerializeToString())
-        await emit(payload)
-
-    return record
-
-
-def _complete(state: StreamState, samples: int) -> bool:
-    """Whether a stream is a whole answer worth storing: every sample ended by the model
-    (not cancelled), all of it from one worker."""
-    return (
-        state.samples_ended >= samples
-        and state.finish_reason not in (0, gen.FINISH_REASON_CANCELLED)
-        and not state.resumed
-        and bool(state.revision)
-    )

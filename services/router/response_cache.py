@@ -37,6 +37,8 @@ from tokenyard.generation.v1 import generation_service_pb2 as gen
 
 from services.common.requests import Sampling, deterministic
 from services.router import metrics
+from services.router.relay import StreamState
+from services.router.writer import Emit
 
 log = logging.getLogger("tokenyard.router.cache")
 
@@ -296,3 +298,37 @@ def _varint(value: int) -> bytes:
         value >>= 7
     out.append(value)
     return bytes(out)
+
+
+async def replay(messages: list[bytes], request_id: str, emit: Emit, state: StreamState) -> None:
+    """Emit a stored answer as recorded, counting it in `state` as cached tokens."""
+    for raw, message in replayed(messages, request_id):
+        state.tokens.extend(message.token_ids)
+        if message.finish_reason:
+            state.samples_ended += 1
+            state.finish_reason = message.finish_reason
+        if message.HasField("usage"):
+            state.prompt_tokens = message.usage.prompt_tokens
+        state.cached_tokens = len(state.tokens)
+        await emit(message if raw is None else raw)
+
+
+def recording(emit: Emit, recorded: list[bytes]) -> Emit:
+    """`emit`, keeping each message as the client received it (to store the answer)."""
+
+    async def record(payload: bytes | gen.StreamGenerateResponse) -> None:
+        recorded.append(payload if isinstance(payload, bytes) else payload.SerializeToString())
+        await emit(payload)
+
+    return record
+
+
+def complete(state: StreamState, samples: int) -> bool:
+    """Whether a stream is a whole answer worth storing: every sample ended by the model
+    (not cancelled), all of it from one worker that reported its revision."""
+    return (
+        state.samples_ended >= samples
+        and state.finish_reason not in (0, gen.FINISH_REASON_CANCELLED)
+        and not state.resumed
+        and bool(state.revision)
+    )

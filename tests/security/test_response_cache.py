@@ -19,8 +19,8 @@ from tokenyard.auth.v1 import resources_pb2 as res
 from tokenyard.generation.v1 import generation_service_pb2 as gen
 
 from services.router.app import RouterApp
-from services.router.core import _complete
 from services.router.relay import StreamState
+from services.router.response_cache import complete
 from tests.doubles.fake_auth import principal
 from tests.doubles.fake_worker import FakeWorker
 from tests.security import router_fixtures
@@ -254,14 +254,14 @@ async def test_a_cut_stream_is_not_stored(stack: SecurityStack) -> None:
 
 def test_only_whole_single_worker_answers_are_stored() -> None:
     whole = StreamState(samples_ended=1, finish_reason=gen.FINISH_REASON_LENGTH, revision="r")
-    assert _complete(whole, 1)
-    assert not _complete(StreamState(samples_ended=1, finish_reason=2, revision="r"), 2)
-    assert not _complete(
+    assert complete(whole, 1)
+    assert not complete(StreamState(samples_ended=1, finish_reason=2, revision="r"), 2)
+    assert not complete(
         StreamState(samples_ended=1, finish_reason=gen.FINISH_REASON_CANCELLED, revision="r"), 1
     )
-    assert not _complete(StreamState(samples_ended=1, finish_reason=1, revision=""), 1)
+    assert not complete(StreamState(samples_ended=1, finish_reason=1, revision=""), 1)
     resumed = StreamState(samples_ended=1, finish_reason=1, revision="r", resumed=True)
-    assert not _complete(resumed, 1)
+    assert not complete(resumed, 1)
 
 
 async def test_entries_expire_after_the_ttl(stack: SecurityStack) -> None:
