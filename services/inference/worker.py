@@ -24,6 +24,7 @@ from tokenyard.generation.v1 import generation_service_pb2 as gen
 
 from services.common.errors import (
     DeadlineExceeded,
+    InvalidArgument,
     NotFound,
     ResourceExhausted,
     Unavailable,
@@ -42,6 +43,7 @@ from services.common.requests import (
 from services.common.telemetry import tracer
 from services.inference import metrics
 from services.inference.engine.engine import Engine
+from services.inference.engine.grammar import CompiledGrammar, GrammarError
 from services.inference.engine.types import (
     FINISH_CANCELLED,
     EngineClosed,
@@ -115,6 +117,7 @@ class PreparedRequest:
     continuation_ids: list[int]
     sampling: Sampling
     n: int = 1  # samples sharing the prompt's prefill
+    grammar: CompiledGrammar | None = None  # the response_format, compiled
 
     @property
     def max_tokens(self) -> int:
@@ -163,6 +166,9 @@ class Worker:
         check_token_ids(request.sampling.stop_token_ids, "sampling.stop_token_ids", vocab)
         continuation = check_token_ids(checked.continuation_ids, "continuation_token_ids", vocab)
         rendered = await self._render(checked.input)
+        grammar = None
+        if checked.response_format is not None:
+            grammar = await self._compile(checked.response_format.grammar(), continuation)
         max_tokens = resolve_max_tokens(
             checked.sampling.max_tokens,
             input_field=rendered.field,
@@ -176,7 +182,27 @@ class Worker:
             list(continuation),
             dataclasses.replace(checked.sampling, max_tokens=max_tokens),
             checked.n,
+            grammar,
         )
+
+    async def _compile(self, grammar: str, continuation: tuple[int, ...]) -> CompiledGrammar:
+        """The format compiled for this model's tokens (off the event loop and compute thread).
+
+        The router checked it without a tokenizer; what only the vocabulary can refuse
+        is refused here, still before any token is generated.
+        """
+        try:
+            compiled = await self.engine.grammars.compile_async(grammar)
+        except GrammarError as exc:
+            raise InvalidArgument(
+                "response_format", f"cannot constrain this model's output: {exc}"
+            ) from None
+        if continuation:
+            try:
+                compiled.start(continuation)
+            except GrammarError as exc:
+                raise InvalidArgument("continuation_token_ids", str(exc)) from None
+        return compiled
 
     def _check_served(self, model: str) -> None:
         if check_model(model) != self.info.model:
@@ -319,6 +345,7 @@ class Worker:
             continuation_ids=prep.continuation_ids,
             deadline=deadline,
             n=prep.n,
+            grammar=prep.grammar,
         )
         try:
             return self.engine.generate(request)
