@@ -18,7 +18,6 @@ from typing import Any
 
 import llguidance
 import llguidance.hf
-import llguidance.torch
 import torch
 from cachetools import LRUCache
 
@@ -73,8 +72,8 @@ class Grammars:
         matcher = llguidance.LLMatcher(self._tokenizer(), grammar, log_level=0)
         if not matcher.is_error():
             # The first mask builds the lexer's start states: here, not on the compute thread.
-            bitmask = llguidance.torch.allocate_token_bitmask(1, self.vocab_size)
-            llguidance.torch.fill_next_token_bitmask(matcher, bitmask, 0)
+            bitmask = self._bitmask(1)
+            matcher.unsafe_compute_mask_ptr(bitmask.data_ptr(), bitmask.numel() * 4)
         if matcher.is_error():
             raise GrammarError(matcher.get_error())
         compiled = CompiledGrammar(matcher)
@@ -98,13 +97,24 @@ class Grammars:
         constrained = [(m, i) for i, m in enumerate(matchers) if m is not None]
         if not constrained:
             return None
-        bitmask = llguidance.torch.allocate_token_bitmask(len(matchers), self.vocab_size)
+        bitmask = self._bitmask(len(matchers))
         if self._executor is None:
             self._executor = llguidance.LLExecutor()
-        llguidance.torch.fill_next_token_bitmask_par(self._executor, constrained, bitmask)
+        words = bitmask.shape[1]
+        # llguidance writes each constrained row's mask in place (rows in parallel).
+        self._executor.unsafe_compute_mask_ptr(
+            constrained, bitmask.data_ptr(), words * 4, len(matchers)
+        )
         bits = torch.arange(32, dtype=torch.int32)
         allowed = ((bitmask[:, :, None] >> bits) & 1).bool().flatten(1)[:, : self.vocab_size]
         return allowed.to(device)
+
+    def _bitmask(self, rows: int) -> torch.Tensor:
+        """One bit per token and row, every token allowed (llguidance's layout).
+
+        Not `llguidance.torch`: importing it compiles a kernel with torch.compile.
+        """
+        return torch.full((rows, (self.vocab_size + 31) // 32), -1, dtype=torch.int32)
 
     def close(self) -> None:
         """Stop the grammar thread (pending compiles are dropped)."""
