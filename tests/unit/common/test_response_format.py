@@ -14,7 +14,9 @@ from services.common.requests import MAX_RESPONSE_FORMAT_BYTES, generation_reque
 
 def checked(**fmt: object) -> ResponseFormat | None:
     request = gen.StreamGenerateRequest(
-        model="m", prompt="p", response_format=gen.ResponseFormat(**fmt)  # type: ignore[arg-type]
+        model="m",
+        prompt="p",
+        response_format=gen.ResponseFormat(**fmt),  # type: ignore[arg-type]
     )
     return generation_request(request, from_caller=True).response_format
 
