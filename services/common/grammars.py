@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from threading import Lock
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from cachetools import LRUCache
 from llguidance import LLMatcher
@@ -38,6 +38,26 @@ class ResponseFormat:
 
     kind: str
     text: str = ""  # the schema, regex or grammar ("" for json_object)
+
+    @classmethod
+    def of_json_schema(cls, schema: dict[str, Any] | str) -> ResponseFormat:
+        """Output one JSON value valid under `schema` (a dict or its JSON text)."""
+        return cls(JSON_SCHEMA, schema if isinstance(schema, str) else json.dumps(schema))
+
+    @classmethod
+    def of_json_object(cls) -> ResponseFormat:
+        """Output any one JSON object."""
+        return cls(JSON_OBJECT)
+
+    @classmethod
+    def of_regex(cls, pattern: str) -> ResponseFormat:
+        """Output text matching `pattern` as a whole."""
+        return cls(REGEX, pattern)
+
+    @classmethod
+    def of_grammar(cls, lark: str) -> ResponseFormat:
+        """Output a sentence of the llguidance Lark grammar `lark` (start rule `start`)."""
+        return cls(GRAMMAR, lark)
 
     def grammar(self) -> str:
         """The llguidance grammar (raises ValueError for a schema that is not a JSON object)."""
