@@ -109,6 +109,11 @@ class Grammars:
         allowed = ((bitmask[:, :, None] >> bits) & 1).bool().flatten(1)[:, : self.vocab_size]
         return allowed.to(device)
 
+    def forget(self) -> None:
+        """Drop every compiled grammar (the bench times cold compiles with it)."""
+        with self._lock:
+            self._cache.clear()
+
     def _bitmask(self, rows: int) -> torch.Tensor:
         """One bit per token and row, every token allowed (llguidance's layout).
 
