@@ -6,9 +6,10 @@ round runs, on the same 16 chat prompts: (a) 16 free-text streams (ignore_eos) a
 100 items of one of the test schemas (tests/doubles/schemas.py), so no stream can
 finish before max_tokens and both sides generate the same number of tokens. Sides
 alternate in order each round (a load spike from elsewhere hits both alike); the
-table shows medians and the ratio tok/s(constrained) / tok/s(free) (target >= 0.8).
-Also the time to build one step's token mask for the 16 rows. Then the compile time of every test schema, cold (cache cleared) and cached, over
---compiles repetitions: p50 and p99.
+table shows medians and the ratio tok/s(constrained) / tok/s(free) (target >= 0.8),
+and the time to build one step's token mask for the 16 rows. Then the compile time
+of every test schema, cold (cache cleared) and cached, over --compiles repetitions:
+p50 and p99.
 
     .venv/bin/python bench/structured_bench.py            # 5 rounds, 64 new tokens
     .venv/bin/python bench/structured_bench.py --quick    # 3 rounds, 32 new tokens
