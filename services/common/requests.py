@@ -11,6 +11,7 @@ No torch here: the router imports this module.
 
 from __future__ import annotations
 
+import asyncio
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -276,6 +277,21 @@ def generation_request(
         n=n,
         response_format=response_format,
     )
+
+
+async def generation_request_off_loop(
+    request: gen.GenerateRequest | gen.StreamGenerateRequest,
+    *,
+    from_caller: bool,
+    max_n: int = DEFAULT_MAX_N,
+) -> GenerationRequest:
+    """`generation_request` for an event loop: a `response_format` is compiled on a
+    thread, since a large schema can take a second (64 KiB of properties: ~0.6 s)."""
+    if request.HasField("response_format"):
+        return await asyncio.to_thread(
+            generation_request, request, from_caller=from_caller, max_n=max_n
+        )
+    return generation_request(request, from_caller=from_caller, max_n=max_n)
 
 
 def check_size(given: Input, context_length: int | None) -> None:

@@ -36,7 +36,7 @@ from services.common.requests import (
     Sampling,
     check_model,
     check_token_ids,
-    generation_request,
+    generation_request_off_loop,
     input_of,
     resolve_max_tokens,
 )
@@ -160,7 +160,7 @@ class Worker:
         self, request: gen.GenerateRequest | gen.StreamGenerateRequest
     ) -> PreparedRequest:
         """Check a Generate/StreamGenerate request and render its prompt ids."""
-        checked = generation_request(request, from_caller=False, max_n=self.max_n)
+        checked = await generation_request_off_loop(request, from_caller=False, max_n=self.max_n)
         self._check_served(checked.model)
         vocab = self.info.vocab_size
         check_token_ids(request.sampling.stop_token_ids, "sampling.stop_token_ids", vocab)

@@ -178,6 +178,8 @@ class Engine:
                 daemon=True,
             )
             self._thread.start()
+        if warm:
+            self.grammars.prepare()
         if self.compute_threads is not None or warm:
             ready.wait()
         if self.compute_threads is not None:

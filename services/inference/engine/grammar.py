@@ -55,6 +55,11 @@ class Grammars:
         self._cache: LRUCache[str, CompiledGrammar] = LRUCache(maxsize=CACHED_GRAMMARS)
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="grammar")
 
+    def prepare(self) -> None:
+        """Build the tokenizer's token trie now, on the grammar thread (about a second),
+        so the first structured request does not wait for it."""
+        self._pool.submit(self._tokenizer)
+
     def _tokenizer(self) -> Any:
         with self._lock:
             if self._llg_tokenizer is None:

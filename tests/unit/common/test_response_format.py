@@ -93,3 +93,24 @@ def test_the_size_cap_holds_for_every_kind() -> None:
     # Multi-byte characters count as bytes, not characters.
     error = refused(regex="é" * (MAX_RESPONSE_FORMAT_BYTES // 2 + 1))
     assert error.field == "response_format.regex"
+
+
+async def test_the_format_compiles_off_the_event_loop(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A 64 KiB schema can take most of a second to compile: never on the loop's thread.
+    import threading
+
+    from services.common import requests
+
+    seen: list[threading.Thread] = []
+
+    def spy(given: ResponseFormat) -> str | None:
+        seen.append(threading.current_thread())
+        return None
+
+    monkeypatch.setattr(requests, "format_problem", spy)
+    request = gen.StreamGenerateRequest(
+        model="m", prompt="p", response_format=gen.ResponseFormat(regex="[a-z]+")
+    )
+    checked = await requests.generation_request_off_loop(request, from_caller=True)
+    assert checked.response_format == ResponseFormat("regex", "[a-z]+")
+    assert seen and seen[0] is not threading.main_thread()
