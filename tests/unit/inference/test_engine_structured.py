@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -96,8 +98,6 @@ async def test_unconstrained_rows_are_token_identical_beside_constrained_ones(
         *[constrained(p, schema, temperature=0.9, seed=9) for p in prompts[4:6]],
         *[constrained(p, regex, temperature=0.0) for p in prompts[6:8]],
     ]  # fmt: skip
-    import asyncio
-
     together = await asyncio.gather(*(collect(engine, r) for r in mixed))
     for before, after in zip(alone, together[:4], strict=True):
         assert [e.token_id for e in after] == [e.token_id for e in before]
@@ -128,3 +128,27 @@ def test_compiled_grammars_are_cached_and_errors_carry_the_reason(
     assert engine.grammars.compile(source) is engine.grammars.compile(source)
     with pytest.raises(GrammarError, match="unknown name"):
         engine.grammars.compile(ResponseFormat("grammar", 'start: "a" | nope').grammar())
+
+
+async def test_a_request_waits_for_its_grammar_while_others_run(
+    make_engine: EngineFactory,
+    tiny: LoadedModel,
+    prompts: list[list[int]],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    engine = make_engine()
+    release = threading.Event()
+    compile_now = engine.grammars.compile
+
+    def slow_compile(source: str) -> Any:
+        release.wait(timeout=60)  # a grammar that takes long to compile
+        return compile_now(source)
+
+    monkeypatch.setattr(engine.grammars, "compile", slow_compile)
+    source = ResponseFormat("regex", "[0-9]{5}").grammar()
+    waiting = asyncio.ensure_future(engine.grammars.compile_async(source))
+    free = await collect(engine, request(prompts[2], max_tokens=6))  # neither loop nor engine wait
+    assert len(free) == 6 and not waiting.done()
+    release.set()
+    events = await collect(engine, constrained(prompts[0], await waiting))
+    assert re.fullmatch("[0-9]{5}", text_of(tiny, events))
