@@ -1,13 +1,14 @@
 """Structured output formats as llguidance grammars, and the check that they compile.
 
 A `ResponseFormat` (JSON Schema, any JSON object, regex, Lark grammar) becomes one
-llguidance grammar string; that string is the key of every cache (the router's
+llguidance grammar string; its digest is the key of every cache (the router's
 check here, the worker's compiled matchers). llguidance has no dependencies and no
 torch, so the router checks formats with the same library the worker runs.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from threading import Lock
@@ -28,7 +29,7 @@ _ANY_OBJECT = '{"type": "object"}'
 # spend its budget on blank space. A schema may still choose otherwise ("x-guidance").
 _JSON_OPTIONS: JsonCompileOptions = {"whitespace_flexible": False}
 
-_problems: LRUCache[str, str] = LRUCache(maxsize=1024)
+_problems: LRUCache[bytes, str] = LRUCache(maxsize=1024)
 _problems_lock = Lock()
 
 
@@ -83,11 +84,17 @@ def format_problem(given: ResponseFormat) -> str | None:
         grammar = given.grammar()
     except ValueError as exc:
         return str(exc)
+    key = grammar_key(grammar)
     with _problems_lock:
-        known = _problems.get(grammar)
+        known = _problems.get(key)
     if known is None:
         # Compiles the grammar (lexer and parser tables) without a tokenizer.
         known = LLMatcher.validate_grammar(grammar)
         with _problems_lock:
-            _problems[grammar] = known
+            _problems[key] = known
     return known or None
+
+
+def grammar_key(grammar: str) -> bytes:
+    """A cache key for a grammar: its digest, so a cache of big formats stays small."""
+    return hashlib.sha256(grammar.encode()).digest()

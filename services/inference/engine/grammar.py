@@ -2,7 +2,7 @@
 
 A grammar (an llguidance grammar string, see `services.common.grammars`) compiles
 once per tokenizer on a thread of its own, never the compute thread; the result is
-cached by the grammar string. Each sample gets its own matcher, a copy of the
+cached by the grammar's digest. Each sample gets its own matcher, a copy of the
 compiled one, which the compute thread advances token by token. Before sampling,
 one bitmask per step covers the whole batch: constrained rows get their grammar's
 allowed tokens, unconstrained rows keep every token, so both share a batch.
@@ -20,6 +20,8 @@ import llguidance
 import llguidance.hf
 import torch
 from cachetools import LRUCache
+
+from services.common.grammars import grammar_key
 
 CACHED_GRAMMARS = 256
 
@@ -52,7 +54,7 @@ class Grammars:
         self._llg_tokenizer: Any = None  # built on first use (about a second)
         self._executor: Any = None
         self._lock = threading.Lock()
-        self._cache: LRUCache[str, CompiledGrammar] = LRUCache(maxsize=CACHED_GRAMMARS)
+        self._cache: LRUCache[bytes, CompiledGrammar] = LRUCache(maxsize=CACHED_GRAMMARS)
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="grammar")
 
     def prepare(self) -> None:
@@ -70,8 +72,9 @@ class Grammars:
 
     def compile(self, grammar: str) -> CompiledGrammar:
         """The compiled grammar (cached); raises GrammarError with llguidance's reason."""
+        key = grammar_key(grammar)
         with self._lock:
-            cached = self._cache.get(grammar)
+            cached = self._cache.get(key)
         if cached is not None:
             return cached
         matcher = llguidance.LLMatcher(self._tokenizer(), grammar, log_level=0)
@@ -83,13 +86,13 @@ class Grammars:
             raise GrammarError(matcher.get_error())
         compiled = CompiledGrammar(matcher)
         with self._lock:
-            self._cache[grammar] = compiled
+            self._cache[key] = compiled
         return compiled
 
     async def compile_async(self, grammar: str) -> CompiledGrammar:
         """`compile` on the grammar thread: the caller waits, nothing else does."""
         with self._lock:
-            cached = self._cache.get(grammar)
+            cached = self._cache.get(grammar_key(grammar))
         if cached is not None:
             return cached
         return await asyncio.get_running_loop().run_in_executor(self._pool, self.compile, grammar)
