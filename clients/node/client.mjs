@@ -1,5 +1,6 @@
 // Calling tokenyard from Node.js with @grpc/grpc-js: list models, stream a
-// generation, ask for n samples of one prompt, cancel a stream midway, and read
+// generation, ask for n samples of one prompt, constrain a reply to a JSON Schema
+// (response_format), cancel a stream midway, and read
 // the rich error details
 // (google.rpc.Status in the grpc-status-details-bin trailer) of rejected calls.
 //
@@ -176,6 +177,22 @@ async function main() {
     `samples: ${described.join(" ")} completion_tokens=${samples.usage.completion_tokens}`,
   );
 
+  // Structured output: the reply is one JSON value valid under the schema (the
+  // server masks every token the schema forbids; it ends once the JSON is whole).
+  const schema = {
+    type: "object",
+    properties: { answer: { enum: ["yes", "no"] } },
+    required: ["answer"],
+    additionalProperties: false,
+  };
+  const structured = await generate(stub, key, {
+    model: opts.model,
+    prompt: opts.prompt,
+    sampling: { max_tokens: 32 },
+    response_format: { json_schema: JSON.stringify(schema) },
+  });
+  console.log(`structured: ${structured.finish_reason} ${structured.text}`);
+
   process.stdout.write("cancel: ");
   const cancelled = await streamGenerate(
     stub,
@@ -189,6 +206,11 @@ async function main() {
   for (const [label, callKey, request] of [
     ["bad key", "ty_sk_not_a_real_key", { model: opts.model, prompt: "hi" }],
     ["bad top_p", key, { model: opts.model, prompt: "hi", sampling: { top_p: 2 } }],
+    [
+      "bad schema",
+      key,
+      { model: opts.model, prompt: "hi", response_format: { json_schema: '{"type": "objekt"}' } },
+    ],
   ]) {
     try {
       await streamGenerate(stub, callKey, request);

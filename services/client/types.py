@@ -8,6 +8,8 @@ from typing import Any
 
 from tokenyard.generation.v1 import generation_service_pb2 as gen
 
+from services.common.grammars import JSON_OBJECT, ResponseFormat
+
 
 @dataclass(frozen=True, kw_only=True)
 class Sampling:
@@ -43,6 +45,17 @@ class Sampling:
         return gen.SamplingParams(
             stop=list(self.stop), stop_token_ids=list(self.stop_token_ids), **fields
         )
+
+
+def format_proto(given: ResponseFormat | None) -> gen.ResponseFormat | None:
+    """The `ResponseFormat` message of a format (None: free text)."""
+    if given is None:
+        return None
+    if given.kind == JSON_OBJECT:
+        return gen.ResponseFormat(json_object=True)
+    out = gen.ResponseFormat()
+    setattr(out, given.kind, given.text)
+    return out
 
 
 @dataclass(frozen=True)

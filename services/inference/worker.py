@@ -24,6 +24,7 @@ from tokenyard.generation.v1 import generation_service_pb2 as gen
 
 from services.common.errors import (
     DeadlineExceeded,
+    InvalidArgument,
     NotFound,
     ResourceExhausted,
     Unavailable,
@@ -35,13 +36,14 @@ from services.common.requests import (
     Sampling,
     check_model,
     check_token_ids,
-    generation_request,
+    generation_request_off_loop,
     input_of,
     resolve_max_tokens,
 )
 from services.common.telemetry import tracer
 from services.inference import metrics
 from services.inference.engine.engine import Engine
+from services.inference.engine.grammar import CompiledGrammar, GrammarError
 from services.inference.engine.types import (
     FINISH_CANCELLED,
     EngineClosed,
@@ -118,6 +120,7 @@ class PreparedRequest:
     continuation_ids: list[int]
     sampling: Sampling
     n: int = 1  # samples sharing the prompt's prefill
+    grammar: CompiledGrammar | None = None  # the response_format, compiled
 
     @property
     def max_tokens(self) -> int:
@@ -161,12 +164,15 @@ class Worker:
         self, request: gen.GenerateRequest | gen.StreamGenerateRequest
     ) -> PreparedRequest:
         """Check a Generate/StreamGenerate request and render its prompt ids."""
-        checked = generation_request(request, from_caller=False, max_n=self.max_n)
+        checked = await generation_request_off_loop(request, from_caller=False, max_n=self.max_n)
         self._check_served(checked.model)
         vocab = self.info.vocab_size
         check_token_ids(request.sampling.stop_token_ids, "sampling.stop_token_ids", vocab)
         continuation = check_token_ids(checked.continuation_ids, "continuation_token_ids", vocab)
         rendered = await self._render(checked.input)
+        grammar = None
+        if checked.response_format is not None:
+            grammar = await self._compile(checked.response_format.grammar(), continuation)
         max_tokens = resolve_max_tokens(
             checked.sampling.max_tokens,
             input_field=rendered.field,
@@ -180,7 +186,27 @@ class Worker:
             list(continuation),
             dataclasses.replace(checked.sampling, max_tokens=max_tokens),
             checked.n,
+            grammar,
         )
+
+    async def _compile(self, grammar: str, continuation: tuple[int, ...]) -> CompiledGrammar:
+        """The format compiled for this model's tokens (off the event loop and compute thread).
+
+        The router checked it without a tokenizer; what only the vocabulary can refuse
+        is refused here, still before any token is generated.
+        """
+        try:
+            compiled = await self.engine.grammars.compile_async(grammar)
+        except GrammarError as exc:
+            raise InvalidArgument(
+                "response_format", f"cannot constrain this model's output: {exc}"
+            ) from None
+        if continuation:
+            try:
+                compiled.start(continuation)
+            except GrammarError as exc:
+                raise InvalidArgument("continuation_token_ids", str(exc)) from None
+        return compiled
 
     def _check_served(self, model: str) -> None:
         if check_model(model) != self.info.model:
@@ -324,6 +350,7 @@ class Worker:
             continuation_ids=prep.continuation_ids,
             deadline=deadline,
             n=prep.n,
+            grammar=prep.grammar,
         )
         try:
             return self.engine.generate(request)

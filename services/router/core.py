@@ -36,7 +36,7 @@ from services.common.requests import (
     GenerationRequest,
     check_model,
     check_size,
-    generation_request,
+    generation_request_off_loop,
     input_of,
     page_size_of,
 )
@@ -237,7 +237,7 @@ class RouterCore:
         """Every check before routing; the principal, its limit slot and the router's id."""
         entry = await self.principal(authorization)
         request.model = self.canonical(request.model)
-        checked = generation_request(request, from_caller=True, max_n=self.max_n)
+        checked = await generation_request_off_loop(request, from_caller=True, max_n=self.max_n)
         self.authorize_model(entry, checked.model, "generate")
         context_length = self.pool.context_length(checked.model)
         check_size(checked.input, context_length)

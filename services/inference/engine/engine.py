@@ -30,6 +30,7 @@ import torch
 
 from services.common.requests import Sampling, sampling_error
 from services.inference.engine.generic import GenericRunner, select_runner
+from services.inference.engine.grammar import GrammarError, Grammars
 from services.inference.engine.kv_cache import MIN_KV_POSITIONS, kv_positions
 from services.inference.engine.prefix_cache import PrefixCache
 from services.inference.engine.runner import Runner
@@ -112,6 +113,8 @@ class Engine:
             )
         prefix_cache = prefix_cache and self.runner.supports_prefix_cache
         cache = PrefixCache(prefix_block_size, prefix_cache_bytes) if prefix_cache else None
+        # Structured output: grammars compile off the compute thread (see grammar.py).
+        self.grammars = Grammars(loaded.tokenizer, self.runner.vocab_size, loaded.eos_token_ids)
         self._scheduler = Scheduler(
             self.runner,
             max_running=max_running,
@@ -121,6 +124,7 @@ class Engine:
             prefix_cache=cache,
             deliver=self._deliver,
             on_removed=self._on_removed,
+            grammars=self.grammars,
         )
         self._prefix_cache = cache
         self._cond = threading.Condition()
@@ -174,6 +178,8 @@ class Engine:
                 daemon=True,
             )
             self._thread.start()
+        if warm:
+            self.grammars.prepare()
         if self.compute_threads is not None or warm:
             ready.wait()
         if self.compute_threads is not None:
@@ -193,6 +199,7 @@ class Engine:
             await asyncio.to_thread(thread.join)
         else:
             self._cancel_everything()
+        self.grammars.close()
 
     def warmup(self) -> None:
         """Run one tiny generation so the first request does not pay one-time setup."""
@@ -258,7 +265,10 @@ class Engine:
         seed = req.sampling.seed if req.sampling.seed is not None else secrets.randbits(63)
         stream = RequestStream(loop)
         sink = weakref.ref(stream)
-        seqs = [Sequence.create(req, (seed + i) % 2**64, sink, index=i) for i in range(req.n)]
+        try:
+            seqs = [Sequence.create(req, (seed + i) % 2**64, sink, i) for i in range(req.n)]
+        except GrammarError as exc:  # the worker checked the continuation against it
+            raise InvalidRequest("continuation_ids", str(exc)) from None
         stream.bind(seqs)
         # The generic path's caches cannot be copied: its samples prefill each.
         heads = seqs[:1] if self.runner.supports_prefix_cache else seqs

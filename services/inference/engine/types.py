@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from services.common.requests import Sampling
 
@@ -44,6 +45,8 @@ class EngineRequest:
     `continuation_ids` are tokens an earlier attempt already produced (router
     failover): they count as generated, and a seeded stream continues after them.
     `deadline` is a `time.monotonic()` instant after which the request is cancelled.
+    `grammar` (a `grammar.CompiledGrammar`) constrains every sample's tokens to its
+    format; the generation then ends "stop" once the format is complete.
     """
 
     request_id: str
@@ -52,6 +55,7 @@ class EngineRequest:
     continuation_ids: list[int] = field(default_factory=list)
     deadline: float | None = None
     n: int = 1  # samples sharing the prompt's prefill; sample i is seeded with seed + i
+    grammar: Any = None  # CompiledGrammar | None (engine.grammar imports torch)
 
 
 @dataclass(frozen=True)
