@@ -6,7 +6,9 @@
 //   TOKENYARD_API_KEY=ty_... node client.mjs --address 127.0.0.1:50051 --model smollm2-135m
 //
 // Options: --address HOST:PORT, --model NAME, --prompt TEXT, --max-tokens N,
-// --n SAMPLES (default 2), --tls-ca FILE (TLS), --deadline SECONDS. Protos load at run time from
+// --n SAMPLES (default 2), --cache default|bypass|refresh (the router's response
+// cache, when the key enables it: the usage of a stream answered from it says
+// cached=true), --tls-ca FILE (TLS), --deadline SECONDS. Protos load at run time from
 // ../../protos (tokenyard) and ./protos (google/rpc, vendored).
 import fs from "node:fs";
 import path from "node:path";
@@ -27,6 +29,7 @@ const { values: opts } = parseArgs({
     prompt: { type: "string", default: "Write a haiku about gRPC." },
     "max-tokens": { type: "string", default: "24" },
     n: { type: "string", default: "2" },
+    cache: { type: "string", default: "default" },
     "tls-ca": { type: "string" },
     deadline: { type: "string", default: "30" },
   },
@@ -149,13 +152,14 @@ async function main() {
   const done = await streamGenerate(stub, key, {
     model: opts.model,
     prompt: opts.prompt,
-    sampling: { max_tokens: maxTokens, ignore_eos: true },
+    sampling: { max_tokens: maxTokens, ignore_eos: true, temperature: 0 },
+    cache: `CACHE_MODE_${opts.cache.toUpperCase()}`,
   });
   process.stdout.write("\n");
   const usage = done.last?.usage ?? {};
   console.log(
     `finished: ${done.last?.finish_reason} after ${done.messages} messages, ` +
-      `completion_tokens=${usage.completion_tokens}`,
+      `completion_tokens=${usage.completion_tokens} cached=${usage.cached}`,
   );
 
   // n samples of one prompt, prefilled once: `choices` holds one entry per sample.

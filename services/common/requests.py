@@ -96,6 +96,13 @@ class GenerationRequest:
     continuation_ids: tuple[int, ...]
     end_user: str = ""
     n: int = 1  # samples sharing one prefill; sample i is seeded with seed + i
+    cache: int = 0  # gen.CacheMode: how the router's response cache may answer
+
+
+def deterministic(s: Sampling) -> bool:
+    """Whether a request with this sampling always gives the same answer from the same
+    weights: greedy (temperature 0 or top_k 1) or seeded. Only such requests are cached."""
+    return s.temperature == 0 or s.top_k == 1 or s.seed is not None
 
 
 class HasInput(Protocol):
@@ -226,6 +233,8 @@ def generation_request(
         # The router's own resume mechanism: from a caller it would be unbilled prefill.
         raise InvalidArgument("continuation_token_ids", "is not accepted from callers")
     n = samples_of(request.n, max_n)
+    if request.cache not in gen.CacheMode.values():
+        raise InvalidArgument("cache", f"unknown cache mode {request.cache}")
     if n > 1 and request.continuation_token_ids:
         raise InvalidArgument("continuation_token_ids", "cannot resume a request with n > 1")
     return GenerationRequest(
@@ -237,6 +246,7 @@ def generation_request(
         continuation_ids=tuple(request.continuation_token_ids),
         end_user=request.end_user,
         n=n,
+        cache=request.cache,
     )
 
 

@@ -94,6 +94,7 @@ class InferenceApp:
             prefix_cache=self.engine.prefix_cache_enabled,
             version=tokenyard_version(),
             execution_path=self.engine.path,
+            model_revision=loaded.revision,
         )
         self.server = GrpcServer(
             settings.server, service_token=settings.internal.service_token or None

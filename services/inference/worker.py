@@ -92,6 +92,7 @@ class WorkerInfo:
     prefix_cache: bool
     version: str
     execution_path: str = "fast"  # "fast" (the engine's forward pass) or "generic"
+    model_revision: str = ""  # content hash of the weights (LoadedModel.revision)
 
 
 @dataclass(frozen=True)

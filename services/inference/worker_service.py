@@ -59,6 +59,7 @@ class WorkerServicer(pb_grpc.WorkerServiceServicer):
             version=info.version,
             prefix_cache=info.prefix_cache,
             execution_path=_PATHS.get(info.execution_path, pb.EXECUTION_PATH_UNSPECIFIED),
+            model_revision=info.model_revision,
         )
 
     async def WatchLoad(

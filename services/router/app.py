@@ -22,6 +22,7 @@ from services.router.auth_client import AuthClient
 from services.router.core import Deps, RouterCore
 from services.router.limits import Limits, LocalLimits
 from services.router.relay import Chooser, Relay
+from services.router.response_cache import CacheStore, LocalStore, ResponseCache
 from services.router.servicer import SERVICE_NAME, RouterServicer, add_router_servicer
 from services.router.settings import RouterSettings
 from services.router.usage import UsageReporter
@@ -42,6 +43,25 @@ def build_limits(settings: RouterSettings, clock: Callable[[], float] = time.tim
             settings.redis_url, prefix=settings.redis_prefix, lease=settings.slot_lease, clock=clock
         )
     return LocalLimits(clock)
+
+
+def build_cache(
+    settings: RouterSettings, clock: Callable[[], float] = time.monotonic
+) -> ResponseCache:
+    """The response cache: in Redis when TOKENYARD_REDIS_URL is set (shared by the
+    router replicas), an in-process LRU otherwise. `clock` times the LRU's TTL."""
+    store: CacheStore
+    if settings.redis_url:
+        from services.router.response_cache import RedisStore
+
+        store = RedisStore(settings.redis_url, settings.response_cache_prefix)
+    else:
+        store = LocalStore(settings.response_cache_max_bytes, clock)
+    return ResponseCache(
+        store,
+        ttl=settings.response_cache_ttl,
+        max_entry_bytes=settings.response_cache_max_entry_bytes,
+    )
 
 
 def _http_server(core: RouterCore, settings: RouterSettings) -> HttpServer:
@@ -65,7 +85,13 @@ def _http_server(core: RouterCore, settings: RouterSettings) -> HttpServer:
 class RouterApp:
     """A router: its server, auth client, worker pool, limits and usage reporter."""
 
-    def __init__(self, settings: RouterSettings, *, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        settings: RouterSettings,
+        *,
+        clock: Callable[[], float] = time.time,
+        cache_clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.settings = settings
         self.auth_channel = internal_channel(settings.auth_address, settings.internal)
         self.auth = AuthClient(
@@ -82,6 +108,7 @@ class RouterApp:
             capacity=settings.usage_buffer,
         )
         self.limits = build_limits(settings, clock)
+        self.cache = build_cache(settings, cache_clock)
         self.pool = WorkerPool(
             settings.internal,
             PoolSettings(
@@ -115,6 +142,7 @@ class RouterApp:
                 self.usage,
                 max_n=settings.max_n,
                 aliases=dict(settings.model_aliases),
+                cache=self.cache,
             )
         )
         self.server = GrpcServer(
@@ -174,4 +202,5 @@ class RouterApp:
         await self.auth.close()
         await self.pool.close()
         await self.limits.close()
+        await self.cache.close()
         await self.auth_channel.close()

@@ -156,3 +156,9 @@ class PoolCollector(Collector):
 
 
 REGISTRY.register(PoolCollector())
+
+RESPONSE_CACHE = Counter(
+    "tokenyard_router_response_cache_total",
+    "Response cache lookups and writes: hit, miss, store, skip_too_large, error.",
+    ["result"],
+)

@@ -187,6 +187,33 @@ class RouterSettings:
         default="tokenyard:rl:",
         help="Prefix of every Redis key the router writes.",
     )
+    response_cache_ttl: float = setting(
+        "TOKENYARD_{service}_RESPONSE_CACHE_TTL",
+        parse_positive_float,
+        default=3600.0,
+        flag="--response-cache-ttl",
+        help="Seconds a response cache entry lives (the cache answers only callers whose "
+        "role or key sets the response_cache limit).",
+    )
+    response_cache_max_bytes: int = setting(
+        "TOKENYARD_{service}_RESPONSE_CACHE_MAX_BYTES",
+        parse_positive_int,
+        default=256 * 1024 * 1024,
+        flag="--response-cache-max-bytes",
+        help="Bytes of the in-process response cache (LRU), used without Redis; with Redis "
+        "bound its memory by Redis' maxmemory and an eviction policy.",
+    )
+    response_cache_max_entry_bytes: int = setting(
+        "TOKENYARD_{service}_RESPONSE_CACHE_MAX_ENTRY_BYTES",
+        parse_positive_int,
+        default=1024 * 1024,
+        help="Largest answer the response cache stores; longer ones are not cached.",
+    )
+    response_cache_prefix: str = setting(
+        "TOKENYARD_{service}_RESPONSE_CACHE_PREFIX",
+        default="tokenyard:rc:",
+        help="Prefix of the response cache's Redis keys.",
+    )
     slot_lease: float = setting(
         "TOKENYARD_{service}_SLOT_LEASE",
         parse_positive_float,

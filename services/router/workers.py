@@ -101,6 +101,9 @@ class Worker:
         self.context_length = 0
         self.max_running = 0
         self.max_queued = 0
+        # The weights' content hash and dtype: answers of one revision are interchangeable
+        # (the response cache's key); "" from a worker that does not report it.
+        self.revision = ""
         self.running = self.queued = self.pending_tokens = 0
         self.free_slots = 0
         self.prefix_hits = self.prefix_queries = 0
@@ -190,6 +193,9 @@ class Worker:
                 self.worker_id = reply.worker_id or self.address
                 self.context_length = reply.context_length
                 self.max_running, self.max_queued = reply.max_running, reply.max_queued
+                self.revision = (
+                    f"{reply.model_revision}/{reply.dtype}" if reply.model_revision else ""
+                )
                 backoff = 0.1
                 await self._watch_both()
             except grpc.aio.AioRpcError as exc:
