@@ -78,9 +78,11 @@ class FakeAuthService(auth_grpc.AuthServiceServicer):
         self, request: auth.AuthenticateRequest, context: Any
     ) -> auth.AuthenticateResponse:
         self.state.authenticate_calls += 1
+        # Read first, answer after the delay: as a database read then the way back, so a
+        # revocation during the delay is not seen by this call (the race routers guard).
+        p = self.state.keys.get(request.credential)
         if self.state.authenticate_delay:
             await asyncio.sleep(self.state.authenticate_delay)
-        p = self.state.keys.get(request.credential)
         if p is None:
             raise errors.Unauthenticated()
         ttl = duration_pb2.Duration()

@@ -349,3 +349,23 @@ def test_a_worker_is_drained_before_sigterm_and_given_time_to_finish() -> None:
     grace = float(env_of(container)["TOKENYARD_INFERENCE_GRACE_PERIOD"])
     spec = resources()[("StatefulSet", "tokenyard-inference")]["spec"]["template"]["spec"]
     assert spec["terminationGracePeriodSeconds"] > args.timeout + grace
+
+
+def test_every_metric_the_scaling_guide_names_is_exported() -> None:
+    from prometheus_client import REGISTRY
+
+    import services.inference.metrics
+    import services.router.metrics
+
+    assert services.inference.metrics.QUEUE_P95 and services.router.metrics.POOLS is not None
+
+    doc = (ROOT / "docs" / "kubernetes.md").read_text()
+    named = set(re.findall(r"\b(tokenyard_(?:inference|router)_[a-z0-9_]*[a-z0-9])\b", doc))
+    exported = set()
+    for family in REGISTRY.collect():
+        exported.add(family.name)
+        exported |= {s.name for s in family.samples}
+        if family.type == "counter":
+            exported.add(family.name + "_total")
+    assert len(named) > 20
+    assert named <= exported, sorted(named - exported)
