@@ -6,7 +6,8 @@
 //   TOKENYARD_API_KEY=ty_... node client.mjs --address 127.0.0.1:50051 --model smollm2-135m
 //
 // Options: --address HOST:PORT, --model NAME, --prompt TEXT, --max-tokens N,
-// --n SAMPLES (default 2), --tls-ca FILE (TLS), --deadline SECONDS. Protos load at run time from
+// --n SAMPLES (default 2), --priority P (default 0: higher runs first, at most the
+// key's max_priority; negative is sheddable), --tls-ca FILE (TLS), --deadline SECONDS. Protos load at run time from
 // ../../protos (tokenyard) and ./protos (google/rpc, vendored).
 import fs from "node:fs";
 import path from "node:path";
@@ -27,6 +28,7 @@ const { values: opts } = parseArgs({
     prompt: { type: "string", default: "Write a haiku about gRPC." },
     "max-tokens": { type: "string", default: "24" },
     n: { type: "string", default: "2" },
+    priority: { type: "string", default: "0" },
     "tls-ca": { type: "string" },
     deadline: { type: "string", default: "30" },
   },
@@ -149,6 +151,7 @@ async function main() {
   const done = await streamGenerate(stub, key, {
     model: opts.model,
     prompt: opts.prompt,
+    priority: Number(opts.priority),
     sampling: { max_tokens: maxTokens, ignore_eos: true },
   });
   process.stdout.write("\n");
@@ -185,6 +188,8 @@ async function main() {
   for (const [label, callKey, request] of [
     ["bad key", "ty_sk_not_a_real_key", { model: opts.model, prompt: "hi" }],
     ["bad top_p", key, { model: opts.model, prompt: "hi", sampling: { top_p: 2 } }],
+    // Above the key's max_priority (0 unless a role or the key sets one).
+    ["priority over cap", key, { model: opts.model, prompt: "hi", priority: 1000 }],
   ]) {
     try {
       await streamGenerate(stub, callKey, request);

@@ -116,11 +116,14 @@ class Client:
         affinity_key: str = "",
         timeout: float | None = None,
         n: int = 1,
+        priority: int = 0,
     ) -> AsyncIterator[StreamEvent]:
         """Stream a generation as events: text delta, token ids, logprobs, and at the end
         `finish_reason` and `usage`. Closing the iterator cancels the generation.
         With `n` > 1 the samples' events interleave, each with its `index`; each sample
-        ends with its own `finish_reason`, and the last event carries `usage`."""
+        ends with its own `finish_reason`, and the last event carries `usage`.
+        `priority`: higher runs first (capped by the key's `max_priority`, 0 unless
+        set); negative is sheddable, refused with RESOURCE_EXHAUSTED when busy."""
         request = gen.StreamGenerateRequest(
             model=model,
             sampling=(sampling or Sampling()).to_proto(),
@@ -128,6 +131,7 @@ class Client:
             affinity_key=affinity_key,
             logprobs=logprobs,
             n=n,
+            priority=priority,
             **Input.of(prompt, messages, token_ids).fields(),
         )
         attempt = 0
@@ -177,6 +181,7 @@ class Client:
         affinity_key: str = "",
         timeout: float | None = None,
         n: int = 1,
+        priority: int = 0,
     ) -> Completion:
         """Run a generation to the end and return it whole (`n` samples in `choices`)."""
         request = gen.GenerateRequest(
@@ -186,6 +191,7 @@ class Client:
             affinity_key=affinity_key,
             logprobs=logprobs,
             n=n,
+            priority=priority,
             **Input.of(prompt, messages, token_ids).fields(),
         )
         reply = await self._unary(

@@ -48,6 +48,7 @@ from services.inference.engine.types import (
     EngineError,
     EngineFull,
     EngineRequest,
+    EngineSaturated,
     EngineStats,
     TokenEvent,
 )
@@ -115,6 +116,8 @@ class PreparedRequest:
     continuation_ids: list[int]
     sampling: Sampling
     n: int = 1  # samples sharing the prompt's prefill
+    priority: int = 0  # higher runs first, preempting lower; negative is sheddable
+    tenant: str = ""  # the router's user id: tenants take turns inside one priority
 
     @property
     def max_tokens(self) -> int:
@@ -176,6 +179,8 @@ class Worker:
             list(continuation),
             dataclasses.replace(checked.sampling, max_tokens=max_tokens),
             checked.n,
+            checked.priority,
+            checked.tenant,
         )
 
     def _check_served(self, model: str) -> None:
@@ -319,9 +324,17 @@ class Worker:
             continuation_ids=prep.continuation_ids,
             deadline=deadline,
             n=prep.n,
+            priority=prep.priority,
+            tenant=prep.tenant,
         )
         try:
             return self.engine.generate(request)
+        except EngineSaturated:
+            raise ResourceExhausted(
+                "worker is saturated: a sheddable request (negative priority) is not queued",
+                reason="SHED",
+                retry_after=FULL_RETRY_AFTER_S,
+            ) from None
         except EngineFull:
             raise ResourceExhausted(
                 "worker is full: every slot and queue place is taken",

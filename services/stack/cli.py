@@ -37,6 +37,13 @@ def register(subparsers: Any) -> None:
     gen.add_argument(
         "--n", type=int, default=1, help="samples of one prompt (prefilled once; seed + i each)"
     )
+    gen.add_argument(
+        "--priority",
+        type=int,
+        default=0,
+        help="higher runs first (at most the key's max_priority, 0 unless set); "
+        "negative: sheddable, refused at once when the workers are busy",
+    )
     _client_flags(gen)
     gen.set_defaults(handler=_generate)
 
@@ -130,6 +137,7 @@ def _options(args: argparse.Namespace) -> Any:
         tls_ca=args.tls_ca,
         timeout=args.timeout,
         n=getattr(args, "n", 1),
+        priority=getattr(args, "priority", 0),
     )
 
 

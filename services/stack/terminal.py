@@ -33,6 +33,7 @@ class Options:
     tls_ca: Path | None = None
     timeout: float = 300.0
     n: int = 1  # samples (generate only)
+    priority: int = 0  # scheduling priority (generate only; capped by the key)
 
 
 @dataclass
@@ -108,6 +109,7 @@ async def stream_reply(
         sampling=options.sampling,
         logprobs=options.logprobs,
         timeout=options.timeout,
+        priority=options.priority,
     ):
         if event.token_ids and stats.first_token is None:
             stats.first_token = time.perf_counter()
@@ -149,6 +151,7 @@ async def print_samples(
         logprobs=options.logprobs,
         timeout=options.timeout,
         n=options.n,
+        priority=options.priority,
         **given,
     )
     stats.finished = time.perf_counter()

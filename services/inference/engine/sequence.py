@@ -33,6 +33,7 @@ class Sequence:
     # Sibling samples that take this one's prompt keys/values once its prefill is
     # done (prefill once); they hold slots reserved from this one's admission on.
     forks: list[Sequence] = field(default_factory=list)
+    preemptions: int = 0  # times it was paused to make room for a higher priority
 
     @classmethod
     def create(cls, request: EngineRequest, seed: int, sink: Any, index: int = 0) -> Sequence:
@@ -49,6 +50,16 @@ class Sequence:
             generated=len(request.continuation_ids),
             index=index,
         )
+
+    @property
+    def priority(self) -> int:
+        """The request's priority: higher is admitted first and preempts lower."""
+        return self.request.priority
+
+    @property
+    def tenant(self) -> str:
+        """Whom the request is served for (fairness inside one priority)."""
+        return self.request.tenant
 
     @property
     def prefilling(self) -> bool:

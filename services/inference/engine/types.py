@@ -17,6 +17,10 @@ class EngineFull(Exception):
     """Every running slot and queue place is taken; retry later or on another worker."""
 
 
+class EngineSaturated(EngineFull):
+    """A sheddable (negative priority) request found no free slot: it is not queued."""
+
+
 class EngineClosed(Exception):
     """The engine is stopped (or stopping) and accepts no new requests."""
 
@@ -52,6 +56,8 @@ class EngineRequest:
     continuation_ids: list[int] = field(default_factory=list)
     deadline: float | None = None
     n: int = 1  # samples sharing the prompt's prefill; sample i is seeded with seed + i
+    priority: int = 0  # higher is admitted first and preempts lower; negative is sheddable
+    tenant: str = ""  # whom it is served for: tenants take turns inside one priority
 
 
 @dataclass(frozen=True)
@@ -97,3 +103,4 @@ class EngineStats:
     total_steps: int
     total_prefill_tokens: int = 0  # prompt positions computed by the model (not cache, not fork)
     total_forks: int = 0  # samples that took their prompt's keys/values from a sibling
+    total_preemptions: int = 0  # running sequences paused for a higher priority (resumed later)
