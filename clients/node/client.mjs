@@ -6,7 +6,7 @@
 //   TOKENYARD_API_KEY=ty_... node client.mjs --address 127.0.0.1:50051 --model smollm2-135m
 //
 // Options: --address HOST:PORT, --model NAME, --prompt TEXT, --max-tokens N,
-// --n SAMPLES (default 2), --priority P (default 0: higher runs first, at most the
+// --n SAMPLES (default 2), --priority=P (default 0: higher runs first, at most the
 // key's max_priority; negative is sheddable), --tls-ca FILE (TLS), --deadline SECONDS. Protos load at run time from
 // ../../protos (tokenyard) and ./protos (google/rpc, vendored).
 import fs from "node:fs";
