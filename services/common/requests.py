@@ -252,7 +252,7 @@ def generation_request(
         raise InvalidArgument("continuation_token_ids", "is not accepted from callers")
     n = samples_of(request.n, max_n)
     priority = priority_of(request.priority)
-    if len(request.tenant) > MAX_TENANT or not request.tenant.isprintable():
+    if not from_caller and (len(request.tenant) > MAX_TENANT or not request.tenant.isprintable()):
         raise InvalidArgument("tenant", f"at most {MAX_TENANT} printable characters")
     if n > 1 and request.continuation_token_ids:
         raise InvalidArgument("continuation_token_ids", "cannot resume a request with n > 1")
