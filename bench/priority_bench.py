@@ -159,6 +159,11 @@ async def tenants(
     async def tenant(who: str, outstanding: int, base: int) -> None:
         gate = asyncio.Semaphore(outstanding)
         running: set[asyncio.Task[None]] = set()
+
+        def finished(task: asyncio.Task[None]) -> None:
+            gate.release()
+            running.discard(task)
+
         i = 0
         while not stop.is_set():
             await gate.acquire()
@@ -166,7 +171,7 @@ async def tenants(
                 break
             req = request(prompt, sampling, base + i, 0, who if named else "")
             task = asyncio.create_task(stream(req, who))
-            task.add_done_callback(lambda t: (gate.release(), running.discard(t)))
+            task.add_done_callback(finished)
             running.add(task)
             i += 1
         await asyncio.gather(*running, return_exceptions=True)

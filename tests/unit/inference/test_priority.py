@@ -203,3 +203,24 @@ async def test_sheddable_request_refused_while_saturated_and_admitted_when_idle(
     assert engine.stats().queued >= 1
     for stream in [*busy, queued]:
         await stream.aclose()  # type: ignore[attr-defined]
+
+
+def test_preemption_on_the_generic_path_resumes_identical(
+    tiny: LoadedModel, prompts: list[list[int]]
+) -> None:
+    from tests.unit.inference.families import build_family
+
+    model = build_family("gpt2", tiny.tokenizer, seed=3)
+    h = Harness(model, max_running=1, prefix_cache=False)
+    assert h.sched.runner.path == "generic"
+    (low,) = h.add(prompts[1], max_tokens=16, **GREEDY)
+    for _ in range(4):
+        h.step()
+    (high,) = h.add(prompts[2], max_tokens=4, priority=1, **GREEDY)
+    h.step()
+    assert high.slot == 0 and low.slot < 0
+    h.run()
+    reference = Harness(model, max_running=1, prefix_cache=False)
+    (alone_low,) = reference.add(prompts[1], max_tokens=16, **GREEDY)
+    reference.run()
+    assert h.tokens(low) == reference.tokens(alone_low)
