@@ -105,15 +105,19 @@ class Scheduler:
 
     # -- removal ---------------------------------------------------------------
 
+    def _free_slot(self, seq: Sequence) -> None:
+        """Take a running sequence out of the batch; the last one moves into its slot."""
+        last = self.running[-1]
+        if last is not seq:
+            self.cache.move(last.slot, seq.slot, last.computed)
+            last.slot = seq.slot
+            self.running[seq.slot] = last
+        self.running.pop()
+        seq.slot = -1
+
     def _remove(self, seq: Sequence) -> None:
         if seq.slot >= 0:
-            last = self.running[-1]
-            if last is not seq:
-                self.cache.move(last.slot, seq.slot, last.computed)
-                last.slot = seq.slot
-                self.running[seq.slot] = last
-            self.running.pop()
-            seq.slot = -1
+            self._free_slot(seq)
         self._removed.append(seq)
         self._drop_forks(seq)
 
@@ -213,13 +217,7 @@ class Scheduler:
     def _preempt(self, seq: Sequence) -> None:
         """Pause a running sequence: keys/values to the prefix cache, back to waiting."""
         self._store_prefix(seq, seq.computed)
-        last = self.running[-1]
-        if last is not seq:
-            self.cache.move(last.slot, seq.slot, last.computed)
-            last.slot = seq.slot
-            self.running[seq.slot] = last
-        self.running.pop()
-        seq.slot = -1
+        self._free_slot(seq)
         # Resume = prefill everything it has (prompt, continuation, generated): the
         # last position's logits give its next token, drawn at the same position.
         seq.computed = 0
@@ -249,10 +247,12 @@ class Scheduler:
         decoding = [s for s in self.running if not s.prefilling]
         budget = self.max_batch_tokens - len(decoding)
         planned: list[tuple[Sequence, int]] = []
-        prefilling = (s for s in self.running if s.prefilling)
-        for seq in sorted(prefilling, key=lambda s: (-s.priority, s.order)):
-            if budget <= 0:
-                break
+        prefilling = sorted(
+            (s for s in self.running if s.prefilling), key=lambda s: (-s.priority, s.order)
+        )
+        for seq in prefilling:
+            if budget <= 0 or seq.priority < prefilling[0].priority:
+                break  # a lower priority's prompt waits: the higher one's first token sooner
             n = seq.n_prefill - seq.computed
             if not self.runner.whole_prompts:
                 n = min(n, budget)
