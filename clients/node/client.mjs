@@ -7,7 +7,9 @@
 //
 // Options: --address HOST:PORT, --model NAME, --prompt TEXT, --max-tokens N,
 // --n SAMPLES (default 2), --priority=P (default 0: higher runs first, at most the
-// key's max_priority; negative is sheddable), --tls-ca FILE (TLS), --deadline SECONDS. Protos load at run time from
+// key's max_priority; negative is sheddable), --cache default|bypass|refresh (the
+// router's response cache, when the key enables it: the usage of a stream answered
+// from it says cached=true), --tls-ca FILE (TLS), --deadline SECONDS. Protos load at run time from
 // ../../protos (tokenyard) and ./protos (google/rpc, vendored).
 import fs from "node:fs";
 import path from "node:path";
@@ -29,6 +31,7 @@ const { values: opts } = parseArgs({
     "max-tokens": { type: "string", default: "24" },
     n: { type: "string", default: "2" },
     priority: { type: "string", default: "0" },
+    cache: { type: "string", default: "default" },
     "tls-ca": { type: "string" },
     deadline: { type: "string", default: "30" },
   },
@@ -152,13 +155,14 @@ async function main() {
     model: opts.model,
     prompt: opts.prompt,
     priority: Number(opts.priority),
-    sampling: { max_tokens: maxTokens, ignore_eos: true },
+    sampling: { max_tokens: maxTokens, ignore_eos: true, temperature: 0 },
+    cache: `CACHE_MODE_${opts.cache.toUpperCase()}`,
   });
   process.stdout.write("\n");
   const usage = done.last?.usage ?? {};
   console.log(
     `finished: ${done.last?.finish_reason} after ${done.messages} messages, ` +
-      `completion_tokens=${usage.completion_tokens}`,
+      `completion_tokens=${usage.completion_tokens} cached=${usage.cached}`,
   );
 
   // n samples of one prompt, prefilled once: `choices` holds one entry per sample.

@@ -142,6 +142,12 @@ def _limit_flags(p: argparse.ArgumentParser) -> None:
         help="highest generation priority (0 when unset; negative: sheddable only)",
     )
     p.add_argument("--quota-period", choices=["day", "month"], default="day")
+    p.add_argument(
+        "--response-cache",
+        choices=["on", "off"],
+        default=None,
+        help="let the router's response cache answer repeated deterministic requests",
+    )
 
 
 Action = Callable[[Any, argparse.Namespace], Awaitable[None]]
@@ -203,6 +209,8 @@ def _limits(args: argparse.Namespace) -> Any:
             setattr(out, name, value)
     if args.max_priority is not None:
         out.max_priority = args.max_priority  # may be negative: sheddable requests only
+    if args.response_cache is not None:
+        out.response_cache = args.response_cache == "on"
     if args.quota is not None:
         month = args.quota_period == "month"
         out.quota_period = (
@@ -214,7 +222,7 @@ def _limits(args: argparse.Namespace) -> Any:
 def _has_limits(args: argparse.Namespace) -> bool:
     return any(
         getattr(args, f) is not None
-        for f in ("rpm", "tpm", "streams", "max_tokens", "quota", "max_priority")
+        for f in ("rpm", "tpm", "streams", "max_tokens", "quota", "max_priority", "response_cache")
     )
 
 

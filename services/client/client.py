@@ -28,6 +28,7 @@ from services.client.types import (
     ModelInfo,
     Sampling,
     StreamEvent,
+    cache_mode,
     finish_reason_name,
     logprobs_of,
     usage_of,
@@ -117,9 +118,12 @@ class Client:
         timeout: float | None = None,
         n: int = 1,
         priority: int = 0,
+        cache: str = "default",
     ) -> AsyncIterator[StreamEvent]:
         """Stream a generation as events: text delta, token ids, logprobs, and at the end
         `finish_reason` and `usage`. Closing the iterator cancels the generation.
+        `cache`: "default", "bypass" or "refresh" (the router's response cache, when the
+        key enables it; a hit says `usage.cached`).
         With `n` > 1 the samples' events interleave, each with its `index`; each sample
         ends with its own `finish_reason`, and the last event carries `usage`.
         `priority`: higher runs first (capped by the key's `max_priority`, 0 unless
@@ -132,6 +136,7 @@ class Client:
             logprobs=logprobs,
             n=n,
             priority=priority,
+            cache=cache_mode(cache),
             **Input.of(prompt, messages, token_ids).fields(),
         )
         attempt = 0
@@ -182,6 +187,7 @@ class Client:
         timeout: float | None = None,
         n: int = 1,
         priority: int = 0,
+        cache: str = "default",
     ) -> Completion:
         """Run a generation to the end and return it whole (`n` samples in `choices`)."""
         request = gen.GenerateRequest(
@@ -192,6 +198,7 @@ class Client:
             logprobs=logprobs,
             n=n,
             priority=priority,
+            cache=cache_mode(cache),
             **Input.of(prompt, messages, token_ids).fields(),
         )
         reply = await self._unary(

@@ -60,6 +60,8 @@ class Usage:
     prompt_tokens: int
     completion_tokens: int
     cached_prompt_tokens: int = 0
+    cached: bool = False  # answered from the router's response cache
+    cached_completion_tokens: int = 0  # of completion_tokens, replayed from that cache
 
 
 @dataclass(frozen=True)
@@ -182,4 +184,25 @@ def usage_of(message: Any) -> Usage | None:
     if not message.HasField("usage"):
         return None
     u = message.usage
-    return Usage(u.prompt_tokens, u.completion_tokens, u.cached_prompt_tokens)
+    return Usage(
+        u.prompt_tokens,
+        u.completion_tokens,
+        u.cached_prompt_tokens,
+        cached=u.cached,
+        cached_completion_tokens=u.cached_completion_tokens,
+    )
+
+
+CACHE_MODES = {
+    "default": gen.CACHE_MODE_DEFAULT,
+    "bypass": gen.CACHE_MODE_BYPASS,
+    "refresh": gen.CACHE_MODE_REFRESH,
+}
+
+
+def cache_mode(name: str) -> gen.CacheMode:
+    """The CacheMode of `cache=`: "default", "bypass" or "refresh"."""
+    try:
+        return CACHE_MODES[name]
+    except KeyError:
+        raise ValueError(f"cache must be one of {', '.join(CACHE_MODES)}, not {name!r}") from None

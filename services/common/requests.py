@@ -104,6 +104,13 @@ class GenerationRequest:
     n: int = 1  # samples sharing one prefill; sample i is seeded with seed + i
     priority: int = 0  # higher runs first; negative is sheddable
     tenant: str = ""  # set by the router only (fairness between users); "" from callers
+    cache: int = 0  # gen.CacheMode: how the router's response cache may answer
+
+
+def deterministic(s: Sampling) -> bool:
+    """Whether a request with this sampling always gives the same answer from the same
+    weights: greedy (temperature 0 or top_k 1) or seeded. Only such requests are cached."""
+    return s.temperature == 0 or s.top_k == 1 or s.seed is not None
 
 
 class HasInput(Protocol):
@@ -254,6 +261,8 @@ def generation_request(
     priority = priority_of(request.priority)
     if not from_caller and (len(request.tenant) > MAX_TENANT or not request.tenant.isprintable()):
         raise InvalidArgument("tenant", f"at most {MAX_TENANT} printable characters")
+    if request.cache not in gen.CacheMode.values():
+        raise InvalidArgument("cache", f"unknown cache mode {request.cache}")
     if n > 1 and request.continuation_token_ids:
         raise InvalidArgument("continuation_token_ids", "cannot resume a request with n > 1")
     return GenerationRequest(
@@ -268,6 +277,7 @@ def generation_request(
         priority=priority,
         # A public caller's tenant is ignored: the router stamps the user's id.
         tenant="" if from_caller else request.tenant,
+        cache=request.cache,
     )
 
 

@@ -93,6 +93,7 @@ class WorkerInfo:
     prefix_cache: bool
     version: str
     execution_path: str = "fast"  # "fast" (the engine's forward pass) or "generic"
+    model_revision: str = ""  # content hash of the weights (LoadedModel.revision)
 
 
 @dataclass(frozen=True)
@@ -101,6 +102,8 @@ class LoadReport:
 
     stats: EngineStats
     draining: bool
+    queue_p50: float = 0.0  # seconds, over the requests admitted in the last minute
+    queue_p95: float = 0.0
 
     def key(self) -> tuple[int, int, int, bool]:
         """The part of the report whose change triggers a report at once."""
@@ -151,6 +154,7 @@ class Worker:
         self._drain_task: asyncio.Task[None] | None = None
         self._changed = asyncio.Event()
         self._watches_ended = False
+        self.queue_times = metrics.QueueWindow()
         # One thread tokenizes, so requests never use the (Rust) tokenizer concurrently.
         self._tokenize = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenize")
 
@@ -273,6 +277,7 @@ class Worker:
                         admitted = batch[0].admitted_at
                         admitted = now if admitted is None else min(max(admitted, started), now)
                         metrics.QUEUE_TIME.observe(admitted - started)
+                        self.queue_times.add(admitted - started)
                         at = time.time_ns() - int((now - admitted) * 1e9)
                         phase.end(end_time=at)
                         prefill = _tracer.start_span(
@@ -350,7 +355,8 @@ class Worker:
 
     def load(self) -> LoadReport:
         """The engine's load now, with the drain flag."""
-        return LoadReport(self.engine.stats(), self.draining)
+        p50, p95 = self.queue_times.quantiles()
+        return LoadReport(self.engine.stats(), self.draining, p50, p95)
 
     async def load_reports(self, interval: float) -> AsyncIterator[LoadReport]:
         """One report at once, then on every change and at least every `interval` while busy.
@@ -390,6 +396,15 @@ class Worker:
             log.info("draining", extra={"remaining": stats.running + stats.queued})
             self._drain_task = asyncio.get_running_loop().create_task(self._finish_drain())
         return stats.running + stats.queued
+
+    async def drained(self, timeout: float) -> bool:
+        """Drain and wait (bounded) until nothing runs or waits; True when idle in time."""
+        self.drain()
+        try:
+            await asyncio.wait_for(asyncio.shield(self.engine.wait_idle()), timeout)
+        except TimeoutError:
+            return False
+        return True
 
     async def _finish_drain(self) -> None:
         await self.engine.wait_idle()

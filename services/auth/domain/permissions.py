@@ -33,10 +33,13 @@ LIMIT_FIELDS = (
     "max_tokens_per_request",
     "token_quota",
     "max_priority",
+    "response_cache",  # 1 on, 0 off: min over levels, so off anywhere wins
 )
 # Limits whose unset value is a default cap, not "no limit": a principal none of
 # whose levels sets `max_priority` may ask for priority 0 at most.
 DEFAULT_CAPS = {"max_priority": DEFAULT_MAX_PRIORITY}
+# Limits that switch a feature on (1) or off (0) rather than cap a number.
+SWITCH_FIELDS = frozenset({"response_cache"})
 QUOTA_PERIODS = ("day", "month")
 
 
@@ -175,6 +178,11 @@ def limits_within(requested: Limits, holder: Limits) -> str | None:
     for name in LIMIT_FIELDS:
         cap = holder.get(name)
         if cap is None:
+            continue
+        if name in SWITCH_FIELDS:
+            # Unset never switches anything on; on is looser than the holder's off.
+            if cap == 0 and requested.get(name):
+                return name
             continue
         if requested.get(name) is None:
             if name in DEFAULT_CAPS and DEFAULT_CAPS[name] <= cap:

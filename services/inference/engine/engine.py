@@ -309,6 +309,8 @@ class Engine:
             pending = self._pending_tokens if outstanding else 0
             requests, prompt_tokens = self._total_requests, self._total_prompt_tokens
         running = min(len(sched.running), outstanding)
+        held = sum(s.computed for s in list(sched.running))
+        positions = self.max_running * self.context_length
         recent = [(t, n) for t, n in rate if now - t <= _RATE_WINDOW_S]
         span = now - recent[0][0] if len(recent) > 1 else 0.0
         tps = sum(n for _, n in recent[1:]) / span if span > 0 else 0.0
@@ -333,6 +335,7 @@ class Engine:
             total_prefill_tokens=sched.total_prefill_tokens,
             total_forks=sched.total_forks,
             total_preemptions=sched.total_preemptions,
+            kv_cache_usage=min(held / positions, 1.0) if positions else 0.0,
         )
 
     # -- compute thread ----------------------------------------------------------

@@ -104,3 +104,4 @@ class EngineStats:
     total_prefill_tokens: int = 0  # prompt positions computed by the model (not cache, not fork)
     total_forks: int = 0  # samples that took their prompt's keys/values from a sibling
     total_preemptions: int = 0  # running sequences paused for a higher priority (resumed later)
+    kv_cache_usage: float = 0.0  # positions held by running sequences / all positions, 0-1

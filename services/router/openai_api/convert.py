@@ -98,6 +98,15 @@ def _sampling(body: Body, request: gen.StreamGenerateRequest, max_tokens: int | 
         request.affinity_key = body.affinity_key
     if body.user:
         request.end_user = body.user
+    if body.cache is not None:
+        request.cache = _CACHE_MODES[body.cache]
+
+
+_CACHE_MODES = {
+    "default": gen.CACHE_MODE_DEFAULT,
+    "bypass": gen.CACHE_MODE_BYPASS,
+    "refresh": gen.CACHE_MODE_REFRESH,
+}
 
 
 def param_of(field: str | None, body: Body | None) -> str | None:
@@ -120,13 +129,18 @@ def param_of(field: str | None, body: Body | None) -> str | None:
     return field
 
 
-def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
-    """OpenAI's usage object."""
-    return {
+def usage(prompt_tokens: int, completion_tokens: int, cached: bool = False) -> dict[str, Any]:
+    """OpenAI's usage object; `cached` (a tokenyard extension) when the router's
+    response cache answered."""
+    out: dict[str, Any] = {
         "prompt_tokens": prompt_tokens,
         "completion_tokens": completion_tokens,
         "total_tokens": prompt_tokens + completion_tokens,
     }
+    if cached:
+        out["cached"] = True
+        out["cached_completion_tokens"] = completion_tokens
+    return out
 
 
 def _token_text(token_id: int, msg: gen.StreamGenerateResponse) -> str:

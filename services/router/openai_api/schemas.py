@@ -72,6 +72,8 @@ class _Common(BaseModel):
     stop_token_ids: list[UInt32] | None = None
     affinity_key: str | None = None
     priority: int | None = None
+    # The router's response cache for this request (gRPC `cache`); unset: default.
+    cache: Literal["default", "bypass", "refresh"] | None = None
 
     def refuse_unsupported(self) -> None:
         """400 naming the first field that needs a feature the contract lacks."""

@@ -59,6 +59,8 @@ def test_node_client_lists_streams_cancels_and_reads_error_details(
     lines = done.stdout.splitlines()
     assert "models: tiny (1 workers)" in lines
     assert "completion_tokens=8" in done.stdout and "FINISH_REASON_LENGTH" in done.stdout
+    # The usage's `cached` flag reaches Node (false: the demo key leaves the cache off).
+    assert "completion_tokens=8 cached=false" in done.stdout
     assert "cancelled: true after 3 messages" in lines
     # --n 2 (the default): two samples of 8 tokens, usage counting both.
     assert (
