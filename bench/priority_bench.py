@@ -214,7 +214,7 @@ async def bench(args: argparse.Namespace) -> None:
         loaded,
         max_running=slots,
         max_queued=64,
-        max_batch_tokens=512,
+        max_batch_tokens=args.max_batch_tokens,
         compute_threads=threads,
     )
     engine.start(warm=True)
@@ -270,7 +270,8 @@ async def bench(args: argparse.Namespace) -> None:
     high_ttft = p50([d.ttft for d in mixed_high])
     low_ttft = p50([d.ttft for d in mixed_low])
     print(
-        f"model {loaded.name} ({loaded.dtype}), {slots} slots, prompt {len(prompt(0))} tokens, "
+        f"model {loaded.name} ({loaded.dtype}), {slots} slots, "
+        f"max_batch_tokens {args.max_batch_tokens}, prompt {len(prompt(0))} tokens, "
         f"{args.new_tokens} new tokens per request, {outstanding} outstanding "
         f"(queue {outstanding - slots} = {(outstanding - slots) // slots}x slots)"
     )
@@ -300,6 +301,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--cache-dir", type=Path, default=Path.home() / ".cache/tokenyard/models")
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--slots", type=int, default=4)
+    parser.add_argument(
+        "--max-batch-tokens", type=int, default=512, help="the worker's step budget (default)"
+    )
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--low", type=int, default=90, help="low-priority requests per run")
     parser.add_argument("--rounds", type=int, default=2, help="baseline and mixed runs each")
