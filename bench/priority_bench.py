@@ -20,6 +20,10 @@ Every figure is a ratio against a baseline measured in the same run:
     .venv/bin/python bench/priority_bench.py            # demo model
     .venv/bin/python bench/priority_bench.py --quick    # fewer requests, shorter window
     .venv/bin/python bench/priority_bench.py --model tiny   # random 4-layer model
+
+Each side of a ratio runs in the same process, rounds alternating their order; on a
+shared machine the throughput ratio still moves with other processes' load (run it
+on a quiet one), while the two tenants run at once and so compare cleanly.
 """
 
 from __future__ import annotations
