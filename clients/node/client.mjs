@@ -7,9 +7,10 @@
 //   TOKENYARD_API_KEY=ty_... node client.mjs --address 127.0.0.1:50051 --model smollm2-135m
 //
 // Options: --address HOST:PORT, --model NAME, --prompt TEXT, --max-tokens N,
-// --n SAMPLES (default 2), --cache default|bypass|refresh (the router's response
-// cache, when the key enables it: the usage of a stream answered from it says
-// cached=true), --tls-ca FILE (TLS), --deadline SECONDS. Protos load at run time from
+// --n SAMPLES (default 2), --priority=P (default 0: higher runs first, at most the
+// key's max_priority; negative is sheddable), --cache default|bypass|refresh (the
+// router's response cache, when the key enables it: the usage of a stream answered
+// from it says cached=true), --tls-ca FILE (TLS), --deadline SECONDS. Protos load at run time from
 // ../../protos (tokenyard) and ./protos (google/rpc, vendored).
 import fs from "node:fs";
 import path from "node:path";
@@ -30,6 +31,7 @@ const { values: opts } = parseArgs({
     prompt: { type: "string", default: "Write a haiku about gRPC." },
     "max-tokens": { type: "string", default: "24" },
     n: { type: "string", default: "2" },
+    priority: { type: "string", default: "0" },
     cache: { type: "string", default: "default" },
     "tls-ca": { type: "string" },
     deadline: { type: "string", default: "30" },
@@ -153,6 +155,7 @@ async function main() {
   const done = await streamGenerate(stub, key, {
     model: opts.model,
     prompt: opts.prompt,
+    priority: Number(opts.priority),
     sampling: { max_tokens: maxTokens, ignore_eos: true, temperature: 0 },
     cache: `CACHE_MODE_${opts.cache.toUpperCase()}`,
   });
@@ -211,6 +214,8 @@ async function main() {
       key,
       { model: opts.model, prompt: "hi", response_format: { json_schema: '{"type": "objekt"}' } },
     ],
+    // Above the key's max_priority (0 unless a role or the key sets one).
+    ["priority over cap", key, { model: opts.model, prompt: "hi", priority: 1000 }],
   ]) {
     try {
       await streamGenerate(stub, callKey, request);

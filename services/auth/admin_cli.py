@@ -135,6 +135,12 @@ def _limit_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--streams", type=int, default=None, help="concurrent streams")
     p.add_argument("--max-tokens", type=int, default=None, help="max tokens per request")
     p.add_argument("--quota", type=int, default=None, help="token quota per period")
+    p.add_argument(
+        "--max-priority",
+        type=int,
+        default=None,
+        help="highest generation priority (0 when unset; negative: sheddable only)",
+    )
     p.add_argument("--quota-period", choices=["day", "month"], default="day")
     p.add_argument(
         "--response-cache",
@@ -201,6 +207,8 @@ def _limits(args: argparse.Namespace) -> Any:
             if value < 0:
                 raise ValueError(f"--{flag.replace('_', '-')} must not be negative")
             setattr(out, name, value)
+    if args.max_priority is not None:
+        out.max_priority = args.max_priority  # may be negative: sheddable requests only
     if args.response_cache is not None:
         out.response_cache = args.response_cache == "on"
     if args.quota is not None:
@@ -214,7 +222,7 @@ def _limits(args: argparse.Namespace) -> Any:
 def _has_limits(args: argparse.Namespace) -> bool:
     return any(
         getattr(args, f) is not None
-        for f in ("rpm", "tpm", "streams", "max_tokens", "quota", "response_cache")
+        for f in ("rpm", "tpm", "streams", "max_tokens", "quota", "max_priority", "response_cache")
     )
 
 

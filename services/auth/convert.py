@@ -12,6 +12,7 @@ from services.auth.domain.permissions import LIMIT_FIELDS, SWITCH_FIELDS, Limits
 from services.auth.domain.principal import SERVICE_KEY, SESSION, USER_KEY, Principal
 from services.auth.domain.usage import UsageSum
 from services.common.errors import InvalidArgument
+from services.common.requests import MAX_PRIORITY, MIN_PRIORITY
 
 _CRED_TYPES = {
     USER_KEY: resources_pb2.CREDENTIAL_TYPE_USER_KEY,
@@ -64,6 +65,9 @@ def limits_to_proto(limits: Limits) -> resources_pb2.Limits:
 def limits_from_proto(msg: resources_pb2.Limits) -> Limits:
     """Domain Limits from a request."""
     values = {name: int(getattr(msg, name)) for name in LIMIT_FIELDS if msg.HasField(name)}
+    cap = values.get("max_priority")
+    if cap is not None and not MIN_PRIORITY <= cap <= MAX_PRIORITY:
+        raise InvalidArgument("limits.max_priority", f"must be in [{MIN_PRIORITY}, {MAX_PRIORITY}]")
     period = "month" if msg.quota_period == resources_pb2.QUOTA_PERIOD_MONTH else "day"
     return Limits(values, period)
 

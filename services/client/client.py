@@ -119,6 +119,7 @@ class Client:
         affinity_key: str = "",
         timeout: float | None = None,
         n: int = 1,
+        priority: int = 0,
         cache: str = "default",
         response_format: ResponseFormat | None = None,
     ) -> AsyncIterator[StreamEvent]:
@@ -129,7 +130,9 @@ class Client:
         With `n` > 1 the samples' events interleave, each with its `index`; each sample
         ends with its own `finish_reason`, and the last event carries `usage`.
         `response_format` constrains the output (JSON Schema, JSON object, regex or
-        grammar); the generation then ends "STOP" once the output is complete."""
+        grammar); the generation then ends "STOP" once the output is complete.
+        `priority`: higher runs first (capped by the key's `max_priority`, 0 unless
+        set); negative is sheddable, refused with RESOURCE_EXHAUSTED when busy."""
         request = gen.StreamGenerateRequest(
             model=model,
             sampling=(sampling or Sampling()).to_proto(),
@@ -137,6 +140,7 @@ class Client:
             affinity_key=affinity_key,
             logprobs=logprobs,
             n=n,
+            priority=priority,
             cache=cache_mode(cache),
             response_format=format_proto(response_format),
             **Input.of(prompt, messages, token_ids).fields(),
@@ -188,6 +192,7 @@ class Client:
         affinity_key: str = "",
         timeout: float | None = None,
         n: int = 1,
+        priority: int = 0,
         cache: str = "default",
         response_format: ResponseFormat | None = None,
     ) -> Completion:
@@ -201,6 +206,7 @@ class Client:
             affinity_key=affinity_key,
             logprobs=logprobs,
             n=n,
+            priority=priority,
             cache=cache_mode(cache),
             response_format=format_proto(response_format),
             **Input.of(prompt, messages, token_ids).fields(),

@@ -19,7 +19,7 @@ from typing import Any, Protocol
 
 from tokenyard.generation.v1 import generation_service_pb2 as gen
 
-from services.common.errors import InvalidArgument
+from services.common.errors import InvalidArgument, PermissionDenied
 from services.common.grammars import JSON_OBJECT, ResponseFormat, format_problem
 from services.common.settings import parse_positive_int, setting
 
@@ -33,6 +33,12 @@ MAX_MESSAGES = 1024  # chat turns in one request
 MAX_LOGPROBS = 20
 MAX_RESPONSE_FORMAT_BYTES = 64 * 1024  # a schema, regex or grammar (UTF-8)
 DEFAULT_MAX_N = 16  # samples per request (`n`); the router's and the worker's setting
+# `priority`: higher runs first, 0 is the default, negative is sheddable. A role's or
+# key's `max_priority` caps it (DEFAULT_MAX_PRIORITY where none is set).
+MIN_PRIORITY = -1000
+MAX_PRIORITY = 1000
+DEFAULT_MAX_PRIORITY = 0
+MAX_TENANT = 128  # the router's tenant (a user id) on requests it sends a worker
 
 
 def max_n_setting() -> Any:
@@ -99,6 +105,8 @@ class GenerationRequest:
     continuation_ids: tuple[int, ...]
     end_user: str = ""
     n: int = 1  # samples sharing one prefill; sample i is seeded with seed + i
+    priority: int = 0  # higher runs first; negative is sheddable
+    tenant: str = ""  # set by the router only (fairness between users); "" from callers
     cache: int = 0  # gen.CacheMode: how the router's response cache may answer
     response_format: ResponseFormat | None = None  # None: free text
 
@@ -246,6 +254,23 @@ def samples_of(requested: int, max_n: int) -> int:
     return n
 
 
+def priority_of(requested: int) -> int:
+    """The request's `priority`, inside [MIN_PRIORITY, MAX_PRIORITY]."""
+    if not MIN_PRIORITY <= requested <= MAX_PRIORITY:
+        raise InvalidArgument("priority", f"must be in [{MIN_PRIORITY}, {MAX_PRIORITY}]")
+    return requested
+
+
+def check_priority_cap(priority: int, cap: int) -> None:
+    """PERMISSION_DENIED naming `priority` when it is above the credential's cap."""
+    if priority > cap:
+        raise PermissionDenied(
+            f"priority: at most {cap} for this credential (asked {priority})",
+            reason="PRIORITY_LIMIT",
+            field="priority",
+        )
+
+
 def generation_request(
     request: gen.GenerateRequest | gen.StreamGenerateRequest,
     *,
@@ -270,6 +295,9 @@ def generation_request(
         # The router's own resume mechanism: from a caller it would be unbilled prefill.
         raise InvalidArgument("continuation_token_ids", "is not accepted from callers")
     n = samples_of(request.n, max_n)
+    priority = priority_of(request.priority)
+    if not from_caller and (len(request.tenant) > MAX_TENANT or not request.tenant.isprintable()):
+        raise InvalidArgument("tenant", f"at most {MAX_TENANT} printable characters")
     if request.cache not in gen.CacheMode.values():
         raise InvalidArgument("cache", f"unknown cache mode {request.cache}")
     if n > 1 and request.continuation_token_ids:
@@ -284,6 +312,9 @@ def generation_request(
         continuation_ids=tuple(request.continuation_token_ids),
         end_user=request.end_user,
         n=n,
+        priority=priority,
+        # A public caller's tenant is ignored: the router stamps the user's id.
+        tenant="" if from_caller else request.tenant,
         cache=request.cache,
         response_format=response_format,
     )

@@ -84,6 +84,11 @@ PREFIX_REUSED = Counter(
     "Prompt tokens served from the prefix cache.",
 )
 
+PREEMPTIONS = Counter(
+    "tokenyard_inference_preemptions_total",
+    "Running sequences paused for a higher-priority request (each resumed later).",
+)
+
 
 class QueueWindow:
     """Queue times of the requests admitted in the last `window` seconds, for quantiles.
@@ -152,6 +157,7 @@ class LoadSampler:
             PREFIX_REUSED.inc(
                 max(now.prefix_cache_reused_tokens - last.prefix_cache_reused_tokens, 0)
             )
+            PREEMPTIONS.inc(max(now.total_preemptions - last.total_preemptions, 0))
         self._last = now
 
     def start(self) -> None:

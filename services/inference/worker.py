@@ -50,6 +50,7 @@ from services.inference.engine.types import (
     EngineError,
     EngineFull,
     EngineRequest,
+    EngineSaturated,
     EngineStats,
     TokenEvent,
 )
@@ -121,6 +122,8 @@ class PreparedRequest:
     sampling: Sampling
     n: int = 1  # samples sharing the prompt's prefill
     grammar: CompiledGrammar | None = None  # the response_format, compiled
+    priority: int = 0  # higher runs first, preempting lower; negative is sheddable
+    tenant: str = ""  # the router's user id: tenants take turns inside one priority
 
     @property
     def max_tokens(self) -> int:
@@ -187,6 +190,8 @@ class Worker:
             dataclasses.replace(checked.sampling, max_tokens=max_tokens),
             checked.n,
             grammar,
+            checked.priority,
+            checked.tenant,
         )
 
     async def _compile(self, grammar: str, continuation: tuple[int, ...]) -> CompiledGrammar:
@@ -351,9 +356,17 @@ class Worker:
             deadline=deadline,
             n=prep.n,
             grammar=prep.grammar,
+            priority=prep.priority,
+            tenant=prep.tenant,
         )
         try:
             return self.engine.generate(request)
+        except EngineSaturated:
+            raise ResourceExhausted(
+                "worker is saturated: a sheddable request (negative priority) is not queued",
+                reason="SHED",
+                retry_after=FULL_RETRY_AFTER_S,
+            ) from None
         except EngineFull:
             raise ResourceExhausted(
                 "worker is full: every slot and queue place is taken",

@@ -9,7 +9,9 @@ model's context length, which bounds prompt + completion anyway.
 
 max_tokens above the key's `max_tokens_per_request` is INVALID_ARGUMENT naming
 `sampling.max_tokens` (asking again cannot help); an unset max_tokens is capped
-at the limit instead.
+at the limit instead. A `priority` above the effective `max_priority` (the key's
+and its roles', DEFAULT_MAX_PRIORITY where none sets it) is PERMISSION_DENIED
+naming `priority`.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from tokenyard.auth.v1 import resources_pb2 as res
 from tokenyard.generation.v1 import generation_service_pb2 as gen
 
 from services.common.errors import InvalidArgument
+from services.common.requests import DEFAULT_MAX_PRIORITY, check_priority_cap
 from services.router import metrics
 from services.router.limits import Admission, LimitSpec, QuotaSpec
 
@@ -132,3 +135,16 @@ def requests_only(principal: res.Principal, member: str) -> Admission:
         if spec.rpm is not None
     )
     return Admission(tag=principal.user_id, member=member, specs=specs, stream=False)
+
+
+def max_priority_of(limits: res.Limits) -> int:
+    """The highest priority the credential may ask for (0 where no level sets one)."""
+    return limits.max_priority if limits.HasField("max_priority") else DEFAULT_MAX_PRIORITY
+
+
+def check_priority(priority: int, limits: res.Limits) -> None:
+    """PERMISSION_DENIED naming `priority` when it is above the credential's cap."""
+    cap = max_priority_of(limits)
+    if priority > cap:
+        metrics.RATE_LIMITED.labels("priority").inc()
+    check_priority_cap(priority, cap)

@@ -43,6 +43,7 @@ from services.common.requests import (
 from services.router import metrics
 from services.router.admission import (
     admission,
+    check_priority,
     effective_max_tokens,
     requests_only,
     reservation,
@@ -241,6 +242,10 @@ class RouterCore:
         self.authorize_model(entry, checked.model, "generate")
         context_length = self.pool.context_length(checked.model)
         check_size(checked.input, context_length)
+        check_priority(checked.priority, entry.principal.limits)
+        # Only the router names the tenant (fairness on the worker): the user, never
+        # a value the caller sent.
+        request.tenant = entry.principal.user_id
         requested = checked.sampling.max_tokens
         max_tokens = effective_max_tokens(requested, entry.principal.limits)
         if max_tokens is not None and max_tokens != requested:

@@ -12,6 +12,11 @@ they are unit-tested without any I/O.
 - `affinity_key`: rendezvous (highest random weight) hashing on the key, so a
   key keeps its worker while the set of workers changes least.
 - `round_robin`: a rotating start.
+
+Whatever the policy, a sheddable request (negative `priority`) tries the workers
+with a free slot first (`free_first`): a saturated worker would refuse it.
+Fairness between users and priority order inside a worker are the worker's
+queue's (the router stamps the user as the request's `tenant`).
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ class Candidate:
     running: int = 0
     queued: int = 0
     pending_tokens: int = 0
+    free_slots: int = 0  # running slots not taken (as last reported)
 
     @property
     def load(self) -> float:
@@ -43,6 +49,11 @@ class Candidate:
 def least_load(candidates: Sequence[Candidate]) -> list[Candidate]:
     """Least loaded first; ties broken by worker id for stable choices."""
     return sorted(candidates, key=lambda c: (c.load, c.worker_id))
+
+
+def free_first(ordered: Sequence[Candidate]) -> list[Candidate]:
+    """`ordered` with the workers that have a free slot first, each part in its order."""
+    return [c for c in ordered if c.free_slots > 0] + [c for c in ordered if c.free_slots <= 0]
 
 
 def round_robin(candidates: Sequence[Candidate], counter: int) -> list[Candidate]:

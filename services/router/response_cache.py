@@ -8,8 +8,8 @@ request is simply a miss and runs on a worker), the model's name, the worker's
 model revision (a content hash of its weights; different weights never share an
 entry) and the canonical request: the request as serialized deterministically,
 minus the fields that do not change the answer (request_id, end_user,
-affinity_key, priority, cache). Fields added to the request later are in the key
-without a change here. No secret is in the key or the entry.
+affinity_key, priority, cache, and tenant: the user, already the scope). Fields
+added to the request later are in the key without a change here. No secret is in the key or the entry.
 
 An entry is the stream's messages as the client received them, so a hit replays
 the same chunking, `index` and finish reasons; only the last message's usage
@@ -43,7 +43,7 @@ from services.router.writer import Emit
 log = logging.getLogger("tokenyard.router.cache")
 
 # Request fields that do not change what is generated: left out of the key.
-_NOT_IN_KEY = ("request_id", "end_user", "affinity_key", "priority", "cache")
+_NOT_IN_KEY = ("request_id", "end_user", "affinity_key", "priority", "tenant", "cache")
 _FORMAT = b"ty-rc1"  # entry format: this prefix, then (u32 length, message bytes)*
 _LEN = struct.Struct("<I")
 

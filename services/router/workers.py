@@ -135,7 +135,9 @@ class Worker:
         """This worker as a routing policy sees it."""
         seen = self.running + self.queued + self.dispatched
         load = max(seen, self.inflight)
-        return Candidate(self.worker_id, load, 0, self.pending_tokens)
+        return Candidate(
+            self.worker_id, load, 0, self.pending_tokens, free_slots=max(self.max_running - load, 0)
+        )
 
     def eject(self, reason: str) -> None:
         """Take the worker out of rotation for a while (breaker open)."""

@@ -48,6 +48,13 @@ def register(subparsers: Any) -> None:
     formats.add_argument(
         "--grammar", type=Path, metavar="FILE", help="an llguidance Lark grammar file"
     )
+    gen.add_argument(
+        "--priority",
+        type=int,
+        default=0,
+        help="higher runs first (at most the key's max_priority, 0 unless set); "
+        "negative: sheddable, refused at once when the workers are busy",
+    )
     _client_flags(gen)
     gen.set_defaults(handler=_generate)
 
@@ -142,6 +149,7 @@ def _options(args: argparse.Namespace) -> Any:
         timeout=args.timeout,
         n=getattr(args, "n", 1),
         response_format=_response_format(args),
+        priority=getattr(args, "priority", 0),
     )
 
 

@@ -42,6 +42,7 @@ class Options:
     timeout: float = 300.0
     n: int = 1  # samples (generate only)
     response_format: ResponseFormat | None = None  # structured output (generate only)
+    priority: int = 0  # scheduling priority (generate only; capped by the key)
 
 
 @dataclass
@@ -118,6 +119,7 @@ async def stream_reply(
         logprobs=options.logprobs,
         timeout=options.timeout,
         response_format=options.response_format,
+        priority=options.priority,
     ):
         if event.token_ids and stats.first_token is None:
             stats.first_token = time.perf_counter()
@@ -160,6 +162,7 @@ async def print_samples(
         timeout=options.timeout,
         n=options.n,
         response_format=options.response_format,
+        priority=options.priority,
         **given,
     )
     stats.finished = time.perf_counter()

@@ -5,7 +5,14 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 
 from services.auth.db.models import RoleRow, UserRow
-from services.auth.domain.permissions import ADMIN, Limits, expand, limits_within, pattern_covered
+from services.auth.domain.permissions import (
+    ADMIN,
+    Limits,
+    expand,
+    limits_within,
+    pattern_covered,
+    with_default_caps,
+)
 from services.auth.domain.principal import Principal, owner_grants
 from services.common.errors import InvalidArgument, PermissionDenied
 
@@ -32,8 +39,14 @@ def check_models(caller: Principal, patterns: Iterable[str], field: str) -> None
 
 
 def check_limits(caller: Principal, limits: Limits, field: str) -> None:
-    """Refuse limits looser than the caller's own."""
-    loose = limits_within(limits, caller.limits)
+    """Refuse limits looser than the caller's own.
+
+    A default cap the caller's levels leave unset (`max_priority`) bounds what a
+    non-admin grants at its default; an admin's unset cap, like any unset limit
+    of theirs, bounds nothing.
+    """
+    holder = caller.limits if caller.has(ADMIN) else with_default_caps(caller.limits)
+    loose = limits_within(limits, holder)
     if loose is not None:
         raise escalation(f"cannot grant {loose} looser than the caller's own", field)
 

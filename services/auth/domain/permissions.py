@@ -10,6 +10,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 from services.common.errors import InvalidArgument
+from services.common.requests import DEFAULT_MAX_PRIORITY
 
 ADMIN = "admin"
 PERMISSIONS = frozenset(
@@ -31,8 +32,12 @@ LIMIT_FIELDS = (
     "concurrent_streams",
     "max_tokens_per_request",
     "token_quota",
+    "max_priority",
     "response_cache",  # 1 on, 0 off: min over levels, so off anywhere wins
 )
+# Limits whose unset value is a default cap, not "no limit": a principal none of
+# whose levels sets `max_priority` may ask for priority 0 at most.
+DEFAULT_CAPS = {"max_priority": DEFAULT_MAX_PRIORITY}
 # Limits that switch a feature on (1) or off (0) rather than cap a number.
 SWITCH_FIELDS = frozenset({"response_cache"})
 QUOTA_PERIODS = ("day", "month")
@@ -180,6 +185,8 @@ def limits_within(requested: Limits, holder: Limits) -> str | None:
                 return name
             continue
         if requested.get(name) is None:
+            if name in DEFAULT_CAPS and DEFAULT_CAPS[name] <= cap:
+                continue  # unset is the default cap, within this one
             return name
         if name == "token_quota":
             mine, theirs = quota_caps(requested), quota_caps(holder)
@@ -189,3 +196,26 @@ def limits_within(requested: Limits, holder: Limits) -> str | None:
         elif requested.values[name] > cap:
             return name
     return None
+
+
+def with_default_caps(limits: Limits) -> Limits:
+    """`limits` with each DEFAULT_CAPS limit it leaves unset at its default."""
+    missing = {k: v for k, v in DEFAULT_CAPS.items() if k not in limits.values}
+    return Limits({**limits.values, **missing}, limits.quota_period) if missing else limits
+
+
+def key_limits(owner: Limits, key: Limits) -> Limits:
+    """A key's effective limits: the minimum of its own and its owner's (role) ones.
+
+    A default cap the owner's roles leave unset still bounds the key: a key's
+    `max_priority` narrows its owner's cap (0 when no role sets one), never raises it.
+    """
+    effective = min_limits([owner, key])
+    capped = {
+        name: min(value, DEFAULT_CAPS[name])
+        for name, value in effective.values.items()
+        if name in DEFAULT_CAPS and name not in owner.values
+    }
+    if not capped:
+        return effective
+    return Limits({**effective.values, **capped}, effective.quota_period)

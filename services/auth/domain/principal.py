@@ -9,7 +9,13 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from services.auth.db.models import ApiKeyRow, SessionRow, UsageDailyRow, UserRow
-from services.auth.domain.permissions import Limits, expand, min_limits, narrow_models
+from services.auth.domain.permissions import (
+    Limits,
+    expand,
+    key_limits,
+    min_limits,
+    narrow_models,
+)
 
 USER_KEY, SERVICE_KEY, SESSION = "user_key", "service_key", "session"
 
@@ -81,7 +87,7 @@ def key_principal(session: Session, key: ApiKeyRow, user: UserRow, now: datetime
     perms, models, limits = owner_grants(user)
     if key.permissions:
         perms = perms & expand(key.permissions)
-    eff_limits = min_limits([limits, Limits.from_json(key.limits)])
+    eff_limits = key_limits(limits, Limits.from_json(key.limits))
     return Principal(
         user_id=user.id,
         username=user.username,

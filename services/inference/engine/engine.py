@@ -44,6 +44,7 @@ from services.inference.engine.types import (
     EngineError,
     EngineFull,
     EngineRequest,
+    EngineSaturated,
     EngineStats,
     InvalidRequest,
     TokenEvent,
@@ -254,7 +255,11 @@ class Engine:
     def generate(self, req: EngineRequest) -> AsyncIterator[list[TokenEvent]]:
         """Submit `req`; iterate the result for its token events (see module docstring).
 
-        Raises `InvalidRequest`, `EngineFull` (queue full) or `EngineClosed` at once.
+        Raises `InvalidRequest`, `EngineFull` (queue full; `EngineSaturated` for a
+        sheddable request, negative priority, that finds no free slot) or
+        `EngineClosed` at once. Higher `req.priority` is admitted first and
+        preempts lower (the preempted stream pauses, then resumes, same tokens);
+        `req.tenant`s take turns inside one priority.
         Closing or cancelling the iterator aborts the request within one step.
         With `req.n` > 1 the events of sample i carry `index` i; sample 0 prefills the
         prompt and the others copy its keys/values (where the path keeps its own
@@ -276,6 +281,12 @@ class Engine:
         with self._cond:
             if self._closed:
                 raise EngineClosed("engine is stopped")
+            if req.priority < 0 and self._outstanding + req.n > self.max_running:
+                raise EngineSaturated(
+                    f"sheddable request (priority {req.priority}) refused: "
+                    f"{self._outstanding} sequences running or queued, {req.n} more asked "
+                    f"(max_running={self.max_running})"
+                )
             if self._outstanding + req.n > self.max_running + self.max_queued:
                 raise EngineFull(
                     f"{self._outstanding} sequences running or queued, {req.n} more asked "
@@ -333,6 +344,7 @@ class Engine:
             total_steps=sched.total_steps,
             total_prefill_tokens=sched.total_prefill_tokens,
             total_forks=sched.total_forks,
+            total_preemptions=sched.total_preemptions,
             kv_cache_usage=min(held / positions, 1.0) if positions else 0.0,
         )
 

@@ -7,13 +7,19 @@ prompt chunks with what is left of the token budget, so a long prompt never stal
 running streams and the weights are read once per step.
 Running sequences occupy cache slots ``0..n-1``: a finished sequence's slot is
 refilled by moving the last one down, so the decode batch is one contiguous view.
+The waiting queue is ordered by priority, then tenants in turn (wait_queue.py).
+When the first waiting sequence finds no free slot, running sequences of lower
+priority are preempted: their keys/values go to the prefix cache, their slot is
+freed and they wait again at the front of their tenant's line, their stream paused.
+Resumed, they prefill prompt + generated tokens (mostly from the prefix cache)
+and go on: sampling draws depend only on (seed, position), so the output is the
+one an unpreempted run gives, greedy or seeded.
 """
 
 from __future__ import annotations
 
 import itertools
 import logging
-from collections import deque
 from collections.abc import Callable
 
 import torch
@@ -30,6 +36,7 @@ from services.inference.engine.types import (
     NO_TOKEN,
     TokenEvent,
 )
+from services.inference.engine.wait_queue import WaitQueue
 
 log = logging.getLogger(__name__)
 Deliver = Callable[[list[tuple[Sequence, list[TokenEvent]]]], None]
@@ -62,7 +69,7 @@ class Scheduler:
         self._initial_capacity = min(initial_capacity, context_length)
         self.cache: SlotCache = runner.new_cache(max_running, self._initial_capacity)
         self.running: list[Sequence] = []
-        self.waiting: deque[Sequence] = deque()
+        self.waiting = WaitQueue()
         self._deliver = deliver
         self._on_removed = on_removed
         self._out: list[tuple[Sequence, list[TokenEvent]]] = []
@@ -76,10 +83,15 @@ class Scheduler:
         self.total_finished = 0
         self.total_prefill_tokens = 0
         self.total_forks = 0
+        self.total_preemptions = 0
 
     def add(self, seq: Sequence) -> None:
         """Queue a new sequence; it joins the batch at a step boundary."""
-        self.waiting.append(seq)
+        self.waiting.push(seq)
+
+    def free_slots(self) -> int:
+        """Slots neither running nor reserved for forks (compute thread's view)."""
+        return self.max_running - len(self.running) - self._reserved()
 
     def has_work(self) -> bool:
         """True while anything is running or waiting."""
@@ -98,15 +110,19 @@ class Scheduler:
 
     # -- removal ---------------------------------------------------------------
 
+    def _free_slot(self, seq: Sequence) -> None:
+        """Take a running sequence out of the batch; the last one moves into its slot."""
+        last = self.running[-1]
+        if last is not seq:
+            self.cache.move(last.slot, seq.slot, last.computed)
+            last.slot = seq.slot
+            self.running[seq.slot] = last
+        self.running.pop()
+        seq.slot = -1
+
     def _remove(self, seq: Sequence) -> None:
         if seq.slot >= 0:
-            last = self.running[-1]
-            if last is not seq:
-                self.cache.move(last.slot, seq.slot, last.computed)
-                last.slot = seq.slot
-                self.running[seq.slot] = last
-            self.running.pop()
-            seq.slot = -1
+            self._free_slot(seq)
         self._removed.append(seq)
         self._drop_forks(seq)
 
@@ -132,7 +148,7 @@ class Scheduler:
         for seq in list(reversed(self.running)):
             self._remove(seq)
         while self.waiting:
-            self._remove(self.waiting.popleft())
+            self._remove(self.waiting.pop())
         self._flush()
 
     def fail_all(self) -> list[Sequence]:
@@ -142,7 +158,7 @@ class Scheduler:
         for seq in list(reversed(self.running)):
             self._remove(seq)
         while self.waiting:
-            self._remove(self.waiting.popleft())
+            self._remove(self.waiting.pop())
         self._out.clear()
         self._flush()
         return dropped
@@ -156,26 +172,21 @@ class Scheduler:
             self._cancel(seq)
             self._remove(seq)
         if any(gone(s) for s in self.waiting):
-            keep: deque[Sequence] = deque()
-            for seq in self.waiting:
-                if gone(seq):
-                    self._cancel(seq)
-                    self._removed.append(seq)
-                    self._drop_forks(seq)
-                else:
-                    keep.append(seq)
-            self.waiting = keep
+            for seq in self.waiting.remove_if(gone):
+                self._cancel(seq)
+                self._removed.append(seq)
+                self._drop_forks(seq)
 
     # -- admission ---------------------------------------------------------------
 
     def _admit(self, now: float) -> None:
         while self.waiting:
             # A sequence with forks is admitted once a slot for each is free too.
-            if len(self.running) + self._reserved() + 1 + len(self.waiting[0].forks) > (
-                self.max_running
-            ):
-                break
-            seq = self.waiting.popleft()
+            head = self.waiting.peek()
+            short = 1 + len(head.forks) - self.free_slots()
+            if short > 0 and not self._preempt_for(head, short):
+                break  # strict order: nothing behind the head overtakes it
+            seq = self.waiting.pop()
             seq.admitted_at = now
             seq.slot = len(self.running)
             self.running.append(seq)
@@ -191,6 +202,34 @@ class Scheduler:
                 seq.cached_tokens = length
                 self.prefix_hits += 1
                 self.prefix_reused_tokens += length
+
+    def _preempt_for(self, head: Sequence, count: int) -> bool:
+        """Free `count` slots for `head` by preempting lower-priority sequences, or none.
+
+        Victims: lowest priority first, then the latest to arrive (least work lost).
+        A sequence still holding slots for its forks is never a victim.
+        """
+        victims = sorted(
+            (s for s in self.running if s.priority < head.priority and not s.forks),
+            key=lambda s: (s.priority, -s.order),
+        )
+        if len(victims) < count:
+            return False
+        for seq in victims[:count]:
+            self._preempt(seq)
+        return True
+
+    def _preempt(self, seq: Sequence) -> None:
+        """Pause a running sequence: keys/values to the prefix cache, back to waiting."""
+        self._store_prefix(seq, seq.computed)
+        self._free_slot(seq)
+        # Resume = prefill everything it has (prompt, continuation, generated): the
+        # last position's logits give its next token, drawn at the same position.
+        seq.computed = 0
+        seq.n_prefill = len(seq.tokens)
+        seq.preemptions += 1
+        self.total_preemptions += 1
+        self.waiting.push(seq, front=True)
 
     def _ensure_capacity(self, needed: int) -> None:
         self.cache.ensure_capacity(needed, self.context_length)
@@ -213,9 +252,12 @@ class Scheduler:
         decoding = [s for s in self.running if not s.prefilling]
         budget = self.max_batch_tokens - len(decoding)
         planned: list[tuple[Sequence, int]] = []
-        for seq in sorted((s for s in self.running if s.prefilling), key=lambda s: s.order):
-            if budget <= 0:
-                break
+        prefilling = sorted(
+            (s for s in self.running if s.prefilling), key=lambda s: (-s.priority, s.order)
+        )
+        for seq in prefilling:
+            if budget <= 0 or seq.priority < prefilling[0].priority:
+                break  # a lower priority's prompt waits: the higher one's first token sooner
             n = seq.n_prefill - seq.computed
             if not self.runner.whole_prompts:
                 n = min(n, budget)

@@ -34,6 +34,7 @@ class Sequence:
     # done (prefill once); they hold slots reserved from this one's admission on.
     forks: list[Sequence] = field(default_factory=list)
     matcher: Any = None  # this sample's llguidance matcher when the request has a grammar
+    preemptions: int = 0  # times it was paused to make room for a higher priority
 
     @classmethod
     def create(cls, request: EngineRequest, seed: int, sink: Any, index: int = 0) -> Sequence:
@@ -53,6 +54,16 @@ class Sequence:
             index=index,
             matcher=matcher,
         )
+
+    @property
+    def priority(self) -> int:
+        """The request's priority: higher is admitted first and preempts lower."""
+        return self.request.priority
+
+    @property
+    def tenant(self) -> str:
+        """Whom the request is served for (fairness inside one priority)."""
+        return self.request.tenant
 
     @property
     def prefilling(self) -> bool:

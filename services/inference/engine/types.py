@@ -18,6 +18,10 @@ class EngineFull(Exception):
     """Every running slot and queue place is taken; retry later or on another worker."""
 
 
+class EngineSaturated(EngineFull):
+    """A sheddable (negative priority) request found no free slot: it is not queued."""
+
+
 class EngineClosed(Exception):
     """The engine is stopped (or stopping) and accepts no new requests."""
 
@@ -56,6 +60,8 @@ class EngineRequest:
     deadline: float | None = None
     n: int = 1  # samples sharing the prompt's prefill; sample i is seeded with seed + i
     grammar: Any = None  # CompiledGrammar | None (engine.grammar imports torch)
+    priority: int = 0  # higher is admitted first and preempts lower; negative is sheddable
+    tenant: str = ""  # whom it is served for: tenants take turns inside one priority
 
 
 @dataclass(frozen=True)
@@ -101,4 +107,5 @@ class EngineStats:
     total_steps: int
     total_prefill_tokens: int = 0  # prompt positions computed by the model (not cache, not fork)
     total_forks: int = 0  # samples that took their prompt's keys/values from a sibling
+    total_preemptions: int = 0  # running sequences paused for a higher priority (resumed later)
     kv_cache_usage: float = 0.0  # positions held by running sequences / all positions, 0-1

@@ -52,7 +52,7 @@ def test_node_client_lists_streams_cancels_and_reads_error_details(
     env = dict(os.environ, TOKENYARD_API_KEY=key)
     done = subprocess.run(
         ["node", str(node_client), "--address", stack.address, "--model", "tiny",
-         "--max-tokens", "8", "--deadline", "30"],
+         "--max-tokens", "8", "--deadline", "30", "--priority=-1"],
         capture_output=True, text=True, env=env, timeout=60, check=False,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
@@ -78,6 +78,10 @@ def test_node_client_lists_streams_cancels_and_reads_error_details(
     assert "rejected (bad key): UNAUTHENTICATED reason=UNAUTHENTICATED" in lines
     assert (
         "rejected (bad top_p): INVALID_ARGUMENT reason=INVALID_ARGUMENT field=sampling.top_p"
+        in lines
+    )
+    assert (
+        "rejected (priority over cap): PERMISSION_DENIED reason=PRIORITY_LIMIT field=priority"
         in lines
     )
     assert key not in done.stdout + done.stderr

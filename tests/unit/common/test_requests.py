@@ -76,3 +76,23 @@ def test_page_size_zero_is_the_default_and_over_the_maximum_is_the_maximum() -> 
     assert (page_size_of(0), page_size_of(7), page_size_of(10**6)) == (100, 7, 1000)
     with pytest.raises(InvalidArgument, match="page_size"):
         page_size_of(-1)
+
+
+def test_priority_range_and_tenant_only_from_the_router() -> None:
+    from services.common.requests import MAX_PRIORITY, MIN_PRIORITY
+
+    for priority in (MIN_PRIORITY, -1, 0, MAX_PRIORITY):
+        req = gen.StreamGenerateRequest(model="m", prompt="p", priority=priority, tenant="u1")
+        from_caller = generation_request(req, from_caller=True)
+        assert (from_caller.priority, from_caller.tenant) == (priority, "")  # tenant ignored
+        assert generation_request(req, from_caller=False).tenant == "u1"  # the router's
+    for priority in (MIN_PRIORITY - 1, MAX_PRIORITY + 1):
+        req = gen.StreamGenerateRequest(model="m", prompt="p", priority=priority)
+        with pytest.raises(InvalidArgument) as bad:
+            generation_request(req, from_caller=True)
+        assert bad.value.field == "priority"
+    bad_tenant = gen.StreamGenerateRequest(model="m", prompt="p", tenant="x\n")
+    assert generation_request(bad_tenant, from_caller=True).tenant == ""  # ignored, not refused
+    with pytest.raises(InvalidArgument) as bad:
+        generation_request(bad_tenant, from_caller=False)
+    assert bad.value.field == "tenant"

@@ -5,7 +5,7 @@ roles and keys. A cache hit is recorded with 0 prompt and 0 completion tokens (n
 worker ran) and its replayed tokens here, so quotas never count a hit's tokens.
 
 Revision ID: 0007
-Revises: 0005
+Revises: 0006
 Create Date: 2026-12-01 17:30:00
 """
 
@@ -15,7 +15,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision = "0007"
-down_revision = "0005"
+down_revision = "0006"
 branch_labels = None
 depends_on = None
 

@@ -76,7 +76,7 @@ class SamplingParams(_message.Message):
     def __init__(self, max_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., top_k: _Optional[int] = ..., min_p: _Optional[float] = ..., repetition_penalty: _Optional[float] = ..., seed: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ..., stop_token_ids: _Optional[_Iterable[int]] = ..., ignore_eos: _Optional[bool] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("model", "prompt", "messages", "token_ids", "sampling", "logprobs", "request_id", "affinity_key", "continuation_token_ids", "end_user", "n", "cache", "response_format")
+    __slots__ = ("model", "prompt", "messages", "token_ids", "sampling", "logprobs", "request_id", "affinity_key", "continuation_token_ids", "end_user", "n", "priority", "tenant", "cache", "response_format")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     MESSAGES_FIELD_NUMBER: _ClassVar[int]
@@ -88,6 +88,8 @@ class GenerateRequest(_message.Message):
     CONTINUATION_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     END_USER_FIELD_NUMBER: _ClassVar[int]
     N_FIELD_NUMBER: _ClassVar[int]
+    PRIORITY_FIELD_NUMBER: _ClassVar[int]
+    TENANT_FIELD_NUMBER: _ClassVar[int]
     CACHE_FIELD_NUMBER: _ClassVar[int]
     RESPONSE_FORMAT_FIELD_NUMBER: _ClassVar[int]
     model: str
@@ -101,9 +103,11 @@ class GenerateRequest(_message.Message):
     continuation_token_ids: _containers.RepeatedScalarFieldContainer[int]
     end_user: str
     n: int
+    priority: int
+    tenant: str
     cache: CacheMode
     response_format: ResponseFormat
-    def __init__(self, model: _Optional[str] = ..., prompt: _Optional[str] = ..., messages: _Optional[_Union[ChatMessages, _Mapping]] = ..., token_ids: _Optional[_Union[TokenIds, _Mapping]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., logprobs: _Optional[int] = ..., request_id: _Optional[str] = ..., affinity_key: _Optional[str] = ..., continuation_token_ids: _Optional[_Iterable[int]] = ..., end_user: _Optional[str] = ..., n: _Optional[int] = ..., cache: _Optional[_Union[CacheMode, str]] = ..., response_format: _Optional[_Union[ResponseFormat, _Mapping]] = ...) -> None: ...
+    def __init__(self, model: _Optional[str] = ..., prompt: _Optional[str] = ..., messages: _Optional[_Union[ChatMessages, _Mapping]] = ..., token_ids: _Optional[_Union[TokenIds, _Mapping]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., logprobs: _Optional[int] = ..., request_id: _Optional[str] = ..., affinity_key: _Optional[str] = ..., continuation_token_ids: _Optional[_Iterable[int]] = ..., end_user: _Optional[str] = ..., n: _Optional[int] = ..., priority: _Optional[int] = ..., tenant: _Optional[str] = ..., cache: _Optional[_Union[CacheMode, str]] = ..., response_format: _Optional[_Union[ResponseFormat, _Mapping]] = ...) -> None: ...
 
 class ResponseFormat(_message.Message):
     __slots__ = ("json_schema", "json_object", "regex", "grammar")
@@ -152,7 +156,7 @@ class Choice(_message.Message):
     def __init__(self, index: _Optional[int] = ..., text: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., logprobs: _Optional[_Iterable[_Union[TokenLogprob, _Mapping]]] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ...) -> None: ...
 
 class StreamGenerateRequest(_message.Message):
-    __slots__ = ("model", "prompt", "messages", "token_ids", "sampling", "logprobs", "request_id", "affinity_key", "continuation_token_ids", "end_user", "n", "cache", "response_format")
+    __slots__ = ("model", "prompt", "messages", "token_ids", "sampling", "logprobs", "request_id", "affinity_key", "continuation_token_ids", "end_user", "n", "priority", "tenant", "cache", "response_format")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     MESSAGES_FIELD_NUMBER: _ClassVar[int]
@@ -164,6 +168,8 @@ class StreamGenerateRequest(_message.Message):
     CONTINUATION_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     END_USER_FIELD_NUMBER: _ClassVar[int]
     N_FIELD_NUMBER: _ClassVar[int]
+    PRIORITY_FIELD_NUMBER: _ClassVar[int]
+    TENANT_FIELD_NUMBER: _ClassVar[int]
     CACHE_FIELD_NUMBER: _ClassVar[int]
     RESPONSE_FORMAT_FIELD_NUMBER: _ClassVar[int]
     model: str
@@ -177,9 +183,11 @@ class StreamGenerateRequest(_message.Message):
     continuation_token_ids: _containers.RepeatedScalarFieldContainer[int]
     end_user: str
     n: int
+    priority: int
+    tenant: str
     cache: CacheMode
     response_format: ResponseFormat
-    def __init__(self, model: _Optional[str] = ..., prompt: _Optional[str] = ..., messages: _Optional[_Union[ChatMessages, _Mapping]] = ..., token_ids: _Optional[_Union[TokenIds, _Mapping]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., logprobs: _Optional[int] = ..., request_id: _Optional[str] = ..., affinity_key: _Optional[str] = ..., continuation_token_ids: _Optional[_Iterable[int]] = ..., end_user: _Optional[str] = ..., n: _Optional[int] = ..., cache: _Optional[_Union[CacheMode, str]] = ..., response_format: _Optional[_Union[ResponseFormat, _Mapping]] = ...) -> None: ...
+    def __init__(self, model: _Optional[str] = ..., prompt: _Optional[str] = ..., messages: _Optional[_Union[ChatMessages, _Mapping]] = ..., token_ids: _Optional[_Union[TokenIds, _Mapping]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., logprobs: _Optional[int] = ..., request_id: _Optional[str] = ..., affinity_key: _Optional[str] = ..., continuation_token_ids: _Optional[_Iterable[int]] = ..., end_user: _Optional[str] = ..., n: _Optional[int] = ..., priority: _Optional[int] = ..., tenant: _Optional[str] = ..., cache: _Optional[_Union[CacheMode, str]] = ..., response_format: _Optional[_Union[ResponseFormat, _Mapping]] = ...) -> None: ...
 
 class StreamGenerateResponse(_message.Message):
     __slots__ = ("request_id", "model", "text", "token_ids", "logprobs", "finish_reason", "usage", "index")
