@@ -9,7 +9,8 @@ model revision (a content hash of its weights; different weights never share an
 entry) and the canonical request: the request as serialized deterministically,
 minus the fields that do not change the answer (request_id, end_user,
 affinity_key, priority, cache, and tenant: the user, already the scope). Fields
-added to the request later are in the key without a change here. No secret is in the key or the entry.
+added to the request later are in the key without a change here. No secret is in
+the key or the entry.
 
 An entry is the stream's messages as the client received them, so a hit replays
 the same chunking, `index` and finish reasons; only the last message's usage
