@@ -72,6 +72,7 @@ class InferenceApp:
             kv_cache_bytes=kv_bytes,
             compute_threads=compute_threads,
             take_model_weights=owns_model,
+            quantize=settings.quantize,
         )
         log.info(
             "model %s: %s path", loaded.name, self.engine.path, extra={"path": self.engine.path}
@@ -93,6 +94,7 @@ class InferenceApp:
             prefix_cache=self.engine.prefix_cache_enabled,
             version=tokenyard_version(),
             execution_path=self.engine.path,
+            quantization=self.engine.runner.quantization,
         )
         self.server = GrpcServer(
             settings.server, service_token=settings.internal.service_token or None

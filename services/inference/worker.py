@@ -92,6 +92,7 @@ class WorkerInfo:
     prefix_cache: bool
     version: str
     execution_path: str = "fast"  # "fast" (the engine's forward pass) or "generic"
+    quantization: str = "none"  # "none", "int8" or "int4" (the engine's weights)
 
 
 @dataclass(frozen=True)

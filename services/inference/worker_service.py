@@ -56,6 +56,7 @@ class WorkerServicer(pb_grpc.WorkerServiceServicer):
             version=info.version,
             prefix_cache=info.prefix_cache,
             execution_path=_PATHS.get(info.execution_path, pb.EXECUTION_PATH_UNSPECIFIED),
+            quantization=info.quantization,
         )
 
     async def WatchLoad(

@@ -1,0 +1,97 @@
+"""Weight-only int8/int4 quantisation of the fast path (engine/quant.py)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from services.inference.engine.generic import select_runner
+from services.inference.engine.quant import (
+    INT8_KERNEL_MAX_ROWS,
+    QuantizationError,
+    check_quantizable,
+    quantize,
+    quantize_int8,
+)
+from services.inference.engine.runner import Runner
+from services.inference.model_loading import LoadedModel
+from tests.unit.inference.families import build_family
+
+# Relative error of a product with a random weight: int8 per channel keeps ~0.5 %,
+# int4 in groups of 64 ~8 %; the bounds leave room for bf16 activations.
+TOLERANCE = {"int8": 0.02, "int4": 0.15}
+
+
+def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
+    return float((got.float() - want.float()).norm() / want.float().norm())
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [1, INT8_KERNEL_MAX_ROWS + 5])
+def test_quantised_linear_matches_the_dtype_one(mode: str, dtype: torch.dtype, rows: int) -> None:
+    torch.manual_seed(0)
+    weight = (torch.randn(96, 128) * 0.05).to(dtype)
+    bias = torch.randn(96).to(dtype)
+    x = torch.randn(rows, 128).to(dtype)
+    want = F.linear(x.float(), weight.float(), bias.float())
+    got = quantize(weight, mode).linear(x, bias)
+    assert got.shape == (rows, 96)
+    assert got.dtype == dtype
+    assert relative_error(got, want) < TOLERANCE[mode]
+
+
+def test_int8_kernel_and_matmul_paths_agree() -> None:
+    """Few rows go through torch's int8 kernel, more through a matmul of the codes."""
+    torch.manual_seed(1)
+    q = quantize_int8(torch.randn(64, 96))
+    x = torch.randn(INT8_KERNEL_MAX_ROWS + 1, 96)
+    small = torch.cat([q.linear(x[i : i + 1], None) for i in range(x.shape[0])])
+    torch.testing.assert_close(q.linear(x, None), small, rtol=1e-5, atol=1e-5)
+    dequantised = q.codes.float() * q.scales[:, None]
+    torch.testing.assert_close(small, x @ dequantised.T, rtol=1e-5, atol=1e-5)
+    rows = torch.tensor([3, 0, 63])
+    torch.testing.assert_close(q.rows(rows), dequantised[rows])
+
+
+def test_int4_refuses_a_layer_that_does_not_split_into_groups() -> None:
+    with pytest.raises(QuantizationError, match="groups of 64"):
+        quantize(torch.randn(32, 96), "int4")
+
+
+@pytest.mark.parametrize(
+    ("mode", "device", "dtype", "message"),
+    [
+        ("int3", "cpu", torch.float32, "expected one of none, int8, int4"),
+        ("int8", "cuda", torch.bfloat16, "CPU only"),
+        ("int4", "cpu", torch.float16, "bfloat16 or float32"),
+    ],
+)
+def test_unsupported_combinations_are_refused(
+    mode: str, device: str, dtype: torch.dtype, message: str
+) -> None:
+    with pytest.raises(QuantizationError, match=message):
+        check_quantizable(mode, torch.device(device), dtype)
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_runner_quantises_every_projection_and_the_head(tiny: LoadedModel, mode: str) -> None:
+    full = Runner(tiny.model)
+    runner = Runner(tiny.model, quantize=mode)
+    assert runner.quantization == mode
+    assert runner.weight_bytes() < 0.5 * full.weight_bytes()
+    ids = torch.tensor(tiny.tokenizer("The quick brown fox")["input_ids"])
+    want = full.prefill(full.new_cache(1, 64), [(0, ids, 0)])
+    got = runner.prefill(runner.new_cache(1, 64), [(0, ids, 0)])
+    assert relative_error(got, want) < TOLERANCE[mode]
+    # The model keeps its own weights unless the runner takes them.
+    assert tiny.model.lm_head.weight.numel() > 0
+
+
+def test_a_model_on_the_generic_path_is_refused_not_served_unquantised(
+    tiny: LoadedModel,
+) -> None:
+    gpt2 = build_family("gpt2", tiny.tokenizer)
+    with pytest.raises(QuantizationError, match="generic path"):
+        select_runner(gpt2.model, quantize="int8")
