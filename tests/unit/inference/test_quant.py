@@ -16,6 +16,7 @@ from services.inference.engine.quant import (
 )
 from services.inference.engine.runner import Runner
 from services.inference.model_loading import LoadedModel
+from tests.doubles.tiny_model import build_tiny_model
 from tests.unit.inference.families import build_family
 
 # Relative error of a product with a random weight: int8 per channel keeps ~0.5 %,
@@ -95,3 +96,23 @@ def test_a_model_on_the_generic_path_is_refused_not_served_unquantised(
     gpt2 = build_family("gpt2", tiny.tokenizer)
     with pytest.raises(QuantizationError, match="generic path"):
         select_runner(gpt2.model, quantize="int8")
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_taking_the_weights_frees_every_copy_and_changes_nothing(
+    tiny: LoadedModel, mode: str
+) -> None:
+    own = build_tiny_model(seed=0)  # the same weights as `tiny`, for this runner alone
+    kept = Runner(tiny.model, quantize=mode)
+    taken = Runner(own.model, quantize=mode, take_weights=True)
+    assert taken.released_bytes == sum(
+        p.numel() * p.element_size() for p in tiny.model.parameters() if p.dim() == 2
+    )
+    assert own.model.model.embed_tokens.weight.numel() == 0
+    ids = torch.tensor(tiny.tokenizer("Once upon a time")["input_ids"])
+    torch.testing.assert_close(
+        taken.prefill(taken.new_cache(1, 32), [(0, ids, 0)]),
+        kept.prefill(kept.new_cache(1, 32), [(0, ids, 0)]),
+        rtol=0,
+        atol=0,
+    )
