@@ -1,12 +1,15 @@
 // Calling tokenyard from Node.js with @grpc/grpc-js: list models, stream a
-// generation, ask for n samples of one prompt, cancel a stream midway, and read
+// generation, ask for n samples of one prompt, constrain a reply to a JSON Schema
+// (response_format), cancel a stream midway, and read
 // the rich error details
 // (google.rpc.Status in the grpc-status-details-bin trailer) of rejected calls.
 //
 //   TOKENYARD_API_KEY=ty_... node client.mjs --address 127.0.0.1:50051 --model smollm2-135m
 //
 // Options: --address HOST:PORT, --model NAME, --prompt TEXT, --max-tokens N,
-// --n SAMPLES (default 2), --tls-ca FILE (TLS), --deadline SECONDS. Protos load at run time from
+// --n SAMPLES (default 2), --cache default|bypass|refresh (the router's response
+// cache, when the key enables it: the usage of a stream answered from it says
+// cached=true), --tls-ca FILE (TLS), --deadline SECONDS. Protos load at run time from
 // ../../protos (tokenyard) and ./protos (google/rpc, vendored).
 import fs from "node:fs";
 import path from "node:path";
@@ -27,6 +30,7 @@ const { values: opts } = parseArgs({
     prompt: { type: "string", default: "Write a haiku about gRPC." },
     "max-tokens": { type: "string", default: "24" },
     n: { type: "string", default: "2" },
+    cache: { type: "string", default: "default" },
     "tls-ca": { type: "string" },
     deadline: { type: "string", default: "30" },
   },
@@ -149,13 +153,14 @@ async function main() {
   const done = await streamGenerate(stub, key, {
     model: opts.model,
     prompt: opts.prompt,
-    sampling: { max_tokens: maxTokens, ignore_eos: true },
+    sampling: { max_tokens: maxTokens, ignore_eos: true, temperature: 0 },
+    cache: `CACHE_MODE_${opts.cache.toUpperCase()}`,
   });
   process.stdout.write("\n");
   const usage = done.last?.usage ?? {};
   console.log(
     `finished: ${done.last?.finish_reason} after ${done.messages} messages, ` +
-      `completion_tokens=${usage.completion_tokens}`,
+      `completion_tokens=${usage.completion_tokens} cached=${usage.cached}`,
   );
 
   // n samples of one prompt, prefilled once: `choices` holds one entry per sample.
@@ -172,6 +177,22 @@ async function main() {
     `samples: ${described.join(" ")} completion_tokens=${samples.usage.completion_tokens}`,
   );
 
+  // Structured output: the reply is one JSON value valid under the schema (the
+  // server masks every token the schema forbids; it ends once the JSON is whole).
+  const schema = {
+    type: "object",
+    properties: { answer: { enum: ["yes", "no"] } },
+    required: ["answer"],
+    additionalProperties: false,
+  };
+  const structured = await generate(stub, key, {
+    model: opts.model,
+    prompt: opts.prompt,
+    sampling: { max_tokens: 32 },
+    response_format: { json_schema: JSON.stringify(schema) },
+  });
+  console.log(`structured: ${structured.finish_reason} ${structured.text}`);
+
   process.stdout.write("cancel: ");
   const cancelled = await streamGenerate(
     stub,
@@ -185,6 +206,11 @@ async function main() {
   for (const [label, callKey, request] of [
     ["bad key", "ty_sk_not_a_real_key", { model: opts.model, prompt: "hi" }],
     ["bad top_p", key, { model: opts.model, prompt: "hi", sampling: { top_p: 2 } }],
+    [
+      "bad schema",
+      key,
+      { model: opts.model, prompt: "hi", response_format: { json_schema: '{"type": "objekt"}' } },
+    ],
   ]) {
     try {
       await streamGenerate(stub, callKey, request);

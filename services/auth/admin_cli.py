@@ -136,6 +136,12 @@ def _limit_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-tokens", type=int, default=None, help="max tokens per request")
     p.add_argument("--quota", type=int, default=None, help="token quota per period")
     p.add_argument("--quota-period", choices=["day", "month"], default="day")
+    p.add_argument(
+        "--response-cache",
+        choices=["on", "off"],
+        default=None,
+        help="let the router's response cache answer repeated deterministic requests",
+    )
 
 
 Action = Callable[[Any, argparse.Namespace], Awaitable[None]]
@@ -195,6 +201,8 @@ def _limits(args: argparse.Namespace) -> Any:
             if value < 0:
                 raise ValueError(f"--{flag.replace('_', '-')} must not be negative")
             setattr(out, name, value)
+    if args.response_cache is not None:
+        out.response_cache = args.response_cache == "on"
     if args.quota is not None:
         month = args.quota_period == "month"
         out.quota_period = (
@@ -205,7 +213,8 @@ def _limits(args: argparse.Namespace) -> Any:
 
 def _has_limits(args: argparse.Namespace) -> bool:
     return any(
-        getattr(args, f) is not None for f in ("rpm", "tpm", "streams", "max_tokens", "quota")
+        getattr(args, f) is not None
+        for f in ("rpm", "tpm", "streams", "max_tokens", "quota", "response_cache")
     )
 
 

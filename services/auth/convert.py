@@ -8,7 +8,7 @@ from google.protobuf import duration_pb2, timestamp_pb2
 from tokenyard.auth.v1 import audit_service_pb2, resources_pb2, usage_service_pb2
 
 from services.auth.db.models import ApiKeyRow, AuditRow, RoleRow, UserRow
-from services.auth.domain.permissions import LIMIT_FIELDS, Limits
+from services.auth.domain.permissions import LIMIT_FIELDS, SWITCH_FIELDS, Limits
 from services.auth.domain.principal import SERVICE_KEY, SESSION, USER_KEY, Principal
 from services.auth.domain.usage import UsageSum
 from services.common.errors import InvalidArgument
@@ -55,7 +55,7 @@ def limits_to_proto(limits: Limits) -> resources_pb2.Limits:
     for name in LIMIT_FIELDS:
         value = limits.get(name)
         if value is not None:
-            setattr(out, name, value)
+            setattr(out, name, bool(value) if name in SWITCH_FIELDS else value)
     if limits.get("token_quota") is not None:
         out.quota_period = _PERIODS.get(limits.quota_period, resources_pb2.QUOTA_PERIOD_DAY)
     return out
@@ -157,6 +157,7 @@ def usage_to_proto(u: UsageSum) -> usage_service_pb2.UsageRow:
         requests=u.requests,
         prompt_tokens=u.prompt_tokens,
         completion_tokens=u.completion_tokens,
+        cached_completion_tokens=u.cached_completion_tokens,
     )
 
 

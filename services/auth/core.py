@@ -70,7 +70,8 @@ class AuthCore:
         self.cache = PrincipalCache(settings.principal_cache_ttl)
         self.hub = RevocationHub(self.db, self._on_revoked, settings.revocation_poll_seconds)
         self.last_used = LastUsedBatcher(self.db, settings.last_used_flush_seconds)
-        self._lookups: dict[str, asyncio.Future[Principal]] = {}
+        # Database lookups in flight, by digest, with the cache generation they began in.
+        self._lookups: dict[str, tuple[int, asyncio.Future[Principal]]] = {}
         self.lockout = LockoutPolicy(
             settings.lockout_threshold, settings.lockout_seconds, settings.lockout_max_seconds
         )
@@ -198,18 +199,21 @@ class AuthCore:
 
     async def _lookup_once(self, digest: str, parsed: credentials.Parsed) -> Principal:
         """One database lookup per digest at a time: concurrent callers share it."""
+        generation = self.cache.generation
         pending = self._lookups.get(digest)
-        if pending is not None:
-            return await asyncio.shield(pending)
+        # A lookup that began before a revocation may have read the key still valid:
+        # a caller arriving after the revocation never joins it, it reads again.
+        if pending is not None and pending[0] == generation:
+            return await asyncio.shield(pending[1])
         task = asyncio.ensure_future(self._lookup(digest, parsed))
-        self._lookups[digest] = task
-        try:
-            return await asyncio.shield(task)
-        finally:
-            if task.done():
-                self._lookups.pop(digest, None)
-            else:
-                task.add_done_callback(lambda _: self._lookups.pop(digest, None))
+        self._lookups[digest] = (generation, task)
+
+        def settled(_: object) -> None:
+            if self._lookups.get(digest, (0, None))[1] is task:
+                del self._lookups[digest]
+
+        task.add_done_callback(settled)
+        return await asyncio.shield(task)
 
     async def _lookup(self, digest: str, parsed: credentials.Parsed) -> Principal:
         generation = self.cache.generation

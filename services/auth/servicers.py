@@ -333,6 +333,7 @@ class UsageServicer(usage_grpc.UsageServiceServicer):
                 convert.opt_ts(r, "end_time", f"records[{i}].end_time"),
                 r.status,
                 r.end_user,
+                r.cached_completion_tokens,
             )
             for i, r in enumerate(request.records)
         ]
@@ -357,6 +358,7 @@ class UsageServicer(usage_grpc.UsageServiceServicer):
             total_requests=sum(r.requests for r in rows),
             total_prompt_tokens=sum(r.prompt_tokens for r in rows),
             total_completion_tokens=sum(r.completion_tokens for r in rows),
+            total_cached_completion_tokens=sum(r.cached_completion_tokens for r in rows),
         )
 
 

@@ -19,6 +19,7 @@ from services.client.types import (
     TokenLogprob,
     Usage,
 )
+from services.common.grammars import ResponseFormat
 
 __all__ = [
     "DEFAULT_ADDRESS",
@@ -28,6 +29,7 @@ __all__ = [
     "Completion",
     "Message",
     "ModelInfo",
+    "ResponseFormat",
     "Sampling",
     "StreamEvent",
     "TokenLogprob",

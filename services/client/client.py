@@ -28,11 +28,14 @@ from services.client.types import (
     ModelInfo,
     Sampling,
     StreamEvent,
+    cache_mode,
     finish_reason_name,
+    format_proto,
     logprobs_of,
     usage_of,
 )
 from services.common.channels import make_channel
+from services.common.grammars import ResponseFormat
 
 T = TypeVar("T")
 DEFAULT_ADDRESS = "127.0.0.1:50051"
@@ -116,11 +119,17 @@ class Client:
         affinity_key: str = "",
         timeout: float | None = None,
         n: int = 1,
+        cache: str = "default",
+        response_format: ResponseFormat | None = None,
     ) -> AsyncIterator[StreamEvent]:
         """Stream a generation as events: text delta, token ids, logprobs, and at the end
         `finish_reason` and `usage`. Closing the iterator cancels the generation.
+        `cache`: "default", "bypass" or "refresh" (the router's response cache, when the
+        key enables it; a hit says `usage.cached`).
         With `n` > 1 the samples' events interleave, each with its `index`; each sample
-        ends with its own `finish_reason`, and the last event carries `usage`."""
+        ends with its own `finish_reason`, and the last event carries `usage`.
+        `response_format` constrains the output (JSON Schema, JSON object, regex or
+        grammar); the generation then ends "STOP" once the output is complete."""
         request = gen.StreamGenerateRequest(
             model=model,
             sampling=(sampling or Sampling()).to_proto(),
@@ -128,6 +137,8 @@ class Client:
             affinity_key=affinity_key,
             logprobs=logprobs,
             n=n,
+            cache=cache_mode(cache),
+            response_format=format_proto(response_format),
             **Input.of(prompt, messages, token_ids).fields(),
         )
         attempt = 0
@@ -177,8 +188,12 @@ class Client:
         affinity_key: str = "",
         timeout: float | None = None,
         n: int = 1,
+        cache: str = "default",
+        response_format: ResponseFormat | None = None,
     ) -> Completion:
-        """Run a generation to the end and return it whole (`n` samples in `choices`)."""
+        """Run a generation to the end and return it whole (`n` samples in `choices`).
+
+        `response_format`: as for `stream_events`."""
         request = gen.GenerateRequest(
             model=model,
             sampling=(sampling or Sampling()).to_proto(),
@@ -186,6 +201,8 @@ class Client:
             affinity_key=affinity_key,
             logprobs=logprobs,
             n=n,
+            cache=cache_mode(cache),
+            response_format=format_proto(response_format),
             **Input.of(prompt, messages, token_ids).fields(),
         )
         reply = await self._unary(

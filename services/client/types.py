@@ -8,6 +8,8 @@ from typing import Any
 
 from tokenyard.generation.v1 import generation_service_pb2 as gen
 
+from services.common.grammars import JSON_OBJECT, ResponseFormat
+
 
 @dataclass(frozen=True, kw_only=True)
 class Sampling:
@@ -45,6 +47,17 @@ class Sampling:
         )
 
 
+def format_proto(given: ResponseFormat | None) -> gen.ResponseFormat | None:
+    """The `ResponseFormat` message of a format (None: free text)."""
+    if given is None:
+        return None
+    if given.kind == JSON_OBJECT:
+        return gen.ResponseFormat(json_object=True)
+    out = gen.ResponseFormat()
+    setattr(out, given.kind, given.text)
+    return out
+
+
 @dataclass(frozen=True)
 class Message:
     """One chat turn."""
@@ -60,6 +73,8 @@ class Usage:
     prompt_tokens: int
     completion_tokens: int
     cached_prompt_tokens: int = 0
+    cached: bool = False  # answered from the router's response cache
+    cached_completion_tokens: int = 0  # of completion_tokens, replayed from that cache
 
 
 @dataclass(frozen=True)
@@ -182,4 +197,25 @@ def usage_of(message: Any) -> Usage | None:
     if not message.HasField("usage"):
         return None
     u = message.usage
-    return Usage(u.prompt_tokens, u.completion_tokens, u.cached_prompt_tokens)
+    return Usage(
+        u.prompt_tokens,
+        u.completion_tokens,
+        u.cached_prompt_tokens,
+        cached=u.cached,
+        cached_completion_tokens=u.cached_completion_tokens,
+    )
+
+
+CACHE_MODES = {
+    "default": gen.CACHE_MODE_DEFAULT,
+    "bypass": gen.CACHE_MODE_BYPASS,
+    "refresh": gen.CACHE_MODE_REFRESH,
+}
+
+
+def cache_mode(name: str) -> gen.CacheMode:
+    """The CacheMode of `cache=`: "default", "bypass" or "refresh"."""
+    try:
+        return CACHE_MODES[name]
+    except KeyError:
+        raise ValueError(f"cache must be one of {', '.join(CACHE_MODES)}, not {name!r}") from None

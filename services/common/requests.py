@@ -11,6 +11,7 @@ No torch here: the router imports this module.
 
 from __future__ import annotations
 
+import asyncio
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -19,6 +20,7 @@ from typing import Any, Protocol
 from tokenyard.generation.v1 import generation_service_pb2 as gen
 
 from services.common.errors import InvalidArgument
+from services.common.grammars import JSON_OBJECT, ResponseFormat, format_problem
 from services.common.settings import parse_positive_int, setting
 
 MAX_REQUEST_ID = 128
@@ -29,6 +31,7 @@ MAX_STOP_BYTES = 256
 MAX_STOP_TOKEN_IDS = 64  # a worker checks each generated token against every one
 MAX_MESSAGES = 1024  # chat turns in one request
 MAX_LOGPROBS = 20
+MAX_RESPONSE_FORMAT_BYTES = 64 * 1024  # a schema, regex or grammar (UTF-8)
 DEFAULT_MAX_N = 16  # samples per request (`n`); the router's and the worker's setting
 
 
@@ -96,6 +99,14 @@ class GenerationRequest:
     continuation_ids: tuple[int, ...]
     end_user: str = ""
     n: int = 1  # samples sharing one prefill; sample i is seeded with seed + i
+    cache: int = 0  # gen.CacheMode: how the router's response cache may answer
+    response_format: ResponseFormat | None = None  # None: free text
+
+
+def deterministic(s: Sampling) -> bool:
+    """Whether a request with this sampling always gives the same answer from the same
+    weights: greedy (temperature 0 or top_k 1) or seeded. Only such requests are cached."""
+    return s.temperature == 0 or s.top_k == 1 or s.seed is not None
 
 
 class HasInput(Protocol):
@@ -194,6 +205,39 @@ def input_of(request: HasInput) -> Input:
     raise InvalidArgument("input", "set exactly one of prompt, messages or token_ids")
 
 
+def response_format_of(
+    request: gen.GenerateRequest | gen.StreamGenerateRequest,
+) -> ResponseFormat | None:
+    """The request's checked output format (None: free text).
+
+    The format must compile: a malformed or unsupported schema, regex or grammar is
+    refused here with llguidance's reason, before any token is generated.
+    """
+    if not request.HasField("response_format"):
+        return None
+    given = request.response_format
+    kind = given.WhichOneof("format")
+    if kind is None:
+        raise InvalidArgument(
+            "response_format", "set one of json_schema, json_object, regex or grammar"
+        )
+    if kind == JSON_OBJECT:
+        if not given.json_object:
+            raise InvalidArgument("response_format.json_object", "must be true when set")
+        return ResponseFormat(JSON_OBJECT)
+    text: str = getattr(given, kind)
+    field = f"response_format.{kind}"
+    if not text:
+        raise InvalidArgument(field, "must not be empty")
+    if len(text.encode()) > MAX_RESPONSE_FORMAT_BYTES:
+        raise InvalidArgument(field, f"at most {MAX_RESPONSE_FORMAT_BYTES} bytes")
+    checked = ResponseFormat(kind, text)
+    problem = format_problem(checked)
+    if problem is not None:
+        raise InvalidArgument(field, f"cannot constrain the output: {problem}")
+    return checked
+
+
 def samples_of(requested: int, max_n: int) -> int:
     """The request's `n` (0 means 1), at most `max_n`."""
     n = requested or 1
@@ -226,8 +270,11 @@ def generation_request(
         # The router's own resume mechanism: from a caller it would be unbilled prefill.
         raise InvalidArgument("continuation_token_ids", "is not accepted from callers")
     n = samples_of(request.n, max_n)
+    if request.cache not in gen.CacheMode.values():
+        raise InvalidArgument("cache", f"unknown cache mode {request.cache}")
     if n > 1 and request.continuation_token_ids:
         raise InvalidArgument("continuation_token_ids", "cannot resume a request with n > 1")
+    response_format = response_format_of(request)
     return GenerationRequest(
         model=model,
         input=given_input,
@@ -237,7 +284,24 @@ def generation_request(
         continuation_ids=tuple(request.continuation_token_ids),
         end_user=request.end_user,
         n=n,
+        cache=request.cache,
+        response_format=response_format,
     )
+
+
+async def generation_request_off_loop(
+    request: gen.GenerateRequest | gen.StreamGenerateRequest,
+    *,
+    from_caller: bool,
+    max_n: int = DEFAULT_MAX_N,
+) -> GenerationRequest:
+    """`generation_request` for an event loop: a `response_format` is compiled on a
+    thread, since a large schema can take a second (64 KiB of properties: ~0.6 s)."""
+    if request.HasField("response_format"):
+        return await asyncio.to_thread(
+            generation_request, request, from_caller=from_caller, max_n=max_n
+        )
+    return generation_request(request, from_caller=from_caller, max_n=max_n)
 
 
 def check_size(given: Input, context_length: int | None) -> None:

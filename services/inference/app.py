@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
+import time
 from typing import Any
 
 from tokenyard.generation.v1 import generation_service_pb2_grpc as gen_grpc
@@ -18,7 +19,7 @@ from tokenyard.inference.v1 import worker_service_pb2_grpc as worker_grpc
 
 from services.common.lenient import lenient
 from services.common.server import GrpcServer
-from services.inference import servicer, worker_service
+from services.inference import metrics, servicer, worker_service
 from services.inference.engine.engine import Engine
 from services.inference.metrics import LoadSampler
 from services.inference.model_loading import LoadedModel, default_kv_cache_bytes
@@ -42,6 +43,14 @@ def load(settings: InferenceSettings) -> LoadedModel:
 
 def _dtype_name(dtype: Any) -> str:
     return str(dtype).removeprefix("torch.")
+
+
+def served_revision(revision: str, quantization: str) -> str:
+    """The weights' revision as served: quantised weights answer differently, so
+    the response cache must not mix their answers with the unquantised ones'."""
+    if not revision or quantization == "none":
+        return revision
+    return f"{revision}+{quantization}"
 
 
 class InferenceApp:
@@ -94,6 +103,7 @@ class InferenceApp:
             prefix_cache=self.engine.prefix_cache_enabled,
             version=tokenyard_version(),
             execution_path=self.engine.path,
+            model_revision=served_revision(loaded.revision, self.engine.runner.quantization),
             quantization=self.engine.runner.quantization,
         )
         self.server = GrpcServer(
@@ -117,7 +127,7 @@ class InferenceApp:
             worker_service.WorkerServicer(self.worker),
             worker_service.SERVICE_NAME,
         )
-        self.sampler = LoadSampler(self.engine.stats)
+        self.sampler = LoadSampler(self.engine.stats, queue=self.worker.queue_times)
         self.port = 0
 
     @property
@@ -131,6 +141,7 @@ class InferenceApp:
         self.port = await self.server.start()
         self.worker.worker_id = f"{self.address}-{secrets.token_hex(4)}"
         self.sampler.start()
+        metrics.MODEL_INFO.labels(self.worker.info.model).set(1)
         await self.server.set_serving(True)
         log.info(
             "serving",
@@ -139,9 +150,19 @@ class InferenceApp:
         return self.port
 
     async def stop(self, grace: float | None = None) -> None:
-        """Refuse new calls, let running ones finish within grace, then stop the engine."""
+        """Drain, refuse new calls, let running ones finish within grace, stop the engine.
+
+        Draining first (what SIGTERM does) tells every router through WatchLoad to
+        send new work elsewhere while the streams here run to their end; what is
+        still running when the grace period is over is cut, and routers resume it
+        on another worker.
+        """
+        grace = self.settings.server.grace_period if grace is None else grace
+        started = time.monotonic()
+        if grace > 0:
+            await self.worker.drained(grace)
         self.worker.end_watches()
-        await self.server.stop(grace)
+        await self.server.stop(max(grace - (time.monotonic() - started), 0.0))
         await self.worker.close()
         await self.sampler.stop()
         await self.engine.stop()

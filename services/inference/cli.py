@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import os
 import sys
+from pathlib import Path
 from typing import Any
 
 
@@ -23,6 +24,27 @@ def register(subparsers: Any) -> None:
     )
     add_flags(serve, InferenceSettings, SERVICE)
     serve.set_defaults(handler=_serve)
+    drain = sub.add_parser(
+        "drain",
+        help="drain a worker (no new work, running streams finish) and wait until it is "
+        "idle: the Kubernetes preStop hook",
+        description="The service token comes from TOKENYARD_SERVICE_TOKEN.",
+    )
+    drain.add_argument("address", help="host:port of the worker")
+    drain.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for idle")
+    drain.add_argument("--tls-ca", type=Path, help="CA of the worker's certificate (TLS)")
+    drain.add_argument("--tls-cert", type=Path, help="client certificate (mutual TLS)")
+    drain.add_argument("--tls-key", type=Path, help="client key (mutual TLS)")
+    drain.set_defaults(handler=_drain)
+
+
+def _drain(args: argparse.Namespace) -> int:
+    from services.common import health
+    from services.inference.drain import drain
+
+    creds = health.credentials(args.tls_ca, args.tls_cert, args.tls_key)
+    token = os.environ.get("TOKENYARD_SERVICE_TOKEN", "")
+    return drain(args.address, token, args.timeout, creds)
 
 
 def _serve(args: argparse.Namespace) -> int:

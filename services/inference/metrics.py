@@ -1,14 +1,20 @@
 """Prometheus metrics of an inference worker: tokens, latency, load, prefix cache.
 
-Per-request figures (tokens in and out, time to first token, inter-token latency)
-are recorded as requests run; load figures (queue depth, running sequences, batch
-size, prefix cache hits) are sampled from the engine's stats by `LoadSampler`.
+Per-request figures (tokens in and out, time to first token, queue time,
+inter-token latency) are recorded as requests run; load figures (queue depth,
+running sequences, batch size, KV-cache utilisation, tokens/s, prefix cache hits)
+are sampled from the engine's stats by `LoadSampler`. The autoscaling signals
+(queue time p50/p95 over the last minute, running and queued requests, KV-cache
+utilisation, tokens/s) are documented in docs/kubernetes.md.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
+import time
+from collections import deque
 from collections.abc import Callable
 
 from prometheus_client import Counter, Gauge, Histogram
@@ -47,6 +53,26 @@ BATCH_SIZE = Gauge(
     "tokenyard_inference_batch_size",
     "Average tokens sampled per engine step over the last sampling period.",
 )
+KV_CACHE_USAGE = Gauge(
+    "tokenyard_inference_kv_cache_usage_ratio",
+    "Share of the KV cache the running sequences hold, 0 to 1.",
+)
+TOKENS_PER_SECOND = Gauge(
+    "tokenyard_inference_tokens_per_second", "Tokens generated per second, recent average."
+)
+QUEUE_P50 = Gauge(
+    "tokenyard_inference_queue_seconds_p50",
+    "Median queue time of the requests admitted in the last minute.",
+)
+QUEUE_P95 = Gauge(
+    "tokenyard_inference_queue_seconds_p95",
+    "95th percentile queue time of the requests admitted in the last minute.",
+)
+MODEL_INFO = Gauge(
+    "tokenyard_inference_model_info",
+    "1, labelled with the model this worker serves (join on it for per-model sums).",
+    ["model"],
+)
 PREFIX_HITS = Counter(
     "tokenyard_inference_prefix_cache_hits_total", "Requests that reused a cached prefix."
 )
@@ -59,11 +85,48 @@ PREFIX_REUSED = Counter(
 )
 
 
+class QueueWindow:
+    """Queue times of the requests admitted in the last `window` seconds, for quantiles.
+
+    A Prometheus histogram gives quantiles only through PromQL; the router and a
+    plain scrape want them ready, so the worker keeps the recent observations.
+    """
+
+    def __init__(self, window: float = 60.0, capacity: int = 4096) -> None:
+        self.window = window
+        self._seen: deque[tuple[float, float]] = deque(maxlen=capacity)
+
+    def add(self, seconds: float, now: float | None = None) -> None:
+        """Record one request's queue time."""
+        self._seen.append((time.monotonic() if now is None else now, seconds))
+
+    def quantiles(self, now: float | None = None) -> tuple[float, float]:
+        """(p50, p95) of the recent queue times; (0, 0) when none is recent."""
+        cutoff = (time.monotonic() if now is None else now) - self.window
+        while self._seen and self._seen[0][0] < cutoff:
+            self._seen.popleft()
+        values = sorted(v for _, v in self._seen)
+        if not values:
+            return 0.0, 0.0
+        return _rank(values, 0.5), _rank(values, 0.95)
+
+
+def _rank(ordered: list[float], q: float) -> float:
+    """The nearest-rank quantile `q` of a sorted, non-empty list."""
+    return ordered[max(math.ceil(q * len(ordered)) - 1, 0)]
+
+
 class LoadSampler:
     """Copies engine stats into the load gauges and counters every `period` seconds."""
 
-    def __init__(self, stats: Callable[[], EngineStats], period: float = 0.5) -> None:
+    def __init__(
+        self,
+        stats: Callable[[], EngineStats],
+        period: float = 0.5,
+        queue: QueueWindow | None = None,
+    ) -> None:
         self._stats = stats
+        self._queue = queue
         self._period = period
         self._last: EngineStats | None = None
         self._task: asyncio.Task[None] | None = None
@@ -74,6 +137,12 @@ class LoadSampler:
         last = self._last
         QUEUE_DEPTH.set(now.queued)
         RUNNING.set(now.running)
+        KV_CACHE_USAGE.set(now.kv_cache_usage)
+        TOKENS_PER_SECOND.set(now.tokens_per_second)
+        if self._queue is not None:
+            p50, p95 = self._queue.quantiles()
+            QUEUE_P50.set(p50)
+            QUEUE_P95.set(p95)
         if last is not None:
             steps = now.total_steps - last.total_steps
             tokens = now.total_generated_tokens - last.total_generated_tokens

@@ -24,6 +24,8 @@ from services.inference.model_sources import (
     check_gguf,
     check_model_dir,
     converted,
+    converted_digest,
+    weights_digest,
 )
 
 __all__ = ["DEMO_ALIAS", "LoadedModel", "ModelLoadError", "ensure_demo_model", "load_model"]
@@ -97,6 +99,9 @@ class LoadedModel:
     dtype: torch.dtype
     context_length: int
     eos_token_ids: frozenset[int]
+    # Content hash of the weights as loaded from disk: the response cache's model
+    # revision (answers of other weights never mix); "" when unknown.
+    revision: str = ""
 
 
 def resolve_device(device: str) -> torch.device:
@@ -214,6 +219,19 @@ def _from_pretrained(source: Path, dtype: torch.dtype) -> tuple[Any, Any]:
     return tokenizer, model
 
 
+def state_digest(model: Any) -> str:
+    """A content hash of a loaded model's parameters and buffers (names and bytes):
+    the revision of weights that have no file to name them."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        digest.update(name.encode() + b"\0")
+        data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
+        digest.update(data.numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
 def _load_hub(spec: str, dtype: torch.dtype) -> tuple[Any, Any]:
     """Load a hub id from the local Hugging Face cache only: never wait on the network."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -239,16 +257,18 @@ def load_model(
     path = Path(spec).expanduser()
     started = time.monotonic()
     if spec == DEMO_ALIAS:
-        tokenizer, model = _from_pretrained(ensure_demo_model(cache_dir), torch_dtype)
-        name = DEMO_ALIAS
+        entry = ensure_demo_model(cache_dir)
+        tokenizer, model = _from_pretrained(entry, torch_dtype)
+        name, revision = DEMO_ALIAS, converted_digest(entry)
     elif path.is_file():
         check_gguf(path)  # also refuses a file that is not .gguf
-        tokenizer, model = _from_pretrained(converted(path, cache_dir, convert_gguf), torch_dtype)
-        name = path.stem
+        entry = converted(path, cache_dir, convert_gguf)
+        tokenizer, model = _from_pretrained(entry, torch_dtype)
+        name, revision = path.stem, converted_digest(entry)
     elif path.is_dir():
         check_model_dir(path)
         tokenizer, model = _from_pretrained(path, torch_dtype)
-        name = path.name
+        name, revision = path.name, weights_digest(path)
     elif (
         path.is_absolute()
         or spec.startswith((".", "~"))
@@ -259,6 +279,9 @@ def load_model(
     else:
         tokenizer, model = _load_hub(spec, torch_dtype)
         name = spec
+        # The hub's commit names the files' content; without one, nothing to key by.
+        commit = getattr(model.config, "_commit_hash", None)
+        revision = f"hub-{commit}" if isinstance(commit, str) and commit else state_digest(model)
     model.to(dev)
     model.eval()
     log.info("loaded %s on %s as %s in %.1f s", name, dev, torch_dtype, time.monotonic() - started)
@@ -270,4 +293,5 @@ def load_model(
         dtype=torch_dtype,
         context_length=_context_length(model, tokenizer),
         eos_token_ids=_eos_ids(model, tokenizer),
+        revision=revision,
     )

@@ -148,6 +148,25 @@ def content_digest(path: Path) -> str:
         return hashlib.file_digest(f, "sha256").hexdigest()[:_DIGEST_CHARS]
 
 
+def weights_digest(folder: Path) -> str:
+    """A content hash of a model directory's weight files (names and bytes), shortened.
+
+    Reads every byte once (about 1 s per GB); a GGUF's converted copy is named by the
+    GGUF's digest instead (`converted_digest`), which costs nothing more.
+    """
+    digest = hashlib.sha256()
+    for weights in _weight_files(folder):
+        digest.update(weights.name.encode() + b"\0")
+        with weights.open("rb") as f:
+            digest.update(hashlib.file_digest(f, "sha256").digest())
+    return digest.hexdigest()[:_DIGEST_CHARS]
+
+
+def converted_digest(entry: Path) -> str:
+    """The source's content digest a `converted` cache entry is named by."""
+    return entry.name.rpartition("-")[2]
+
+
 @contextlib.contextmanager
 def _locked(lock_path: Path) -> Iterator[None]:
     with lock_path.open("a+b") as f:

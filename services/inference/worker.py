@@ -24,6 +24,7 @@ from tokenyard.generation.v1 import generation_service_pb2 as gen
 
 from services.common.errors import (
     DeadlineExceeded,
+    InvalidArgument,
     NotFound,
     ResourceExhausted,
     Unavailable,
@@ -35,13 +36,14 @@ from services.common.requests import (
     Sampling,
     check_model,
     check_token_ids,
-    generation_request,
+    generation_request_off_loop,
     input_of,
     resolve_max_tokens,
 )
 from services.common.telemetry import tracer
 from services.inference import metrics
 from services.inference.engine.engine import Engine
+from services.inference.engine.grammar import CompiledGrammar, GrammarError
 from services.inference.engine.types import (
     FINISH_CANCELLED,
     EngineClosed,
@@ -92,6 +94,7 @@ class WorkerInfo:
     prefix_cache: bool
     version: str
     execution_path: str = "fast"  # "fast" (the engine's forward pass) or "generic"
+    model_revision: str = ""  # content hash of the weights (LoadedModel.revision)
     quantization: str = "none"  # "none", "int8" or "int4" (the engine's weights)
 
 
@@ -101,6 +104,8 @@ class LoadReport:
 
     stats: EngineStats
     draining: bool
+    queue_p50: float = 0.0  # seconds, over the requests admitted in the last minute
+    queue_p95: float = 0.0
 
     def key(self) -> tuple[int, int, int, bool]:
         """The part of the report whose change triggers a report at once."""
@@ -116,6 +121,7 @@ class PreparedRequest:
     continuation_ids: list[int]
     sampling: Sampling
     n: int = 1  # samples sharing the prompt's prefill
+    grammar: CompiledGrammar | None = None  # the response_format, compiled
 
     @property
     def max_tokens(self) -> int:
@@ -149,6 +155,7 @@ class Worker:
         self._drain_task: asyncio.Task[None] | None = None
         self._changed = asyncio.Event()
         self._watches_ended = False
+        self.queue_times = metrics.QueueWindow()
         # One thread tokenizes, so requests never use the (Rust) tokenizer concurrently.
         self._tokenize = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenize")
 
@@ -158,12 +165,15 @@ class Worker:
         self, request: gen.GenerateRequest | gen.StreamGenerateRequest
     ) -> PreparedRequest:
         """Check a Generate/StreamGenerate request and render its prompt ids."""
-        checked = generation_request(request, from_caller=False, max_n=self.max_n)
+        checked = await generation_request_off_loop(request, from_caller=False, max_n=self.max_n)
         self._check_served(checked.model)
         vocab = self.info.vocab_size
         check_token_ids(request.sampling.stop_token_ids, "sampling.stop_token_ids", vocab)
         continuation = check_token_ids(checked.continuation_ids, "continuation_token_ids", vocab)
         rendered = await self._render(checked.input)
+        grammar = None
+        if checked.response_format is not None:
+            grammar = await self._compile(checked.response_format.grammar(), continuation)
         max_tokens = resolve_max_tokens(
             checked.sampling.max_tokens,
             input_field=rendered.field,
@@ -177,7 +187,27 @@ class Worker:
             list(continuation),
             dataclasses.replace(checked.sampling, max_tokens=max_tokens),
             checked.n,
+            grammar,
         )
+
+    async def _compile(self, grammar: str, continuation: tuple[int, ...]) -> CompiledGrammar:
+        """The format compiled for this model's tokens (off the event loop and compute thread).
+
+        The router checked it without a tokenizer; what only the vocabulary can refuse
+        is refused here, still before any token is generated.
+        """
+        try:
+            compiled = await self.engine.grammars.compile_async(grammar)
+        except GrammarError as exc:
+            raise InvalidArgument(
+                "response_format", f"cannot constrain this model's output: {exc}"
+            ) from None
+        if continuation:
+            try:
+                compiled.start(continuation)
+            except GrammarError as exc:
+                raise InvalidArgument("continuation_token_ids", str(exc)) from None
+        return compiled
 
     def _check_served(self, model: str) -> None:
         if check_model(model) != self.info.model:
@@ -269,6 +299,7 @@ class Worker:
                         admitted = batch[0].admitted_at
                         admitted = now if admitted is None else min(max(admitted, started), now)
                         metrics.QUEUE_TIME.observe(admitted - started)
+                        self.queue_times.add(admitted - started)
                         at = time.time_ns() - int((now - admitted) * 1e9)
                         phase.end(end_time=at)
                         prefill = _tracer.start_span(
@@ -320,6 +351,7 @@ class Worker:
             continuation_ids=prep.continuation_ids,
             deadline=deadline,
             n=prep.n,
+            grammar=prep.grammar,
         )
         try:
             return self.engine.generate(request)
@@ -338,7 +370,8 @@ class Worker:
 
     def load(self) -> LoadReport:
         """The engine's load now, with the drain flag."""
-        return LoadReport(self.engine.stats(), self.draining)
+        p50, p95 = self.queue_times.quantiles()
+        return LoadReport(self.engine.stats(), self.draining, p50, p95)
 
     async def load_reports(self, interval: float) -> AsyncIterator[LoadReport]:
         """One report at once, then on every change and at least every `interval` while busy.
@@ -378,6 +411,15 @@ class Worker:
             log.info("draining", extra={"remaining": stats.running + stats.queued})
             self._drain_task = asyncio.get_running_loop().create_task(self._finish_drain())
         return stats.running + stats.queued
+
+    async def drained(self, timeout: float) -> bool:
+        """Drain and wait (bounded) until nothing runs or waits; True when idle in time."""
+        self.drain()
+        try:
+            await asyncio.wait_for(asyncio.shield(self.engine.wait_idle()), timeout)
+        except TimeoutError:
+            return False
+        return True
 
     async def _finish_drain(self) -> None:
         await self.engine.wait_idle()

@@ -33,6 +33,9 @@ def load_response(report: LoadReport) -> pb.WatchLoadResponse:
         prefix_cache_reused_tokens=stats.prefix_cache_reused_tokens,
         draining=report.draining,
         report_time=stamp,
+        kv_cache_usage=stats.kv_cache_usage,
+        queue_time_p50_seconds=report.queue_p50,
+        queue_time_p95_seconds=report.queue_p95,
     )
 
 
@@ -56,6 +59,7 @@ class WorkerServicer(pb_grpc.WorkerServiceServicer):
             version=info.version,
             prefix_cache=info.prefix_cache,
             execution_path=_PATHS.get(info.execution_path, pb.EXECUTION_PATH_UNSPECIFIED),
+            model_revision=info.model_revision,
             quantization=info.quantization,
         )
 

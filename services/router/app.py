@@ -9,7 +9,9 @@ await app.stop()              # graceful: streams finish, usage flushed
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import signal
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
@@ -20,6 +22,7 @@ from services.router.auth_client import AuthClient
 from services.router.core import Deps, RouterCore
 from services.router.limits import Limits, LocalLimits
 from services.router.relay import Chooser, Relay
+from services.router.response_cache import CacheStore, LocalStore, ResponseCache
 from services.router.servicer import SERVICE_NAME, RouterServicer, add_router_servicer
 from services.router.settings import RouterSettings
 from services.router.usage import UsageReporter
@@ -40,6 +43,25 @@ def build_limits(settings: RouterSettings, clock: Callable[[], float] = time.tim
             settings.redis_url, prefix=settings.redis_prefix, lease=settings.slot_lease, clock=clock
         )
     return LocalLimits(clock)
+
+
+def build_cache(
+    settings: RouterSettings, clock: Callable[[], float] = time.monotonic
+) -> ResponseCache:
+    """The response cache: in Redis when TOKENYARD_REDIS_URL is set (shared by the
+    router replicas), an in-process LRU otherwise. `clock` times the LRU's TTL."""
+    store: CacheStore
+    if settings.redis_url:
+        from services.router.response_cache import RedisStore
+
+        store = RedisStore(settings.redis_url, settings.response_cache_prefix)
+    else:
+        store = LocalStore(settings.response_cache_max_bytes, clock)
+    return ResponseCache(
+        store,
+        ttl=settings.response_cache_ttl,
+        max_entry_bytes=settings.response_cache_max_entry_bytes,
+    )
 
 
 def _http_server(core: RouterCore, settings: RouterSettings) -> HttpServer:
@@ -63,7 +85,13 @@ def _http_server(core: RouterCore, settings: RouterSettings) -> HttpServer:
 class RouterApp:
     """A router: its server, auth client, worker pool, limits and usage reporter."""
 
-    def __init__(self, settings: RouterSettings, *, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        settings: RouterSettings,
+        *,
+        clock: Callable[[], float] = time.time,
+        cache_clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.settings = settings
         self.auth_channel = internal_channel(settings.auth_address, settings.internal)
         self.auth = AuthClient(
@@ -80,16 +108,19 @@ class RouterApp:
             capacity=settings.usage_buffer,
         )
         self.limits = build_limits(settings, clock)
+        self.cache = build_cache(settings, cache_clock)
         self.pool = WorkerPool(
             settings.internal,
             PoolSettings(
                 load_interval_ms=settings.load_interval_ms,
                 ejection_base=settings.ejection_base,
                 ejection_max=settings.ejection_max,
-                dns_interval=settings.dns_interval,
+                discovery_interval=settings.dns_interval,
+                drain_timeout=settings.worker_drain_timeout,
             ),
             static=settings.workers,
             dns=settings.worker_dns,
+            workers_file=settings.workers_file,
         )
         chooser = Chooser(
             settings.policy,
@@ -111,6 +142,7 @@ class RouterApp:
                 self.usage,
                 max_n=settings.max_n,
                 aliases=dict(settings.model_aliases),
+                cache=self.cache,
             )
         )
         self.server = GrpcServer(
@@ -120,6 +152,7 @@ class RouterApp:
         )
         self.server.add(add_router_servicer, RouterServicer(self.core), SERVICE_NAME)
         self.port = 0
+        self._sighup = False
         self.http: HttpServer | None = None
         if settings.http_address is not None:
             self.http = _http_server(self.core, settings)
@@ -134,6 +167,11 @@ class RouterApp:
         self.auth.start()
         self.usage.start()
         await self.pool.start()
+        if self.settings.workers_file is not None:
+            # SIGHUP re-reads the workers file (where the process owns the signals).
+            with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+                asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, self.pool.reload_file)
+                self._sighup = True
         self.port = await self.server.start()
         # SERVING once each worker answered or failed its first contact (bounded), so a
         # load balancer does not send traffic to a router that knows no worker yet.
@@ -152,6 +190,9 @@ class RouterApp:
 
     async def stop(self, grace: float | None = None) -> None:
         """Stop taking calls, let running streams finish, flush usage, close channels."""
+        if self._sighup:
+            asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
+            self._sighup = False
         if self.http is None:
             await self.server.stop(grace)
         else:
@@ -161,4 +202,5 @@ class RouterApp:
         await self.auth.close()
         await self.pool.close()
         await self.limits.close()
+        await self.cache.close()
         await self.auth_channel.close()

@@ -138,7 +138,8 @@ class AuthClient:
         self._cache = _Principals(max_cached, clock, self._unindex)
         # Rejected credentials, for failure_ttl: a bad key is not re-checked per call.
         self._failures: TTLCache[bytes, bool] = TTLCache(max_cached, failure_ttl, timer=clock)
-        self._inflight: dict[bytes, asyncio.Future[CachedPrincipal]] = {}
+        # Calls to auth in flight, by key, with the revocation epoch they began in.
+        self._inflight: dict[bytes, tuple[int, asyncio.Future[CachedPrincipal]]] = {}
         self._index = _Index()
         self._epoch = 0
         self._watch: asyncio.Task[None] | None = None
@@ -158,16 +159,21 @@ class AuthClient:
             _CACHE_NEGATIVE_HIT.inc()
             raise Unauthenticated()
         _CACHE_MISS.inc()
-        pending = self._inflight.get(key)
-        if pending is None:
+        flight = self._inflight.get(key)
+        # A call that began before the last revocation may carry a revoked answer:
+        # a request arriving after it is applied never joins it, it asks again.
+        if flight is None or flight[0] != self._epoch:
             # A task, so one waiter's cancellation does not fail the others.
             pending = asyncio.ensure_future(self._fetch(key, credential))
-            self._inflight[key] = pending
+            flight = (self._epoch, pending)
+            self._inflight[key] = flight
             pending.add_done_callback(lambda task: self._settled(key, task))
-        return await asyncio.shield(pending)
+        return await asyncio.shield(flight[1])
 
     def _settled(self, key: bytes, task: asyncio.Future[CachedPrincipal]) -> None:
-        self._inflight.pop(key, None)
+        flight = self._inflight.get(key)
+        if flight is not None and flight[1] is task:
+            del self._inflight[key]
         if not task.cancelled():
             task.exception()  # retrieved, even when every waiter went away
 

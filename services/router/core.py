@@ -1,8 +1,9 @@
 """What the router does for each call, in order, free of gRPC server types.
 
 authenticate → validate → authorize (permission, model) → limits and quota →
-relay across workers → settle limits and record usage. A request never reaches
-a worker before it passed every check. Usage is recorded for every stream that
+response cache (a hit replays a stored answer) or relay across workers → settle
+limits and record usage. A request never reaches a worker before it passed every
+check. Usage is recorded for every stream that
 was admitted, whether it completed, was cancelled or failed, billing the tokens
 the client received.
 """
@@ -32,9 +33,10 @@ from services.common.errors import (
 )
 from services.common.requests import (
     DEFAULT_MAX_N,
+    GenerationRequest,
     check_model,
     check_size,
-    generation_request,
+    generation_request_off_loop,
     input_of,
     page_size_of,
 )
@@ -48,6 +50,7 @@ from services.router.admission import (
 from services.router.auth_client import AuthClient, CachedPrincipal, bearer_credential
 from services.router.limits import Limits, Slot
 from services.router.relay import PASS_THROUGH, Relay, StreamState, WorkerError
+from services.router.response_cache import Lookup, ResponseCache, complete, recording, replay
 from services.router.usage import UsageReporter
 from services.router.workers import WorkerPool
 from services.router.writer import Emit
@@ -66,6 +69,7 @@ class Deps:
     usage: UsageReporter
     max_n: int = DEFAULT_MAX_N  # samples per request (`n`)
     aliases: Mapping[str, str] = field(default_factory=dict)  # alias → the model's name
+    cache: ResponseCache | None = None  # the response cache (None: off)
 
 
 class RouterCore:
@@ -76,6 +80,7 @@ class RouterCore:
         self.relay, self.usage = deps.relay, deps.usage
         self.aliases = deps.aliases
         self.max_n = deps.max_n
+        self.cache = deps.cache
         self._background: set[asyncio.Task[None]] = set()
         self._active = 0  # generations between their start and their settlement spawn
         self._idle = asyncio.Event()
@@ -144,14 +149,23 @@ class RouterCore:
         started = time.perf_counter()
         wall_start = time.time()
         try:
-            entry, slot, router_id = await self._admit(authorization, request, wall_start)
+            entry, slot, router_id, checked = await self._admit(authorization, request, wall_start)
         except TokenyardError as exc:
             metrics.REQUESTS.labels(method, "", exc.code.name).inc()  # refused before routing
             raise
         state = StreamState()
         code = grpc.StatusCode.OK
+        lookup = self._lookup(entry, request, checked)
         try:
+            if await self._replay(lookup, request, emit, state):
+                return state
+            recorded: list[bytes] = []
+            if lookup is not None:
+                emit = recording(emit, recorded)
             await self.relay.run(request, emit, state, deadline=deadline, started=started)
+            if lookup is not None and complete(state, checked.n):
+                # Before the call ends, so the caller's next request finds the entry.
+                await self._store(lookup, state.revision, recorded)
         except TokenyardError as exc:
             code = exc.code
             raise
@@ -182,13 +196,48 @@ class RouterCore:
             )
         return state
 
+    def _lookup(
+        self, entry: CachedPrincipal, request: gen.StreamGenerateRequest, checked: GenerationRequest
+    ) -> Lookup | None:
+        """The request's response cache lookup; None when the cache must not be used."""
+        if self.cache is None:
+            return None
+        return self.cache.plan(
+            limits=entry.principal.limits,
+            user_id=entry.principal.user_id,
+            request=request,
+            sampling=checked.sampling,
+            mode=checked.cache,
+        )
+
+    async def _replay(
+        self,
+        lookup: Lookup | None,
+        request: gen.StreamGenerateRequest,
+        emit: Emit,
+        state: StreamState,
+    ) -> bool:
+        """Answer from the cache when it may and an entry exists (True); no worker runs."""
+        if self.cache is None or lookup is None or not lookup.read:
+            return False
+        revisions = {w.revision for w in self.pool.for_model(request.model)}
+        messages = await self.cache.find(lookup, revisions)
+        if messages is None:
+            return False
+        await replay(messages, request.request_id, emit, state)
+        return True
+
+    async def _store(self, lookup: Lookup, revision: str, recorded: list[bytes]) -> None:
+        assert self.cache is not None
+        await self.cache.store_answer(lookup, revision, recorded)
+
     async def _admit(
         self, authorization: str | None, request: gen.StreamGenerateRequest, wall_start: float
-    ) -> tuple[CachedPrincipal, Slot, str]:
+    ) -> tuple[CachedPrincipal, Slot, str, GenerationRequest]:
         """Every check before routing; the principal, its limit slot and the router's id."""
         entry = await self.principal(authorization)
         request.model = self.canonical(request.model)
-        checked = generation_request(request, from_caller=True, max_n=self.max_n)
+        checked = await generation_request_off_loop(request, from_caller=True, max_n=self.max_n)
         self.authorize_model(entry, checked.model, "generate")
         context_length = self.pool.context_length(checked.model)
         check_size(checked.input, context_length)
@@ -201,7 +250,7 @@ class RouterCore:
             request.request_id = router_id
         reserve = reservation(request, context_length, checked.n)
         slot = await self.limits.admit(admission(entry.principal, router_id, reserve=reserve))
-        return entry, slot, router_id
+        return entry, slot, router_id, checked
 
     async def _settle(
         self,
@@ -216,10 +265,12 @@ class RouterCore:
     ) -> None:
         """Free the limit slot and record usage (after the stream, off the client's path).
 
-        Whatever is raised while counting, the slot is settled and usage recorded.
+        Whatever is raised while counting, the slot is settled and usage recorded. A
+        cache hit counts as a request of no tokens: no worker read or wrote any.
         """
-        completion = len(state.tokens)
-        prompt = state.prompt_tokens or 0
+        cached = state.cached_tokens
+        completion = 0 if cached else len(state.tokens)
+        prompt = 0 if cached else (state.prompt_tokens or 0)
         try:
             if state.prompt_tokens is None and state.attempts:
                 prompt = await self._count_prompt(request)
@@ -239,6 +290,7 @@ class RouterCore:
                     start_time=wall_start,
                     status=code.name,
                     end_user=request.end_user,
+                    cached_completion_tokens=cached,
                 )
 
     async def _count_prompt(self, request: gen.StreamGenerateRequest) -> int:

@@ -73,6 +73,9 @@ class StreamState:
     first_token_at: float = 0.0
     attempts: int = 0
     samples_ended: int = 0  # samples whose last message was relayed
+    revision: str = ""  # model revision of the worker that finished the stream
+    resumed: bool = False  # tokens of more than one worker (a mid-stream resume)
+    cached_tokens: int = 0  # completion tokens replayed from the response cache (a hit)
 
 
 class WorkerError(TokenyardError):
@@ -190,6 +193,7 @@ class Relay:
             state.attempts += 1
             attempt = request
             if state.tokens:
+                state.resumed = True
                 attempt = gen.StreamGenerateRequest()
                 attempt.CopyFrom(request)
                 del attempt.continuation_token_ids[:]
@@ -210,6 +214,7 @@ class Relay:
                     worker, attempt, out, state, timeout=timeout, started=started
                 ):
                     worker.succeeded()
+                    state.revision = worker.revision
                     return
                 # The worker ended the stream without a last message: as if it failed.
                 worker.eject("stream ended early")
@@ -272,6 +277,7 @@ class Relay:
         call = worker.stream_generate(request, timeout=timeout, metadata=metadata)
         worker.inflight += 1
         worker.dispatched += 1
+        worker.attempts += 1
         samples = request.n or 1
         # Gathering would merge messages of different samples: n > 1 streams as it comes.
         interval = self.interval if samples == 1 else 1

@@ -7,6 +7,7 @@ variables and flags, then passed down. Nothing here reads the environment itself
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from services.common.config import (
     InternalSettings,
@@ -19,6 +20,7 @@ from services.common.settings import (
     parse_address,
     parse_bool,
     parse_choice,
+    parse_existing_file,
     parse_list,
     parse_non_negative_float,
     parse_positive_float,
@@ -131,11 +133,27 @@ class RouterSettings:
         help="Comma-separated ALIAS=MODEL: a request for ALIAS is authorized, limited, "
         "routed and recorded in usage as MODEL.",
     )
+    workers_file: Path | None = setting(
+        "TOKENYARD_{service}_WORKERS_FILE",
+        parse_existing_file,
+        default=None,
+        flag="--workers-file",
+        help="File of worker host:port addresses (one per line, # comments), re-read on "
+        "SIGHUP and every DNS interval: workers join and leave without a restart.",
+    )
     dns_interval: float = setting(
         "TOKENYARD_{service}_DNS_INTERVAL",
         parse_positive_float,
         default=5.0,
-        help="Seconds between re-resolutions of the worker DNS name.",
+        help="Seconds between re-resolutions of the worker DNS name and re-reads of the "
+        "workers file.",
+    )
+    worker_drain_timeout: float = setting(
+        "TOKENYARD_{service}_WORKER_DRAIN_TIMEOUT",
+        parse_non_negative_float,
+        default=60.0,
+        help="Seconds a worker that left the list or DNS keeps its running streams before "
+        "they fail over to another worker (it gets no new work meanwhile).",
     )
     policy: str = setting(
         "TOKENYARD_{service}_POLICY",
@@ -168,6 +186,33 @@ class RouterSettings:
         "TOKENYARD_{service}_REDIS_PREFIX",
         default="tokenyard:rl:",
         help="Prefix of every Redis key the router writes.",
+    )
+    response_cache_ttl: float = setting(
+        "TOKENYARD_{service}_RESPONSE_CACHE_TTL",
+        parse_positive_float,
+        default=3600.0,
+        flag="--response-cache-ttl",
+        help="Seconds a response cache entry lives (the cache answers only callers whose "
+        "role or key sets the response_cache limit).",
+    )
+    response_cache_max_bytes: int = setting(
+        "TOKENYARD_{service}_RESPONSE_CACHE_MAX_BYTES",
+        parse_positive_int,
+        default=256 * 1024 * 1024,
+        flag="--response-cache-max-bytes",
+        help="Bytes of the in-process response cache (LRU), used without Redis; with Redis "
+        "bound its memory by Redis' maxmemory and an eviction policy.",
+    )
+    response_cache_max_entry_bytes: int = setting(
+        "TOKENYARD_{service}_RESPONSE_CACHE_MAX_ENTRY_BYTES",
+        parse_positive_int,
+        default=1024 * 1024,
+        help="Largest answer the response cache stores; longer ones are not cached.",
+    )
+    response_cache_prefix: str = setting(
+        "TOKENYARD_{service}_RESPONSE_CACHE_PREFIX",
+        default="tokenyard:rc:",
+        help="Prefix of the response cache's Redis keys.",
     )
     slot_lease: float = setting(
         "TOKENYARD_{service}_SLOT_LEASE",

@@ -71,8 +71,10 @@ class UsageReporter:
         start_time: float,
         status: str,
         end_user: str = "",
+        cached_completion_tokens: int = 0,
     ) -> None:
-        """Queue the usage of one finished request."""
+        """Queue the usage of one finished request (a cache hit: its replayed tokens in
+        `cached_completion_tokens`, none in prompt or completion)."""
         if len(self._buffer) >= self.capacity:
             self._buffer.popleft()
             self.dropped += 1
@@ -94,6 +96,7 @@ class UsageReporter:
                 end_time=timestamp(time.time()),
                 status=status,
                 end_user=end_user,
+                cached_completion_tokens=cached_completion_tokens,
             )
         )
         if len(self._buffer) >= self.batch_size:

@@ -1,7 +1,12 @@
 """The worker pool: discovery, what each worker serves, its health and load.
 
-Workers come from a static list or a DNS name re-resolved periodically (a
-Kubernetes headless service gives one address per pod). For each, a monitor
+Workers come from three sources, merged: a static list, a file re-read on SIGHUP
+and every `discovery_interval` seconds, and a DNS name re-resolved on the same
+interval (a Kubernetes headless service gives one address per pod). A worker
+that disappears from every source is retired: no new work goes to it, streams
+running there get `drain_timeout` seconds to finish, then its channel closes and
+whatever still runs there fails over to another worker (the relay resumes it).
+For each worker, a monitor
 task calls `Describe`, then follows `grpc.health.v1` Watch and `WatchLoad`;
 when either stream breaks the worker is unhealthy until the monitor reconnects.
 A worker whose request fails is ejected for a while (doubling per failure in a
@@ -16,8 +21,9 @@ import contextlib
 import logging
 import socket
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -31,6 +37,7 @@ from services.common.config import InternalSettings
 from services.common.interceptors import SERVICE_TOKEN_HEADER
 from services.router import metrics
 from services.router.policies import Candidate
+from services.router.settings import parse_worker_list
 
 log = logging.getLogger("tokenyard.router.workers")
 
@@ -48,7 +55,8 @@ class PoolSettings:
     load_interval_ms: int = 250
     ejection_base: float = 1.0
     ejection_max: float = 30.0
-    dns_interval: float = 5.0
+    discovery_interval: float = 5.0
+    drain_timeout: float = 60.0
 
 
 class Worker:
@@ -93,14 +101,20 @@ class Worker:
         self.context_length = 0
         self.max_running = 0
         self.max_queued = 0
+        # The weights' content hash and dtype: answers of one revision are interchangeable
+        # (the response cache's key); "" from a worker that does not report it.
+        self.revision = ""
         self.running = self.queued = self.pending_tokens = 0
         self.free_slots = 0
         self.prefix_hits = self.prefix_queries = 0
+        self.tokens_per_second = self.kv_cache_usage = 0.0
+        self.queue_p50 = self.queue_p95 = 0.0
         self.draining = False
         self.serving = False  # health Watch says SERVING
         self.load_seen = False  # WatchLoad stream is up
         self.inflight = 0  # requests this router has running there
         self.dispatched = 0  # requests sent since the last load report
+        self.attempts = 0  # requests (attempts) ever sent there by this router
         self.ejected_until = 0.0
         self.failures = 0
         self.task: asyncio.Task[None] | None = None
@@ -154,6 +168,10 @@ class Worker:
         self.free_slots, self.pending_tokens = report.free_slots, report.pending_tokens
         self.prefix_hits = report.prefix_cache_hits
         self.prefix_queries = report.prefix_cache_queries
+        self.tokens_per_second = report.tokens_per_second
+        self.kv_cache_usage = report.kv_cache_usage
+        self.queue_p50 = report.queue_time_p50_seconds
+        self.queue_p95 = report.queue_time_p95_seconds
         self.draining = report.draining
         self.dispatched = 0
         self.load_seen = True
@@ -175,6 +193,9 @@ class Worker:
                 self.worker_id = reply.worker_id or self.address
                 self.context_length = reply.context_length
                 self.max_running, self.max_queued = reply.max_running, reply.max_queued
+                self.revision = (
+                    f"{reply.model_revision}/{reply.dtype}" if reply.model_revision else ""
+                )
                 backoff = 0.1
                 await self._watch_both()
             except grpc.aio.AioRpcError as exc:
@@ -231,6 +252,16 @@ class Worker:
         await self.channel.close()
 
 
+def parse_workers_file(text: str) -> set[str]:
+    """Worker addresses in a workers file: host:port per line or comma-separated, # comments."""
+    out: set[str] = set()
+    for raw in text.splitlines():
+        line = raw.partition("#")[0].strip()
+        if line:
+            out.update(parse_worker_list(line))
+    return out
+
+
 class WorkerPool:
     """Every known worker, by address, with a per-model view for routing."""
 
@@ -241,23 +272,56 @@ class WorkerPool:
         *,
         static: Iterable[str] = (),
         dns: str | None = None,
+        workers_file: Path | None = None,
     ) -> None:
         self.internal, self.settings = internal, settings
-        self.static, self.dns = tuple(static), dns
+        self.static, self.dns, self.workers_file = tuple(static), dns, workers_file
         self.workers: dict[str, Worker] = {}
-        self._dns_task: asyncio.Task[None] | None = None
+        # Addresses by source ("static", "file", "dns"); the pool holds their union.
+        self._sources: dict[str, set[str]] = {"static": set(self.static)}
+        self._discovery: asyncio.Task[None] | None = None
         self._closing: set[asyncio.Task[None]] = set()
 
     async def start(self) -> None:
-        """Add the static workers and start DNS discovery."""
-        self.update(self.static)
+        """Add the static and file workers, resolve DNS, then follow both."""
+        if self.workers_file is not None:
+            # At start a bad file is an error; on a reload it only keeps the old list.
+            self._sources["file"] = parse_workers_file(self.workers_file.read_text())
+        self._apply()
         if self.dns:
             await self._resolve_once()
-            self._dns_task = asyncio.create_task(self._follow_dns(), name="worker-dns")
+        if self.dns or self.workers_file is not None:
+            self._discovery = asyncio.create_task(self._follow(), name="worker-discovery")
+        metrics.POOLS.add(self)
+
+    def set_source(self, source: str, addresses: Iterable[str]) -> None:
+        """Replace one source's addresses; workers join or retire to match the union."""
+        self._sources[source] = set(addresses)
+        self._apply()
 
     def update(self, addresses: Iterable[str]) -> None:
-        """Make the pool hold exactly `addresses` (plus the static list)."""
-        wanted = set(addresses) | set(self.static)
+        """Make the pool hold exactly `addresses` (plus the static list and the file)."""
+        self.set_source("dns", addresses)
+
+    def reload_file(self) -> bool:
+        """Re-read the workers file (SIGHUP, and every discovery interval); False on error."""
+        if self.workers_file is None:
+            return False
+        try:
+            addresses = parse_workers_file(self.workers_file.read_text())
+        except (OSError, ValueError) as exc:
+            log.warning(
+                "workers file not reloaded: keeping the current list",
+                extra={"path": str(self.workers_file), "error": str(exc)},
+            )
+            return False
+        if addresses != self._sources.get("file"):
+            log.info("workers file changed", extra={"workers": len(addresses)})
+            self.set_source("file", addresses)
+        return True
+
+    def _apply(self) -> None:
+        wanted: set[str] = set().union(*self._sources.values())
         for address in sorted(wanted - self.workers.keys()):
             worker = Worker(address, self.internal, self.settings)
             self.workers[address] = worker
@@ -265,17 +329,20 @@ class WorkerPool:
             log.info("worker added", extra={"worker": address})
         for address in sorted(self.workers.keys() - wanted):
             worker = self.workers.pop(address)
-            log.info("worker removed", extra={"worker": address})
+            log.info(
+                "worker removed: draining", extra={"worker": address, "streams": worker.inflight}
+            )
             task = asyncio.create_task(self._retire(worker))
             self._closing.add(task)
             task.add_done_callback(self._closing.discard)
 
     async def _retire(self, worker: Worker) -> None:
-        # Let streams already running there finish before closing the channel.
+        # Out of `workers`, it gets no new request; streams running there finish
+        # (bounded), then closing the channel makes the rest fail over.
         try:
-            deadline = time.monotonic() + 60
+            deadline = time.monotonic() + self.settings.drain_timeout
             while worker.inflight and time.monotonic() < deadline:  # noqa: ASYNC110
-                await asyncio.sleep(0.5)
+                await asyncio.sleep(0.05)
         finally:
             await worker.close()
 
@@ -294,12 +361,27 @@ class WorkerPool:
         for family, _, _, _, sockaddr in infos:
             ip = str(sockaddr[0])
             addresses.add(f"[{ip}]:{port}" if family == socket.AF_INET6 else f"{ip}:{port}")
-        self.update(addresses)
+        self.set_source("dns", addresses)
 
-    async def _follow_dns(self) -> None:
+    async def _follow(self) -> None:
         while True:
-            await asyncio.sleep(self.settings.dns_interval)
-            await self._resolve_once()
+            await asyncio.sleep(self.settings.discovery_interval)
+            if self.workers_file is not None:
+                self.reload_file()
+            if self.dns:
+                await self._resolve_once()
+
+    def retiring(self) -> int:
+        """Workers removed from the sources whose streams are still finishing."""
+        return len(self._closing)
+
+    def by_model(self) -> Iterator[tuple[str, list[Worker]]]:
+        """Described workers grouped by model (for the autoscaling gauges)."""
+        groups: dict[str, list[Worker]] = {}
+        for worker in list(self.workers.values()):
+            if worker.model is not None:
+                groups.setdefault(worker.model, []).append(worker)
+        yield from groups.items()
 
     def for_model(self, model: str) -> list[Worker]:
         """Workers available now for `model`."""
@@ -345,10 +427,11 @@ class WorkerPool:
 
     async def close(self) -> None:
         """Stop discovery and every monitor; close channels."""
-        if self._dns_task is not None:
-            self._dns_task.cancel()
+        metrics.POOLS.discard(self)
+        if self._discovery is not None:
+            self._discovery.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await self._dns_task
+                await self._discovery
         for task in list(self._closing):
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):

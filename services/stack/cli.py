@@ -37,6 +37,17 @@ def register(subparsers: Any) -> None:
     gen.add_argument(
         "--n", type=int, default=1, help="samples of one prompt (prefilled once; seed + i each)"
     )
+    formats = gen.add_argument_group(
+        "structured output", "constrain the reply to a format (at most one of these)"
+    ).add_mutually_exclusive_group()
+    formats.add_argument(
+        "--json-schema", type=Path, metavar="FILE", help="a JSON Schema file: reply valid JSON"
+    )
+    formats.add_argument("--json-object", action="store_true", help="reply one JSON object")
+    formats.add_argument("--regex", help="reply text matching this regular expression")
+    formats.add_argument(
+        "--grammar", type=Path, metavar="FILE", help="an llguidance Lark grammar file"
+    )
     _client_flags(gen)
     gen.set_defaults(handler=_generate)
 
@@ -130,7 +141,29 @@ def _options(args: argparse.Namespace) -> Any:
         tls_ca=args.tls_ca,
         timeout=args.timeout,
         n=getattr(args, "n", 1),
+        response_format=_response_format(args),
     )
+
+
+def _response_format(args: argparse.Namespace) -> Any:
+    """`generate`'s structured-output flags as a ResponseFormat (None: free text)."""
+    from services.common.grammars import ResponseFormat
+
+    if getattr(args, "json_object", False):
+        return ResponseFormat.of_json_object()
+    if getattr(args, "regex", None):
+        return ResponseFormat.of_regex(args.regex)
+    for flag, make in (
+        ("json_schema", ResponseFormat.of_json_schema),
+        ("grammar", ResponseFormat.of_grammar),
+    ):
+        path: Path | None = getattr(args, flag, None)
+        if path is not None:
+            try:
+                return make(path.read_text(encoding="utf-8"))
+            except (OSError, UnicodeDecodeError) as exc:
+                raise SystemExit(f"tokenyard: --{flag.replace('_', '-')}: {exc}") from None
+    return None
 
 
 def _generate(args: argparse.Namespace) -> int:

@@ -15,7 +15,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-from services.client import Client, Message, Sampling, StreamEvent, TokenyardCallError, Usage
+from services.client import (
+    Client,
+    Message,
+    ResponseFormat,
+    Sampling,
+    StreamEvent,
+    TokenyardCallError,
+    Usage,
+)
 
 
 @dataclass
@@ -33,6 +41,7 @@ class Options:
     tls_ca: Path | None = None
     timeout: float = 300.0
     n: int = 1  # samples (generate only)
+    response_format: ResponseFormat | None = None  # structured output (generate only)
 
 
 @dataclass
@@ -108,6 +117,7 @@ async def stream_reply(
         sampling=options.sampling,
         logprobs=options.logprobs,
         timeout=options.timeout,
+        response_format=options.response_format,
     ):
         if event.token_ids and stats.first_token is None:
             stats.first_token = time.perf_counter()
@@ -149,6 +159,7 @@ async def print_samples(
         logprobs=options.logprobs,
         timeout=options.timeout,
         n=options.n,
+        response_format=options.response_format,
         **given,
     )
     stats.finished = time.perf_counter()

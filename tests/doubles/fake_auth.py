@@ -78,9 +78,11 @@ class FakeAuthService(auth_grpc.AuthServiceServicer):
         self, request: auth.AuthenticateRequest, context: Any
     ) -> auth.AuthenticateResponse:
         self.state.authenticate_calls += 1
+        # Read first, answer after the delay: as a database read then the way back, so a
+        # revocation during the delay is not seen by this call (the race routers guard).
+        p = self.state.keys.get(request.credential)
         if self.state.authenticate_delay:
             await asyncio.sleep(self.state.authenticate_delay)
-        p = self.state.keys.get(request.credential)
         if p is None:
             raise errors.Unauthenticated()
         ttl = duration_pb2.Duration()
@@ -157,10 +159,11 @@ class FakeAuth:
             self.server = None
 
 
-async def _main(port: int, keys: list[str], cache_ttl: float) -> None:
+async def _main(port: int, keys: list[str], cache_ttl: float, response_cache: bool) -> None:
     state = FakeAuthState(cache_ttl=cache_ttl)
+    limits = res.Limits(response_cache=True) if response_cache else None
     for i, key in enumerate(keys):
-        state.add_key(key, principal(f"cred-{i}"))
+        state.add_key(key, principal(f"cred-{i}", limits=limits))
     server = FakeAuth(state, port=port)
     await server.start()
     print(f"PORT {server.port}", flush=True)
@@ -177,8 +180,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--key", action="append", default=[])
     parser.add_argument("--cache-ttl", type=float, default=60.0)
+    parser.add_argument(
+        "--response-cache", action="store_true", help="the keys' limits enable the response cache"
+    )
     args = parser.parse_args(argv)
-    asyncio.run(_main(args.port, args.key, args.cache_ttl))
+    asyncio.run(_main(args.port, args.key, args.cache_ttl, args.response_cache))
 
 
 if __name__ == "__main__":

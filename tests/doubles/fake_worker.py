@@ -55,6 +55,7 @@ class FakeWorkerConfig:
     service_token: str | None = None
     tokens_per_message: int = 1
     prefix_cache_blocks: int = 100_000  # LRU capacity of the simulated prefix cache
+    model_revision: str = "fake-rev-1"  # Describe's content hash of the "weights"
 
 
 def prompt_text(request: Any) -> str:
@@ -300,6 +301,7 @@ class FakeWorkerService(wrk_grpc.WorkerServiceServicer):
             dtype="float32",
             version="fake",
             prefix_cache=True,
+            model_revision=cfg.model_revision,
         )
 
     def _report(self) -> wrk.WatchLoadResponse:

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from services.inference.model_loading import LoadedModel
+from services.inference.model_loading import LoadedModel, state_digest
 
 _CORPUS = [
     "The quick brown fox jumps over the lazy dog.",
@@ -90,4 +90,5 @@ def build_tiny_model(
         dtype=dtype,
         context_length=context_length,
         eos_token_ids=frozenset({eos}),
+        revision=state_digest(model),
     )

@@ -8,6 +8,9 @@ checkable; it honours capacity (EngineFull), deadlines, aborts, drain and
 `stop_token_ids` (the stop token is emitted and counted, finish STOP) like the
 real engine. The tokenizer is byte-level (token id = UTF-8 byte, 256 = EOS).
 
+SIGTERM drains it (WatchLoad reports draining, new work is refused, running
+streams get `--grace` seconds), then stops it, as a real worker does.
+
 Run: `python -m tests.reliability.fake_engine_worker --port N [--token-delay S]`;
 prints `PORT <n>` once serving. The service token comes from TOKENYARD_SERVICE_TOKEN.
 """
@@ -86,6 +89,8 @@ class FakeStream:
         self.engine, self.req = engine, req
         self.position = len(req.continuation_ids)
         self.admitted = self.done = False
+        self.admitted_at: float | None = None
+        self.first = True
 
     def __aiter__(self) -> FakeStream:
         return self
@@ -97,6 +102,7 @@ class FakeStream:
             if not self.admitted:
                 await self.engine.slots.acquire()
                 self.admitted = True
+                self.admitted_at = time.monotonic()  # queueing ended: the queue-time signal
                 self.engine.queued -= 1
                 self.engine.running += 1
             await asyncio.sleep(self.engine.token_delay)
@@ -120,7 +126,8 @@ class FakeStream:
         if last:
             self._release()
         finish = FINISH_STOP if stopped else FINISH_LENGTH if last else None
-        return [TokenEvent(token, logprob, top, finish)]
+        admitted_at, self.first = (self.admitted_at if self.first else None), False
+        return [TokenEvent(token, logprob, top, finish, admitted_at=admitted_at)]
 
     async def aclose(self) -> None:
         self._release()
@@ -193,6 +200,7 @@ class FakeEngine:
             total_prompt_tokens=0,
             total_generated_tokens=self.generated,
             total_steps=0,
+            kv_cache_usage=self.running / self.max_running,
         )
 
 
@@ -241,6 +249,9 @@ async def serve(args: argparse.Namespace) -> None:
     print(f"PORT {port}", flush=True)
     try:
         await server.wait_for_stop_signal()
+        # As InferenceApp.stop: drain first, so routers move new work elsewhere
+        # while the streams here finish.
+        await worker.drained(args.grace)
     finally:
         engine.closed = True
         await server.stop()
@@ -256,6 +267,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-running", type=int, default=64)
     parser.add_argument("--max-queued", type=int, default=64)
     parser.add_argument("--context-length", type=int, default=4096)
+    parser.add_argument("--grace", type=float, default=2.0, help="drain time on SIGTERM")
     asyncio.run(serve(parser.parse_args(argv)))
 
 

@@ -151,6 +151,8 @@ class UsageRow(Base):
     day: Mapped[str] = mapped_column(String(10))
     # The caller's id for its end user (OpenAI's `user`); "" when not given.
     end_user: Mapped[str] = mapped_column(String(256), default="", server_default="")
+    # Completion tokens the router's response cache replayed (a hit: 0 prompt/completion).
+    cached_completion_tokens: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
 
 
 class UsageDailyRow(Base):

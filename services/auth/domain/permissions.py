@@ -31,7 +31,10 @@ LIMIT_FIELDS = (
     "concurrent_streams",
     "max_tokens_per_request",
     "token_quota",
+    "response_cache",  # 1 on, 0 off: min over levels, so off anywhere wins
 )
+# Limits that switch a feature on (1) or off (0) rather than cap a number.
+SWITCH_FIELDS = frozenset({"response_cache"})
 QUOTA_PERIODS = ("day", "month")
 
 
@@ -170,6 +173,11 @@ def limits_within(requested: Limits, holder: Limits) -> str | None:
     for name in LIMIT_FIELDS:
         cap = holder.get(name)
         if cap is None:
+            continue
+        if name in SWITCH_FIELDS:
+            # Unset never switches anything on; on is looser than the holder's off.
+            if cap == 0 and requested.get(name):
+                return name
             continue
         if requested.get(name) is None:
             return name

@@ -38,6 +38,7 @@ class Record:
     end_time: datetime | None
     status: str
     end_user: str = ""  # the caller's id for its end user, or ""
+    cached_completion_tokens: int = 0  # replayed by the router's response cache
 
 
 @dataclass(frozen=True)
@@ -63,6 +64,7 @@ class UsageSum:
     requests: int
     prompt_tokens: int
     completion_tokens: int
+    cached_completion_tokens: int = 0
 
 
 def _check(i: int, r: Record) -> None:
@@ -75,7 +77,7 @@ def _check(i: int, r: Record) -> None:
     validation.text(r.model, f"{f}.model", 200, required=True)
     validation.text(r.status, f"{f}.status", 32)
     validation.text(r.end_user, f"{f}.end_user", MAX_END_USER)
-    if r.prompt_tokens >= MAX_TOKENS or r.completion_tokens >= MAX_TOKENS:
+    if max(r.prompt_tokens, r.completion_tokens, r.cached_completion_tokens) >= MAX_TOKENS:
         raise InvalidArgument(f"{f}.prompt_tokens", "too large")
 
 
@@ -118,6 +120,7 @@ class Usage:
                     "end_time": r.end_time or start,
                     "status": r.status or "OK",
                     "end_user": r.end_user,
+                    "cached_completion_tokens": r.cached_completion_tokens,
                     "day": start.strftime("%Y-%m-%d"),
                 },
             )
@@ -184,6 +187,7 @@ class Usage:
                     func.count(),
                     func.sum(UsageRow.prompt_tokens),
                     func.sum(UsageRow.completion_tokens),
+                    func.sum(UsageRow.cached_completion_tokens),
                 )
                 .where(UsageRow.start_time >= start, UsageRow.start_time < end)
                 .group_by(*cols)
@@ -198,7 +202,7 @@ class Usage:
             if q.end_user:
                 stmt = stmt.where(UsageRow.end_user == q.end_user)
             return [
-                UsageSum(r[0], r[1], r[2], r[3], int(r[4]), int(r[5] or 0), int(r[6] or 0))
+                UsageSum(r[0], r[1], r[2], r[3], int(r[4]), *(int(v or 0) for v in r[5:8]))
                 for r in session.execute(stmt)
             ]
 

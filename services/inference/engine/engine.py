@@ -30,6 +30,7 @@ import torch
 
 from services.common.requests import Sampling, sampling_error
 from services.inference.engine.generic import GenericRunner, select_runner
+from services.inference.engine.grammar import GrammarError, Grammars
 from services.inference.engine.kv_cache import MIN_KV_POSITIONS, kv_positions
 from services.inference.engine.prefix_cache import PrefixCache
 from services.inference.engine.runner import Runner
@@ -121,6 +122,8 @@ class Engine:
             )
         prefix_cache = prefix_cache and self.runner.supports_prefix_cache
         cache = PrefixCache(prefix_block_size, prefix_cache_bytes) if prefix_cache else None
+        # Structured output: grammars compile off the compute thread (see grammar.py).
+        self.grammars = Grammars(loaded.tokenizer, self.runner.vocab_size, loaded.eos_token_ids)
         self._scheduler = Scheduler(
             self.runner,
             max_running=max_running,
@@ -130,6 +133,7 @@ class Engine:
             prefix_cache=cache,
             deliver=self._deliver,
             on_removed=self._on_removed,
+            grammars=self.grammars,
         )
         self._prefix_cache = cache
         self._cond = threading.Condition()
@@ -183,6 +187,8 @@ class Engine:
                 daemon=True,
             )
             self._thread.start()
+        if warm:
+            self.grammars.prepare()
         if self.compute_threads is not None or warm:
             ready.wait()
         if self.compute_threads is not None:
@@ -202,6 +208,7 @@ class Engine:
             await asyncio.to_thread(thread.join)
         else:
             self._cancel_everything()
+        self.grammars.close()
 
     def warmup(self) -> None:
         """Run one tiny generation so the first request does not pay one-time setup."""
@@ -267,7 +274,10 @@ class Engine:
         seed = req.sampling.seed if req.sampling.seed is not None else secrets.randbits(63)
         stream = RequestStream(loop)
         sink = weakref.ref(stream)
-        seqs = [Sequence.create(req, (seed + i) % 2**64, sink, index=i) for i in range(req.n)]
+        try:
+            seqs = [Sequence.create(req, (seed + i) % 2**64, sink, i) for i in range(req.n)]
+        except GrammarError as exc:  # the worker checked the continuation against it
+            raise InvalidRequest("continuation_ids", str(exc)) from None
         stream.bind(seqs)
         # The generic path's caches cannot be copied: its samples prefill each.
         heads = seqs[:1] if self.runner.supports_prefix_cache else seqs
@@ -307,6 +317,8 @@ class Engine:
             pending = self._pending_tokens if outstanding else 0
             requests, prompt_tokens = self._total_requests, self._total_prompt_tokens
         running = min(len(sched.running), outstanding)
+        held = sum(s.computed for s in list(sched.running))
+        positions = self.max_running * self.context_length
         recent = [(t, n) for t, n in rate if now - t <= _RATE_WINDOW_S]
         span = now - recent[0][0] if len(recent) > 1 else 0.0
         tps = sum(n for _, n in recent[1:]) / span if span > 0 else 0.0
@@ -330,6 +342,7 @@ class Engine:
             total_steps=sched.total_steps,
             total_prefill_tokens=sched.total_prefill_tokens,
             total_forks=sched.total_forks,
+            kv_cache_usage=min(held / positions, 1.0) if positions else 0.0,
         )
 
     # -- compute thread ----------------------------------------------------------

@@ -107,11 +107,15 @@ def _draw(filtered: torch.Tensor, rows: Sequence[SampleRow]) -> torch.Tensor:
     return chosen.clamp_(max=filtered.shape[-1] - 1).flatten()
 
 
-def sample(logits: torch.Tensor, rows: Sequence[SampleRow]) -> list[Sampled]:
+def sample(
+    logits: torch.Tensor, rows: Sequence[SampleRow], allowed: torch.Tensor | None = None
+) -> list[Sampled]:
     """Choose one token per row of `logits` (``[rows, vocab]``, any float dtype).
 
     Greedy rows take the argmax in the given dtype (widening is exact, so it is the
-    float32 argmax); everything else is computed in float32.
+    float32 argmax); everything else is computed in float32. `allowed` (``[rows,
+    vocab]`` bool, structured output) removes the tokens a row's format forbids
+    before any filter; logprobs stay those of the model's raw distribution.
     """
     want_logprobs = [r.config.logprobs is not None for r in rows]
     simple = all(r.config.temperature == 0.0 and r.config.repetition_penalty == 1.0 for r in rows)
@@ -120,6 +124,8 @@ def sample(logits: torch.Tensor, rows: Sequence[SampleRow]) -> list[Sampled]:
     elif any(want_logprobs):
         logits = logits.float()
     raw_logprobs = torch.log_softmax(logits, dim=-1) if any(want_logprobs) else None
+    if allowed is not None:  # rows allowing every token are left exactly as they were
+        logits = logits.masked_fill(~allowed, float("-inf"))
     if simple:
         chosen = logits.argmax(dim=-1)
     else:

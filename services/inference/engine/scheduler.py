@@ -12,11 +12,13 @@ refilled by moving the last one down, so the decode batch is one contiguous view
 from __future__ import annotations
 
 import itertools
+import logging
 from collections import deque
 from collections.abc import Callable
 
 import torch
 
+from services.inference.engine.grammar import Grammars
 from services.inference.engine.kv_cache import CAPACITY_STEP, DecodeBatch, ModelRunner, SlotCache
 from services.inference.engine.prefix_cache import PrefixCache
 from services.inference.engine.sampling import Sampled, SampleRow, sample
@@ -29,6 +31,7 @@ from services.inference.engine.types import (
     TokenEvent,
 )
 
+log = logging.getLogger(__name__)
 Deliver = Callable[[list[tuple[Sequence, list[TokenEvent]]]], None]
 
 
@@ -46,9 +49,11 @@ class Scheduler:
         prefix_cache: PrefixCache | None,
         deliver: Deliver,
         on_removed: Callable[[Sequence], None],
+        grammars: Grammars | None = None,
         initial_capacity: int = CAPACITY_STEP,
     ) -> None:
         self.runner = runner
+        self.grammars = grammars  # token masks of structured-output sequences
         self.max_running = max_running
         self.max_batch_tokens = max_batch_tokens
         self.context_length = context_length  # positions a sequence may use
@@ -255,7 +260,10 @@ class Scheduler:
             sample_rows = [
                 SampleRow(s.request.sampling, s.seed, s.generated, s.tokens) for s in ready
             ]
-            for seq, choice in zip(ready, sample(logits, sample_rows), strict=True):
+            allowed = None
+            if self.grammars is not None:
+                allowed = self.grammars.allowed([s.matcher for s in ready], logits.device)
+            for seq, choice in zip(ready, sample(logits, sample_rows, allowed), strict=True):
                 self._advance(seq, choice)
         self._flush()
         if not self.running and self.cache.capacity > self._initial_capacity:
@@ -332,8 +340,10 @@ class Scheduler:
         seq.generated += 1
         self.total_generated += 1
         finish: str | None = None
-        if (token in self.eos_token_ids and not sampling.ignore_eos) or (
-            token in sampling.stop_token_ids
+        if (
+            (token in self.eos_token_ids and not sampling.ignore_eos)
+            or (token in sampling.stop_token_ids)
+            or (seq.matcher is not None and self._format_done(seq, token))
         ):
             finish = FINISH_STOP
         elif seq.generated >= seq.max_tokens or len(seq.tokens) >= self.context_length:
@@ -351,6 +361,20 @@ class Scheduler:
             self.total_finished += 1
             self._store_prefix(seq, seq.computed)
             self._remove(seq)
+
+    @staticmethod
+    def _format_done(seq: Sequence, token: int) -> bool:
+        """Advance the sample's matcher; True once its format is complete.
+
+        The mask allowed only tokens the format accepts, so a refused token means a
+        bug; the sample then ends rather than emit text outside the format.
+        """
+        if not seq.matcher.consume_token(token):
+            log.error(
+                "structured output: matcher refused token %d: %s", token, seq.matcher.get_error()
+            )
+            return True
+        return bool(seq.matcher.is_stopped())
 
     def _flush(self) -> None:
         # Removals are counted before the events go out: a caller holding its last

@@ -33,12 +33,15 @@ class Sequence:
     # Sibling samples that take this one's prompt keys/values once its prefill is
     # done (prefill once); they hold slots reserved from this one's admission on.
     forks: list[Sequence] = field(default_factory=list)
+    matcher: Any = None  # this sample's llguidance matcher when the request has a grammar
 
     @classmethod
     def create(cls, request: EngineRequest, seed: int, sink: Any, index: int = 0) -> Sequence:
         """State for a new request: the continuation counts as already generated."""
         tokens = [*request.prompt_ids, *request.continuation_ids]
         assert request.sampling.max_tokens is not None  # Engine._check
+        grammar = request.grammar
+        matcher = None if grammar is None else grammar.start(request.continuation_ids)
         return cls(
             request=request,
             seed=seed,
@@ -48,6 +51,7 @@ class Sequence:
             n_prefill=len(tokens),
             generated=len(request.continuation_ids),
             index=index,
+            matcher=matcher,
         )
 
     @property

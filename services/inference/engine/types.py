@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from services.common.requests import Sampling
 
@@ -44,6 +45,8 @@ class EngineRequest:
     `continuation_ids` are tokens an earlier attempt already produced (router
     failover): they count as generated, and a seeded stream continues after them.
     `deadline` is a `time.monotonic()` instant after which the request is cancelled.
+    `grammar` (a `grammar.CompiledGrammar`) constrains every sample's tokens to its
+    format; the generation then ends "stop" once the format is complete.
     """
 
     request_id: str
@@ -52,6 +55,7 @@ class EngineRequest:
     continuation_ids: list[int] = field(default_factory=list)
     deadline: float | None = None
     n: int = 1  # samples sharing the prompt's prefill; sample i is seeded with seed + i
+    grammar: Any = None  # CompiledGrammar | None (engine.grammar imports torch)
 
 
 @dataclass(frozen=True)
@@ -97,3 +101,4 @@ class EngineStats:
     total_steps: int
     total_prefill_tokens: int = 0  # prompt positions computed by the model (not cache, not fork)
     total_forks: int = 0  # samples that took their prompt's keys/values from a sibling
+    kv_cache_usage: float = 0.0  # positions held by running sequences / all positions, 0-1

@@ -7,12 +7,17 @@ messages a gRPC client receives.
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from tokenyard.generation.v1 import generation_service_pb2 as gen
 
 from services.common.errors import InvalidArgument
-from services.router.openai_api.schemas import ChatCompletionRequest, CompletionRequest
+from services.router.openai_api.schemas import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    ResponseFormat,
+)
 
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 
@@ -98,6 +103,37 @@ def _sampling(body: Body, request: gen.StreamGenerateRequest, max_tokens: int | 
         request.affinity_key = body.affinity_key
     if body.user:
         request.end_user = body.user
+    if body.cache is not None:
+        request.cache = _CACHE_MODES[body.cache]
+    _response_format(body.response_format, request)
+
+
+_CACHE_MODES = {
+    "default": gen.CACHE_MODE_DEFAULT,
+    "bypass": gen.CACHE_MODE_BYPASS,
+    "refresh": gen.CACHE_MODE_REFRESH,
+}
+
+
+def _response_format(given: ResponseFormat | None, request: gen.StreamGenerateRequest) -> None:
+    """OpenAI's `response_format` onto the gRPC field; the router checks the format."""
+    if given is None or given.type == "text":
+        return
+    out = request.response_format
+    if given.type == "json_object":
+        out.json_object = True
+    elif given.type == "json_schema":
+        if given.json_schema is None:
+            raise InvalidArgument("response_format", "json_schema needs a json_schema object")
+        schema = given.json_schema.schema_
+        if isinstance(schema, bool):
+            raise InvalidArgument("response_format", "json_schema.schema must be an object")
+        out.json_schema = json.dumps(schema)
+    else:
+        text = given.regex if given.type == "regex" else given.grammar
+        if not text:
+            raise InvalidArgument("response_format", f"type {given.type} needs its {given.type}")
+        setattr(out, given.type, text)
 
 
 def param_of(field: str | None, body: Body | None) -> str | None:
@@ -117,16 +153,23 @@ def param_of(field: str | None, body: Body | None) -> str | None:
         return "X-Request-Id"
     if field == "end_user":
         return "user"
+    if field.startswith("response_format"):
+        return "response_format"
     return field
 
 
-def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
-    """OpenAI's usage object."""
-    return {
+def usage(prompt_tokens: int, completion_tokens: int, cached: bool = False) -> dict[str, Any]:
+    """OpenAI's usage object; `cached` (a tokenyard extension) when the router's
+    response cache answered."""
+    out: dict[str, Any] = {
         "prompt_tokens": prompt_tokens,
         "completion_tokens": completion_tokens,
         "total_tokens": prompt_tokens + completion_tokens,
     }
+    if cached:
+        out["cached"] = True
+        out["cached_completion_tokens"] = completion_tokens
+    return out
 
 
 def _token_text(token_id: int, msg: gen.StreamGenerateResponse) -> str:

@@ -112,7 +112,7 @@ class Generation:
             await self._fail(send, exc)
             return
         prompt = state.prompt_tokens or 0
-        usage = convert.usage(prompt, len(state.tokens))
+        usage = convert.usage(prompt, len(state.tokens), cached=bool(state.cached_tokens))
         if not self.body.stream:
             await send_json(send, 200, self._whole(usage), self._headers())
             return
@@ -176,7 +176,7 @@ class Generation:
         chunk = b"data: " + self._chunk([choice]) + b"\n\n"
         await send({"type": "http.response.body", "body": chunk, "more_body": True})
 
-    def _chunk(self, choices: list[dict[str, Any]], usage: dict[str, int] | None = None) -> bytes:
+    def _chunk(self, choices: list[dict[str, Any]], usage: dict[str, Any] | None = None) -> bytes:
         obj: dict[str, Any] = {
             "id": self.id,
             "object": "chat.completion.chunk" if self.chat else "text_completion",
@@ -188,7 +188,7 @@ class Generation:
             obj["usage"] = usage
         return _dumps(obj)
 
-    def _whole(self, usage: dict[str, int]) -> dict[str, Any]:
+    def _whole(self, usage: dict[str, Any]) -> dict[str, Any]:
         return {
             "id": self.id,
             "object": "chat.completion" if self.chat else "text_completion",

@@ -29,12 +29,27 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+class JsonSchemaFormat(BaseModel):
+    """`response_format.json_schema`: a named schema (`strict` is always honoured)."""
+
+    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+
+    name: str = ""
+    description: str | None = None
+    schema_: dict[str, Any] | bool = Field(alias="schema")
+    strict: bool | None = None
+
+
 class ResponseFormat(BaseModel):
-    """`response_format`: only `text` until the contract has structured output."""
+    """`response_format`: `text`, `json_object` or `json_schema` (OpenAI's), and as
+    tokenyard extensions `regex` and `grammar` (llguidance Lark) with their text."""
 
     model_config = ConfigDict(extra="ignore")
 
-    type: str
+    type: Literal["text", "json_object", "json_schema", "regex", "grammar"]
+    json_schema: JsonSchemaFormat | None = None
+    regex: str | None = None
+    grammar: str | None = None
 
 
 class ChatMessage(BaseModel):
@@ -72,6 +87,9 @@ class _Common(BaseModel):
     stop_token_ids: list[UInt32] | None = None
     affinity_key: str | None = None
     priority: int | None = None
+    # The router's response cache for this request (gRPC `cache`); unset: default.
+    cache: Literal["default", "bypass", "refresh"] | None = None
+    response_format: ResponseFormat | None = None
 
     def refuse_unsupported(self) -> None:
         """400 naming the first field that needs a feature the contract lacks."""
@@ -103,7 +121,6 @@ class ChatCompletionRequest(_Common):
     max_completion_tokens: Int32 | None = None
     logprobs: bool = False
     top_logprobs: UInt32 | None = None
-    response_format: ResponseFormat | None = None
     tools: list[Any] | None = None
     functions: list[Any] | None = None
     tool_choice: Any = None
@@ -116,10 +133,6 @@ class ChatCompletionRequest(_Common):
             raise InvalidArgument("functions", "function calling is not supported")
         if self.tool_choice not in (None, "none"):
             raise InvalidArgument("tool_choice", "tool calling is not supported")
-        if self.response_format is not None and self.response_format.type != "text":
-            raise InvalidArgument(
-                "response_format", "structured output (json_object, json_schema) is not supported"
-            )
         if self.top_logprobs is not None and not self.logprobs:
             raise InvalidArgument("top_logprobs", "needs logprobs set to true")
 

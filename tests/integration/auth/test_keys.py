@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import grpc
 from google.protobuf import duration_pb2, timestamp_pb2
@@ -362,3 +363,33 @@ async def test_a_revocation_committed_late_with_a_lower_id_is_still_pushed(svc: 
     finally:
         await hub.stop()
     assert [sorted(b.credential_ids) for b in got] == [["late-one"]]
+
+
+async def test_an_authenticate_after_a_revocation_never_joins_a_lookup_from_before(
+    svc: Auth,
+) -> None:
+    made = await svc.keys.CreateApiKey(
+        keys_pb.CreateApiKeyRequest(name="raced"), metadata=svc.admin
+    )
+    core = svc.app.core
+    read, entered, release = core.db.read, asyncio.Event(), asyncio.Event()
+
+    async def held_read(fn: Any, *args: Any) -> Any:
+        result = await read(fn, *args)
+        if fn == core._resolve and not entered.is_set():
+            entered.set()  # this lookup read the key valid; it answers after the revoke
+            await release.wait()
+        return result
+
+    core.db.read = held_read  # type: ignore[method-assign]
+    before = asyncio.create_task(authenticate(svc, made.secret))
+    await asyncio.wait_for(entered.wait(), 10)
+    await svc.keys.RevokeApiKey(
+        keys_pb.RevokeApiKeyRequest(key_id=made.api_key.key_id), metadata=svc.admin
+    )
+    # Asked after the revocation completed: refused, even with the old lookup pending
+    # (joining it would wait for it, and then be let in).
+    await expect(asyncio.wait_for(authenticate(svc, made.secret), 10), UNAUTH)
+    release.set()
+    assert (await before).credential_id == made.api_key.key_id  # asked before: as then
+    await expect(authenticate(svc, made.secret), UNAUTH)  # and not cached

@@ -59,7 +59,18 @@ def test_node_client_lists_streams_cancels_and_reads_error_details(
     lines = done.stdout.splitlines()
     assert "models: tiny (1 workers)" in lines
     assert "completion_tokens=8" in done.stdout and "FINISH_REASON_LENGTH" in done.stdout
+    # The usage's `cached` flag reaches Node (false: the demo key leaves the cache off).
+    assert "completion_tokens=8 cached=false" in done.stdout
     assert "cancelled: true after 3 messages" in lines
+    structured = next(line for line in lines if line.startswith("structured: "))
+    assert structured in (
+        'structured: FINISH_REASON_STOP {"answer":"yes"}',
+        'structured: FINISH_REASON_STOP {"answer":"no"}',
+    )
+    assert (
+        "rejected (bad schema): INVALID_ARGUMENT reason=INVALID_ARGUMENT "
+        "field=response_format.json_schema" in lines
+    )
     # --n 2 (the default): two samples of 8 tokens, usage counting both.
     assert (
         "samples: 0:FINISH_REASON_LENGTH:8 1:FINISH_REASON_LENGTH:8 completion_tokens=16" in lines

@@ -74,6 +74,7 @@ async def test_serve_streams_and_stops_cleanly(worker: WorkerProcess) -> None:
         assert await watch.code() == grpc.StatusCode.OK
     assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
     assert (describe.model, describe.dtype, describe.device) == ("tiny", "float32", "cpu")
+    assert len(describe.model_revision) == 16  # the weights' content hash
     assert messages[-1].finish_reason == gen.FINISH_REASON_LENGTH
     assert messages[-1].usage.completion_tokens == 8
     output = worker.output()

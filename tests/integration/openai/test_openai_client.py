@@ -233,7 +233,10 @@ IMAGE_PARAM = "messages[0].content"
         ({"max_completion_tokens": -3}, "max_completion_tokens"),
         ({"n": 17}, "n"),  # above the router's max_n
         ({"frequency_penalty": 0.5}, "frequency_penalty"),
-        ({"response_format": {"type": "json_object"}}, "response_format"),
+        (
+            {"response_format": {"type": "json_schema", "json_schema": {"schema": {"type": "x"}}}},
+            "response_format",
+        ),
         ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
         ({"messages": [{"role": "tool", "content": "x"}]}, "messages[0].role"),
         ({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, IMAGE_PARAM),

@@ -20,7 +20,7 @@ from tokenyard.generation.v1 import generation_service_pb2 as gen
 from tokenyard.generation.v1 import generation_service_pb2_grpc as gen_grpc
 
 from services.common.status import details_of
-from tests.conftest import WAIT_TIMEOUT
+from tests.conftest import WAIT_TIMEOUT, eventually
 from tests.doubles.fake_worker import expected_token
 from tests.integration.router.conftest import (
     TOKENYARD,
@@ -184,6 +184,62 @@ async def test_limits_hold_across_two_routers_sharing_redis(
         assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         details = details_of(err)
         assert details.retry_after and details.quota_violations
+    finally:
+        for c in channels:
+            await c.close()
+
+
+@pytest.mark.redis
+async def test_the_response_cache_holds_across_two_routers_sharing_redis(
+    shared: tuple[Launcher, Proc, str], launcher: Launcher
+) -> None:
+    """Issue 18 §3: the role's response_cache limit flows auth → router; an answer
+    generated through one router is replayed by the other, for its user only; the
+    ledger records the hits' tokens as cached, apart from generated ones."""
+    _, auth, admin = shared
+    on = res.Limits(response_cache=True)
+    alice, bob = make_user(auth, admin, limits=on), make_user(auth, admin, limits=on)
+    worker = launcher.fake_worker()
+    env = {
+        "TOKENYARD_REDIS_URL": REDIS_URL,
+        "TOKENYARD_ROUTER_REDIS_PREFIX": f"test:{uuid.uuid4().hex}:",
+        "TOKENYARD_ROUTER_RESPONSE_CACHE_PREFIX": f"test:rc:{uuid.uuid4().hex}:",
+    }
+    routers = [launcher.router(auth, [worker], wait=False, **env) for _ in range(2)]
+    for router in routers:
+        launcher.wait_serving(router)
+    greedy = request("a question asked twice", 5)
+    greedy.sampling.temperature = 0.0
+
+    async def last_usage(stub: gen_grpc.GenerationServiceStub, key: str) -> gen.Usage:
+        messages = [m async for m in stub.StreamGenerate(greedy, metadata=bearer(key))]
+        usage: gen.Usage = messages[-1].usage
+        return usage
+
+    channels = [grpc.aio.insecure_channel(r.address) for r in routers]
+    try:
+        stubs = [gen_grpc.GenerationServiceStub(c) for c in channels]
+        assert not (await last_usage(stubs[0], alice.key)).cached
+        assert (await last_usage(stubs[1], alice.key)).cached
+        assert not (await last_usage(stubs[1], bob.key)).cached  # another tenant: a miss
+        hits = await asyncio.gather(*(last_usage(stubs[i % 2], alice.key) for i in range(8)))
+        assert all(u.cached and u.cached_completion_tokens == 5 for u in hits)
+        reply = usage_pb.GetUsageResponse()
+        async with grpc.aio.insecure_channel(auth.address) as auth_channel:
+            usage = usage_grpc.UsageServiceStub(auth_channel)
+
+            async def recorded() -> bool:
+                reply.CopyFrom(
+                    await usage.GetUsage(
+                        usage_pb.GetUsageRequest(user_id=alice.user_id), metadata=bearer(admin)
+                    )
+                )
+                return bool(reply.total_requests >= 10)
+
+            await eventually(recorded, what="alice's 10 usage records")
+        assert reply.total_requests == 10
+        assert reply.total_completion_tokens == 5  # generated once
+        assert reply.total_cached_completion_tokens == 9 * 5
     finally:
         for c in channels:
             await c.close()

@@ -4,6 +4,8 @@ a second start reusing the state. Tests run in file order."""
 
 from __future__ import annotations
 
+import json
+import re
 import ssl
 import stat
 import time
@@ -78,6 +80,23 @@ def test_generate_streams_with_every_sampling_flag(stack: StackProcess) -> None:
     assert "completion 6 tokens" in err and "ttft" in err
     assert len([ln for ln in err.splitlines() if ln.startswith("  ")]) == 6  # logprob rows
     assert out.endswith("\n")
+
+
+def test_generate_with_a_json_schema_file_and_a_regex(stack: StackProcess, tmp_path: Path) -> None:
+    schema = {"type": "object", "properties": {"ok": {"enum": ["yes", "no"]}},
+              "required": ["ok"], "additionalProperties": False}  # fmt: skip
+    path = tmp_path / "schema.json"
+    path.write_text(json.dumps(schema))
+    code, out, err = generate(stack, "--json-schema", str(path), "--max-tokens", "30", "Hi")
+    assert code == 0, err
+    assert json.loads(out) in ({"ok": "yes"}, {"ok": "no"})
+    assert "STOP" in err
+    code, out, err = generate(stack, "--regex", "[0-9]{3}", "--n", "2", "--seed", "1", "Hi")
+    assert code == 0, err
+    samples = [ln for ln in out.splitlines() if not ln.startswith("---")]
+    assert len(samples) == 2 and all(re.fullmatch("[0-9]{3}", s) for s in samples)
+    code, _, err = generate(stack, "--regex", "[0-9", "Hi")
+    assert code == 1 and "INVALID_ARGUMENT" in err and "response_format.regex" in err
 
 
 def test_errors_print_status_and_field_not_a_traceback(stack: StackProcess) -> None:

@@ -201,3 +201,24 @@ def test_concurrent_cold_starts_convert_once(tmp_path: Path) -> None:
     assert len(results) == 2
     assert calls == ["a"]
     assert results["a"] == results["b"] and (results["a"] / "config.json").is_file()
+
+
+def test_the_model_revision_is_a_content_hash(good_dir: Path, tmp_path: Path) -> None:
+    """Describe's model_revision: the same weights give the same revision wherever they
+    lie; other weights (another seed) give another; a GGUF's is its conversion key."""
+    from services.inference.model_sources import converted_digest, weights_digest
+
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    for f in good_dir.iterdir():
+        (copy / f.name).write_bytes(f.read_bytes())
+    assert weights_digest(copy) == weights_digest(good_dir)
+    other = tmp_path / "other"
+    tiny = build_tiny_model(seed=4)
+    tiny.model.save_pretrained(other)
+    assert weights_digest(other) != weights_digest(good_dir)
+    loaded = load_model(str(good_dir), device="cpu", dtype="float32", cache_dir=tmp_path)
+    assert loaded.revision == weights_digest(good_dir)
+    assert converted_digest(tmp_path / f"model-{'a' * 16}") == "a" * 16
+    assert build_tiny_model(seed=3).revision == build_tiny_model(seed=3).revision
+    assert build_tiny_model(seed=3).revision != build_tiny_model(seed=4).revision

@@ -196,3 +196,17 @@ async def test_service_token_guards_every_rpc_but_health() -> None:
         health = health_pb2_grpc.HealthStub(w.channel)
         status = await health.Check(health_pb2.HealthCheckRequest())
     assert status.status == health_pb2.HealthCheckResponse.SERVING
+
+
+async def test_load_reports_carry_kv_cache_usage_and_queue_time(long_model: LoadedModel) -> None:
+    async with serving(long_model, max_running=1) as w:
+        running = w.gen.StreamGenerate(long_request())
+        await running.read()
+        waiting = w.gen.StreamGenerate(long_request(max_tokens=2))  # queued behind it
+        busy = await w.watch_until(lambda r: r.running == 1 and r.queued == 1)
+        assert 0 < busy.kv_cache_usage <= 1
+        running.cancel()
+        assert [m async for m in waiting][-1].finish_reason == gen.FINISH_REASON_LENGTH
+        report = await w.watch_until(lambda r: r.running == 0 and r.queue_time_p95_seconds > 0)
+    assert report.kv_cache_usage == 0
+    assert 0 <= report.queue_time_p50_seconds <= report.queue_time_p95_seconds

@@ -114,6 +114,24 @@ async def test_revocation_applies_at_once(auth: FakeAuth, client: AuthClient) ->
         pytest.fail("revoked key still accepted")
 
 
+async def test_a_request_after_a_revocation_never_joins_a_call_from_before(
+    auth: FakeAuth, client: AuthClient
+) -> None:
+    client.start()
+    await client.revocations_connected.wait()
+    auth.state.authenticate_delay = 0.3
+    before = asyncio.create_task(client.authenticate(KEY))  # auth read the key valid
+    await eventually(lambda: auth.state.authenticate_calls == 1, what="call in flight")
+    epoch = client._epoch
+    auth.state.revoke(KEY)
+    await eventually(lambda: client._epoch > epoch, what="revocation applied")
+    with pytest.raises(Unauthenticated):
+        await client.authenticate(KEY)  # asks auth again rather than joining
+    assert (await before).credential_id == "cred-a"  # began before: answered as then
+    with pytest.raises(Unauthenticated):
+        await client.authenticate(KEY)  # and that answer was not cached
+
+
 async def test_reconnect_drops_the_cache(auth: FakeAuth, client: AuthClient) -> None:
     client.start()
     await client.revocations_connected.wait()

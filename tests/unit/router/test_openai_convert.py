@@ -77,7 +77,6 @@ def test_completion_prompts_text_ids_and_one_element_batches() -> None:
         ({"logit_bias": {"5": 1.0}}, "logit_bias"),
         ({"tools": [{"type": "function"}]}, "tools"),
         ({"tool_choice": "auto"}, "tool_choice"),
-        ({"response_format": {"type": "json_schema"}}, "response_format"),
         ({"top_logprobs": 2}, "top_logprobs"),
         ({"priority": 1}, "priority"),
         ({"stream_options": {"include_usage": True}}, "stream_options"),
@@ -166,3 +165,41 @@ def test_logprobs_name_a_token_by_its_text_only_when_the_message_holds_one() -> 
     legacy = convert.completion_logprobs(two, offset=10)
     assert legacy["tokens"] == ["token_id:1", "token_id:2"]
     assert legacy["token_logprobs"] == [-1.0, -2.0] and legacy["text_offset"] == [10, 10]
+
+
+@pytest.mark.parametrize(
+    ("given", "field", "value"),
+    [
+        ({"type": "json_schema", "json_schema": {"name": "s", "schema": {"type": "integer"}}},
+         "json_schema", '{"type": "integer"}'),
+        ({"type": "json_object"}, "json_object", True),
+        ({"type": "regex", "regex": "[0-9]+"}, "regex", "[0-9]+"),
+        ({"type": "grammar", "grammar": 'start: "a"'}, "grammar", 'start: "a"'),
+    ],
+)  # fmt: skip
+def test_response_format_maps_onto_the_grpc_field(
+    given: dict[str, object], field: str, value: object
+) -> None:
+    for body in (
+        chat(response_format=given),
+        CompletionRequest.model_validate({"model": "m", "prompt": "p", "response_format": given}),
+    ):
+        body.refuse_unsupported()
+        request = (
+            convert.chat_request(body, "r")
+            if isinstance(body, ChatCompletionRequest)
+            else convert.completion_request(body, "r")
+        )
+        assert request.response_format.WhichOneof("format") == field
+        assert getattr(request.response_format, field) == value
+    assert not convert.chat_request(chat(response_format={"type": "text"}), "r").HasField(
+        "response_format"
+    )
+
+
+def test_an_incomplete_response_format_names_it() -> None:
+    for given in ({"type": "json_schema"}, {"type": "regex"}):
+        with pytest.raises(InvalidArgument) as info:
+            convert.chat_request(chat(response_format=given), "r")
+        assert info.value.field == "response_format"
+    assert convert.param_of("response_format.json_schema", None) == "response_format"

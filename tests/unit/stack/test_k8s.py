@@ -296,3 +296,76 @@ def test_the_tls_guide_names_each_services_tls_variables_in_full() -> None:
     assert {n for n in named if f"`{n}`" not in reference} == set()
     assert "cert-manager" in doc and "OTLP" in doc
     assert not re.search(r"traces and metrics by OTLP|metrics (are sent|by) OTLP", doc)
+
+
+# Elastic scaling (issue 18 §2): workers scale on queue time and leave drained.
+ADAPTER_VALUES = ROOT / "deploy" / "prometheus-adapter" / "values.yaml"
+
+
+def test_workers_scale_on_queue_time_through_prometheus_adapter() -> None:
+    from prometheus_client import REGISTRY
+
+    import services.inference.metrics  # noqa: F401  (registers the worker's metrics)
+
+    hpa = resources()[("HorizontalPodAutoscaler", "tokenyard-inference")]
+    target = hpa["spec"]["scaleTargetRef"]
+    assert (target["kind"], target["name"]) == ("StatefulSet", "tokenyard-inference")
+    names = [m["pods"]["metric"]["name"] for m in hpa["spec"]["metrics"] if m["type"] == "Pods"]
+    assert "tokenyard_inference_queue_seconds_p95" in names
+    exported = {s.name for family in REGISTRY.collect() for s in family.samples}
+    rules = yaml.safe_load(ADAPTER_VALUES.read_text())["rules"]["custom"]
+    served = {rule["name"]["as"]: rule for rule in rules}
+    for name in names:
+        assert name in exported, f"the HPA scales on {name}, which no worker exports"
+        assert name in served, f"prometheus-adapter serves no {name}"
+        assert name in served[name]["seriesQuery"]
+        assert set(served[name]["resources"]["overrides"]) == {"namespace", "pod"}
+    # The HPA owns the replica count: a fixed one would fight it on every apply.
+    assert "replicas" not in resources()[("StatefulSet", "tokenyard-inference")]["spec"]
+    assert hpa["spec"]["behavior"]["scaleDown"]["policies"][0]["value"] == 1
+
+
+@pytest.mark.parametrize("name", ["tokenyard-inference", "tokenyard-router"])
+def test_a_disruption_budget_covers_each_scaled_workload(name: str) -> None:
+    pdb = resources()[("PodDisruptionBudget", name)]
+    kind = "StatefulSet" if name == "tokenyard-inference" else "Deployment"
+    labels = resources()[(kind, name)]["spec"]["template"]["metadata"]["labels"]
+    selector = pdb["spec"]["selector"]["matchLabels"]
+    assert selector.items() <= labels.items()
+    if name == "tokenyard-inference":
+        assert pdb["spec"]["maxUnavailable"] == 1
+    else:
+        assert pdb["spec"]["minAvailable"] >= 1
+
+
+def test_a_worker_is_drained_before_sigterm_and_given_time_to_finish() -> None:
+    (container,) = containers("StatefulSet", "tokenyard-inference")
+    command = container["lifecycle"]["preStop"]["exec"]["command"]
+    assert command[0] == "tokenyard"
+    args = build_parser().parse_args(command[1:])
+    assert (args.command, args.inference_command) == ("inference", "drain")
+    port = {p["name"]: p["containerPort"] for p in container["ports"]}["grpc"]
+    assert args.address == f"127.0.0.1:{port}"
+    grace = float(env_of(container)["TOKENYARD_INFERENCE_GRACE_PERIOD"])
+    spec = resources()[("StatefulSet", "tokenyard-inference")]["spec"]["template"]["spec"]
+    assert spec["terminationGracePeriodSeconds"] > args.timeout + grace
+
+
+def test_every_metric_the_scaling_guide_names_is_exported() -> None:
+    from prometheus_client import REGISTRY
+
+    import services.inference.metrics
+    import services.router.metrics
+
+    assert services.inference.metrics.QUEUE_P95 and services.router.metrics.POOLS is not None
+
+    doc = (ROOT / "docs" / "kubernetes.md").read_text()
+    named = set(re.findall(r"\b(tokenyard_(?:inference|router)_[a-z0-9_]*[a-z0-9])\b", doc))
+    exported = set()
+    for family in REGISTRY.collect():
+        exported.add(family.name)
+        exported |= {s.name for s in family.samples}
+        if family.type == "counter":
+            exported.add(family.name + "_total")
+    assert len(named) > 20
+    assert named <= exported, sorted(named - exported)

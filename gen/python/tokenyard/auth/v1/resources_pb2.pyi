@@ -31,20 +31,22 @@ CREDENTIAL_TYPE_SERVICE_KEY: CredentialType
 CREDENTIAL_TYPE_SESSION: CredentialType
 
 class Limits(_message.Message):
-    __slots__ = ("requests_per_minute", "tokens_per_minute", "concurrent_streams", "max_tokens_per_request", "token_quota", "quota_period")
+    __slots__ = ("requests_per_minute", "tokens_per_minute", "concurrent_streams", "max_tokens_per_request", "token_quota", "quota_period", "response_cache")
     REQUESTS_PER_MINUTE_FIELD_NUMBER: _ClassVar[int]
     TOKENS_PER_MINUTE_FIELD_NUMBER: _ClassVar[int]
     CONCURRENT_STREAMS_FIELD_NUMBER: _ClassVar[int]
     MAX_TOKENS_PER_REQUEST_FIELD_NUMBER: _ClassVar[int]
     TOKEN_QUOTA_FIELD_NUMBER: _ClassVar[int]
     QUOTA_PERIOD_FIELD_NUMBER: _ClassVar[int]
+    RESPONSE_CACHE_FIELD_NUMBER: _ClassVar[int]
     requests_per_minute: int
     tokens_per_minute: int
     concurrent_streams: int
     max_tokens_per_request: int
     token_quota: int
     quota_period: QuotaPeriod
-    def __init__(self, requests_per_minute: _Optional[int] = ..., tokens_per_minute: _Optional[int] = ..., concurrent_streams: _Optional[int] = ..., max_tokens_per_request: _Optional[int] = ..., token_quota: _Optional[int] = ..., quota_period: _Optional[_Union[QuotaPeriod, str]] = ...) -> None: ...
+    response_cache: bool
+    def __init__(self, requests_per_minute: _Optional[int] = ..., tokens_per_minute: _Optional[int] = ..., concurrent_streams: _Optional[int] = ..., max_tokens_per_request: _Optional[int] = ..., token_quota: _Optional[int] = ..., quota_period: _Optional[_Union[QuotaPeriod, str]] = ..., response_cache: _Optional[bool] = ...) -> None: ...
 
 class User(_message.Message):
     __slots__ = ("user_id", "username", "display_name", "roles", "disabled", "service_account", "create_time", "update_time", "locked_until")

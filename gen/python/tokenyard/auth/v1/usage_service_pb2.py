@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n%tokenyard/auth/v1/usage_service.proto\x12\x11tokenyard.auth.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\x8a\x02\n\x0bUsageRecord\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x15\n\rcredential_id\x18\x02 \x01(\t\x12\x0f\n\x07user_id\x18\x03 \x01(\t\x12\r\n\x05model\x18\x04 \x01(\t\x12\x15\n\rprompt_tokens\x18\x05 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x06 \x01(\r\x12.\n\nstart_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06status\x18\t \x01(\t\x12\x10\n\x08\x65nd_user\x18\n \x01(\t\"E\n\x12RecordUsageRequest\x12/\n\x07records\x18\x01 \x03(\x0b\x32\x1e.tokenyard.auth.v1.UsageRecord\";\n\x13RecordUsageResponse\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\r\x12\x12\n\nduplicates\x18\x02 \x01(\r\"\xb8\x01\n\x0fGetUsageRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x15\n\rcredential_id\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\x12.\n\nstart_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08\x65nd_user\x18\x06 \x01(\t\"\x92\x01\n\x08UsageRow\x12\x0b\n\x03\x64\x61y\x18\x01 \x01(\t\x12\x0f\n\x07user_id\x18\x02 \x01(\t\x12\x15\n\rcredential_id\x18\x03 \x01(\t\x12\r\n\x05model\x18\x04 \x01(\t\x12\x10\n\x08requests\x18\x05 \x01(\x04\x12\x15\n\rprompt_tokens\x18\x06 \x01(\x04\x12\x19\n\x11\x63ompletion_tokens\x18\x07 \x01(\x04\"\x93\x01\n\x10GetUsageResponse\x12)\n\x04rows\x18\x01 \x03(\x0b\x32\x1b.tokenyard.auth.v1.UsageRow\x12\x16\n\x0etotal_requests\x18\x02 \x01(\x04\x12\x1b\n\x13total_prompt_tokens\x18\x03 \x01(\x04\x12\x1f\n\x17total_completion_tokens\x18\x04 \x01(\x04\x32\xc1\x01\n\x0cUsageService\x12\\\n\x0bRecordUsage\x12%.tokenyard.auth.v1.RecordUsageRequest\x1a&.tokenyard.auth.v1.RecordUsageResponse\x12S\n\x08GetUsage\x12\".tokenyard.auth.v1.GetUsageRequest\x1a#.tokenyard.auth.v1.GetUsageResponseBl\n\x15\x64\x65v.tokenyard.auth.v1B\x11UsageServiceProtoP\x01Z>github.com/tokenyard/tokenyard/gen/go/tokenyard/auth/v1;authv1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n%tokenyard/auth/v1/usage_service.proto\x12\x11tokenyard.auth.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xac\x02\n\x0bUsageRecord\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x15\n\rcredential_id\x18\x02 \x01(\t\x12\x0f\n\x07user_id\x18\x03 \x01(\t\x12\r\n\x05model\x18\x04 \x01(\t\x12\x15\n\rprompt_tokens\x18\x05 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x06 \x01(\r\x12.\n\nstart_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06status\x18\t \x01(\t\x12\x10\n\x08\x65nd_user\x18\n \x01(\t\x12 \n\x18\x63\x61\x63hed_completion_tokens\x18\x0b \x01(\r\"E\n\x12RecordUsageRequest\x12/\n\x07records\x18\x01 \x03(\x0b\x32\x1e.tokenyard.auth.v1.UsageRecord\";\n\x13RecordUsageResponse\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\r\x12\x12\n\nduplicates\x18\x02 \x01(\r\"\xb8\x01\n\x0fGetUsageRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x15\n\rcredential_id\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\x12.\n\nstart_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08\x65nd_user\x18\x06 \x01(\t\"\xb4\x01\n\x08UsageRow\x12\x0b\n\x03\x64\x61y\x18\x01 \x01(\t\x12\x0f\n\x07user_id\x18\x02 \x01(\t\x12\x15\n\rcredential_id\x18\x03 \x01(\t\x12\r\n\x05model\x18\x04 \x01(\t\x12\x10\n\x08requests\x18\x05 \x01(\x04\x12\x15\n\rprompt_tokens\x18\x06 \x01(\x04\x12\x19\n\x11\x63ompletion_tokens\x18\x07 \x01(\x04\x12 \n\x18\x63\x61\x63hed_completion_tokens\x18\x08 \x01(\x04\"\xbb\x01\n\x10GetUsageResponse\x12)\n\x04rows\x18\x01 \x03(\x0b\x32\x1b.tokenyard.auth.v1.UsageRow\x12\x16\n\x0etotal_requests\x18\x02 \x01(\x04\x12\x1b\n\x13total_prompt_tokens\x18\x03 \x01(\x04\x12\x1f\n\x17total_completion_tokens\x18\x04 \x01(\x04\x12&\n\x1etotal_cached_completion_tokens\x18\x05 \x01(\x04\x32\xc1\x01\n\x0cUsageService\x12\\\n\x0bRecordUsage\x12%.tokenyard.auth.v1.RecordUsageRequest\x1a&.tokenyard.auth.v1.RecordUsageResponse\x12S\n\x08GetUsage\x12\".tokenyard.auth.v1.GetUsageRequest\x1a#.tokenyard.auth.v1.GetUsageResponseBl\n\x15\x64\x65v.tokenyard.auth.v1B\x11UsageServiceProtoP\x01Z>github.com/tokenyard/tokenyard/gen/go/tokenyard/auth/v1;authv1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,17 +34,17 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'\n\025dev.tokenyard.auth.v1B\021UsageServiceProtoP\001Z>github.com/tokenyard/tokenyard/gen/go/tokenyard/auth/v1;authv1'
   _globals['_USAGERECORD']._serialized_start=94
-  _globals['_USAGERECORD']._serialized_end=360
-  _globals['_RECORDUSAGEREQUEST']._serialized_start=362
-  _globals['_RECORDUSAGEREQUEST']._serialized_end=431
-  _globals['_RECORDUSAGERESPONSE']._serialized_start=433
-  _globals['_RECORDUSAGERESPONSE']._serialized_end=492
-  _globals['_GETUSAGEREQUEST']._serialized_start=495
-  _globals['_GETUSAGEREQUEST']._serialized_end=679
-  _globals['_USAGEROW']._serialized_start=682
-  _globals['_USAGEROW']._serialized_end=828
-  _globals['_GETUSAGERESPONSE']._serialized_start=831
-  _globals['_GETUSAGERESPONSE']._serialized_end=978
-  _globals['_USAGESERVICE']._serialized_start=981
-  _globals['_USAGESERVICE']._serialized_end=1174
+  _globals['_USAGERECORD']._serialized_end=394
+  _globals['_RECORDUSAGEREQUEST']._serialized_start=396
+  _globals['_RECORDUSAGEREQUEST']._serialized_end=465
+  _globals['_RECORDUSAGERESPONSE']._serialized_start=467
+  _globals['_RECORDUSAGERESPONSE']._serialized_end=526
+  _globals['_GETUSAGEREQUEST']._serialized_start=529
+  _globals['_GETUSAGEREQUEST']._serialized_end=713
+  _globals['_USAGEROW']._serialized_start=716
+  _globals['_USAGEROW']._serialized_end=896
+  _globals['_GETUSAGERESPONSE']._serialized_start=899
+  _globals['_GETUSAGERESPONSE']._serialized_end=1086
+  _globals['_USAGESERVICE']._serialized_start=1089
+  _globals['_USAGESERVICE']._serialized_end=1282
 # @@protoc_insertion_point(module_scope)
