@@ -126,10 +126,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--modes", default="none,int8,int4")
     parser.add_argument("--windows", type=int, default=8, help="text segments decoded together")
     parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--text-tokens", type=int, default=0, help="score only the first N")
     args = parser.parse_args(argv)
     torch.manual_seed(0)
     loaded = load_model(args.model, device="cpu", dtype=args.dtype, cache_dir=args.cache_dir)
     ids = list(loaded.tokenizer(TEXT.read_text(encoding="utf-8"))["input_ids"])
+    ids = ids[: args.text_tokens] if args.text_tokens else ids
     prompts = prompt_ids(loaded)
     dtype = str(loaded.dtype).removeprefix("torch.")
     print(

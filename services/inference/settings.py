@@ -99,7 +99,7 @@ class InferenceSettings:
         flag="--quantize",
         help=(
             "Weight-only quantisation of the model's linear layers on CPU: none, int8 "
-            "(per channel) or int4 (groups of 64); the output head is int8 in both. "
+            "(per channel) or int4 (groups of 32); the output head is int8 in both. "
             "Smaller and faster at few streams, at a measured quality cost (docs/models.md)."
         ),
     )
