@@ -8,7 +8,6 @@ import torch.nn.functional as F
 
 from services.inference.engine.generic import select_runner
 from services.inference.engine.quant import (
-    INT8_KERNEL_MAX_ROWS,
     QuantizationError,
     check_quantizable,
     quantize,
@@ -30,7 +29,7 @@ def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
 
 @pytest.mark.parametrize("mode", ["int8", "int4"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("rows", [1, INT8_KERNEL_MAX_ROWS + 5])
+@pytest.mark.parametrize("rows", [1, 13])
 def test_quantised_linear_matches_the_dtype_one(mode: str, dtype: torch.dtype, rows: int) -> None:
     torch.manual_seed(0)
     weight = (torch.randn(96, 128) * 0.05).to(dtype)
@@ -43,15 +42,12 @@ def test_quantised_linear_matches_the_dtype_one(mode: str, dtype: torch.dtype, r
     assert relative_error(got, want) < TOLERANCE[mode]
 
 
-def test_int8_kernel_and_matmul_paths_agree() -> None:
-    """Few rows go through torch's int8 kernel, more through a matmul of the codes."""
+def test_int8_is_the_codes_times_the_scales() -> None:
     torch.manual_seed(1)
     q = quantize_int8(torch.randn(64, 96))
-    x = torch.randn(INT8_KERNEL_MAX_ROWS + 1, 96)
-    small = torch.cat([q.linear(x[i : i + 1], None) for i in range(x.shape[0])])
-    torch.testing.assert_close(q.linear(x, None), small, rtol=1e-5, atol=1e-5)
+    x = torch.randn(9, 96)
     dequantised = q.codes.float() * q.scales[:, None]
-    torch.testing.assert_close(small, x @ dequantised.T, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(q.linear(x, None), x @ dequantised.T, rtol=1e-5, atol=1e-5)
     rows = torch.tensor([3, 0, 63])
     torch.testing.assert_close(q.rows(rows), dequantised[rows])
 
