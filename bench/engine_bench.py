@@ -10,6 +10,12 @@ Prints aggregate and per-stream tok/s, TTFT p50/p99, peak RSS and ratios to (a) 
 
     .venv/bin/python bench/engine_bench.py            # full run (~5 min on 2 cores)
     .venv/bin/python bench/engine_bench.py --quick    # shorter outputs, fewer levels
+    .venv/bin/python bench/engine_bench.py --quantize none,int8,int4   # quantisation rows
+
+--quantize runs only the engine, once per mode and level (1 and 16 streams by
+default, --levels to change), alternated --ab-reps times so every mode sees the same
+machine load; it prints each mode's best and median tok/s, its ratio to the first
+mode (none: bf16, packed) and the weights the engine holds.
 """
 
 from __future__ import annotations
@@ -55,6 +61,7 @@ class Result:
     ttft: list[float]
     per_stream: list[float]
     rss_mib: float
+    weight_mib: float = 0.0  # weights the engine's runner holds
 
     @property
     def tok_s(self) -> float:
@@ -199,6 +206,7 @@ def run_engine_levels(
     *,
     together_only: bool = False,
     compute_threads: int | None = None,
+    quantize: str = "none",
 ) -> list[Result]:
     async def main() -> list[Result]:
         engine = Engine(
@@ -207,7 +215,10 @@ def run_engine_levels(
             max_queued=64,
             max_batch_tokens=512,
             compute_threads=compute_threads,
+            take_model_weights=True,  # as a worker: the engine's copies only
+            quantize=quantize,
         )
+        weight_mib = engine.runner.weight_bytes() / 2**20
         engine.warmup()
         engine.start()
         results = []
@@ -221,6 +232,7 @@ def run_engine_levels(
                     r = await bench_engine(
                         engine, prompts_for(loaded, n), new, gap, f"engine {label} {mode}"
                     )
+                    r.weight_mib = weight_mib
                     print_row(r, None, None)
                     results.append(r)
             stats = engine.stats()
@@ -247,6 +259,8 @@ def engine_child(args: argparse.Namespace) -> None:
     compute_threads = confine_torch_threads()
     loaded = load_model(args.model, device="cpu", dtype=args.dtype, cache_dir=args.cache_dir)
     label = str(loaded.dtype).removeprefix("torch.")
+    if args.quantize not in (None, "none"):
+        label += f" {args.quantize}"
     levels = [int(x) for x in args.levels.split(",")]
     results = run_engine_levels(
         loaded,
@@ -256,6 +270,7 @@ def engine_child(args: argparse.Namespace) -> None:
         label,
         together_only=args.together_only,
         compute_threads=compute_threads,
+        quantize=args.quantize or "none",
     )
     print(CHILD_RESULT + json.dumps([dataclasses.asdict(r) for r in results]), flush=True)
 
@@ -264,7 +279,12 @@ CHILD_RESULT = "engine-child-result: "
 
 
 def run_engine_process(
-    args: argparse.Namespace, levels: list[int], dtype: str, *, together_only: bool = False
+    args: argparse.Namespace,
+    levels: list[int],
+    dtype: str,
+    *,
+    together_only: bool = False,
+    quantize: str = "none",
 ) -> list[Result]:
     """Run `engine_child` in a new process; relays its rows and returns its results."""
     command = [
@@ -277,6 +297,7 @@ def run_engine_process(
         f"--levels={','.join(map(str, levels))}",
         f"--dtype={dtype}",
         f"--stagger={args.stagger}",
+        f"--quantize={quantize}",
         *(["--together-only"] if together_only else []),
     ]
     results: list[Result] = []
@@ -315,6 +336,37 @@ def interleaved(
         ("engine c=16 vs (a) sequential generate fp32", best["e16"], best["a"]),
         ("engine c=16 vs (b) static batch 16 fp32", best["e16"], best["b"]),
     ]
+
+
+def quantize_rows(args: argparse.Namespace, modes: list[str], levels: list[int]) -> None:
+    """Each mode at each level, alternated `--ab-reps` times; ratios to the first mode."""
+    runs: dict[tuple[str, int], list[float]] = {}
+    weights: dict[str, float] = {}
+    rss: dict[str, float] = {}
+    for rep in range(max(1, args.ab_reps)):
+        for mode in modes:
+            for r in run_engine_process(
+                args, levels, args.dtype, together_only=True, quantize=mode
+            ):
+                runs.setdefault((mode, r.concurrency), []).append(r.tok_s)
+                weights[mode] = r.weight_mib
+                rss[mode] = max(rss.get(mode, 0.0), r.rss_mib)
+        print(f"  repetition {rep + 1}/{max(1, args.ab_reps)} done", flush=True)
+    first = modes[0]
+    print(
+        f"\n{'quantize':8s} {'conc':>4s} {'best tok/s':>10s} {'median':>8s} {'min':>8s} "
+        f"{'best vs ' + first:>14s} {'weights MiB':>11s} {'vs ' + first:>8s} {'peak RSS':>8s}"
+    )
+    for n in levels:
+        for mode in modes:
+            values = runs[(mode, n)]
+            ratio = max(values) / max(runs[(first, n)])
+            print(
+                f"{mode:8s} {n:4d} {max(values):10.1f} {statistics.median(values):8.1f} "
+                f"{min(values):8.1f} {ratio:13.2f}x {weights[mode]:11.1f} "
+                f"{weights[mode] / weights[first]:7.2f}x {rss[mode]:8.0f}",
+                flush=True,
+            )
 
 
 def print_row(r: Result, base: Result | None, static: Result | None) -> None:
@@ -375,7 +427,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--cache-dir", type=Path, default=Path.home() / ".cache/tokenyard/models")
     parser.add_argument("--new-tokens", type=int, default=128)
-    parser.add_argument("--levels", default="1,4,16,32,64")
+    parser.add_argument(
+        "--levels", default=None, help="concurrencies (default 1,4,16,32,64; 1,16 with --quantize)"
+    )
     parser.add_argument("--dtype", default="auto", help="the engine's dtype (as the worker's)")
     parser.add_argument("--stagger", type=float, default=0.05, help="seconds between arrivals")
     parser.add_argument("--sequential-prompts", type=int, default=4)
@@ -385,6 +439,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--engine-only", action="store_true", help="skip (a) and (b): engine levels only"
     )
+    parser.add_argument(
+        "--quantize",
+        default=None,
+        help="comma-separated modes (none,int8,int4): engine rows per mode, nothing else",
+    )
     parser.add_argument("--engine-child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--together-only", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -393,6 +452,12 @@ def main(argv: list[str] | None = None) -> None:
         return
     if args.quick:
         args.new_tokens, args.levels, args.sequential_prompts = 32, "1,16,64", 2
+    if args.levels is None:
+        args.levels = "1,16" if args.quantize else "1,4,16,32,64"
+    if args.quantize:
+        print(f"{args.new_tokens} new tokens, dtype {args.dtype}; modes {args.quantize}")
+        quantize_rows(args, args.quantize.split(","), [int(x) for x in args.levels.split(",")])
+        return
     levels = [int(x) for x in args.levels.split(",")]
     logging.basicConfig(level=logging.WARNING)
     torch.manual_seed(0)

@@ -45,6 +45,14 @@ def _dtype_name(dtype: Any) -> str:
     return str(dtype).removeprefix("torch.")
 
 
+def served_revision(revision: str, quantization: str) -> str:
+    """The weights' revision as served: quantised weights answer differently, so
+    the response cache must not mix their answers with the unquantised ones'."""
+    if not revision or quantization == "none":
+        return revision
+    return f"{revision}+{quantization}"
+
+
 class InferenceApp:
     """A worker: the engine over a loaded model, its servicers and its gRPC server."""
 
@@ -73,6 +81,7 @@ class InferenceApp:
             kv_cache_bytes=kv_bytes,
             compute_threads=compute_threads,
             take_model_weights=owns_model,
+            quantize=settings.quantize,
         )
         log.info(
             "model %s: %s path", loaded.name, self.engine.path, extra={"path": self.engine.path}
@@ -94,7 +103,8 @@ class InferenceApp:
             prefix_cache=self.engine.prefix_cache_enabled,
             version=tokenyard_version(),
             execution_path=self.engine.path,
-            model_revision=loaded.revision,
+            model_revision=served_revision(loaded.revision, self.engine.runner.quantization),
+            quantization=self.engine.runner.quantization,
         )
         self.server = GrpcServer(
             settings.server, service_token=settings.internal.service_token or None

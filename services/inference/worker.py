@@ -96,6 +96,7 @@ class WorkerInfo:
     version: str
     execution_path: str = "fast"  # "fast" (the engine's forward pass) or "generic"
     model_revision: str = ""  # content hash of the weights (LoadedModel.revision)
+    quantization: str = "none"  # "none", "int8" or "int4" (the engine's weights)
 
 
 @dataclass(frozen=True)

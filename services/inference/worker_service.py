@@ -60,6 +60,7 @@ class WorkerServicer(pb_grpc.WorkerServiceServicer):
             prefix_cache=info.prefix_cache,
             execution_path=_PATHS.get(info.execution_path, pb.EXECUTION_PATH_UNSPECIFIED),
             model_revision=info.model_revision,
+            quantization=info.quantization,
         )
 
     async def WatchLoad(

@@ -181,6 +181,7 @@ def plan(settings: StackSettings, state: StateDir, tls: Tls | None) -> list[Chil
             TOKENYARD_INFERENCE_PORT=str(port),
             TOKENYARD_INFERENCE_MODEL=model.source,
             TOKENYARD_INFERENCE_SERVED_MODEL_NAME=model.name,
+            TOKENYARD_INFERENCE_QUANTIZE=settings.quantize,
             OMP_NUM_THREADS=threads,
             MKL_NUM_THREADS=threads,
         )

@@ -9,6 +9,7 @@ from services.auth.settings import parse_database_url
 from services.common.settings import (
     parse_address,
     parse_bool,
+    parse_choice,
     parse_non_negative_int,
     parse_path,
     parse_port,
@@ -16,6 +17,7 @@ from services.common.settings import (
     parse_positive_int,
     setting,
 )
+from services.inference.settings import QUANTIZATIONS
 from services.router.settings import parse_redis_url
 from services.stack.models import DEMO_MODEL, ModelEntry, parse_models
 from services.stack.state import state_dir_setting
@@ -63,6 +65,14 @@ class StackSettings:
         flag="--models-file",
         help="TOML file of models instead of --model: one [[models]] table each with source "
         "and optional name, workers and aliases (docs/local-stack.md).",
+    )
+    quantize: str = setting(
+        "TOKENYARD_UP_QUANTIZE",
+        parse_choice(*QUANTIZATIONS),
+        default="none",
+        flag="--quantize",
+        help="Weight-only quantisation every worker applies: none, int8 or int4 "
+        "(CPU; the worker's --quantize, docs/models.md).",
     )
     host: str = setting(
         "TOKENYARD_UP_HOST", default="127.0.0.1", flag="--host", help="Address every service binds."

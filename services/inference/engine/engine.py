@@ -66,7 +66,8 @@ class Engine:
     intra-op threads the compute thread claims when it starts (threads.py); None
     leaves torch's thread settings alone. `take_model_weights` frees the loaded
     model's copies of the weights the engine keeps (see `Runner`): for a process
-    that serves the model with this engine only. The model runs on the fast path
+    that serves the model with this engine only. `quantize` ("none", "int8",
+    "int4") compresses the fast path's weights (quant.py). The model runs on the fast path
     where `Runner` implements its family, else on the generic path (generic.py),
     where the prefix cache is off; `path` says which.
     """
@@ -84,6 +85,7 @@ class Engine:
         kv_cache_bytes: int | None = None,
         compute_threads: int | None = None,
         take_model_weights: bool = False,
+        quantize: str = "none",
     ) -> None:
         if max_running < 1:
             raise ValueError("max_running must be at least 1")
@@ -99,9 +101,16 @@ class Engine:
         self.max_queued = max_queued
         self.max_batch_tokens = max_batch_tokens
         self.runner: Runner | GenericRunner = select_runner(
-            loaded.model, take_weights=take_model_weights
+            loaded.model, take_weights=take_model_weights, quantize=quantize
         )
-        log.info("%s runs on the %s path", loaded.name, self.runner.path)
+        log.info(
+            "%s runs on the %s path, weights %s (quantization %s, %d MiB)",
+            loaded.name,
+            self.runner.path,
+            str(loaded.dtype).removeprefix("torch."),
+            self.runner.quantization,
+            self.runner.weight_bytes() // 2**20,
+        )
         if take_model_weights and self.runner.released_bytes:
             log.info(
                 "engine took the model's weights: %d MiB of copies freed",

@@ -15,6 +15,8 @@ from typing import Any
 
 import torch
 
+from services.inference.engine.quant import QuantWeight
+
 FAST_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3", "phi3"})
 # Rotary types whose tables depend on the position only. "dynamic" and "longrope"
 # change their frequencies with the sequence's length: those models go generic.
@@ -74,13 +76,13 @@ class Layer:
 
     ln1: torch.Tensor
     ln2: torch.Tensor
-    w_qkv: torch.Tensor
+    w_qkv: torch.Tensor | QuantWeight
     b_qkv: torch.Tensor | None
-    w_o: torch.Tensor
+    w_o: torch.Tensor | QuantWeight
     b_o: torch.Tensor | None
-    w_gate_up: torch.Tensor
+    w_gate_up: torch.Tensor | QuantWeight
     b_gate_up: torch.Tensor | None
-    w_down: torch.Tensor
+    w_down: torch.Tensor | QuantWeight
     b_down: torch.Tensor | None
     q_norm: torch.Tensor | None  # per-head RMSNorm weights (Qwen3)
     k_norm: torch.Tensor | None

@@ -27,6 +27,7 @@ from services.inference.engine.kv_cache import (
     ForwardSteps,
     SlotCache,
 )
+from services.inference.engine.quant import QuantizationError
 from services.inference.engine.runner import Runner
 
 log = logging.getLogger(__name__)
@@ -84,6 +85,7 @@ class GenericRunner(ForwardSteps):
     whole_prompts = True
     packed = False
     released_bytes = 0
+    quantization = "none"
 
     def __init__(self, model: Any) -> None:
         self.model = model
@@ -94,6 +96,10 @@ class GenericRunner(ForwardSteps):
         self.vocab_size = int(model.get_output_embeddings().weight.shape[0])
         positions = getattr(self.config, "max_position_embeddings", None)
         self.context_length = int(positions) if isinstance(positions, int) else 2**31 - 1
+
+    def weight_bytes(self) -> int:
+        """Bytes of the model's parameters (transformers holds and reads them)."""
+        return sum(p.numel() * p.element_size() for p in self.model.parameters())
 
     def new_cache(self, slots: int, capacity: int = CAPACITY_STEP) -> GenericCache:
         """Empty slots for `slots` sequences."""
@@ -143,12 +149,23 @@ class GenericRunner(ForwardSteps):
         return result
 
 
-def select_runner(model: Any, *, take_weights: bool = False) -> Runner | GenericRunner:
-    """The fast path where it implements the model's family, the generic path otherwise."""
+def select_runner(
+    model: Any, *, take_weights: bool = False, quantize: str = "none"
+) -> Runner | GenericRunner:
+    """The fast path where it implements the model's family, the generic path otherwise.
+
+    Quantisation (`quantize` int8/int4) is the fast path's: a model that runs generic
+    is refused with `QuantizationError` rather than served unquantised.
+    """
     name = getattr(model.config, "model_type", "?")
     try:
-        runner: Runner | GenericRunner = Runner(model, take_weights=take_weights)
+        runner: Runner | GenericRunner = Runner(model, take_weights=take_weights, quantize=quantize)
     except UnsupportedModelError as exc:
+        if quantize != "none":
+            raise QuantizationError(
+                f"--quantize {quantize}: model type {name} runs on the generic path "
+                f"({exc}), which serves unquantised weights only"
+            ) from exc
         log.info("model type %s: generic transformers path (%s)", name, exc)
         return GenericRunner(model)
     log.info("model type %s: fast path", name)

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import dataclasses
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -37,6 +39,13 @@ from services.inference.engine.kv_cache import (
     ForwardSteps,
     KVCache,
     SlotCache,
+)
+from services.inference.engine.quant import (
+    Int8Weight,
+    QuantWeight,
+    check_quantizable,
+    quantize,
+    quantize_int8,
 )
 
 __all__ = [
@@ -70,7 +79,11 @@ def _packed_linear(
     return out
 
 
-def _release(modules: list[Any], keep: torch.Tensor) -> int:
+def _quant_linear(x: torch.Tensor, weight: QuantWeight, bias: torch.Tensor | None) -> torch.Tensor:
+    return weight.linear(x, bias)
+
+
+def _release(modules: list[Any], keep: torch.Tensor | None) -> int:
     """Free the weights of `modules` (all but `keep`); returns the bytes freed."""
     released = 0
     for module in modules:
@@ -93,13 +106,20 @@ class Runner(ForwardSteps):
     """
 
     def __init__(
-        self, model: Any, *, pack_weights: bool | None = None, take_weights: bool = False
+        self,
+        model: Any,
+        *,
+        pack_weights: bool | None = None,
+        take_weights: bool = False,
+        quantize: str = "none",
     ) -> None:
         """`pack_weights`: None packs where `packs_weights` says it pays.
 
         `take_weights` frees the model's own copies of the weights the runner keeps
-        in another form (fused QKV and gate/up, packed), about as much memory again
-        as the model; the model can then no longer run by itself.
+        in another form (fused QKV and gate/up, packed, quantised), about as much
+        memory again as the model; the model can then no longer run by itself.
+        `quantize`: "none", or "int8"/"int4" weight-only (quant.py; the output head
+        and embedding are int8 in both).
         """
         config = model.config
         check_fast_path(config)
@@ -119,22 +139,31 @@ class Runner(ForwardSteps):
         self.path = "fast"
         self.supports_prefix_cache = True
         self.whole_prompts = False
-        self.packed = (
+        check_quantizable(quantize, self.device, self.dtype)
+        self.quantization = quantize
+        quantized = quantize != "none"
+        self.packed = not quantized and (
             packs_weights(self.dtype, self.device) if pack_weights is None else pack_weights
         )
-        self._linear = _packed_linear if self.packed else F.linear
+        linear = _quant_linear if quantized else _packed_linear if self.packed else F.linear
+        self._linear: Callable[[torch.Tensor, Any, torch.Tensor | None], torch.Tensor] = linear
         self._copied: list[Any] = []  # modules whose weights the runner holds copies of
         with torch.no_grad():
-            self.embed = inner.embed_tokens.weight.detach()
+            self.embed: torch.Tensor | Int8Weight = inner.embed_tokens.weight.detach()
             self.norm = inner.norm.weight.detach()
-            self.lm_head = self._weight(model.lm_head)
+            if quantized:
+                self.lm_head: torch.Tensor | QuantWeight = quantize_int8(model.lm_head.weight)
+                tied = model.lm_head.weight is inner.embed_tokens.weight
+                self.embed = self.lm_head if tied else quantize_int8(self.embed)
+                self._copied += [model.lm_head] if tied else [model.lm_head, inner.embed_tokens]
+            else:
+                self.lm_head = self._weight(model.lm_head)
             self.layers = [self._layer(layer) for layer in inner.layers]
             positions = torch.arange(self.context_length, device=self.device)[None]
             probe = torch.zeros(1, dtype=self.dtype, device=self.device)
             cos, sin = inner.rotary_emb(probe, positions)
-        self.released_bytes = (
-            _release(self._copied, inner.embed_tokens.weight) if take_weights else 0
-        )
+        keep = None if quantized else inner.embed_tokens.weight
+        self.released_bytes = _release(self._copied, keep) if take_weights else 0
         self.rotary_dim = int(cos.shape[-1])  # less than head_dim: partial rotary (Phi-4-mini)
         half = self.rotary_dim // 2
         sign = torch.ones(self.rotary_dim, dtype=sin.dtype, device=self.device)
@@ -162,16 +191,38 @@ class Runner(ForwardSteps):
             k_norm=k_norm,
         )
 
-    def _weight(self, *modules: Any) -> torch.Tensor:
+    def _weight(self, *modules: Any) -> torch.Tensor | QuantWeight:
         """The modules' weights as the runner uses them: fused if several, packed if
-        `packed`. A copy is recorded in `_copied`; a lone unpacked weight is used as is."""
+        `packed`, quantised if asked. A copy is recorded in `_copied`; a lone unpacked
+        weight is used as is."""
         weights = [m.weight.detach() for m in modules]
         weight = torch.cat(weights) if len(weights) > 1 else weights[0]
+        if self.quantization != "none":
+            self._copied += modules
+            return quantize(weight, self.quantization)
         if self.packed:
             weight = torch.ops.mkldnn._reorder_linear_weight(weight)
         if self.packed or len(weights) > 1:
             self._copied += modules
         return weight
+
+    def weight_bytes(self) -> int:
+        """Bytes of the weights the runner reads (projections, head, embedding, norms)."""
+        seen: set[int] = set()
+        total = 0
+        held: list[Any] = [self.embed, self.lm_head, self.norm]
+        for layer in self.layers:
+            held += [getattr(layer, f.name) for f in dataclasses.fields(layer)]
+        for item in held:
+            if item is None or id(item) in seen:
+                continue
+            seen.add(id(item))
+            if isinstance(item, torch.Tensor):
+                # A packed bf16 weight is an opaque mkldnn tensor: count its elements.
+                total += item.numel() * item.element_size()
+            else:
+                total += item.nbytes
+        return total
 
     def kv_bytes_per_position(self) -> int:
         """Key and value bytes one sequence position takes in the cache, all layers."""
@@ -266,7 +317,11 @@ class Runner(ForwardSteps):
         flat = torch.cat(tokens) if len(tokens) > 1 else tokens[0]
         pos = torch.cat(positions) if len(positions) > 1 else positions[0]
         total = int(flat.shape[0])
-        x = F.embedding(flat, self.embed)
+        x = (
+            self.embed.rows(flat)
+            if isinstance(self.embed, Int8Weight)
+            else F.embedding(flat, self.embed)
+        )
         cos = self.cos[pos][:, None]
         sin = self.sin_signed[pos][:, None]
         for i, layer in enumerate(self.layers):

@@ -174,3 +174,14 @@ def test_a_variable_the_stack_would_replace_is_refused_with_one_line(
         refuse_overridden(os.environ, plan(settings(), state, None))
     assert str(caught.value).startswith(f"{name}: `tokenyard up` sets this itself")
     assert "\n" not in str(caught.value)
+
+
+def test_quantize_reaches_every_worker(tmp_path: Path) -> None:
+    state = StateDir(tmp_path / "state")
+    state.ensure()
+    specs = plan(settings(workers="2", quantize="int4"), state, None)
+    workers = [s for s in specs if s.name.startswith("worker-")]
+    assert [s.env["TOKENYARD_INFERENCE_QUANTIZE"] for s in workers] == ["int4", "int4"]
+    assert plan(settings(), state, None)[1].env["TOKENYARD_INFERENCE_QUANTIZE"] == "none"
+    with pytest.raises(SettingsError, match="--quantize"):
+        settings(quantize="int2")

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n+tokenyard/inference/v1/worker_service.proto\x12\x16tokenyard.inference.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\x11\n\x0f\x44\x65scribeRequest\"\xa6\x02\n\x10\x44\x65scribeResponse\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x16\n\x0e\x63ontext_length\x18\x03 \x01(\r\x12\x12\n\nvocab_size\x18\x04 \x01(\r\x12\x13\n\x0bmax_running\x18\x05 \x01(\r\x12\x12\n\nmax_queued\x18\x06 \x01(\r\x12\x0e\n\x06\x64\x65vice\x18\x07 \x01(\t\x12\r\n\x05\x64type\x18\x08 \x01(\t\x12\x0f\n\x07version\x18\t \x01(\t\x12\x14\n\x0cprefix_cache\x18\n \x01(\x08\x12=\n\x0e\x65xecution_path\x18\x0b \x01(\x0e\x32%.tokenyard.inference.v1.ExecutionPath\x12\x16\n\x0emodel_revision\x18\x0c \x01(\t\"\'\n\x10WatchLoadRequest\x12\x13\n\x0binterval_ms\x18\x01 \x01(\r\"\xf3\x02\n\x11WatchLoadResponse\x12\x0f\n\x07running\x18\x01 \x01(\r\x12\x0e\n\x06queued\x18\x02 \x01(\r\x12\x12\n\nfree_slots\x18\x03 \x01(\r\x12\x16\n\x0epending_tokens\x18\x04 \x01(\x04\x12\x19\n\x11tokens_per_second\x18\x05 \x01(\x02\x12\x19\n\x11prefix_cache_hits\x18\x06 \x01(\x04\x12\x1c\n\x14prefix_cache_queries\x18\x07 \x01(\x04\x12\"\n\x1aprefix_cache_reused_tokens\x18\x08 \x01(\x04\x12\x10\n\x08\x64raining\x18\t \x01(\x08\x12/\n\x0breport_time\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x16\n\x0ekv_cache_usage\x18\x0b \x01(\x02\x12\x1e\n\x16queue_time_p50_seconds\x18\x0c \x01(\x02\x12\x1e\n\x16queue_time_p95_seconds\x18\r \x01(\x02\"\x0e\n\x0c\x44rainRequest\"\"\n\rDrainResponse\x12\x11\n\tremaining\x18\x01 \x01(\r*d\n\rExecutionPath\x12\x1e\n\x1a\x45XECUTION_PATH_UNSPECIFIED\x10\x00\x12\x17\n\x13\x45XECUTION_PATH_FAST\x10\x01\x12\x1a\n\x16\x45XECUTION_PATH_GENERIC\x10\x02\x32\xa8\x02\n\rWorkerService\x12]\n\x08\x44\x65scribe\x12\'.tokenyard.inference.v1.DescribeRequest\x1a(.tokenyard.inference.v1.DescribeResponse\x12\x62\n\tWatchLoad\x12(.tokenyard.inference.v1.WatchLoadRequest\x1a).tokenyard.inference.v1.WatchLoadResponse0\x01\x12T\n\x05\x44rain\x12$.tokenyard.inference.v1.DrainRequest\x1a%.tokenyard.inference.v1.DrainResponseB|\n\x1a\x64\x65v.tokenyard.inference.v1B\x12WorkerServiceProtoP\x01ZHgithub.com/tokenyard/tokenyard/gen/go/tokenyard/inference/v1;inferencev1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n+tokenyard/inference/v1/worker_service.proto\x12\x16tokenyard.inference.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\x11\n\x0f\x44\x65scribeRequest\"\xbc\x02\n\x10\x44\x65scribeResponse\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x16\n\x0e\x63ontext_length\x18\x03 \x01(\r\x12\x12\n\nvocab_size\x18\x04 \x01(\r\x12\x13\n\x0bmax_running\x18\x05 \x01(\r\x12\x12\n\nmax_queued\x18\x06 \x01(\r\x12\x0e\n\x06\x64\x65vice\x18\x07 \x01(\t\x12\r\n\x05\x64type\x18\x08 \x01(\t\x12\x0f\n\x07version\x18\t \x01(\t\x12\x14\n\x0cprefix_cache\x18\n \x01(\x08\x12=\n\x0e\x65xecution_path\x18\x0b \x01(\x0e\x32%.tokenyard.inference.v1.ExecutionPath\x12\x16\n\x0emodel_revision\x18\x0c \x01(\t\x12\x14\n\x0cquantization\x18\r \x01(\t\"\'\n\x10WatchLoadRequest\x12\x13\n\x0binterval_ms\x18\x01 \x01(\r\"\xf3\x02\n\x11WatchLoadResponse\x12\x0f\n\x07running\x18\x01 \x01(\r\x12\x0e\n\x06queued\x18\x02 \x01(\r\x12\x12\n\nfree_slots\x18\x03 \x01(\r\x12\x16\n\x0epending_tokens\x18\x04 \x01(\x04\x12\x19\n\x11tokens_per_second\x18\x05 \x01(\x02\x12\x19\n\x11prefix_cache_hits\x18\x06 \x01(\x04\x12\x1c\n\x14prefix_cache_queries\x18\x07 \x01(\x04\x12\"\n\x1aprefix_cache_reused_tokens\x18\x08 \x01(\x04\x12\x10\n\x08\x64raining\x18\t \x01(\x08\x12/\n\x0breport_time\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x16\n\x0ekv_cache_usage\x18\x0b \x01(\x02\x12\x1e\n\x16queue_time_p50_seconds\x18\x0c \x01(\x02\x12\x1e\n\x16queue_time_p95_seconds\x18\r \x01(\x02\"\x0e\n\x0c\x44rainRequest\"\"\n\rDrainResponse\x12\x11\n\tremaining\x18\x01 \x01(\r*d\n\rExecutionPath\x12\x1e\n\x1a\x45XECUTION_PATH_UNSPECIFIED\x10\x00\x12\x17\n\x13\x45XECUTION_PATH_FAST\x10\x01\x12\x1a\n\x16\x45XECUTION_PATH_GENERIC\x10\x02\x32\xa8\x02\n\rWorkerService\x12]\n\x08\x44\x65scribe\x12\'.tokenyard.inference.v1.DescribeRequest\x1a(.tokenyard.inference.v1.DescribeResponse\x12\x62\n\tWatchLoad\x12(.tokenyard.inference.v1.WatchLoadRequest\x1a).tokenyard.inference.v1.WatchLoadResponse0\x01\x12T\n\x05\x44rain\x12$.tokenyard.inference.v1.DrainRequest\x1a%.tokenyard.inference.v1.DrainResponseB|\n\x1a\x64\x65v.tokenyard.inference.v1B\x12WorkerServiceProtoP\x01ZHgithub.com/tokenyard/tokenyard/gen/go/tokenyard/inference/v1;inferencev1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,20 +33,20 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'tokenyard.inference.v1.work
 if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'\n\032dev.tokenyard.inference.v1B\022WorkerServiceProtoP\001ZHgithub.com/tokenyard/tokenyard/gen/go/tokenyard/inference/v1;inferencev1'
-  _globals['_EXECUTIONPATH']._serialized_start=887
-  _globals['_EXECUTIONPATH']._serialized_end=987
+  _globals['_EXECUTIONPATH']._serialized_start=909
+  _globals['_EXECUTIONPATH']._serialized_end=1009
   _globals['_DESCRIBEREQUEST']._serialized_start=104
   _globals['_DESCRIBEREQUEST']._serialized_end=121
   _globals['_DESCRIBERESPONSE']._serialized_start=124
-  _globals['_DESCRIBERESPONSE']._serialized_end=418
-  _globals['_WATCHLOADREQUEST']._serialized_start=420
-  _globals['_WATCHLOADREQUEST']._serialized_end=459
-  _globals['_WATCHLOADRESPONSE']._serialized_start=462
-  _globals['_WATCHLOADRESPONSE']._serialized_end=833
-  _globals['_DRAINREQUEST']._serialized_start=835
-  _globals['_DRAINREQUEST']._serialized_end=849
-  _globals['_DRAINRESPONSE']._serialized_start=851
-  _globals['_DRAINRESPONSE']._serialized_end=885
-  _globals['_WORKERSERVICE']._serialized_start=990
-  _globals['_WORKERSERVICE']._serialized_end=1286
+  _globals['_DESCRIBERESPONSE']._serialized_end=440
+  _globals['_WATCHLOADREQUEST']._serialized_start=442
+  _globals['_WATCHLOADREQUEST']._serialized_end=481
+  _globals['_WATCHLOADRESPONSE']._serialized_start=484
+  _globals['_WATCHLOADRESPONSE']._serialized_end=855
+  _globals['_DRAINREQUEST']._serialized_start=857
+  _globals['_DRAINREQUEST']._serialized_end=871
+  _globals['_DRAINRESPONSE']._serialized_start=873
+  _globals['_DRAINRESPONSE']._serialized_end=907
+  _globals['_WORKERSERVICE']._serialized_start=1012
+  _globals['_WORKERSERVICE']._serialized_end=1308
 # @@protoc_insertion_point(module_scope)

@@ -23,7 +23,7 @@ class DescribeRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class DescribeResponse(_message.Message):
-    __slots__ = ("worker_id", "model", "context_length", "vocab_size", "max_running", "max_queued", "device", "dtype", "version", "prefix_cache", "execution_path", "model_revision")
+    __slots__ = ("worker_id", "model", "context_length", "vocab_size", "max_running", "max_queued", "device", "dtype", "version", "prefix_cache", "execution_path", "model_revision", "quantization")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     CONTEXT_LENGTH_FIELD_NUMBER: _ClassVar[int]
@@ -36,6 +36,7 @@ class DescribeResponse(_message.Message):
     PREFIX_CACHE_FIELD_NUMBER: _ClassVar[int]
     EXECUTION_PATH_FIELD_NUMBER: _ClassVar[int]
     MODEL_REVISION_FIELD_NUMBER: _ClassVar[int]
+    QUANTIZATION_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     model: str
     context_length: int
@@ -48,7 +49,8 @@ class DescribeResponse(_message.Message):
     prefix_cache: bool
     execution_path: ExecutionPath
     model_revision: str
-    def __init__(self, worker_id: _Optional[str] = ..., model: _Optional[str] = ..., context_length: _Optional[int] = ..., vocab_size: _Optional[int] = ..., max_running: _Optional[int] = ..., max_queued: _Optional[int] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., version: _Optional[str] = ..., prefix_cache: _Optional[bool] = ..., execution_path: _Optional[_Union[ExecutionPath, str]] = ..., model_revision: _Optional[str] = ...) -> None: ...
+    quantization: str
+    def __init__(self, worker_id: _Optional[str] = ..., model: _Optional[str] = ..., context_length: _Optional[int] = ..., vocab_size: _Optional[int] = ..., max_running: _Optional[int] = ..., max_queued: _Optional[int] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., version: _Optional[str] = ..., prefix_cache: _Optional[bool] = ..., execution_path: _Optional[_Union[ExecutionPath, str]] = ..., model_revision: _Optional[str] = ..., quantization: _Optional[str] = ...) -> None: ...
 
 class WatchLoadRequest(_message.Message):
     __slots__ = ("interval_ms",)

@@ -1,0 +1,143 @@
+"""Weight-only quantisation of the fast path's linear layers (CPU, PyTorch's own kernels).
+
+`--quantize int8` keeps each projection as int8 with one scale per output channel
+(`torch.ops.aten._weight_int8pack_mm`); `--quantize int4` as 4-bit codes with a scale
+and offset per group of `INT4_GROUP` input columns, in the layout of
+`_weight_int4pack_mm_for_cpu`. Activations stay in the model's dtype: only weights
+are compressed, so a decode step reads a half or a quarter of the bytes.
+
+The output head (and the embedding, which small models tie to it) is int8 in both
+modes: on the demo model it is a fifth of the weights, so a bf16 head would leave
+the weights at 0.60x (int8) and 0.43x (int4) of bf16; int4 on the head costs the
+most quality for the least speed (bench/quality.py).
+
+Dequantisation follows the kernels: int8 ``w = q * scale``; int4 ``w = (q - 8) *
+scale + zero`` per group, q in 0..15. Numbers measured with bench/quality.py and
+bench/engine_bench.py are in docs/models.md.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from services.inference.settings import QUANTIZATIONS
+
+__all__ = ["QUANTIZATIONS", "Int4Weight", "Int8Weight", "QuantizationError", "quantize"]
+# Input columns sharing one int4 scale and zero (the kernel takes 32, 64, 128 or 256).
+# 32 measured best by far on the demo model (bench/quality.py, first 1600 tokens:
+# perplexity +0.2 % against +37 % with 64): its weights come from a Q4_1 GGUF, whose
+# groups of 32 the asymmetric min/max codes reproduce almost exactly.
+INT4_GROUP = 32
+
+
+class QuantizationError(ValueError):
+    """The model or device cannot be quantised as asked."""
+
+
+@dataclass(frozen=True)
+class Int8Weight:
+    """A linear layer's weight as int8 codes and one scale per output channel."""
+
+    codes: torch.Tensor  # int8 [out, in]
+    scales: torch.Tensor  # [out], in the activations' dtype
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held (codes and scales)."""
+        return _nbytes(self.codes, self.scales)
+
+    def linear(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """``x @ w.T + bias`` for a 2-D `x`."""
+        # One kernel for every batch: a 16-row decode step of the demo model took 160 ms
+        # with it against 336 ms multiplying the codes cast to bf16 (best of 15, loaded
+        # 2-core machine; bf16 packed: 102 ms).
+        out: torch.Tensor = torch.ops.aten._weight_int8pack_mm(x, self.codes, self.scales)
+        return out if bias is None else out + bias
+
+    def rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """Dequantised rows `ids` (an embedding lookup on a tied table)."""
+        return F.embedding(ids, self.codes).to(self.scales.dtype) * self.scales[ids, None]
+
+
+@dataclass(frozen=True)
+class Int4Weight:
+    """A linear layer's weight as packed 4-bit codes, a scale and zero per group."""
+
+    packed: torch.Tensor  # uint8, the CPU kernel's layout
+    scales_zeros: torch.Tensor  # [in / group, out, 2], in the activations' dtype
+    group: int
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held (codes, scales and zeros)."""
+        return _nbytes(self.packed, self.scales_zeros)
+
+    def linear(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """``x @ w.T + bias`` for a 2-D `x`."""
+        out: torch.Tensor = torch.ops.aten._weight_int4pack_mm_for_cpu(
+            x, self.packed, self.group, self.scales_zeros
+        )
+        return out if bias is None else out + bias
+
+
+QuantWeight = Int8Weight | Int4Weight
+
+
+def _nbytes(*tensors: torch.Tensor) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def quantize_int8(weight: torch.Tensor) -> Int8Weight:
+    """Symmetric int8 per output channel: scale = max |w| / 127 per row."""
+    w = weight.detach().float()
+    scales = (w.abs().amax(dim=1) / 127).clamp(min=torch.finfo(torch.float32).tiny)
+    codes = torch.round(w / scales[:, None]).clamp(-127, 127).to(torch.int8)
+    return Int8Weight(codes.contiguous(), scales.to(weight.dtype))
+
+
+def quantize_int4(weight: torch.Tensor, group: int | None = None) -> Int4Weight:
+    """Asymmetric 4-bit per group of `group` input columns (min/max to 0..15)."""
+    group = group or INT4_GROUP
+    out_features, in_features = weight.shape
+    if in_features % group:
+        raise QuantizationError(
+            f"int4: a layer with {in_features} inputs does not split into groups of {group}"
+        )
+    w = weight.detach().float().view(out_features, in_features // group, group)
+    low, high = w.amin(dim=-1), w.amax(dim=-1)
+    scales = ((high - low) / 15).clamp(min=1e-8)
+    codes = torch.round((w - low[..., None]) / scales[..., None]).clamp(0, 15)
+    codes = codes.to(torch.int32).view(out_features, in_features)
+    zeros = low + scales * 8  # the kernel computes (q - 8) * scale + zero
+    scales_zeros = torch.stack([scales, zeros], dim=-1).transpose(0, 1).contiguous()
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 8)
+    return Int4Weight(packed, scales_zeros.to(weight.dtype), group)
+
+
+def quantize(weight: torch.Tensor, mode: str) -> QuantWeight:
+    """`weight` ([out, in]) in the form `mode` names ("int8" or "int4")."""
+    if mode == "int8":
+        return quantize_int8(weight)
+    if mode == "int4":
+        return quantize_int4(weight)
+    raise QuantizationError(f"quantize: expected one of {', '.join(QUANTIZATIONS)}, got {mode!r}")
+
+
+def check_quantizable(mode: str, device: torch.device, dtype: torch.dtype) -> None:
+    """Raise `QuantizationError` unless `mode` runs on `device` with `dtype` activations."""
+    if mode not in QUANTIZATIONS:
+        raise QuantizationError(
+            f"quantize: expected one of {', '.join(QUANTIZATIONS)}, got {mode!r}"
+        )
+    if mode == "none":
+        return
+    if device.type != "cpu":
+        raise QuantizationError(
+            f"--quantize {mode} runs on CPU only (PyTorch's CPU kernels); "
+            f"the model is on {device}: use --quantize none there"
+        )
+    if dtype not in (torch.bfloat16, torch.float32):
+        raise QuantizationError(f"--quantize {mode} needs bfloat16 or float32 weights, not {dtype}")

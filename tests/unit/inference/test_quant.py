@@ -1,0 +1,114 @@
+"""Weight-only int8/int4 quantisation of the fast path (engine/quant.py)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from services.inference.engine.generic import select_runner
+from services.inference.engine.quant import (
+    QuantizationError,
+    check_quantizable,
+    quantize,
+    quantize_int8,
+)
+from services.inference.engine.runner import Runner
+from services.inference.model_loading import LoadedModel
+from tests.doubles.tiny_model import build_tiny_model
+from tests.unit.inference.families import build_family
+
+# Relative error of a product with a random weight: int8 per channel keeps ~0.5 %,
+# int4 in groups of 32 ~7 %; the bounds leave room for bf16 activations.
+TOLERANCE = {"int8": 0.02, "int4": 0.15}
+
+
+def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
+    return float((got.float() - want.float()).norm() / want.float().norm())
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [1, 13])
+def test_quantised_linear_matches_the_dtype_one(mode: str, dtype: torch.dtype, rows: int) -> None:
+    torch.manual_seed(0)
+    weight = (torch.randn(96, 128) * 0.05).to(dtype)
+    bias = torch.randn(96).to(dtype)
+    x = torch.randn(rows, 128).to(dtype)
+    want = F.linear(x.float(), weight.float(), bias.float())
+    got = quantize(weight, mode).linear(x, bias)
+    assert got.shape == (rows, 96)
+    assert got.dtype == dtype
+    assert relative_error(got, want) < TOLERANCE[mode]
+
+
+def test_int8_is_the_codes_times_the_scales() -> None:
+    torch.manual_seed(1)
+    q = quantize_int8(torch.randn(64, 96))
+    x = torch.randn(9, 96)
+    dequantised = q.codes.float() * q.scales[:, None]
+    torch.testing.assert_close(q.linear(x, None), x @ dequantised.T, rtol=1e-5, atol=1e-5)
+    rows = torch.tensor([3, 0, 63])
+    torch.testing.assert_close(q.rows(rows), dequantised[rows])
+
+
+def test_int4_refuses_a_layer_that_does_not_split_into_groups() -> None:
+    with pytest.raises(QuantizationError, match="groups of 32"):
+        quantize(torch.randn(32, 80), "int4")
+
+
+@pytest.mark.parametrize(
+    ("mode", "device", "dtype", "message"),
+    [
+        ("int3", "cpu", torch.float32, "expected one of none, int8, int4"),
+        ("int8", "cuda", torch.bfloat16, "CPU only"),
+        ("int4", "cpu", torch.float16, "bfloat16 or float32"),
+    ],
+)
+def test_unsupported_combinations_are_refused(
+    mode: str, device: str, dtype: torch.dtype, message: str
+) -> None:
+    with pytest.raises(QuantizationError, match=message):
+        check_quantizable(mode, torch.device(device), dtype)
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_runner_quantises_every_projection_and_the_head(tiny: LoadedModel, mode: str) -> None:
+    full = Runner(tiny.model)
+    runner = Runner(tiny.model, quantize=mode)
+    assert runner.quantization == mode
+    assert runner.weight_bytes() < 0.5 * full.weight_bytes()
+    ids = torch.tensor(tiny.tokenizer("The quick brown fox")["input_ids"])
+    want = full.prefill(full.new_cache(1, 64), [(0, ids, 0)])
+    got = runner.prefill(runner.new_cache(1, 64), [(0, ids, 0)])
+    assert relative_error(got, want) < TOLERANCE[mode]
+    # The model keeps its own weights unless the runner takes them.
+    assert tiny.model.lm_head.weight.numel() > 0
+
+
+def test_a_model_on_the_generic_path_is_refused_not_served_unquantised(
+    tiny: LoadedModel,
+) -> None:
+    gpt2 = build_family("gpt2", tiny.tokenizer)
+    with pytest.raises(QuantizationError, match="generic path"):
+        select_runner(gpt2.model, quantize="int8")
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_taking_the_weights_frees_every_copy_and_changes_nothing(
+    tiny: LoadedModel, mode: str
+) -> None:
+    own = build_tiny_model(seed=0)  # the same weights as `tiny`, for this runner alone
+    kept = Runner(tiny.model, quantize=mode)
+    taken = Runner(own.model, quantize=mode, take_weights=True)
+    assert taken.released_bytes == sum(
+        p.numel() * p.element_size() for p in tiny.model.parameters() if p.dim() == 2
+    )
+    assert own.model.model.embed_tokens.weight.numel() == 0
+    ids = torch.tensor(tiny.tokenizer("Once upon a time")["input_ids"])
+    torch.testing.assert_close(
+        taken.prefill(taken.new_cache(1, 32), [(0, ids, 0)]),
+        kept.prefill(kept.new_cache(1, 32), [(0, ids, 0)]),
+        rtol=0,
+        atol=0,
+    )
