@@ -105,6 +105,8 @@ def _sampling(body: Body, request: gen.StreamGenerateRequest, max_tokens: int | 
         request.end_user = body.user
     if body.cache is not None:
         request.cache = _CACHE_MODES[body.cache]
+    if body.priority is not None:
+        request.priority = body.priority  # the router checks its range and the key's cap
     _response_format(body.response_format, request)
 
 

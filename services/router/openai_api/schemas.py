@@ -102,8 +102,6 @@ class _Common(BaseModel):
                 )
         if self.logit_bias:
             raise InvalidArgument("logit_bias", "is not supported")
-        if self.priority:
-            raise InvalidArgument("priority", "is not supported yet (only 0)")
         if self.stream_options is not None and not self.stream:
             raise InvalidArgument("stream_options", "is only allowed when stream is true")
 

@@ -220,6 +220,25 @@ def test_key_restricted_to_another_model_is_permission_denied(
     assert [m.id for m in router.client(user.key).models.list()] == []
 
 
+def test_priority_above_the_keys_cap_is_permission_denied_and_within_it_runs(
+    auth: Auth, router: HttpRouter
+) -> None:
+    user = make_user(auth.proc, auth.admin)  # no max_priority anywhere: the cap is 0
+    client = router.client(user.key)
+    messages: Any = [{"role": "user", "content": "hi"}]
+    with pytest.raises(openai.PermissionDeniedError) as info:
+        client.chat.completions.create(
+            model=MODEL, messages=messages, max_tokens=2, extra_body={"priority": 1}
+        )
+    assert info.value.status_code == 403
+    assert info.value.param == "priority"
+    assert info.value.code == "priority_limit"
+    reply = client.chat.completions.create(
+        model=MODEL, messages=messages, max_tokens=2, extra_body={"priority": -1}
+    )
+    assert reply.choices[0].finish_reason == "length"
+
+
 IMAGE_PARAM = "messages[0].content"
 
 
@@ -244,6 +263,7 @@ IMAGE_PARAM = "messages[0].content"
         # The router's own rules (services.common.requests), before any worker:
         ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
         ({"stop": ["ok", ""]}, "stop[1]"),
+        ({"priority": 1001}, "priority"),
     ],
 )
 def test_a_bad_field_is_a_bad_request_naming_it(

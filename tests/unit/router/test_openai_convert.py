@@ -78,7 +78,6 @@ def test_completion_prompts_text_ids_and_one_element_batches() -> None:
         ({"tools": [{"type": "function"}]}, "tools"),
         ({"tool_choice": "auto"}, "tool_choice"),
         ({"top_logprobs": 2}, "top_logprobs"),
-        ({"priority": 1}, "priority"),
         ({"stream_options": {"include_usage": True}}, "stream_options"),
     ],
 )
