@@ -76,7 +76,7 @@ class StackProcess:
         deadline = time.monotonic() + timeout
         while text not in self.output:
             if self.proc.poll() is not None:
-                time.sleep(0.2)
+                self._reader.join(5)  # the rest of its output, up to the end of the pipe
                 if text in self.output:
                     return
                 raise AssertionError(

@@ -4,7 +4,6 @@ usage rows under one name per model. Tests run in file order."""
 
 from __future__ import annotations
 
-import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -24,6 +23,7 @@ from tokenyard.auth.v1 import user_service_pb2_grpc as users_grpc
 from tokenyard.generation.v1 import generation_service_pb2 as gen
 from tokenyard.generation.v1 import generation_service_pb2_grpc as gen_grpc
 
+from tests.conftest import eventually
 from tests.integration.stack.launcher import READY, StackProcess, run_cli
 from tests.integration.stack.tiny_model import build_tiny_model
 
@@ -208,20 +208,21 @@ def test_a_key_for_one_model_carries_that_models_own_limits(stack: StackProcess)
     generate(stack, demo_key(stack), "tiny-a")  # other keys are not held back
 
 
-def test_usage_rows_carry_one_name_per_model(stack: StackProcess) -> None:
+async def test_usage_rows_carry_one_name_per_model(stack: StackProcess) -> None:
     user = make_user(stack, ["*"])
     for model in ("tiny-a", "a-latest", "tiny-b"):
         generate(stack, user.key, model)
     admin = bearer((stack.state_dir / "admin-key").read_text().strip())
     reply = usage_pb.GetUsageResponse()
-    deadline = time.monotonic() + 60
     with grpc.insecure_channel(f"127.0.0.1:{stack.auth_port}") as channel:
         usage = usage_grpc.UsageServiceStub(channel)
-        while time.monotonic() < deadline:
+
+        def recorded() -> bool:
+            nonlocal reply
             reply = usage.GetUsage(usage_pb.GetUsageRequest(user_id=user.user_id), metadata=admin)
-            if reply.total_requests >= 3:
-                break
-            time.sleep(0.2)
+            return bool(reply.total_requests >= 3)
+
+        await eventually(recorded, interval=0.2, what="the three requests in the usage ledger")
         only_b = usage.GetUsage(
             usage_pb.GetUsageRequest(user_id=user.user_id, model="tiny-b"), metadata=admin
         )
