@@ -147,7 +147,8 @@ async def test_a_request_waits_for_its_grammar_while_others_run(
     monkeypatch.setattr(engine.grammars, "compile", slow_compile)
     source = ResponseFormat("regex", "[0-9]{5}").grammar()
     waiting = asyncio.ensure_future(engine.grammars.compile_async(source))
-    free = await collect(engine, request(prompts[2], max_tokens=6))  # neither loop nor engine wait
+    # ignore_eos: six tokens whatever the random weights draw (neither loop nor engine waits)
+    free = await collect(engine, request(prompts[2], max_tokens=6, ignore_eos=True))
     assert len(free) == 6 and not waiting.done()
     release.set()
     events = await collect(engine, constrained(prompts[0], await waiting))
