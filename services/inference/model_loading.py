@@ -102,6 +102,8 @@ class LoadedModel:
     # Content hash of the weights as loaded from disk: the response cache's model
     # revision (answers of other weights never mix); "" when unknown.
     revision: str = ""
+    # The GGUF file the weights came from (int4 keeps its 4-bit blocks), else None.
+    gguf: Path | None = None
 
 
 def resolve_device(device: str) -> torch.device:
@@ -256,15 +258,17 @@ def load_model(
     torch_dtype = resolve_dtype(dtype, dev)
     path = Path(spec).expanduser()
     started = time.monotonic()
+    gguf: Path | None = None
     if spec == DEMO_ALIAS:
         entry = ensure_demo_model(cache_dir)
         tokenizer, model = _from_pretrained(entry, torch_dtype)
         name, revision = DEMO_ALIAS, converted_digest(entry)
+        gguf = demo_gguf_path()
     elif path.is_file():
         check_gguf(path)  # also refuses a file that is not .gguf
         entry = converted(path, cache_dir, convert_gguf)
         tokenizer, model = _from_pretrained(entry, torch_dtype)
-        name, revision = path.stem, converted_digest(entry)
+        name, revision, gguf = path.stem, converted_digest(entry), path
     elif path.is_dir():
         check_model_dir(path)
         tokenizer, model = _from_pretrained(path, torch_dtype)
@@ -294,4 +298,5 @@ def load_model(
         context_length=_context_length(model, tokenizer),
         eos_token_ids=_eos_ids(model, tokenizer),
         revision=revision,
+        gguf=gguf,
     )

@@ -101,7 +101,7 @@ class Engine:
         self.max_queued = max_queued
         self.max_batch_tokens = max_batch_tokens
         self.runner: Runner | GenericRunner = select_runner(
-            loaded.model, take_weights=take_model_weights, quantize=quantize
+            loaded.model, take_weights=take_model_weights, quantize=quantize, gguf=loaded.gguf
         )
         log.info(
             "%s runs on the %s path, weights %s (quantization %s, %d MiB)",
@@ -111,6 +111,10 @@ class Engine:
             self.runner.quantization,
             self.runner.weight_bytes() // 2**20,
         )
+        if self.runner.from_file:
+            log.info(
+                "int4: %d projections keep the codes of %s", self.runner.from_file, loaded.gguf
+            )
         if take_model_weights and self.runner.released_bytes:
             log.info(
                 "engine took the model's weights: %d MiB of copies freed",

@@ -15,6 +15,7 @@ position (sliding windows, recurrent state), so its blocks cannot be copied safe
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -86,6 +87,7 @@ class GenericRunner(ForwardSteps):
     packed = False
     released_bytes = 0
     quantization = "none"
+    from_file = 0  # projections keeping a GGUF's int4 codes (the fast path's)
 
     def __init__(self, model: Any) -> None:
         self.model = model
@@ -150,16 +152,19 @@ class GenericRunner(ForwardSteps):
 
 
 def select_runner(
-    model: Any, *, take_weights: bool = False, quantize: str = "none"
+    model: Any, *, take_weights: bool = False, quantize: str = "none", gguf: Path | None = None
 ) -> Runner | GenericRunner:
     """The fast path where it implements the model's family, the generic path otherwise.
 
     Quantisation (`quantize` int8/int4) is the fast path's: a model that runs generic
-    is refused with `QuantizationError` rather than served unquantised.
+    is refused with `QuantizationError` rather than served unquantised. `gguf`: the
+    file the model came from, whose 4-bit blocks int4 keeps (see `Runner`).
     """
     name = getattr(model.config, "model_type", "?")
     try:
-        runner: Runner | GenericRunner = Runner(model, take_weights=take_weights, quantize=quantize)
+        runner: Runner | GenericRunner = Runner(
+            model, take_weights=take_weights, quantize=quantize, gguf=gguf
+        )
     except UnsupportedModelError as exc:
         if quantize != "none":
             raise QuantizationError(

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from services.inference.engine.gguf_blocks import BLOCK, Int4Blocks
 from services.inference.settings import QUANTIZATIONS
 
 __all__ = ["QUANTIZATIONS", "Int4Weight", "Int8Weight", "QuantizationError", "quantize"]
@@ -115,6 +116,20 @@ def quantize_int4(weight: torch.Tensor, group: int | None = None) -> Int4Weight:
     scales_zeros = torch.stack([scales, zeros], dim=-1).transpose(0, 1).contiguous()
     packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 8)
     return Int4Weight(packed, scales_zeros.to(weight.dtype), group)
+
+
+def int4_from_blocks(parts: list[Int4Blocks], dtype: torch.dtype) -> Int4Weight:
+    """The int4 layout of GGUF Q4_0/Q4_1 weights (`parts` stacked by rows), codes kept.
+
+    ``d * q + m == (q - 8) * d + (m + 8d)``: the file's scale is the group's scale and
+    ``m + 8d`` its zero, both rounded to `dtype` as the kernel takes them.
+    """
+    codes = torch.cat([p.codes for p in parts]).to(torch.int32)
+    scales = torch.cat([p.scales for p in parts])
+    zeros = torch.cat([p.mins for p in parts]) + 8 * scales
+    scales_zeros = torch.stack([scales, zeros], dim=-1).transpose(0, 1).contiguous()
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 8)
+    return Int4Weight(packed, scales_zeros.to(dtype), BLOCK)
 
 
 def quantize(weight: torch.Tensor, mode: str) -> QuantWeight:

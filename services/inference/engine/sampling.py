@@ -107,13 +107,23 @@ def _draw(filtered: torch.Tensor, rows: Sequence[SampleRow]) -> torch.Tensor:
     return chosen.clamp_(max=filtered.shape[-1] - 1).flatten()
 
 
+def first_max(logits: torch.Tensor) -> torch.Tensor:
+    """Each row's first highest-scoring token.
+
+    ``max(dim)`` rather than ``argmax``: same index (the first maximum), but on CPU
+    argmax over bf16 rows took 5x as long (64 x 49152 logits: 5.0 vs 1.0 ms, a
+    twentieth of a 64-row decode step).
+    """
+    return logits.max(dim=-1).indices
+
+
 def sample(
     logits: torch.Tensor, rows: Sequence[SampleRow], allowed: torch.Tensor | None = None
 ) -> list[Sampled]:
     """Choose one token per row of `logits` (``[rows, vocab]``, any float dtype).
 
-    Greedy rows take the argmax in the given dtype (widening is exact, so it is the
-    float32 argmax); everything else is computed in float32. `allowed` (``[rows,
+    Greedy rows take the highest score in the given dtype (widening is exact, so it is the
+    float32 choice); everything else is computed in float32. `allowed` (``[rows,
     vocab]`` bool, structured output) removes the tokens a row's format forbids
     before any filter; logprobs stay those of the model's raw distribution.
     """
@@ -127,11 +137,11 @@ def sample(
     if allowed is not None:  # rows allowing every token are left exactly as they were
         logits = logits.masked_fill(~allowed, float("-inf"))
     if simple:
-        chosen = logits.argmax(dim=-1)
+        chosen = first_max(logits)
     else:
         _apply_repetition_penalty(logits, rows)
         greedy = torch.tensor([r.config.temperature == 0.0 for r in rows], device=logits.device)
-        chosen = logits.argmax(dim=-1)
+        chosen = first_max(logits)
         if not bool(greedy.all()):
             sampled_idx = (~greedy).nonzero().flatten()
             sampled_rows = [rows[i] for i in sampled_idx.tolist()]

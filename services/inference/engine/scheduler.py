@@ -337,10 +337,6 @@ class Scheduler:
         if not decoding:
             return None
         length = max(s.computed for s in decoding) + 1
-        if 2 * self.cache.capacity <= 3 * length:
-            # Attending over the whole (contiguous) capacity, masked, beats copying
-            # out the first `length` positions unless most of it is unused.
-            length = self.cache.capacity
         tokens: list[int] = []
         positions: list[int] = []
         writes: list[int] = []

@@ -31,8 +31,9 @@ def _cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("models")
 
 
+@pytest.mark.parametrize("quantize", ["none", "int4"])
 async def test_demo_model_knows_the_capital_of_france(
-    tmp_path_factory: pytest.TempPathFactory,
+    tmp_path_factory: pytest.TempPathFactory, quantize: str
 ) -> None:
     loaded = load_model("smollm2-135m", device="cpu", cache_dir=_cache_dir(tmp_path_factory))
     tok = loaded.tokenizer
@@ -42,7 +43,9 @@ async def test_demo_model_knows_the_capital_of_france(
         tokenize=False,
     )
     ids = list(tok(prompt, add_special_tokens=False)["input_ids"])
-    engine = Engine(loaded, max_running=4, max_queued=4, max_batch_tokens=256)
+    engine = Engine(loaded, max_running=4, max_queued=4, max_batch_tokens=256, quantize=quantize)
+    if quantize == "int4":  # every projection keeps the GGUF's own Q4_1 codes
+        assert engine.runner.from_file == 7 * loaded.model.config.num_hidden_layers
     engine.warmup()
     engine.start()
     try:
