@@ -66,7 +66,7 @@ def decode_step(runner: Runner, cache: object, tokens: torch.Tensor, position: i
     b = tokens.shape[0]
     positions = torch.full((b,), position, dtype=torch.long)
     write = runner.write_rows(cache, positions)  # type: ignore[arg-type]
-    mask = (torch.arange(cache.capacity)[None] <= position).expand(b, -1)  # type: ignore[attr-defined]
+    mask = (torch.arange(position + 1)[None] <= position).expand(b, -1)[:, None, None]
     return runner.decode(cache, tokens, positions, write, mask)  # type: ignore[arg-type]
 
 
@@ -146,7 +146,7 @@ def main(argv: list[str] | None = None) -> None:
     base_out: list[list[int]] = []
     for mode in args.modes.split(","):
         started = time.perf_counter()
-        runner = Runner(loaded.model, quantize=mode)
+        runner = Runner(loaded.model, quantize=mode, gguf=loaded.gguf)  # as a worker
         scores = score_text(runner, ids, args.windows)
         outs = [greedy(runner, p, args.new_tokens) for p in prompts]
         if base is None:

@@ -310,6 +310,7 @@ class Runner(ForwardSteps):
         b = length = 0
         if decode is not None:
             b, length = int(decode.tokens.shape[0]), int(decode.mask.shape[-1])
+            decode_mask = decode.mask.reshape(b, 1, 1, length)
             tokens.append(decode.tokens)
             positions.append(decode.positions)
         meta: list[tuple[int, int, int, int, torch.Tensor]] = []
@@ -355,7 +356,7 @@ class Runner(ForwardSteps):
                     qk[:b, :nh].reshape(b, nkv, g, hd),
                     cache.k[i, :b, :, :length],
                     cache.v[i, :b, :, :length],
-                    attn_mask=decode.mask,
+                    attn_mask=decode_mask,
                     scale=self.scaling,
                 )
                 outs.append(attn.reshape(b, nh * hd))
