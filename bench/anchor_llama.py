@@ -40,7 +40,7 @@ def peak_rss_mib() -> float:
 def model_params() -> Any:
     """Default model parameters without ggml's extra buffer types (weight repacking).
 
-    On this AMX CPU the extra buffers put Q4_1 weights in ggml's AMX layout, and the
+    On an AMX CPU the extra buffers put Q4_1 weights in ggml's AMX layout, and the
     first decode segfaults in ggml_backend_amx_mul_mat (llama.cpp issue #20824,
     machine-dependent); without them the weights stay in the AVX-512 kernels' layout.
     llama.cpp's own CLI offers the same switch as --no-repack.
@@ -94,7 +94,7 @@ def completion_row(gguf: str, prompt: list[int], new: int, threads: int) -> dict
         "tokens": tokens,
         "seconds": seconds,
         "ttft": [ttft],
-        "per_stream": [(tokens - 1) / (seconds - ttft)],
+        "per_stream": [(tokens - 1) / (seconds - ttft)] if seconds > ttft else [],
         "rss_mib": peak_rss_mib(),
     }
 
