@@ -16,6 +16,11 @@ Prints aggregate and per-stream tok/s, TTFT p50/p99, peak RSS and ratios to (a) 
 default, --levels to change), alternated --ab-reps times so every mode sees the same
 machine load; it prints each mode's best and median tok/s, its ratio to the first
 mode (none: bf16, packed) and the weights the engine holds.
+
+--anchors llama,vllm adds llama.cpp and vLLM rows to any run, measured after the
+engine's on the same prompts and new tokens (EOS ignored), and the engine's tok/s
+over theirs per concurrency; each runs in its own virtual environment (bench/anchors.py,
+--llama-python / --vllm-python or TOKENYARD_BENCH_LLAMA_PYTHON / _VLLM_PYTHON).
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench import anchors
 from services.inference.engine import Engine, EngineRequest, Sampling
 from services.inference.engine.threads import confine_torch_threads
 from services.inference.model_loading import LoadedModel, load_model
@@ -338,8 +344,13 @@ def interleaved(
     ]
 
 
-def quantize_rows(args: argparse.Namespace, modes: list[str], levels: list[int]) -> None:
-    """Each mode at each level, alternated `--ab-reps` times; ratios to the first mode."""
+def quantize_rows(
+    args: argparse.Namespace, modes: list[str], levels: list[int]
+) -> dict[str, dict[int, float]]:
+    """Each mode at each level, alternated `--ab-reps` times; ratios to the first mode.
+
+    Returns each mode's best tok/s per level.
+    """
     runs: dict[tuple[str, int], list[float]] = {}
     weights: dict[str, float] = {}
     rss: dict[str, float] = {}
@@ -367,6 +378,40 @@ def quantize_rows(args: argparse.Namespace, modes: list[str], levels: list[int])
                 f"{weights[mode] / weights[first]:7.2f}x {rss[mode]:8.0f}",
                 flush=True,
             )
+    return {mode: {n: max(runs[(mode, n)]) for n in levels} for mode in modes}
+
+
+def anchor_rows(
+    args: argparse.Namespace,
+    loaded: LoadedModel,
+    engine: dict[str, dict[int, float]],
+    base: Result | None = None,
+    static: Result | None = None,
+) -> list[Result]:
+    """The `--anchors` rows on this run's prompts, then the engine's ratios to them."""
+    if not args.anchors:
+        return []
+    print(f"\nanchors ({args.new_tokens} new tokens, {args.anchor_threads} threads)")
+    results = [
+        Result(**row)
+        for row in anchors.measure(args, lambda n: prompts_for(loaded, n), args.new_tokens)
+    ]
+    if results:
+        print(HEADER)
+    for r in results:
+        print_row(r, base, static)
+    anchors.print_ratios(engine, [(r.name, r.concurrency, r.tok_s) for r in results])
+    return results
+
+
+def engine_tok_s(results: list[Result]) -> dict[str, dict[int, float]]:
+    """tok/s of the engine's together rows, by label (its dtype) and concurrency."""
+    by_label: dict[str, dict[int, float]] = {}
+    for r in results:
+        if r.name.endswith(" together"):
+            label = r.name.removeprefix("engine ").removesuffix(" together")
+            by_label.setdefault(label, {})[r.concurrency] = r.tok_s
+    return by_label
 
 
 def print_row(r: Result, base: Result | None, static: Result | None) -> None:
@@ -444,6 +489,7 @@ def main(argv: list[str] | None = None) -> None:
         default=None,
         help="comma-separated modes (none,int8,int4): engine rows per mode, nothing else",
     )
+    anchors.add_arguments(parser)
     parser.add_argument("--engine-child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--together-only", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -456,7 +502,11 @@ def main(argv: list[str] | None = None) -> None:
         args.levels = "1,16" if args.quantize else "1,4,16,32,64"
     if args.quantize:
         print(f"{args.new_tokens} new tokens, dtype {args.dtype}; modes {args.quantize}")
-        quantize_rows(args, args.quantize.split(","), [int(x) for x in args.levels.split(",")])
+        levels = [int(x) for x in args.levels.split(",")]
+        best = quantize_rows(args, args.quantize.split(","), levels)
+        if args.anchors:  # the parent loads the model only for the prompts' tokens
+            loaded = load_model(args.model, device="cpu", cache_dir=args.cache_dir)
+            anchor_rows(args, loaded, best)
         return
     levels = [int(x) for x in args.levels.split(",")]
     logging.basicConfig(level=logging.WARNING)
@@ -470,7 +520,8 @@ def main(argv: list[str] | None = None) -> None:
     print(f"torch threads {torch.get_num_threads()}, engine dtype {label} (--dtype {args.dtype})")
     if args.engine_only:
         print(HEADER)
-        run_engine_process(args, levels, args.dtype)
+        results = run_engine_process(args, levels, args.dtype)
+        anchor_rows(args, engine_model, engine_tok_s(results))
         return
     bf16 = (
         engine_model
@@ -494,9 +545,11 @@ def main(argv: list[str] | None = None) -> None:
     results = run_engine_process(args, levels, args.dtype)
     if args.engine_fp32 and label != "float32":
         results += run_engine_process(args, [1, 16], "float32")
+    anchored = anchor_rows(args, engine_model, engine_tok_s(results), base, static32)
     print("\nsummary (ratios to (a) sequential fp32 and (b) static batch 16 fp32)")
     print(HEADER)
-    for r in [base, static32, static16, *([cb] if isinstance(cb, Result) else []), *results]:
+    baselines = [base, static32, static16, *([cb] if isinstance(cb, Result) else [])]
+    for r in [*baselines, *results, *anchored]:
         print_row(r, base, static32)
     path = OUT / "engine_bench.png"
     plot(results, base, static32, label, path)
