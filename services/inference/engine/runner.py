@@ -33,7 +33,7 @@ from services.inference.engine.families import (
     head_norms,
     qkv_modules,
 )
-from services.inference.engine.gguf_blocks import Int4Blocks, read_int4_blocks
+from services.inference.engine.gguf_blocks import GgufInt4
 from services.inference.engine.kv_cache import (
     CAPACITY_STEP,
     Chunks,
@@ -153,10 +153,8 @@ class Runner(ForwardSteps):
         linear = _quant_linear if quantized else _packed_linear if self.packed else F.linear
         self._linear: Callable[[torch.Tensor, Any, torch.Tensor | None], torch.Tensor] = linear
         self._copied: list[Any] = []  # modules whose weights the runner holds copies of
-        self._blocks: dict[int, Int4Blocks] = {}  # by id(module): int4 codes from the file
-        if quantize == "int4" and gguf is not None:
-            blocks = read_int4_blocks(gguf, model)
-            self._blocks = {id(m): blocks[n] for n, m in model.named_modules() if n in blocks}
+        # int4 codes straight from the file, while the layers are built.
+        self._gguf = GgufInt4(gguf, model) if quantize == "int4" and gguf is not None else None
         self.from_file = 0  # projections whose int4 codes are the GGUF file's
         with torch.no_grad():
             self.embed: torch.Tensor | Int8Weight = inner.embed_tokens.weight.detach()
@@ -172,6 +170,7 @@ class Runner(ForwardSteps):
             positions = torch.arange(self.context_length, device=self.device)[None]
             probe = torch.zeros(1, dtype=self.dtype, device=self.device)
             cos, sin = inner.rotary_emb(probe, positions)
+        self._gguf = None  # the file's reader: only needed while building
         keep = None if quantized else inner.embed_tokens.weight
         self.released_bytes = _release(self._copied, keep) if take_weights else 0
         self.rotary_dim = int(cos.shape[-1])  # less than head_dim: partial rotary (Phi-4-mini)
@@ -209,7 +208,7 @@ class Runner(ForwardSteps):
         weight = torch.cat(weights) if len(weights) > 1 else weights[0]
         if self.quantization != "none":
             self._copied += modules
-            parts = [self._blocks.get(id(m)) for m in modules]
+            parts = [self._gguf.blocks(m) if self._gguf else None for m in modules]
             if all(p is not None for p in parts):
                 self.from_file += len(parts)
                 return int4_from_blocks([p for p in parts if p is not None], weight.dtype)

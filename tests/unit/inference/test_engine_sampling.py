@@ -185,3 +185,14 @@ async def test_invalid_prompts_are_rejected(make_engine: EngineFactory, tiny: Lo
         engine.generate(request([10**6]))
     with pytest.raises(InvalidRequest, match="context"):
         engine.generate(request([1] * tiny.context_length))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_greedy_takes_the_first_of_tied_scores_as_argmax_does(dtype: torch.dtype) -> None:
+    logits = torch.full((3, 50), -1.0, dtype=dtype)
+    logits[0, [7, 3, 40]] = 2.0  # a three-way tie: token 3 is first
+    logits[1, 49] = 5.0
+    logits[2] = 0.0  # every token tied
+    rows = [SampleRow(Sampling(temperature=0.0), 0, 0, []) for _ in range(3)]
+    assert [s.token_id for s in sample(logits, rows)] == [3, 49, 0]
+    assert [s.token_id for s in sample(logits, rows)] == logits.float().argmax(-1).tolist()

@@ -11,7 +11,7 @@ import pytest
 import torch
 from transformers.modeling_gguf_pytorch_utils import LlamaTensorProcessor
 
-from services.inference.engine.gguf_blocks import _decode, _unpermute, read_int4_blocks
+from services.inference.engine.gguf_blocks import GgufInt4, _decode, _unpermute
 from services.inference.engine.quant import int4_from_blocks
 from services.inference.engine.runner import Runner
 from tests.doubles.tiny_model import build_tiny_model
@@ -105,8 +105,13 @@ def test_runner_keeps_the_files_codes_and_refuses_blocks_that_do_not_match(
     tampered = "model.layers.1.mlp.down_proj"
     path = tmp_path / "tiny.gguf"
     _write_gguf(model, path, kind, tamper=tampered)
-    blocks = read_int4_blocks(path, model)
+    file = GgufInt4(path, model)
     projections = 7 * model.config.num_hidden_layers
+    blocks = {
+        name: part
+        for name, module in model.named_modules()
+        if (part := file.blocks(module)) is not None
+    }
     assert tampered not in blocks
     assert len(blocks) == projections - 1
     runner = Runner(model, quantize="int4", gguf=path)
