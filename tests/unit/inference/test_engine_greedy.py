@@ -85,8 +85,8 @@ async def test_greedy_matches_generate_over_a_cache_larger_than_the_sequences(
     make_engine: EngineFactory, tiny: LoadedModel, prompts: list[list[int]]
 ) -> None:
     # The long request grows every slot's cache to 320 positions, then finishes; the
-    # short ones go on decoding over that mostly unused cache (the copied-out span)
-    # after sharing steps with it (attention over the whole capacity).
+    # short ones go on decoding over that mostly unused cache (attention reads up to
+    # the longest row only) after sharing steps with it (rows of unequal lengths).
     engine = make_engine(max_running=4)
     long_prompt = (prompts[7] * 8)[:280]
     shorts = [prompts[0], prompts[2], prompts[5]]
