@@ -124,8 +124,8 @@ class KVCache:
 
     Capacity grows when a sequence needs more positions, so memory follows the longest
     running sequence instead of the model's full context. It grows by a quarter (at
-    least one `CAPACITY_STEP`) rather than doubling: decode attention reads a slot's
-    whole capacity, which is contiguous, so it is kept close to the length in use.
+    least one `CAPACITY_STEP`) rather than doubling, so memory stays close to the
+    length in use.
     """
 
     def __init__(
