@@ -309,7 +309,10 @@ class Runner(ForwardSteps):
         b = length = 0
         if decode is not None:
             b, length = int(decode.tokens.shape[0]), int(decode.mask.shape[-1])
-            decode_mask = decode.mask.reshape(b, 1, 1, length)
+            # Additive, once per step: given the boolean mask, SDPA converts it in
+            # every layer (same result, bit for bit).
+            decode_mask = torch.zeros((b, 1, 1, length), dtype=self.dtype, device=device)
+            decode_mask.masked_fill_(~decode.mask.reshape(b, 1, 1, length), float("-inf"))
             tokens.append(decode.tokens)
             positions.append(decode.positions)
         meta: list[tuple[int, int, int, int, torch.Tensor]] = []
