@@ -66,7 +66,7 @@ def decode_step(runner: Runner, cache: object, tokens: torch.Tensor, position: i
     b = tokens.shape[0]
     positions = torch.full((b,), position, dtype=torch.long)
     write = runner.write_rows(cache, positions)  # type: ignore[arg-type]
-    mask = (torch.arange(position + 1)[None] <= position).expand(b, -1)[:, None, None]
+    mask = torch.ones((b, 1, 1, position + 1), dtype=torch.bool)  # every position so far
     return runner.decode(cache, tokens, positions, write, mask)  # type: ignore[arg-type]
 
 

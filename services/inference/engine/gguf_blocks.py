@@ -92,15 +92,16 @@ class GgufInt4:
         self.arch = bytes(field.parts[field.data[0]]).decode("utf-8")
         arch = next((a for a, n in gguf.MODEL_ARCH_NAMES.items() if n == self.arch), None)
         config = model.config
-        names = gguf.get_tensor_name_map(arch, int(config.num_hidden_layers)) if arch else None
         tensors = {t.name: t for t in reader.tensors}
         self.heads = int(config.num_attention_heads)
         self.kv_heads = int(getattr(config, "num_key_value_heads", None) or self.heads)
         # By id(module): the module's name and its GGUF tensor, for 4-bit ones only.
         self._tensors: dict[int, tuple[str, Any]] = {}
+        if arch is None:  # an architecture the gguf library does not know: none kept
+            return
+        names = gguf.get_tensor_name_map(arch, int(config.num_hidden_layers))
         for name, module in model.named_modules():
-            linear = names is not None and isinstance(module, torch.nn.Linear)
-            gguf_name = names.get_name(name) if linear and names else None
+            gguf_name = names.get_name(name) if isinstance(module, torch.nn.Linear) else None
             tensor = tensors.get(f"{gguf_name}.weight") if gguf_name else None
             if tensor is not None and tensor.tensor_type.name in ("Q4_0", "Q4_1"):
                 self._tensors[id(module)] = (name, tensor)

@@ -113,9 +113,17 @@ def quantize_int4(weight: torch.Tensor, group: int | None = None) -> Int4Weight:
     codes = torch.round((w - low[..., None]) / scales[..., None]).clamp(0, 15)
     codes = codes.to(torch.int32).view(out_features, in_features)
     zeros = low + scales * 8  # the kernel computes (q - 8) * scale + zero
+    return _pack_int4(codes, scales, zeros, weight.dtype, group)
+
+
+def _pack_int4(
+    codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, dtype: torch.dtype, group: int
+) -> Int4Weight:
+    """Codes 0..15 ``[out, in]`` and per-group scales and zeros ``[out, in / group]`` in
+    the CPU kernel's layout (``w = (q - 8) * scale + zero``)."""
     scales_zeros = torch.stack([scales, zeros], dim=-1).transpose(0, 1).contiguous()
-    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 8)
-    return Int4Weight(packed, scales_zeros.to(weight.dtype), group)
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32), 8)
+    return Int4Weight(packed, scales_zeros.to(dtype), group)
 
 
 def int4_from_blocks(parts: list[Int4Blocks], dtype: torch.dtype) -> Int4Weight:
@@ -124,12 +132,9 @@ def int4_from_blocks(parts: list[Int4Blocks], dtype: torch.dtype) -> Int4Weight:
     ``d * q + m == (q - 8) * d + (m + 8d)``: the file's scale is the group's scale and
     ``m + 8d`` its zero, both rounded to `dtype` as the kernel takes them.
     """
-    codes = torch.cat([p.codes for p in parts]).to(torch.int32)
     scales = torch.cat([p.scales for p in parts])
     zeros = torch.cat([p.mins for p in parts]) + 8 * scales
-    scales_zeros = torch.stack([scales, zeros], dim=-1).transpose(0, 1).contiguous()
-    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 8)
-    return Int4Weight(packed, scales_zeros.to(dtype), BLOCK)
+    return _pack_int4(torch.cat([p.codes for p in parts]), scales, zeros, dtype, BLOCK)
 
 
 def quantize(weight: torch.Tensor, mode: str) -> QuantWeight:

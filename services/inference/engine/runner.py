@@ -204,14 +204,17 @@ class Runner(ForwardSteps):
         """The modules' weights as the runner uses them: fused if several, packed if
         `packed`, quantised if asked. A copy is recorded in `_copied`; a lone unpacked
         weight is used as is."""
+        if self._gguf is not None:
+            parts = [self._gguf.blocks(m) for m in modules]
+            blocks = [p for p in parts if p is not None]
+            if len(blocks) == len(modules):
+                self._copied += modules
+                self.from_file += len(blocks)
+                return int4_from_blocks(blocks, self.dtype)
         weights = [m.weight.detach() for m in modules]
         weight = torch.cat(weights) if len(weights) > 1 else weights[0]
         if self.quantization != "none":
             self._copied += modules
-            parts = [self._gguf.blocks(m) if self._gguf else None for m in modules]
-            if all(p is not None for p in parts):
-                self.from_file += len(parts)
-                return int4_from_blocks([p for p in parts if p is not None], weight.dtype)
             return quantize(weight, self.quantization)
         if self.packed:
             weight = torch.ops.mkldnn._reorder_linear_weight(weight)
@@ -352,8 +355,9 @@ class Runner(ForwardSteps):
                 )
                 # Query heads grouped under their kv head: (b, kv heads, group, head_dim)
                 # against the cache slots' keys in place (a strided view, no copy).
-                # SDPA's fused CPU kernel took a third of the time of bmm, softmax, bmm
-                # at 1-64 rows over 128 positions (bf16, 2 cores).
+                # SDPA's fused CPU kernel against bmm, softmax, bmm (bf16, 2 cores): a
+                # quarter to 0.4x of the time at 1-64 rows over 128 positions alone, a
+                # 64-row step over 129 positions 67.9 against 72.8 ms.
                 attn = F.scaled_dot_product_attention(
                     qk[:b, :nh].reshape(b, nkv, g, hd),
                     cache.k[i, :b, :, :length],
