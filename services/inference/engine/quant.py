@@ -32,6 +32,20 @@ __all__ = ["QUANTIZATIONS", "Int4Weight", "Int8Weight", "QuantizationError", "qu
 # perplexity +0.2 % against +37 % with 64): its weights come from a Q4_1 GGUF, whose
 # groups of 32 the asymmetric min/max codes reproduce almost exactly.
 INT4_GROUP = 32
+# Rows from which a layer multiplies by its weight dequantised to the activations'
+# dtype (oneDNN's matmul) instead of calling the weight-only kernel. Those kernels
+# unpack the weight again for every row, so their cost grows with the rows: a
+# 512-token prompt of the demo model took 4.4-4.6x as long as in bf16 (int8 865 ms,
+# int4 829 ms, bf16 189 ms). Dequantising costs the same whatever the rows (a
+# 3072x576 weight: 0.5 ms int8, 1.7 ms int4). Where the two cross, measured on the
+# demo model's prompts (2-core Xeon): int8 64 rows 143 ms either way, 128 rows 259
+# against 163; int4 128 rows 218 against 250, 192 rows 325 against 278. So decode
+# steps (up to 64 rows) keep the kernels, and prompt chunks past these take the
+# dequantised weight (512 tokens: int8 219 ms, int4 289 ms).
+INT8_DEQUANT_ROWS = 64
+INT4_DEQUANT_ROWS = 160
+# The CPU int4 kernel's packed layout stores 64 output channels per block.
+_INT4_BLOCK_N = 64
 
 
 class QuantizationError(ValueError):
@@ -50,11 +64,17 @@ class Int8Weight:
         """Bytes held (codes and scales)."""
         return _nbytes(self.codes, self.scales)
 
+    def dequantized(self) -> torch.Tensor:
+        """The weight in the activations' dtype, ``[out, in]``."""
+        return torch.mul(self.codes, self.scales[:, None])
+
     def linear(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """``x @ w.T + bias`` for a 2-D `x`."""
-        # One kernel for every batch: a 16-row decode step of the demo model took 160 ms
-        # with it against 336 ms multiplying the codes cast to bf16 (best of 15, loaded
-        # 2-core machine; bf16 packed: 102 ms).
+        # Below INT8_DEQUANT_ROWS, the kernel: a 16-row decode step of the demo model took
+        # 160 ms with it against 336 ms multiplying the codes cast to bf16 (best of 15,
+        # loaded 2-core machine; bf16 packed: 102 ms).
+        if x.shape[0] >= INT8_DEQUANT_ROWS:
+            return F.linear(x, self.dequantized(), bias)
         out: torch.Tensor = torch.ops.aten._weight_int8pack_mm(x, self.codes, self.scales)
         return out if bias is None else out + bias
 
@@ -70,14 +90,28 @@ class Int4Weight:
     packed: torch.Tensor  # uint8, the CPU kernel's layout
     scales_zeros: torch.Tensor  # [in / group, out, 2], in the activations' dtype
     group: int
+    unpackable: bool  # `_unpack_int4` reads `packed` back (checked when packed)
 
     @property
     def nbytes(self) -> int:
         """Bytes held (codes, scales and zeros)."""
         return _nbytes(self.packed, self.scales_zeros)
 
+    def dequantized(self) -> torch.Tensor:
+        """The weight in the activations' dtype, ``[out, in]``: ``(q - 8) * scale + zero``."""
+        codes = _unpack_int4(self.packed)
+        n, k = codes.shape
+        scales, zeros = self.scales_zeros.transpose(0, 1).unbind(-1)  # [out, in / group]
+        offsets = (zeros.float() - 8 * scales.float()).to(scales.dtype)
+        groups = (n, k // self.group, 1)
+        # mul then add_: half the time of one addcmul over the same broadcasts.
+        out = torch.mul(codes.view(n, k // self.group, self.group), scales.reshape(groups))
+        return out.add_(offsets.reshape(groups)).view(n, k)
+
     def linear(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """``x @ w.T + bias`` for a 2-D `x`."""
+        if x.shape[0] >= INT4_DEQUANT_ROWS and self.unpackable:
+            return F.linear(x, self.dequantized(), bias)
         out: torch.Tensor = torch.ops.aten._weight_int4pack_mm_for_cpu(
             x, self.packed, self.group, self.scales_zeros
         )
@@ -123,7 +157,27 @@ def _pack_int4(
     the CPU kernel's layout (``w = (q - 8) * scale + zero``)."""
     scales_zeros = torch.stack([scales, zeros], dim=-1).transpose(0, 1).contiguous()
     packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32), 8)
-    return Int4Weight(packed, scales_zeros.to(dtype), group)
+    unpackable = codes.shape[0] % _INT4_BLOCK_N == 0 and torch.equal(
+        _unpack_int4(packed), codes.to(torch.uint8)
+    )
+    return Int4Weight(packed, scales_zeros.to(dtype), group, unpackable)
+
+
+def _unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    """The codes ``[out, in]`` (uint8, 0..15) of the CPU int4 kernel's layout.
+
+    For each block of 64 output channels the kernel keeps ``[in, 32]`` bytes, byte
+    ``(k, j)`` holding channel j's code for input k in its low nibble and channel
+    j + 32's in its high one (PyTorch 2.13; `_pack_int4` checks every weight it packs
+    against this, and a layer that does not match keeps to the kernel).
+    """
+    n, k = packed.shape[0], packed.shape[1] * 2
+    blocks = packed.view(n // _INT4_BLOCK_N, k, _INT4_BLOCK_N // 2)
+    codes = torch.empty((n // _INT4_BLOCK_N, _INT4_BLOCK_N, k), dtype=torch.uint8)
+    half = _INT4_BLOCK_N // 2
+    torch.bitwise_and(blocks, 15, out=codes[:, :half].transpose(1, 2))
+    torch.bitwise_right_shift(blocks, 4, out=codes[:, half:].transpose(1, 2))
+    return codes.view(n, k)
 
 
 def int4_from_blocks(parts: list[Int4Blocks], dtype: torch.dtype) -> Int4Weight:

@@ -8,9 +8,14 @@ import torch.nn.functional as F
 
 from services.inference.engine.generic import select_runner
 from services.inference.engine.quant import (
+    INT4_DEQUANT_ROWS,
+    INT8_DEQUANT_ROWS,
+    Int4Weight,
+    Int8Weight,
     QuantizationError,
     check_quantizable,
     quantize,
+    quantize_int4,
     quantize_int8,
 )
 from services.inference.engine.runner import Runner
@@ -52,6 +57,49 @@ def test_int8_is_the_codes_times_the_scales() -> None:
     torch.testing.assert_close(q.rows(rows), dequantised[rows])
 
 
+def test_the_int4_weight_dequantised_is_the_one_the_kernel_multiplies_by() -> None:
+    # The kernel itself, fed the identity, writes out the weight it uses: our reading
+    # of its packed layout and formula must give the same numbers.
+    torch.manual_seed(2)
+    q = quantize_int4(torch.randn(192, 96))
+    assert q.unpackable
+    by_kernel = torch.ops.aten._weight_int4pack_mm_for_cpu(
+        torch.eye(96), q.packed, q.group, q.scales_zeros
+    ).T
+    torch.testing.assert_close(q.dequantized(), by_kernel, rtol=1e-6, atol=1e-6)
+
+
+def test_an_int4_layout_we_cannot_read_keeps_to_the_kernel() -> None:
+    # 96 output channels: not whole blocks of the kernel's layout.
+    torch.manual_seed(3)
+    weight = torch.randn(96, 64)
+    q = quantize_int4(weight)
+    assert not q.unpackable
+    x = torch.randn(INT4_DEQUANT_ROWS, 64)
+    want = F.linear(x, weight)
+    assert relative_error(q.linear(x, None), want) < TOLERANCE["int4"]
+
+
+@pytest.mark.parametrize(
+    ("mode", "rows"), [("int8", INT8_DEQUANT_ROWS), ("int4", INT4_DEQUANT_ROWS)]
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_many_rows_go_through_the_dequantised_weight_with_the_kernels_result(
+    mode: str, rows: int, dtype: torch.dtype
+) -> None:
+    torch.manual_seed(4)
+    q = quantize((torch.randn(128, 96) * 0.05).to(dtype), mode)
+    x = torch.randn(rows, 96).to(dtype)
+    bias = torch.randn(128).to(dtype)
+    many = q.linear(x, bias)
+    by_kernel = torch.cat([q.linear(x[i : i + 8], bias) for i in range(0, rows, 8)])
+    assert many.dtype == dtype
+    if dtype is torch.float32:
+        torch.testing.assert_close(many, by_kernel, rtol=1e-4, atol=1e-4)
+    else:  # the dequantised weight is rounded to bf16 once more than the kernel's
+        assert relative_error(many, by_kernel) < 0.01
+
+
 def test_int4_refuses_a_layer_that_does_not_split_into_groups() -> None:
     with pytest.raises(QuantizationError, match="groups of 32"):
         quantize(torch.randn(32, 80), "int4")
@@ -84,6 +132,26 @@ def test_runner_quantises_every_projection_and_the_head(tiny: LoadedModel, mode:
     assert relative_error(got, want) < TOLERANCE[mode]
     # The model keeps its own weights unless the runner takes them.
     assert tiny.model.lm_head.weight.numel() > 0
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_a_long_prompt_in_one_chunk_gives_what_short_chunks_give(
+    tiny: LoadedModel, mode: str
+) -> None:
+    # One chunk past the dequantising threshold against chunks the kernels compute.
+    runner = Runner(tiny.model, quantize=mode)
+    kind = Int4Weight if mode == "int4" else Int8Weight
+    for layer in runner.layers:
+        assert isinstance(layer.w_gate_up, kind)
+        # Every int4 layer of the tiny model is whole blocks of the kernel's layout.
+        assert not isinstance(layer.w_gate_up, Int4Weight) or layer.w_gate_up.unpackable
+    n = max(INT8_DEQUANT_ROWS, INT4_DEQUANT_ROWS) + 7
+    ids = torch.randint(0, runner.vocab_size, (n,), generator=torch.Generator().manual_seed(5))
+    whole = runner.prefill(runner.new_cache(1, 256), [(0, ids, 0)])
+    cache = runner.new_cache(1, 256)
+    for start in range(0, n, 32):
+        pieces = runner.prefill(cache, [(0, ids[start : start + 32], start)])
+    torch.testing.assert_close(whole, pieces, rtol=1e-4, atol=1e-4)
 
 
 def test_a_model_on_the_generic_path_is_refused_not_served_unquantised(
