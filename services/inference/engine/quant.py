@@ -1,4 +1,4 @@
-"""Weight-only quantisation of the fast path's linear layers (CPU, PyTorch's own kernels).
+"""Weight-only quantisation of the fast path's linear layers (CPU).
 
 `--quantize int8` keeps each projection as int8 with one scale per output channel
 (`torch.ops.aten._weight_int8pack_mm`); `--quantize int4` as 4-bit codes with a scale
@@ -11,8 +11,9 @@ modes: on the demo model it is a fifth of the weights, so a bf16 head would leav
 the weights at 0.60x (int8) and 0.43x (int4) of bf16; int4 on the head costs the
 most quality for the least speed (bench/quality.py).
 
-Dequantisation follows the kernels: int8 ``w = q * scale``; int4 ``w = (q - 8) *
-scale + zero`` per group, q in 0..15. Numbers measured with bench/quality.py and
+From `AMX_ROWS` rows on, CPUs with AMX run amx.py's kernels over the same
+layouts. Dequantisation follows the kernels: int8 ``w = q * scale``; int4
+``w = (q - 8) * scale + zero`` per group, q in 0..15. Numbers measured with bench/quality.py and
 bench/engine_bench.py are in docs/models.md.
 """
 
@@ -23,6 +24,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from services.inference.engine import amx
 from services.inference.engine.gguf_blocks import BLOCK, Int4Blocks
 from services.inference.settings import QUANTIZATIONS
 
@@ -32,8 +34,9 @@ __all__ = ["QUANTIZATIONS", "Int4Weight", "Int8Weight", "QuantizationError", "qu
 # perplexity +0.2 % against +37 % with 64): its weights come from a Q4_1 GGUF, whose
 # groups of 32 the asymmetric min/max codes reproduce almost exactly.
 INT4_GROUP = 32
-# Rows from which a layer multiplies by its weight dequantised to the activations'
-# dtype (oneDNN's matmul) instead of calling the weight-only kernel. Those kernels
+# Without the AMX kernels below (another CPU, or float32 activations): rows from
+# which a layer multiplies by its weight dequantised to the activations' dtype
+# (oneDNN's matmul) instead of calling PyTorch's weight-only kernel. Those kernels
 # unpack the weight again for every row, so their cost grows with the rows: a
 # 512-token prompt of the demo model took 4.4-4.6x as long as in bf16 (int8 865 ms,
 # int4 829 ms, bf16 189 ms). Dequantising costs the same whatever the rows (a
@@ -44,6 +47,20 @@ INT4_GROUP = 32
 # dequantised weight (512 tokens: int8 219 ms, int4 289 ms).
 INT8_DEQUANT_ROWS = 64
 INT4_DEQUANT_ROWS = 160
+# Rows from which a bf16 layer takes the AMX kernels where the CPU has them
+# (amx.py), before the thresholds above. In the demo model, a 16-row decode step
+# went from 73 (int8) and 58 (int4) ms to 39 and 39, against 44 in bf16; a
+# 46-token prompt from 107 and 100 to 47 and 46 ms (bf16: 57); one row stays with
+# PyTorch's kernels, faster there. Over the demo model's 120 projections (2-core
+# Xeon, weights from memory, ms) they cost about what bf16 does at any row count up
+# to 16, where PyTorch's kernels grow with the rows:
+#   rows        1     4     8    16    64
+#   bf16      15.4  15.9  16.1  16.2  21.5
+#   int8      12.1  15.3  26.7  40.5  62.6  (PyTorch)
+#   int8 AMX  15.3  15.7  15.3  16.7  27.9
+#   int4       5.2   8.8  15.1  25.6  87.8  (PyTorch)
+#   int4 AMX  15.7  14.8  15.0  15.4  23.8
+AMX_ROWS = 8
 # The CPU int4 kernel's packed layout stores 64 output channels per block.
 _INT4_BLOCK_N = 64
 
@@ -73,9 +90,13 @@ class Int8Weight:
         # Below INT8_DEQUANT_ROWS, the kernel: a 16-row decode step of the demo model took
         # 160 ms with it against 336 ms multiplying the codes cast to bf16 (best of 15,
         # loaded 2-core machine; bf16 packed: 102 ms).
-        if x.shape[0] >= INT8_DEQUANT_ROWS:
+        rows = x.shape[0]
+        if rows >= AMX_ROWS and _amx_runs(x, (self.codes.shape[0], self.codes.shape[1])):
+            out = amx.int8_linear(x, self.codes, self.scales)
+        elif rows >= INT8_DEQUANT_ROWS:
             return F.linear(x, self.dequantized(), bias)
-        out: torch.Tensor = torch.ops.aten._weight_int8pack_mm(x, self.codes, self.scales)
+        else:
+            out = torch.ops.aten._weight_int8pack_mm(x, self.codes, self.scales)
         return out if bias is None else out + bias
 
     def rows(self, ids: torch.Tensor) -> torch.Tensor:
@@ -110,15 +131,35 @@ class Int4Weight:
 
     def linear(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """``x @ w.T + bias`` for a 2-D `x`."""
-        if x.shape[0] >= INT4_DEQUANT_ROWS and self.unpackable:
+        rows = x.shape[0]
+        if (
+            rows >= AMX_ROWS
+            and self.unpackable
+            and self.group == BLOCK
+            and _amx_runs(x, (self.packed.shape[0], self.packed.shape[1] * 2))
+        ):
+            out = amx.int4pack_linear(x, self.packed, self.scales_zeros)
+        elif rows >= INT4_DEQUANT_ROWS and self.unpackable:
             return F.linear(x, self.dequantized(), bias)
-        out: torch.Tensor = torch.ops.aten._weight_int4pack_mm_for_cpu(
-            x, self.packed, self.group, self.scales_zeros
-        )
+        else:
+            out = torch.ops.aten._weight_int4pack_mm_for_cpu(
+                x, self.packed, self.group, self.scales_zeros
+            )
         return out if bias is None else out + bias
 
 
 QuantWeight = Int8Weight | Int4Weight
+
+
+def _amx_runs(x: torch.Tensor, shape: tuple[int, int]) -> bool:
+    """Whether the AMX kernels take `x` against a weight of `shape` ``(out, in)``."""
+    out_features, in_features = shape
+    return (
+        x.dtype is torch.bfloat16
+        and out_features % 64 == 0
+        and in_features % BLOCK == 0
+        and amx.available()
+    )
 
 
 def _nbytes(*tensors: torch.Tensor) -> int:

@@ -1,0 +1,98 @@
+"""AMX kernels for the quantised layers (csrc/amx_woq.cpp), built on first use.
+
+PyTorch's int8/int4 weight-only CPU kernels unpack the weight again for every row,
+so with 16 streams a quantised decode step lost to bf16. On CPUs with AMX (Intel
+Xeon 4th generation and later) csrc/amx_woq.cpp dequantises each block of 16 output
+channels once per call and multiplies every row with AMX tiles; it reads the
+weights in the layouts quant.py already keeps, so nothing is stored twice.
+quant.py calls it from `AMX_ROWS` rows up; numbers in docs/models.md.
+
+The extension compiles once per source version with the machine's C++ compiler
+(about 12 s; `make setup` does it ahead) into torch's extensions folder
+(`TORCH_EXTENSIONS_DIR`, by default ~/.cache/torch_extensions). Without AMX, a
+compiler or the ``ninja`` build tool, `available` is False and quant.py keeps to
+PyTorch's kernels: same results, slower from 8 rows on.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+__all__ = ["available", "build", "cpu_has_amx", "int4pack_linear", "int8_linear"]
+
+_SOURCE = Path(__file__).parent / "csrc" / "amx_woq.cpp"
+# Instruction sets the kernels are compiled for; the CPU must report every flag.
+_CFLAGS = ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512bf16")
+_AMX_CFLAGS = ("-mamx-tile", "-mamx-bf16")
+_REQUIRED_FLAGS = frozenset(
+    {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16", "amx_tile", "amx_bf16"}
+)
+
+
+def cpu_has_amx(cpuinfo: str | None = None) -> bool:
+    """Whether this CPU runs the kernels (every flag in Linux's /proc/cpuinfo)."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
+        except OSError:
+            return False
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "flags":
+            return set(value.split()) >= _REQUIRED_FLAGS
+    return False
+
+
+def build() -> None:
+    """Compile (or load the cached build of) the extension; raises if it cannot."""
+    from torch.utils.cpp_extension import load
+
+    load(
+        name="tokenyard_amx_woq",
+        sources=[str(_SOURCE)],
+        extra_cflags=["-O3", "-fopenmp", *_CFLAGS, *_AMX_CFLAGS],
+        extra_ldflags=["-fopenmp"],
+        is_python_module=False,
+        verbose=False,
+    )
+
+
+@functools.cache
+def available() -> bool:
+    """Whether the AMX kernels run here (checked, and built if needed, once)."""
+    if not cpu_has_amx():
+        return False
+    try:
+        build()
+    except Exception as exc:  # no compiler, no ninja, a failed build: PyTorch's kernels
+        log.warning("AMX kernels unavailable, quantised layers use PyTorch's: %s", exc)
+        return False
+    ok: bool = torch.ops.tokenyard.amx_available()
+    if not ok:
+        log.warning("AMX kernels unavailable: the kernel refused AMX to this process")
+    return ok
+
+
+def int8_linear(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """``x @ (codes * scales[:, None]).T`` (bf16 `x`; `available` must be True)."""
+    out: torch.Tensor = torch.ops.tokenyard.int8_linear(x.contiguous(), codes, scales)
+    return out
+
+
+def int4pack_linear(
+    x: torch.Tensor, packed: torch.Tensor, scales_zeros: torch.Tensor
+) -> torch.Tensor:
+    """What ``_weight_int4pack_mm_for_cpu(x, packed, 32, scales_zeros)`` computes, with
+    the weight rounded to bf16 (bf16 `x`; `available` must be True)."""
+    out: torch.Tensor = torch.ops.tokenyard.int4pack_linear(x.contiguous(), packed, scales_zeros)
+    return out
+
+
+if __name__ == "__main__":  # `make setup` and the worker image build it ahead
+    build()
+    print(f"AMX kernels built from {_SOURCE.name}; this CPU runs them: {available()}")
