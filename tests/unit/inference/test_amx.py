@@ -6,6 +6,8 @@ keeps to PyTorch's kernels (the flag parsing and the fallback are tested anyway)
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -14,6 +16,7 @@ from services.inference.engine import amx
 from services.inference.engine.kv_cache import DecodeBatch
 from services.inference.engine.quant import AMX_ROWS, _unpack_int4, quantize_int4, quantize_int8
 from services.inference.engine.runner import Runner
+from services.inference.engine.threads import claim_torch_threads, release_default_threads
 from tests.doubles.tiny_model import build_tiny_model
 
 needs_amx = pytest.mark.skipif(not amx.available(), reason="this CPU has no AMX")
@@ -108,3 +111,36 @@ def test_a_bf16_decode_batch_through_amx_gives_pytorchs_logits(
     without = decode_logits()
     assert relative_error(with_amx, without) < 0.02
     assert (with_amx.argmax(-1) == without.argmax(-1)).float().mean() >= 0.9
+
+
+@needs_amx
+def test_an_amx_call_leaves_the_compute_threads_count_alone() -> None:
+    # A worker's layout (threads.py): one thread by default, the engine's compute
+    # thread claims two. The kernels once reset the caller to the default on first
+    # use, and the engine's 1-row steps ran on one core.
+    q = quantize_int8(torch.randn(64, 64).to(BF16))
+    x = torch.randn(2 * AMX_ROWS, 64, dtype=BF16)
+    seen: list[int] = []
+    claimed, released = threading.Event(), threading.Event()
+
+    def compute() -> None:
+        claim_torch_threads(2)
+        claimed.set()
+        released.wait(timeout=60)
+        amx.int8_linear(x, q.codes, q.scales)
+        q4 = quantize_int4(torch.randn(64, 64).to(BF16))
+        amx.int4pack_linear(x, q4.packed, q4.scales_zeros)
+        seen.append(torch.get_num_threads())
+
+    default = torch.get_num_threads()
+    thread = threading.Thread(target=compute)
+    try:
+        thread.start()
+        assert claimed.wait(timeout=60)
+        release_default_threads()  # as Engine.start does once the compute thread claimed
+        released.set()
+        thread.join(timeout=60)
+    finally:
+        released.set()
+        torch.set_num_threads(default)
+    assert seen == [2]
