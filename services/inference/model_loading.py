@@ -44,6 +44,20 @@ _DTYPES: dict[str, torch.dtype] = {
 _FAST_BF16_FLAGS = frozenset({"amx_bf16", "avx512_bf16"})
 
 
+def cpu_flags(cpuinfo: str | None = None) -> frozenset[str]:
+    """The CPU's feature flags from Linux's /proc/cpuinfo (empty where it cannot tell)."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
+        except OSError:  # not Linux: no way to tell, so the safe choice
+            return frozenset()
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "flags":
+            return frozenset(value.split())
+    return frozenset()
+
+
 def cpu_has_fast_bf16(cpuinfo: str | None = None) -> bool:
     """Whether this CPU multiplies bfloat16 in hardware (from Linux /proc/cpuinfo flags).
 
@@ -52,11 +66,7 @@ def cpu_has_fast_bf16(cpuinfo: str | None = None) -> bool:
     matmul the size of the demo model's output layer took 2.5x as long as in fp32.
     So "auto" picks bf16 on CPU only where the hardware has it.
     """
-    if cpuinfo is None:
-        try:
-            cpuinfo = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
-        except OSError:  # not Linux: no way to tell, so the safe choice
-            return False
+    return not _FAST_BF16_FLAGS.isdisjoint(cpu_flags(cpuinfo))
     for line in cpuinfo.splitlines():
         key, _, value = line.partition(":")
         if key.strip() == "flags":

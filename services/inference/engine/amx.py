@@ -22,6 +22,8 @@ from pathlib import Path
 
 import torch
 
+from services.inference.model_loading import cpu_flags
+
 log = logging.getLogger(__name__)
 __all__ = ["available", "build", "cpu_has_amx", "int4pack_linear", "int8_linear"]
 
@@ -36,16 +38,7 @@ _REQUIRED_FLAGS = frozenset(
 
 def cpu_has_amx(cpuinfo: str | None = None) -> bool:
     """Whether this CPU runs the kernels (every flag in Linux's /proc/cpuinfo)."""
-    if cpuinfo is None:
-        try:
-            cpuinfo = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
-        except OSError:
-            return False
-    for line in cpuinfo.splitlines():
-        key, _, value = line.partition(":")
-        if key.strip() == "flags":
-            return set(value.split()) >= _REQUIRED_FLAGS
-    return False
+    return cpu_flags(cpuinfo) >= _REQUIRED_FLAGS
 
 
 def build() -> None:
