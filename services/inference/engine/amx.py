@@ -74,8 +74,14 @@ def available() -> bool:
     return ok
 
 
+def _require() -> None:
+    if not available():
+        raise RuntimeError("the AMX kernels do not run here (amx.available() is False)")
+
+
 def int8_linear(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    """``x @ (codes * scales[:, None]).T`` (bf16 `x`; `available` must be True)."""
+    """``x @ (codes * scales[:, None]).T`` for bf16 `x`."""
+    _require()
     out: torch.Tensor = torch.ops.tokenyard.int8_linear(x.contiguous(), codes, scales)
     return out
 
@@ -83,7 +89,8 @@ def int8_linear(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor) -> t
 def int4pack_linear(
     x: torch.Tensor, packed: torch.Tensor, scales_zeros: torch.Tensor
 ) -> torch.Tensor:
-    """What ``_weight_int4pack_mm_for_cpu(x, packed, 32, scales_zeros)`` computes, with
-    the weight rounded to bf16 (bf16 `x`; `available` must be True)."""
+    """What ``_weight_int4pack_mm_for_cpu(x, packed, 32, scales_zeros)`` computes, for
+    bf16 `x` (codes exact, each group's scale and offset applied in float32)."""
+    _require()
     out: torch.Tensor = torch.ops.tokenyard.int4pack_linear(x.contiguous(), packed, scales_zeros)
     return out

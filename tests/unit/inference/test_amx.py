@@ -19,7 +19,8 @@ from services.inference.engine.runner import Runner
 from services.inference.engine.threads import claim_torch_threads, release_default_threads
 from tests.doubles.tiny_model import build_tiny_model
 
-needs_amx = pytest.mark.skipif(not amx.available(), reason="this CPU has no AMX")
+# On a CPU with AMX the kernels must build and run: a failed build fails here.
+needs_amx = pytest.mark.skipif(not amx.cpu_has_amx(), reason="this CPU has no AMX")
 BF16 = torch.bfloat16
 
 
@@ -32,6 +33,11 @@ def test_the_cpu_needs_every_flag_the_kernels_are_built_for() -> None:
     assert amx.cpu_has_amx(f"processor\t: 0\nflags\t\t: {flags}\n")
     assert not amx.cpu_has_amx(f"flags\t\t: {flags.replace('amx_bf16', '')}\n")
     assert not amx.cpu_has_amx("processor\t: 0\n")
+
+
+@needs_amx
+def test_the_kernels_build_and_run_on_this_cpu() -> None:
+    assert amx.available()
 
 
 SHAPES = [(64, 32), (960, 576), (128, 1536)]
