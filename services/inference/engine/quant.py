@@ -13,8 +13,8 @@ most quality for the least speed (bench/quality.py).
 
 From `AMX_ROWS` rows on, CPUs with AMX run amx.py's kernels over the same
 layouts. Dequantisation follows the kernels: int8 ``w = q * scale``; int4
-``w = (q - 8) * scale + zero`` per group, q in 0..15. Numbers measured with bench/quality.py and
-bench/engine_bench.py are in docs/models.md.
+``w = (q - 8) * scale + zero`` per group, q in 0..15. Numbers measured with
+bench/quality.py and bench/engine_bench.py are in docs/models.md.
 """
 
 from __future__ import annotations
@@ -49,17 +49,17 @@ INT8_DEQUANT_ROWS = 64
 INT4_DEQUANT_ROWS = 160
 # Rows from which a bf16 layer takes the AMX kernels where the CPU has them
 # (amx.py), before the thresholds above. In the demo model, a 16-row decode step
-# went from 73 (int8) and 58 (int4) ms to 39 and 39, against 44 in bf16; a
-# 46-token prompt from 107 and 100 to 47 and 46 ms (bf16: 57); one row stays with
+# went from 73 (int8) and 59 (int4) ms to 39 and 39, against 44 in bf16; a
+# 46-token prompt from 107 and 93 to 47 and 50 ms (bf16: 49-57); one row stays with
 # PyTorch's kernels, faster there. Over the demo model's 120 projections (2-core
-# Xeon, weights from memory, ms) they cost about what bf16 does at any row count up
-# to 16, where PyTorch's kernels grow with the rows:
+# Xeon, weights from memory, ms, one run: runs differ by 10-20 %) they cost about
+# what bf16 does up to 16 rows, where PyTorch's kernels grow with the rows:
 #   rows        1     4     8    16    64
-#   bf16      15.4  15.9  16.1  16.2  21.5
-#   int8      12.1  15.3  26.7  40.5  62.6  (PyTorch)
-#   int8 AMX  15.3  15.7  15.3  16.7  27.9
-#   int4       5.2   8.8  15.1  25.6  87.8  (PyTorch)
-#   int4 AMX  15.7  14.8  15.0  15.4  23.8
+#   bf16      16.0  15.1  15.9  16.0  22.5
+#   int8      11.9  13.5  26.3  40.3 107.1  (PyTorch)
+#   int8 AMX  12.8  13.7  16.0  18.2  33.4
+#   int4       4.6   8.1  14.3  25.9  93.4  (PyTorch)
+#   int4 AMX   8.2   9.9  11.2  14.6  33.8
 AMX_ROWS = 8
 # The CPU int4 kernel's packed layout stores 64 output channels per block.
 _INT4_BLOCK_N = 64
