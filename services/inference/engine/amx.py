@@ -29,8 +29,15 @@ __all__ = ["available", "build", "cpu_has_amx", "int4pack_linear", "int8_linear"
 
 _SOURCE = Path(__file__).parent / "csrc" / "amx_woq.cpp"
 # Instruction sets the kernels are compiled for; the CPU must report every flag.
-_CFLAGS = ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512bf16")
-_AMX_CFLAGS = ("-mamx-tile", "-mamx-bf16")
+_ISA_CFLAGS = (
+    "-mavx512f",
+    "-mavx512bw",
+    "-mavx512vl",
+    "-mavx512dq",
+    "-mavx512bf16",
+    "-mamx-tile",
+    "-mamx-bf16",
+)
 _REQUIRED_FLAGS = frozenset(
     {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16", "amx_tile", "amx_bf16"}
 )
@@ -51,7 +58,7 @@ def build() -> None:
     load(
         name="tokenyard_amx_woq",
         sources=[str(_SOURCE)],
-        extra_cflags=["-O3", "-fopenmp", *_CFLAGS, *_AMX_CFLAGS],
+        extra_cflags=["-O3", "-fopenmp", *_ISA_CFLAGS],
         extra_ldflags=["-fopenmp"],
         is_python_module=False,
         verbose=False,

@@ -2,20 +2,15 @@
 //
 // PyTorch's CPU weight-only kernels unpack the weight again for every row of x, so
 // a 16-row decode step costs several times a 1-row one and loses to bf16. Here each
-// block of 16 output channels is dequantised to bf16 once per call, into a buffer
+// block of 16 output channels is unpacked to bf16 once per call, into a buffer
 // that stays in L1/L2, and every 16 rows of x multiply it with AMX tile
 // instructions (TDPBF16PS: 16x16 outputs, 32 inputs deep, float32 accumulation).
 //
-// Layouts (quant.py builds them):
-//   int8: codes int8 [N, K], scales [N] float32: w = code * scale.
-//   int4: codes uint8 [N, K/2], 16 bytes per group of 32 inputs, byte j holding
-//         input j in its low nibble and input j+16 in its high one; scales and
-//         offsets float32 [N, K/32]: w = code * scale + offset.
-// x: bf16 [M, K] contiguous; N a multiple of 16, K of 32. Returns bf16 [M, N].
-//
-// The product is C^T = W x^T: the weights are the A tile (16 channels x 32 inputs,
-// row-major as converted) and x is the B tile in AMX's pair-interleaved layout,
-// built once per call.
+// The kernels read the layouts quant.py already keeps (x: bf16 [M, K], contiguous):
+//   int8: codes int8 [N, K], scales [N]: w = code * scale (N a multiple of 16).
+//   int4: PyTorch's packed CPU layout, described above `int4pack_linear`
+//         (N a multiple of 64).
+// K is a multiple of 32 in both; the result is bf16 [M, N].
 
 #include <ATen/ATen.h>
 #include <omp.h>
@@ -48,6 +43,11 @@ void parallel_blocks(int64_t n, const F& f) {
 
 constexpr int64_t kChunk = 32;  // inputs per tile step (one int4 group)
 constexpr int64_t kBlock = 16;  // output channels per tile, and rows of x per tile
+
+// 16 bf16 -> 16 float32 (bf16 is float32's upper half).
+inline __m512 widen(__m256i bf16) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bf16), 16));
+}
 
 struct alignas(64) TileConfig {
   uint8_t palette = 1;
@@ -123,11 +123,26 @@ std::vector<uint32_t> interleave(const at::BFloat16* x, int64_t m_rows, int64_t 
   return out;
 }
 
-// out[m, n] = sum_k x[m, k] w[n, k] * post(n); `convert(n0, dst)` writes channels
-// n0..n0+15 as bf16, [chunk][channel][32 inputs].
-template <typename Convert>
-at::Tensor run(const at::Tensor& x, int64_t n_out, const float* post, Convert convert) {
-  const int64_t m_rows = x.size(0), k = x.size(1), chunks = k / kChunk;
+void check(const at::Tensor& x, int64_t n_out, int64_t k) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kBFloat16 && x.is_contiguous(),
+              "x must be a contiguous 2-D bfloat16 tensor");
+  TORCH_CHECK(x.size(1) == k, "x has ", x.size(1), " columns, the weight ", k);
+  TORCH_CHECK(k % kChunk == 0 && n_out % kBlock == 0,
+              "in_features must be a multiple of 32 and out_features of 16");
+}
+
+// out[m, n] = sum_k x[m, k] code[n, k] * scale[n]: the codes are the A tile (16
+// channels x 32 inputs, exact in bf16), x the B tile, interleaved once per call.
+at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scales) {
+  TORCH_CHECK(codes.dim() == 2 && codes.scalar_type() == at::kChar && codes.is_contiguous(),
+              "codes must be a contiguous 2-D int8 tensor");
+  const int64_t n_out = codes.size(0), k = codes.size(1), chunks = k / kChunk;
+  check(x, n_out, k);
+  TORCH_CHECK(scales.numel() == n_out, "one scale per output channel");
+  const at::Tensor post_scales = scales.to(at::kFloat).contiguous();
+  const float* post = post_scales.data_ptr<float>();
+  const int8_t* cp = codes.data_ptr<int8_t>();
+  const int64_t m_rows = x.size(0);
   at::Tensor out = at::empty({m_rows, n_out}, x.options());
   if (m_rows == 0) return out;
   const std::vector<uint32_t> xv = interleave(x.data_ptr<at::BFloat16>(), m_rows, k);
@@ -139,7 +154,7 @@ at::Tensor run(const at::Tensor& x, int64_t n_out, const float* post, Convert co
     int64_t configured = -1;
     for (int64_t blk = begin; blk < end; ++blk) {
       const int64_t n0 = blk * kBlock;
-      convert(n0, w.data());
+      convert_int8(cp + n0 * k, k, w.data());
       for (int64_t m0 = 0; m0 < m_rows; m0 += kBlock) {
         const int64_t rows = std::min(kBlock, m_rows - m0);
         if (rows != configured) {
@@ -174,27 +189,6 @@ at::Tensor run(const at::Tensor& x, int64_t n_out, const float* post, Convert co
     if (configured >= 0) _tile_release();
   });
   return out;
-}
-
-void check(const at::Tensor& x, int64_t n_out, int64_t k) {
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kBFloat16 && x.is_contiguous(),
-              "x must be a contiguous 2-D bfloat16 tensor");
-  TORCH_CHECK(x.size(1) == k, "x has ", x.size(1), " columns, the weight ", k);
-  TORCH_CHECK(k % kChunk == 0 && n_out % kBlock == 0,
-              "in_features must be a multiple of 32 and out_features of 16");
-}
-
-at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scales) {
-  TORCH_CHECK(codes.dim() == 2 && codes.scalar_type() == at::kChar && codes.is_contiguous(),
-              "codes must be a contiguous 2-D int8 tensor");
-  const int64_t n_out = codes.size(0), k = codes.size(1);
-  check(x, n_out, k);
-  TORCH_CHECK(scales.numel() == n_out, "one scale per output channel");
-  const at::Tensor post = scales.to(at::kFloat).contiguous();
-  const int8_t* cp = codes.data_ptr<int8_t>();
-  return run(x, n_out, post.data_ptr<float>(), [cp, k](int64_t n0, at::BFloat16* dst) {
-    convert_int8(cp + n0 * k, k, dst);
-  });
 }
 
 // PyTorch's int4 CPU layout (`_convert_weight_to_int4pack_for_cpu`): per block of
@@ -234,12 +228,8 @@ inline void int4pack_block(const uint8_t* __restrict block, int sub, int64_t chu
     }
     // (scale, zero) pairs of the 16 channels -> two float32 vectors.
     const __m512i pairs = _mm512_loadu_si512(sz + c * n_out * 2);
-    auto widen = [](__m512i bf) {
-      return _mm512_castsi512_ps(
-          _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_castsi512_si256(bf)), 16));
-    };
-    const __m512 scale = widen(_mm512_permutexvar_epi16(evens, pairs));
-    const __m512 zero = widen(_mm512_permutexvar_epi16(odds, pairs));
+    const __m512 scale = widen(_mm512_castsi512_si256(_mm512_permutexvar_epi16(evens, pairs)));
+    const __m512 zero = widen(_mm512_castsi512_si256(_mm512_permutexvar_epi16(odds, pairs)));
     _mm512_storeu_ps(scales + c * kBlock, scale);
     _mm512_storeu_ps(offsets + c * kBlock, _mm512_fnmadd_ps(_mm512_set1_ps(136.0f), scale, zero));
   }
@@ -252,10 +242,8 @@ std::vector<float> chunk_sums(const at::BFloat16* x, int64_t m_rows, int64_t k) 
   for (int64_t m = 0; m < m_rows; ++m) {
     for (int64_t c = 0; c < chunks; ++c) {
       const __m512i v = _mm512_loadu_si512(x + m * k + c * kChunk);
-      const __m512 lo = _mm512_castsi512_ps(
-          _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_castsi512_si256(v)), 16));
-      const __m512 hi = _mm512_castsi512_ps(
-          _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(v, 1)), 16));
+      const __m512 lo = widen(_mm512_castsi512_si256(v));
+      const __m512 hi = widen(_mm512_extracti64x4_epi64(v, 1));
       out[m * chunks + c] = _mm512_reduce_add_ps(_mm512_add_ps(lo, hi));
     }
   }
@@ -267,11 +255,8 @@ at::Tensor int4pack_linear(const at::Tensor& x, const at::Tensor& packed,
   TORCH_CHECK(packed.dim() == 2 && packed.scalar_type() == at::kByte && packed.is_contiguous(),
               "packed must be the contiguous uint8 int4 layout");
   const int64_t n_out = packed.size(0), k = packed.size(1) * 2, chunks = k / kChunk;
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kBFloat16 && x.is_contiguous() &&
-                  x.size(1) == k,
-              "x must be a contiguous bfloat16 [rows, ", k, "]");
-  TORCH_CHECK(k % kChunk == 0 && n_out % 64 == 0,
-              "in_features must be a multiple of 32 and out_features of 64");
+  check(x, n_out, k);
+  TORCH_CHECK(n_out % 64 == 0, "in_features must be a multiple of 32 and out_features of 64");
   TORCH_CHECK(scales_zeros.scalar_type() == at::kBFloat16 && scales_zeros.is_contiguous() &&
                   scales_zeros.dim() == 3 && scales_zeros.size(0) == chunks &&
                   scales_zeros.size(1) == n_out && scales_zeros.size(2) == 2,
@@ -305,18 +290,15 @@ at::Tensor int4pack_linear(const at::Tensor& x, const at::Tensor& packed,
         // Two chunks at a time (tiles 0 and 3) so one product need not wait for the other.
         for (int64_t c = 0; c < chunks; c += 2) {
           const int64_t pair = std::min<int64_t>(2, chunks - c);
-          for (int64_t i = 0; i < pair; ++i) {
-            if (i == 0) {
-              _tile_zero(0);
-              _tile_loadd(1, xa + c * kChunk, 2 * k);
-              _tile_loadd(2, codes.data() + c * kBlock * kChunk, 64);
-              _tile_dpbf16ps(0, 1, 2);
-            } else {
-              _tile_zero(3);
-              _tile_loadd(4, xa + (c + 1) * kChunk, 2 * k);
-              _tile_loadd(5, codes.data() + (c + 1) * kBlock * kChunk, 64);
-              _tile_dpbf16ps(3, 4, 5);
-            }
+          _tile_zero(0);
+          _tile_loadd(1, xa + c * kChunk, 2 * k);
+          _tile_loadd(2, codes.data() + c * kBlock * kChunk, 64);
+          _tile_dpbf16ps(0, 1, 2);
+          if (pair == 2) {
+            _tile_zero(3);
+            _tile_loadd(4, xa + (c + 1) * kChunk, 2 * k);
+            _tile_loadd(5, codes.data() + (c + 1) * kBlock * kChunk, 64);
+            _tile_dpbf16ps(3, 4, 5);
           }
           _tile_stored(0, part[0], 64);
           if (pair == 2) _tile_stored(3, part[1], 64);
