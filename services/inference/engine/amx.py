@@ -7,73 +7,55 @@ channels once per call and multiplies every row with AMX tiles; it reads the
 weights in the layouts quant.py already keeps, so nothing is stored twice.
 quant.py calls it from `AMX_ROWS` rows up; numbers in docs/models.md.
 
-The extension compiles once per source version with the machine's C++ compiler
-(about 12 s; `make setup` does it ahead) into torch's extensions folder
-(`TORCH_EXTENSIONS_DIR`, by default ~/.cache/torch_extensions). Without AMX, a
-compiler or the ``ninja`` build tool, `available` is False and quant.py keeps to
-PyTorch's kernels: same results, slower from 8 rows on.
+The extension is built by cpu_kernels.py. Without AMX, a compiler or ``ninja``,
+`available` is False and quant.py keeps to PyTorch's kernels: same results, slower
+from 8 rows on.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
-from pathlib import Path
 
 import torch
 
-from services.inference.model_loading import cpu_flags
+from services.inference.engine.cpu_kernels import CpuExtension
 
 log = logging.getLogger(__name__)
-__all__ = ["available", "build", "cpu_has_amx", "int4pack_linear", "int8_linear"]
+__all__ = ["EXTENSION", "available", "build", "cpu_has_amx", "int4pack_linear", "int8_linear"]
 
-_SOURCE = Path(__file__).parent / "csrc" / "amx_woq.cpp"
-# Instruction sets the kernels are compiled for; the CPU must report every flag.
-_ISA_CFLAGS = (
-    "-mavx512f",
-    "-mavx512bw",
-    "-mavx512vl",
-    "-mavx512dq",
-    "-mavx512bf16",
-    "-mamx-tile",
-    "-mamx-bf16",
-)
-_REQUIRED_FLAGS = frozenset(
-    {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16", "amx_tile", "amx_bf16"}
+EXTENSION = CpuExtension(
+    name="tokenyard_amx_woq",
+    source="amx_woq.cpp",
+    isa_cflags=(
+        "-mavx512f",
+        "-mavx512bw",
+        "-mavx512vl",
+        "-mavx512dq",
+        "-mavx512bf16",
+        "-mamx-tile",
+        "-mamx-bf16",
+    ),
+    cpu_flags=frozenset(
+        {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16", "amx_tile", "amx_bf16"}
+    ),
 )
 
 
 def cpu_has_amx(cpuinfo: str | None = None) -> bool:
     """Whether this CPU runs the kernels (every flag in Linux's /proc/cpuinfo)."""
-    return cpu_flags(cpuinfo) >= _REQUIRED_FLAGS
+    return EXTENSION.runs_on(cpuinfo)
 
 
 def build() -> None:
-    """Compile (or load the cached build of) the extension; raises if it cannot.
-
-    `make setup` and the worker image call it ahead, so no worker pays the compile.
-    """
-    from torch.utils.cpp_extension import load
-
-    load(
-        name="tokenyard_amx_woq",
-        sources=[str(_SOURCE)],
-        extra_cflags=["-O3", "-fopenmp", *_ISA_CFLAGS],
-        extra_ldflags=["-fopenmp"],
-        is_python_module=False,
-        verbose=False,
-    )
+    """Compile (or load the cached build of) the extension; raises if it cannot."""
+    EXTENSION.build()
 
 
 @functools.cache
 def available() -> bool:
     """Whether the AMX kernels run here (checked, and built if needed, once)."""
-    if not cpu_has_amx():
-        return False
-    try:
-        build()
-    except Exception as exc:  # no compiler, no ninja, a failed build: PyTorch's kernels
-        log.warning("AMX kernels unavailable, quantised layers use PyTorch's: %s", exc)
+    if not EXTENSION.available():
         return False
     ok: bool = torch.ops.tokenyard.amx_available()
     if not ok:

@@ -11,20 +11,22 @@ modes: on the demo model it is a fifth of the weights, so a bf16 head would leav
 the weights at 0.60x (int8) and 0.43x (int4) of bf16; int4 on the head costs the
 most quality for the least speed (bench/quality.py).
 
-From `AMX_ROWS` rows on, CPUs with AMX run amx.py's kernels over the same
-layouts. Dequantisation follows the kernels: int8 ``w = q * scale``; int4
+From `AMX_ROWS` rows on, CPUs with AMX run amx.py's kernels over the same layouts
+for bf16 activations; for float32 ones (CPUs without AVX-512 BF16), avx2.py's.
+Dequantisation follows the kernels: int8 ``w = q * scale``; int4
 ``w = (q - 8) * scale + zero`` per group, q in 0..15. Numbers measured with
 bench/quality.py and bench/engine_bench.py are in docs/models.md.
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from services.inference.engine import amx
+from services.inference.engine import amx, avx2
 from services.inference.engine.gguf_blocks import BLOCK, Int4Blocks
 from services.inference.settings import QUANTIZATIONS
 
@@ -61,8 +63,19 @@ INT4_DEQUANT_ROWS = 160
 #   int4       4.6   8.1  14.3  25.9  93.4  (PyTorch)
 #   int4 AMX   8.2   9.9  11.2  14.6  33.8
 AMX_ROWS = 8
-# The CPU int4 kernel's packed layout stores 64 output channels per block.
-_INT4_BLOCK_N = 64
+# Rows below which float32 layers take the AVX2 kernels where they run (avx2.py);
+# from there on, the dequantised weight above. Over the demo model's four
+# projection shapes (2-core EPYC, ms, AVX2 kernel against dequantise + matmul):
+#   rows      1     16    64   128   256   512
+#   int8     0.3   2.2   6.0  11.8  22.5  46.2
+#            8.4  10.2  12.3  20.9  30.7  40.4
+#   int4     0.3   1.6   8.2  16.3  63.6 113.3
+#            8.4  11.9  17.3  22.8  26.4  44.9
+AVX2_INT8_ROWS = 384
+AVX2_INT4_ROWS = 192
+# Output channels per block of the CPU int4 kernel's packed layout, by the CPU
+# PyTorch packs for: 64 with AVX-512, 32 with AVX2 (`int4_block_n` finds which).
+_INT4_BLOCKS = (64, 32)
 
 
 class QuantizationError(ValueError):
@@ -91,7 +104,10 @@ class Int8Weight:
         # 160 ms with it against 336 ms multiplying the codes cast to bf16 (best of 15,
         # loaded 2-core machine; bf16 packed: 102 ms).
         rows = x.shape[0]
-        if rows >= AMX_ROWS and _amx_runs(x, (self.codes.shape[0], self.codes.shape[1])):
+        shape = (self.codes.shape[0], self.codes.shape[1])
+        if rows < AVX2_INT8_ROWS and _avx2_runs(x, shape, 8):
+            out = avx2.int8_linear(x, self.codes, self.scales)
+        elif rows >= AMX_ROWS and _amx_runs(x, shape):
             out = amx.int8_linear(x, self.codes, self.scales)
         elif rows >= INT8_DEQUANT_ROWS:
             return F.linear(x, self.dequantized(), bias)
@@ -132,12 +148,12 @@ class Int4Weight:
     def linear(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """``x @ w.T + bias`` for a 2-D `x`."""
         rows = x.shape[0]
-        if (
-            rows >= AMX_ROWS
-            and self.unpackable
-            and self.group == BLOCK
-            and _amx_runs(x, (self.packed.shape[0], self.packed.shape[1] * 2))
-        ):
+        shape = (self.packed.shape[0], self.packed.shape[1] * 2)
+        ours = self.unpackable and self.group == BLOCK  # the layout the kernels read
+        block = int4_block_n() or 0
+        if ours and rows < AVX2_INT4_ROWS and _avx2_runs(x, shape, block):
+            out = avx2.int4pack_linear(x, self.packed, self.scales_zeros, block)
+        elif ours and block == 64 and rows >= AMX_ROWS and _amx_runs(x, shape):
             out = amx.int4pack_linear(x, self.packed, self.scales_zeros)
         elif rows >= INT4_DEQUANT_ROWS and self.unpackable:
             return F.linear(x, self.dequantized(), bias)
@@ -159,6 +175,17 @@ def _amx_runs(x: torch.Tensor, shape: tuple[int, int]) -> bool:
         and out_features % 64 == 0
         and in_features % BLOCK == 0
         and amx.available()
+    )
+
+
+def _avx2_runs(x: torch.Tensor, shape: tuple[int, int], out_multiple: int) -> bool:
+    """Whether the AVX2 kernels take float32 `x` against a weight of `shape` ``(out, in)``."""
+    out_features, in_features = shape
+    return (
+        x.dtype is torch.float32
+        and out_features % out_multiple == 0
+        and in_features % BLOCK == 0
+        and avx2.available()
     )
 
 
@@ -198,24 +225,41 @@ def _pack_int4(
     the CPU kernel's layout (``w = (q - 8) * scale + zero``)."""
     scales_zeros = torch.stack([scales, zeros], dim=-1).transpose(0, 1).contiguous()
     packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32), 8)
-    unpackable = codes.shape[0] % _INT4_BLOCK_N == 0 and torch.equal(
-        _unpack_int4(packed), codes.to(torch.uint8)
+    block = int4_block_n()
+    unpackable = (
+        block is not None
+        and codes.shape[0] % block == 0
+        and torch.equal(_unpack_int4(packed), codes.to(torch.uint8))
     )
     return Int4Weight(packed, scales_zeros.to(dtype), group, unpackable)
 
 
-def _unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+@functools.cache
+def int4_block_n() -> int | None:
+    """Channels per block of the layout PyTorch's CPU int4 kernel packs on this CPU
+    (None: one `_unpack_int4` does not read)."""
+    codes = torch.arange(128 * 64, dtype=torch.int32).view(128, 64) % 15
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 8)
+    for block in _INT4_BLOCKS:
+        if torch.equal(_unpack_int4(packed, block), codes.to(torch.uint8)):
+            return block
+    return None
+
+
+def _unpack_int4(packed: torch.Tensor, block: int | None = None) -> torch.Tensor:
     """The codes ``[out, in]`` (uint8, 0..15) of the CPU int4 kernel's layout.
 
-    For each block of 64 output channels the kernel keeps ``[in, 32]`` bytes, byte
-    ``(k, j)`` holding channel j's code for input k in its low nibble and channel
-    j + 32's in its high one (PyTorch 2.13; `_pack_int4` checks every weight it packs
-    against this, and a layer that does not match keeps to the kernel).
+    For each block of B output channels (`int4_block_n`) the kernel keeps
+    ``[in, B / 2]`` bytes, byte ``(k, j)`` holding channel j's code for input k in its
+    low nibble and channel j + B / 2's in its high one (PyTorch 2.13; `_pack_int4`
+    checks every weight it packs against this, and a layer that does not match keeps
+    to the kernel).
     """
+    block = block or int4_block_n() or _INT4_BLOCKS[0]
     n, k = packed.shape[0], packed.shape[1] * 2
-    blocks = packed.view(n // _INT4_BLOCK_N, k, _INT4_BLOCK_N // 2)
-    codes = torch.empty((n // _INT4_BLOCK_N, _INT4_BLOCK_N, k), dtype=torch.uint8)
-    half = _INT4_BLOCK_N // 2
+    blocks = packed.view(n // block, k, block // 2)
+    codes = torch.empty((n // block, block, k), dtype=torch.uint8)
+    half = block // 2
     torch.bitwise_and(blocks, 15, out=codes[:, :half].transpose(1, 2))
     torch.bitwise_right_shift(blocks, 4, out=codes[:, half:].transpose(1, 2))
     return codes.view(n, k)

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from services.inference.engine import amx
+from services.inference.engine import amx, avx2
 from services.inference.engine.generic import select_runner
 from services.inference.engine.quant import (
     INT4_DEQUANT_ROWS,
@@ -71,9 +71,9 @@ def test_the_int4_weight_dequantised_is_the_one_the_kernel_multiplies_by() -> No
 
 
 def test_an_int4_layout_we_cannot_read_keeps_to_the_kernel() -> None:
-    # 96 output channels: not whole blocks of the kernel's layout.
+    # 80 output channels: not whole blocks of the kernel's layout (64 or 32).
     torch.manual_seed(3)
-    weight = torch.randn(96, 64)
+    weight = torch.randn(80, 64)
     q = quantize_int4(weight)
     assert not q.unpackable
     x = torch.randn(INT4_DEQUANT_ROWS, 64)
@@ -89,6 +89,7 @@ def test_many_rows_go_through_the_dequantised_weight_with_the_kernels_result(
     mode: str, rows: int, dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(amx, "available", lambda: False)  # a CPU without AMX
+    monkeypatch.setattr(avx2, "available", lambda: False)  # nor the float32 kernels
     torch.manual_seed(4)
     q = quantize((torch.randn(128, 96) * 0.05).to(dtype), mode)
     x = torch.randn(rows, 96).to(dtype)

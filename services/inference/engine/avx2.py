@@ -1,0 +1,53 @@
+"""AVX2 kernels for the quantised layers in float32 (csrc/avx2_woq.cpp).
+
+CPUs without AVX-512 BF16 run the engine in float32 (model_loading's "auto" dtype),
+where PyTorch's weight-only kernels are slower than the float32 matmul they would
+replace. csrc/avx2_woq.cpp streams the int8 codes or the packed int4 layout quant.py
+already keeps, widening them in registers (one row) or once per block into L1
+(several rows); built by cpu_kernels.py. quant.py calls it for float32 activations
+wherever it runs; numbers in docs/models.md.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from services.inference.engine.cpu_kernels import CpuExtension
+
+__all__ = ["EXTENSION", "available", "int4pack_linear", "int8_linear"]
+
+EXTENSION = CpuExtension(
+    name="tokenyard_avx2_woq",
+    source="avx2_woq.cpp",
+    isa_cflags=("-mavx2", "-mfma"),
+    cpu_flags=frozenset({"avx2", "fma"}),
+)
+
+
+def available() -> bool:
+    """Whether the kernels run here (checked, and built if needed, once)."""
+    return EXTENSION.available()
+
+
+def _require() -> None:
+    if not available():
+        raise RuntimeError("the AVX2 kernels do not run here (avx2.available() is False)")
+
+
+def int8_linear(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """``x @ (codes * scales[:, None]).T`` for float32 `x` and scales."""
+    _require()
+    out: torch.Tensor = torch.ops.tokenyard_avx2.int8_linear(x.contiguous(), codes, scales)
+    return out
+
+
+def int4pack_linear(
+    x: torch.Tensor, packed: torch.Tensor, scales_zeros: torch.Tensor, block_n: int
+) -> torch.Tensor:
+    """``x @ w.T`` for float32 `x`, w in the CPU int4 layout of blocks of `block_n`
+    channels with groups of 32 (float32 scales and zeros, ``w = (q - 8) * scale + zero``)."""
+    _require()
+    out: torch.Tensor = torch.ops.tokenyard_avx2.int4pack_linear(
+        x.contiguous(), packed, scales_zeros, block_n
+    )
+    return out

@@ -1,0 +1,89 @@
+"""The engine's own CPU kernels (csrc/*.cpp): built on first use, used where they run.
+
+Each source compiles once per source version with the machine's C++ compiler (10-25 s;
+`make setup` and the worker image do it ahead, `build_all`) into torch's extensions
+folder (`TORCH_EXTENSIONS_DIR`, by default ~/.cache/torch_extensions), for the
+instruction sets it names. Without those instructions on this CPU, a compiler or the
+``ninja`` build tool, an extension is not `available` and quant.py keeps to
+PyTorch's kernels: same results, slower.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from services.inference.model_loading import cpu_flags
+
+log = logging.getLogger(__name__)
+__all__ = ["CpuExtension", "build_all"]
+
+_CSRC = Path(__file__).parent / "csrc"
+
+
+@dataclass(frozen=True)
+class CpuExtension:
+    """One kernel source and the instruction sets it is compiled for."""
+
+    name: str  # the torch extension's name (its build folder)
+    source: str  # file name under csrc/
+    isa_cflags: tuple[str, ...]
+    cpu_flags: frozenset[str]  # every flag Linux's /proc/cpuinfo must report to run it
+
+    def runs_on(self, cpuinfo: str | None = None) -> bool:
+        """Whether this CPU (or the given /proc/cpuinfo text) has every instruction set."""
+        return cpu_flags(cpuinfo) >= self.cpu_flags
+
+    def build(self) -> None:
+        """Compile (or load the cached build of) the extension; raises if it cannot.
+
+        Compiling needs no particular CPU: an image built anywhere carries every build.
+        """
+        from torch.utils.cpp_extension import load
+
+        load(
+            name=self.name,
+            sources=[str(_CSRC / self.source)],
+            extra_cflags=["-O3", "-fopenmp", *self.isa_cflags],
+            extra_ldflags=["-fopenmp"],
+            is_python_module=False,
+            verbose=False,
+        )
+
+    def available(self) -> bool:
+        """Whether the kernels run here (checked, and built if needed, once)."""
+        return _loaded(self)
+
+
+@functools.cache
+def _loaded(extension: CpuExtension) -> bool:
+    if not extension.runs_on():
+        return False
+    try:
+        extension.build()
+    except Exception as exc:  # no compiler, no ninja, a failed build: PyTorch's kernels
+        log.warning("%s kernels unavailable, PyTorch's are used: %s", extension.name, exc)
+        return False
+    return True
+
+
+def build_all() -> dict[str, str]:
+    """Build every extension, whatever this CPU runs (`make setup`, the worker image).
+
+    Returns each extension's name -> "runs here", "built, not for this CPU" or why it
+    was not built; a failed build is reported, not raised: PyTorch's kernels remain.
+    """
+    from services.inference.engine import amx, avx2
+
+    built = {}
+    for module in (amx, avx2):
+        name = module.EXTENSION.name
+        try:
+            module.EXTENSION.build()
+        except Exception as exc:
+            built[name] = f"not built: {exc}"
+            continue
+        built[name] = "runs here" if module.available() else "built, not for this CPU"
+    return built

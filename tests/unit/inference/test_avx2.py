@@ -1,0 +1,224 @@
+"""The AVX2 kernels for quantised layers in float32 (engine/avx2.py, csrc/avx2_woq.cpp).
+
+They run on CPUs with AVX2 and FMA; elsewhere the kernel tests are skipped and
+quant.py keeps to PyTorch's kernels (the flag parsing is tested anyway).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from services.inference.engine import amx, avx2, quant
+from services.inference.engine.cpu_kernels import build_all
+from services.inference.engine.kv_cache import DecodeBatch
+from services.inference.engine.quant import (
+    AVX2_INT4_ROWS,
+    AVX2_INT8_ROWS,
+    int4_block_n,
+    quantize_int4,
+    quantize_int8,
+)
+from services.inference.engine.runner import Runner
+from services.inference.engine.threads import claim_torch_threads, release_default_threads
+from tests.doubles.tiny_model import build_tiny_model
+
+# On a CPU with AVX2 the kernels must build and run: a failed build fails here.
+needs_avx2 = pytest.mark.skipif(not avx2.EXTENSION.runs_on(), reason="this CPU has no AVX2")
+SHAPES = [(64, 32), (960, 576), (128, 1536)]
+ROWS = [1, 2, 5, 17, 40]
+
+
+def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
+    return float((got.float() - want.float()).norm() / want.float().norm())
+
+
+def pack(codes: torch.Tensor, block: int) -> torch.Tensor:
+    """Codes ``[out, in]`` in PyTorch's CPU int4 layout with blocks of `block` channels,
+    written independently of quant.py: ``[out / B][in][B / 2]`` bytes, channel j in the
+    low nibble and j + B / 2 in the high one."""
+    n, k = codes.shape
+    blocks = codes.to(torch.uint8).view(n // block, block, k).transpose(1, 2)
+    half = block // 2
+    return (blocks[..., :half] | (blocks[..., half:] << 4)).contiguous().view(n, k // 2)
+
+
+def spy(kernel: Callable[..., torch.Tensor], calls: list[Any], note: Callable[..., Any]) -> Any:
+    """`kernel`, noting ``note(*args)`` in `calls` on every call."""
+
+    def call(*args: Any) -> torch.Tensor:
+        calls.append(note(*args))
+        return kernel(*args)
+
+    return call
+
+
+def test_the_cpu_needs_avx2_and_fma() -> None:
+    assert avx2.EXTENSION.runs_on("processor\t: 0\nflags\t\t: fpu sse avx avx2 fma f16c\n")
+    assert not avx2.EXTENSION.runs_on("flags\t\t: fpu sse avx avx2 f16c\n")
+    assert not avx2.EXTENSION.runs_on("processor\t: 0\n")
+
+
+@needs_avx2
+def test_the_kernels_build_and_run_on_this_cpu() -> None:
+    assert avx2.available()
+    built = build_all()  # what `make setup` and the worker image run
+    assert built[avx2.EXTENSION.name] == "runs here"
+    assert (built[amx.EXTENSION.name] == "runs here") == amx.available()
+
+
+@needs_avx2
+def test_the_layout_pytorch_packs_here_is_one_the_kernels_read() -> None:
+    torch.manual_seed(0)
+    codes = torch.randint(0, 16, (128, 96), dtype=torch.int32)
+    block = int4_block_n()
+    assert block in (32, 64)
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 8)
+    assert torch.equal(packed, pack(codes, block))
+
+
+@needs_avx2
+@pytest.mark.parametrize(("out_features", "in_features"), SHAPES)
+@pytest.mark.parametrize("rows", ROWS)
+def test_int8_multiplies_by_the_dequantised_weight(
+    out_features: int, in_features: int, rows: int
+) -> None:
+    torch.manual_seed(rows)
+    q = quantize_int8(torch.randn(out_features, in_features) * 0.05)
+    x = torch.randn(rows, in_features)
+    got = avx2.int8_linear(x, q.codes, q.scales)
+    assert got.dtype == torch.float32 and got.shape == (rows, out_features)
+    torch.testing.assert_close(got, F.linear(x, q.dequantized()), rtol=1e-5, atol=1e-5)
+
+
+@needs_avx2
+@pytest.mark.parametrize("block", [32, 64])
+@pytest.mark.parametrize(("out_features", "in_features"), SHAPES)
+@pytest.mark.parametrize("rows", ROWS)
+def test_int4_reads_either_packed_layout(
+    block: int, out_features: int, in_features: int, rows: int
+) -> None:
+    torch.manual_seed(rows)
+    codes = torch.randint(0, 16, (out_features, in_features))
+    groups = (out_features, in_features // 32)
+    scales, zeros = torch.rand(groups) * 0.01, torch.randn(groups) * 0.01
+    scales_zeros = torch.stack([scales, zeros], -1).transpose(0, 1).contiguous()
+    weight = ((codes.float().view(*groups, 32) - 8) * scales[..., None] + zeros[..., None]).view(
+        out_features, in_features
+    )
+    x = torch.randn(rows, in_features)
+    got = avx2.int4pack_linear(x, pack(codes, block), scales_zeros, block)
+    assert got.shape == (rows, out_features)
+    torch.testing.assert_close(got, F.linear(x, weight), rtol=1e-4, atol=1e-5)
+
+
+@needs_avx2
+def test_bad_input_is_refused_with_what_is_wrong() -> None:
+    q = quantize_int8(torch.randn(64, 64))
+    with pytest.raises(RuntimeError, match="float32"):
+        avx2.int8_linear(torch.randn(2, 64, dtype=torch.bfloat16), q.codes, q.scales)
+    with pytest.raises(RuntimeError, match="32 columns, the weight 64"):
+        avx2.int8_linear(torch.randn(2, 32), q.codes, q.scales)
+    with pytest.raises(RuntimeError, match="scales must be float32"):
+        avx2.int8_linear(torch.randn(2, 64), q.codes, q.scales[:8])
+    q4 = quantize_int4(torch.randn(96, 64))
+    with pytest.raises(RuntimeError, match="block_n must be 32 or 64, not 16"):
+        avx2.int4pack_linear(torch.randn(2, 64), q4.packed, q4.scales_zeros, 16)
+    with pytest.raises(RuntimeError, match="out_features of 64"):
+        avx2.int4pack_linear(torch.randn(2, 64), q4.packed, q4.scales_zeros, 64)
+    with pytest.raises(RuntimeError, match=r"scales_zeros must be contiguous float32"):
+        avx2.int4pack_linear(torch.randn(2, 64), q4.packed, q4.scales_zeros[:1], 32)
+
+
+@needs_avx2
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+@pytest.mark.parametrize("rows", [1, 16])
+def test_a_float32_decode_batch_through_the_kernels_gives_pytorchs_logits(
+    mode: str, rows: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    loaded = build_tiny_model(dtype=torch.float32)
+    runner = Runner(loaded.model, quantize=mode)
+    length = 24
+    ids = torch.randint(
+        0, runner.vocab_size, (rows, length), generator=torch.Generator().manual_seed(6)
+    )
+    calls: list[str] = []
+    for name in ("int8_linear", "int4pack_linear"):
+        monkeypatch.setattr(avx2, name, spy(getattr(avx2, name), calls, lambda *_, _n=name: _n))
+
+    def decode_logits() -> torch.Tensor:
+        cache = runner.new_cache(rows, 32)
+        for slot in range(rows):
+            runner.prefill(cache, [(slot, ids[slot, :-1], 0)])
+        pos = torch.full((rows,), length - 1)
+        batch = DecodeBatch(
+            tokens=ids[:, -1],
+            positions=pos,
+            write_index=runner.write_rows(cache, pos),
+            mask=torch.ones((rows, 1, 1, length), dtype=torch.bool),
+            rows=torch.arange(rows),
+        )
+        return runner.forward(cache, batch, [])
+
+    ours = decode_logits()
+    assert {"int8_linear"} <= set(calls)  # the output head is int8 in both modes
+    assert mode == "int8" or "int4pack_linear" in calls
+    monkeypatch.setattr(avx2, "available", lambda: False)
+    calls.clear()
+    pytorchs = decode_logits()
+    assert not calls
+    torch.testing.assert_close(ours, pytorchs, rtol=1e-3, atol=1e-3)
+    assert torch.equal(ours.argmax(-1), pytorchs.argmax(-1))
+
+
+@needs_avx2
+@pytest.mark.parametrize(("mode", "limit"), [("int8", AVX2_INT8_ROWS), ("int4", AVX2_INT4_ROWS)])
+def test_from_the_limit_on_rows_go_through_the_dequantised_weight(
+    mode: str, limit: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    torch.manual_seed(5)
+    q = quant.quantize(torch.randn(128, 96) * 0.05, mode)
+    calls: list[int] = []
+    name = "int8_linear" if mode == "int8" else "int4pack_linear"
+    monkeypatch.setattr(avx2, name, spy(getattr(avx2, name), calls, lambda x, *_: x.shape[0]))
+    below, at = torch.randn(limit - 1, 96), torch.randn(limit, 96)
+    torch.testing.assert_close(q.linear(below, None), F.linear(below, q.dequantized()))
+    torch.testing.assert_close(q.linear(at, None), F.linear(at, q.dequantized()))
+    assert calls == [limit - 1]
+
+
+@needs_avx2
+def test_a_kernel_call_leaves_the_compute_threads_count_alone() -> None:
+    # A worker's layout (threads.py): one thread by default, the engine's compute
+    # thread claims two; the kernels must not reset it (see test_amx.py).
+    q = quantize_int8(torch.randn(64, 64))
+    q4 = quantize_int4(torch.randn(64, 64))
+    x = torch.randn(4, 64)
+    seen: list[int] = []
+    claimed, released = threading.Event(), threading.Event()
+
+    def compute() -> None:
+        claim_torch_threads(2)
+        claimed.set()
+        released.wait(timeout=60)
+        avx2.int8_linear(x, q.codes, q.scales)
+        avx2.int4pack_linear(x, q4.packed, q4.scales_zeros, int4_block_n() or 64)
+        seen.append(torch.get_num_threads())
+
+    default = torch.get_num_threads()
+    thread = threading.Thread(target=compute)
+    try:
+        thread.start()
+        assert claimed.wait(timeout=60)
+        release_default_threads()  # as Engine.start does once the compute thread claimed
+        released.set()
+        thread.join(timeout=60)
+    finally:
+        released.set()
+        torch.set_num_threads(default)
+    assert seen == [2]
