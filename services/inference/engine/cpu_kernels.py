@@ -69,6 +69,12 @@ def _loaded(extension: CpuExtension) -> bool:
     return True
 
 
+# The decode step's small ops fused (RMSNorm), for any CPU: no ISA flags.
+OPS = CpuExtension(
+    name="tokenyard_cpu_ops", source="cpu_ops.cpp", isa_cflags=(), cpu_flags=frozenset()
+)
+
+
 def build_all() -> dict[str, str]:
     """Build every extension, whatever this CPU runs (`make setup`, the worker image).
 
@@ -78,12 +84,15 @@ def build_all() -> dict[str, str]:
     from services.inference.engine import amx, avx2
 
     built = {}
-    for module in (amx, avx2):
-        name = module.EXTENSION.name
+    for extension, runs in (
+        (amx.EXTENSION, amx.available),
+        (avx2.EXTENSION, avx2.available),
+        (OPS, OPS.available),
+    ):
         try:
-            module.EXTENSION.build()
+            extension.build()
         except Exception as exc:
-            built[name] = f"not built: {exc}"
+            built[extension.name] = f"not built: {exc}"
             continue
-        built[name] = "runs here" if module.available() else "built, not for this CPU"
+        built[extension.name] = "runs here" if runs() else "built, not for this CPU"
     return built

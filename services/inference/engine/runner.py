@@ -21,6 +21,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from services.inference.engine import cpu_kernels
 from services.inference.engine.families import (
     FAST_MODEL_TYPES,
     Layer,
@@ -177,6 +178,8 @@ class Runner(ForwardSteps):
         self._gguf = None  # the file's reader: only needed while building
         keep = None if quantized else inner.embed_tokens.weight
         self.released_bytes = _release(self._copied, keep) if take_weights else 0
+        # One call per RMSNorm (csrc/cpu_ops.cpp) instead of eight PyTorch ops.
+        self._fused_norms = self.device.type == "cpu" and cpu_kernels.OPS.available()
         self.rotary_dim = int(cos.shape[-1])  # less than head_dim: partial rotary (Phi-4-mini)
         half = self.rotary_dim // 2
         sign = torch.ones(self.rotary_dim, dtype=sin.dtype, device=self.device)
@@ -262,8 +265,18 @@ class Runner(ForwardSteps):
 
     def _rms_norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         # Same as transformers' LlamaRMSNorm: normalise in float32, scale in model dtype.
+        if self._fused_norms and x.dim() == 2 and x.is_contiguous():
+            out: torch.Tensor = torch.ops.tokenyard_ops.rms_norm(x, weight, self.eps)
+            return out
         normed = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
         return weight * normed.to(x.dtype)
+
+    def _add_norm(self, x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """``x += delta`` (x is the step's own residual stream), then `x` normalised."""
+        if self._fused_norms and delta.is_contiguous():
+            out: torch.Tensor = torch.ops.tokenyard_ops.add_rms_norm_(x, delta, weight, self.eps)
+            return out
+        return self._rms_norm(x.add_(delta), weight)
 
     def _rope(self, qk: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         rd = self.rotary_dim
@@ -280,10 +293,9 @@ class Runner(ForwardSteps):
         q = self._rms_norm(qk[:, :nh], layer.q_norm)
         return torch.cat([q, self._rms_norm(qk[:, nh:], layer.k_norm)], dim=1)
 
-    def _mlp(self, x: torch.Tensor, layer: Layer) -> torch.Tensor:
-        h = self._rms_norm(x, layer.ln2)
+    def _mlp(self, h: torch.Tensor, layer: Layer) -> torch.Tensor:
         gate, up = self._linear(h, layer.w_gate_up, layer.b_gate_up).chunk(2, dim=-1)
-        return x + self._linear(F.silu(gate) * up, layer.w_down, layer.b_down)
+        return self._linear(F.silu(gate) * up, layer.w_down, layer.b_down)
 
     def write_rows(self, cache: SlotCache, write_pos: torch.Tensor) -> torch.Tensor:
         """Flat row indices in a layer's ``[slots*kv_heads*capacity, head_dim]`` view."""
@@ -343,8 +355,8 @@ class Runner(ForwardSteps):
         )
         cos = self.cos[pos][:, None]
         sin = self.sin_signed[pos][:, None]
+        h = self._rms_norm(x, self.layers[0].ln1)
         for i, layer in enumerate(self.layers):
-            h = self._rms_norm(x, layer.ln1)
             qkv = self._linear(h, layer.w_qkv, layer.b_qkv).view(total, nh + 2 * nkv, hd)
             qk = self._rope(self._head_norms(qkv[:, : nh + nkv], layer), cos, sin)
             outs: list[torch.Tensor] = []
@@ -384,8 +396,12 @@ class Runner(ForwardSteps):
                 )
                 outs.append(attn[0].transpose(0, 1).reshape(n, nh * hd))
             merged = torch.cat(outs) if len(outs) > 1 else outs[0]
-            x = x + self._linear(merged, layer.w_o, layer.b_o)
-            x = self._mlp(x, layer)
+            h = self._add_norm(x, self._linear(merged, layer.w_o, layer.b_o), layer.ln2)
+            down = self._mlp(h, layer)
+            if i + 1 < len(self.layers):
+                h = self._add_norm(x, down, self.layers[i + 1].ln1)
+            else:
+                x.add_(down)
         last = torch.tensor(
             [off + (end - start) - 1 for _, off, start, end, _ in meta],
             dtype=torch.long,

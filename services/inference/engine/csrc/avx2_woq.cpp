@@ -8,7 +8,8 @@
 // share each block of codes widened to float32 in a buffer that stays in L1.
 //
 // The layouts are the ones quant.py keeps (x: float32 [M, K], contiguous):
-//   int8: codes int8 [N, K], scales float32 [N]: w = code * scale (N, K multiples of 8).
+//   int8: codes int8 [N, K], scales float32 [N]: w = code * scale (N a multiple of 8,
+//         K of 16).
 //   int4: PyTorch's packed CPU layout, [N / B][K][B / 2] bytes, byte (k, j) holding
 //         channel j's code in its low nibble and channel j + B / 2's in its high one,
 //         where PyTorch packs blocks of B = 64 channels on AVX-512 CPUs and 32 on
@@ -78,8 +79,8 @@ at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& codes, const at::T
               "codes must be a contiguous 2-D int8 tensor");
   const int64_t n_out = codes.size(0), k = codes.size(1);
   check_x(x, k);
-  TORCH_CHECK(k % 8 == 0 && n_out % kInt8Block == 0,
-              "in_features and out_features must be multiples of 8");
+  TORCH_CHECK(k % 16 == 0 && n_out % kInt8Block == 0,
+              "in_features must be a multiple of 16 and out_features of 8");
   TORCH_CHECK(scales.numel() == n_out && scales.scalar_type() == at::kFloat &&
                   scales.is_contiguous(),
               "scales must be float32, one per output channel");
@@ -97,12 +98,17 @@ at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& codes, const at::T
       const int8_t* block = cp + b * kInt8Block * k;
       const __m256 scale = _mm256_loadu_ps(sp + b * kInt8Block);
       if (m_rows == 1) {
+        // One channel at a time, its codes one contiguous run: twice as fast from
+        // memory as the 8 channels side by side (a 1728x576 layer, 180 against 360 us).
         __m256 acc[kInt8Block];
-        for (auto& a : acc) a = _mm256_setzero_ps();
-        for (int64_t i = 0; i < k; i += 8) {
-          const __m256 xv = _mm256_loadu_ps(xp + i);
-          for (int64_t j = 0; j < kInt8Block; ++j)
-            acc[j] = _mm256_fmadd_ps(widen8(block + j * k + i), xv, acc[j]);
+        for (int64_t j = 0; j < kInt8Block; ++j) {
+          const int8_t* row = block + j * k;
+          __m256 even = _mm256_setzero_ps(), odd = _mm256_setzero_ps();
+          for (int64_t i = 0; i < k; i += 16) {
+            even = _mm256_fmadd_ps(widen8(row + i), _mm256_loadu_ps(xp + i), even);
+            odd = _mm256_fmadd_ps(widen8(row + i + 8), _mm256_loadu_ps(xp + i + 8), odd);
+          }
+          acc[j] = _mm256_add_ps(even, odd);
         }
         _mm256_storeu_ps(op + b * kInt8Block, _mm256_mul_ps(hsum8(acc), scale));
         continue;
@@ -145,6 +151,54 @@ inline void widen_int4(const uint8_t* p, __m256* q) {
   }
 }
 
+// 8 channels' (scale, zero) pairs, [s0 z0 s1 z1 ...], as a vector of scales and one
+// of zeros.
+inline void scales_zeros8(const float* p, __m256* scale, __m256* zero) {
+  const __m256 a = _mm256_loadu_ps(p), b = _mm256_loadu_ps(p + 8);
+  // shuffle: [s0 s1 s4 s5 | s2 s3 s6 s7]; the 64-bit permute puts them in order.
+  *scale = _mm256_castpd_ps(_mm256_permute4x64_pd(
+      _mm256_castps_pd(_mm256_shuffle_ps(a, b, _MM_SHUFFLE(2, 0, 2, 0))), 0xd8));
+  *zero = _mm256_castpd_ps(_mm256_permute4x64_pd(
+      _mm256_castps_pd(_mm256_shuffle_ps(a, b, _MM_SHUFFLE(3, 1, 3, 1))), 0xd8));
+}
+
+// out += scale * (sum - 8 xs) + zero * xs: w = (q - 8) * scale + zero over a group
+// whose codes times x sum to `sum` and whose x sum to xs.
+template <int64_t kVecs>
+inline void add_group(const float* sz, const __m256* sum, float xsum, __m256* out) {
+  const __m256 xs = _mm256_set1_ps(xsum), xs8 = _mm256_set1_ps(8.0f * xsum);
+  for (int64_t v = 0; v < kVecs; ++v) {
+    __m256 scale, zero;
+    scales_zeros8(sz + v * 16, &scale, &zero);
+    out[v] = _mm256_fmadd_ps(scale, _mm256_sub_ps(sum[v], xs8), _mm256_fmadd_ps(xs, zero, out[v]));
+  }
+}
+
+// One row of x against blocks [begin, end): the codes widened in registers.
+template <int64_t BlockN>
+void int4_one_row(const float* x, const float* xsum, const uint8_t* pp, const float* szp,
+                  float* out, int64_t n_out, int64_t k, int64_t begin, int64_t end) {
+  constexpr int64_t kVecs = BlockN / 8;
+  for (int64_t b = begin; b < end; ++b) {
+    const uint8_t* codes = pp + b * k * (BlockN / 2);
+    const int64_t n0 = b * BlockN;
+    __m256 acc[kVecs];
+    for (auto& a : acc) a = _mm256_setzero_ps();
+    for (int64_t g = 0; g < k / kGroup; ++g) {
+      __m256 sum[kVecs];
+      for (auto& s : sum) s = _mm256_setzero_ps();
+      for (int64_t i = 0; i < kGroup; ++i) {
+        const __m256 xv = _mm256_broadcast_ss(x + g * kGroup + i);
+        __m256 q[kVecs];
+        widen_int4<BlockN>(codes + (g * kGroup + i) * (BlockN / 2), q);
+        for (int64_t v = 0; v < kVecs; ++v) sum[v] = _mm256_fmadd_ps(q[v], xv, sum[v]);
+      }
+      add_group<kVecs>(szp + (g * n_out + n0) * 2, sum, xsum[g], acc);
+    }
+    for (int64_t v = 0; v < kVecs; ++v) _mm256_storeu_ps(out + n0 + v * 8, acc[v]);
+  }
+}
+
 template <int64_t BlockN>
 void int4_blocks(const float* xp, const uint8_t* pp, const float* szp, float* op, int64_t m_rows,
                  int64_t n_out, int64_t k) {
@@ -159,27 +213,25 @@ void int4_blocks(const float* xp, const uint8_t* pp, const float* szp, float* op
         s = _mm256_add_ps(s, _mm256_loadu_ps(xp + m * k + g * kGroup + i));
       xsum[m * groups + g] = hsum(s);
     }
+  if (m_rows == 1) {
+    parallel_blocks(n_out / BlockN, [&](int64_t begin, int64_t end) {
+      int4_one_row<BlockN>(xp, xsum.data(), pp, szp, op, n_out, k, begin, end);
+    });
+    return;
+  }
   parallel_blocks(n_out / BlockN, [&](int64_t begin, int64_t end) {
-    alignas(32) float scale[BlockN], offset[BlockN];
-    // Several rows: one group of the block widened to float32 codes once.
+    // One group of the block widened to float32 codes once, read by every row.
     alignas(32) float tile[kGroup * BlockN];
     for (int64_t b = begin; b < end; ++b) {
       const uint8_t* block = pp + b * k * (BlockN / 2);
       const int64_t n0 = b * BlockN;
       for (int64_t m = 0; m < m_rows; ++m) std::fill_n(op + m * n_out + n0, BlockN, 0.0f);
       for (int64_t g = 0; g < groups; ++g) {
-        const float* sz = szp + (g * n_out + n0) * 2;
-        for (int64_t j = 0; j < BlockN; ++j) {
-          scale[j] = sz[2 * j];
-          offset[j] = sz[2 * j + 1] - 8.0f * sz[2 * j];
-        }
         const uint8_t* codes = block + g * kGroup * (BlockN / 2);
-        if (m_rows > 1) {
-          for (int64_t i = 0; i < kGroup; ++i) {
-            __m256 q[kVecs];
-            widen_int4<BlockN>(codes + i * (BlockN / 2), q);
-            for (int64_t v = 0; v < kVecs; ++v) _mm256_store_ps(tile + i * BlockN + v * 8, q[v]);
-          }
+        for (int64_t i = 0; i < kGroup; ++i) {
+          __m256 q[kVecs];
+          widen_int4<BlockN>(codes + i * (BlockN / 2), q);
+          for (int64_t v = 0; v < kVecs; ++v) _mm256_store_ps(tile + i * BlockN + v * 8, q[v]);
         }
         for (int64_t m = 0; m < m_rows; ++m) {
           const float* xr = xp + m * k + g * kGroup;
@@ -187,22 +239,14 @@ void int4_blocks(const float* xp, const uint8_t* pp, const float* szp, float* op
           for (auto& s : sum) s = _mm256_setzero_ps();
           for (int64_t i = 0; i < kGroup; ++i) {
             const __m256 xv = _mm256_broadcast_ss(xr + i);
-            __m256 q[kVecs];
-            if (m_rows > 1) {
-              for (int64_t v = 0; v < kVecs; ++v) q[v] = _mm256_load_ps(tile + i * BlockN + v * 8);
-            } else {
-              widen_int4<BlockN>(codes + i * (BlockN / 2), q);
-            }
-            for (int64_t v = 0; v < kVecs; ++v) sum[v] = _mm256_fmadd_ps(q[v], xv, sum[v]);
+            for (int64_t v = 0; v < kVecs; ++v)
+              sum[v] = _mm256_fmadd_ps(_mm256_load_ps(tile + i * BlockN + v * 8), xv, sum[v]);
           }
-          const __m256 xs = _mm256_set1_ps(xsum[m * groups + g]);
           float* o = op + m * n_out + n0;
-          for (int64_t v = 0; v < kVecs; ++v) {
-            __m256 r = _mm256_loadu_ps(o + v * 8);
-            r = _mm256_fmadd_ps(sum[v], _mm256_load_ps(scale + v * 8), r);
-            r = _mm256_fmadd_ps(xs, _mm256_load_ps(offset + v * 8), r);
-            _mm256_storeu_ps(o + v * 8, r);
-          }
+          __m256 acc[kVecs];
+          for (int64_t v = 0; v < kVecs; ++v) acc[v] = _mm256_loadu_ps(o + v * 8);
+          add_group<kVecs>(szp + (g * n_out + n0) * 2, sum, xsum[m * groups + g], acc);
+          for (int64_t v = 0; v < kVecs; ++v) _mm256_storeu_ps(o + v * 8, acc[v]);
         }
       }
     }

@@ -1,0 +1,103 @@
+"""The fused per-layer ops (engine/cpu_kernels.py OPS, csrc/cpu_ops.cpp).
+
+They build without ISA flags, so they must build and run on any CPU the suite runs
+on; a failed build fails here.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+from services.inference.engine import cpu_kernels
+from services.inference.engine.kv_cache import DecodeBatch
+from services.inference.engine.runner import Runner
+from tests.doubles.tiny_model import build_tiny_model
+
+EPS = 1e-5
+
+
+def transformers_norm(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    norm = LlamaRMSNorm(x.shape[-1], eps=EPS).to(x.dtype)
+    with torch.no_grad():
+        norm.weight.copy_(weight)
+        out: torch.Tensor = norm(x)
+    return out
+
+
+def test_the_ops_build_and_run_on_this_cpu() -> None:
+    assert cpu_kernels.OPS.available()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [1, 3, 64])
+def test_rms_norm_is_transformers_llama_rms_norm(dtype: torch.dtype, rows: int) -> None:
+    torch.manual_seed(rows)
+    x = (torch.randn(rows, 576) * 3).to(dtype)
+    weight = (torch.rand(576) + 0.5).to(dtype)
+    got = torch.ops.tokenyard_ops.rms_norm(x, weight, EPS)
+    want = transformers_norm(x, weight)
+    assert got.dtype == dtype
+    if dtype is torch.float32:
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    else:  # the same roundings; the float32 sum of squares may differ in its last bit
+        differ = (got != want).float().mean().item()
+        assert differ < 0.01
+        torch.testing.assert_close(got.float(), want.float(), rtol=8e-3, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_add_rms_norm_adds_in_place_then_normalises(dtype: torch.dtype) -> None:
+    torch.manual_seed(1)
+    x, delta = torch.randn(5, 64).to(dtype), torch.randn(5, 64).to(dtype)
+    weight = torch.rand(64).to(dtype)
+    summed = x + delta
+    got = torch.ops.tokenyard_ops.add_rms_norm_(x, delta, weight, EPS)
+    assert torch.equal(x, summed)  # x + delta, rounded the same way
+    assert torch.equal(got, torch.ops.tokenyard_ops.rms_norm(summed, weight, EPS))
+
+
+def test_bad_input_is_refused_with_what_is_wrong() -> None:
+    x, weight = torch.randn(2, 8), torch.randn(8)
+    with pytest.raises(RuntimeError, match="contiguous 2-D"):
+        torch.ops.tokenyard_ops.rms_norm(x[None], weight, EPS)
+    with pytest.raises(RuntimeError, match="float32 or bfloat16"):
+        torch.ops.tokenyard_ops.rms_norm(x.double(), weight.double(), EPS)
+    with pytest.raises(RuntimeError, match="one per column of x"):
+        torch.ops.tokenyard_ops.rms_norm(x, weight[:4], EPS)
+    with pytest.raises(RuntimeError, match="x's dtype"):
+        torch.ops.tokenyard_ops.rms_norm(x, weight.bfloat16(), EPS)
+    with pytest.raises(RuntimeError, match="delta must be"):
+        torch.ops.tokenyard_ops.add_rms_norm_(x, torch.randn(2, 4), weight, EPS)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_step_with_fused_norms_gives_the_unfused_logits(dtype: torch.dtype) -> None:
+    loaded = build_tiny_model(dtype=dtype)
+    runner = Runner(loaded.model)
+    assert runner._fused_norms
+    rows, length = 4, 20
+    ids = torch.randint(
+        0, runner.vocab_size, (rows, length), generator=torch.Generator().manual_seed(3)
+    )
+
+    def logits() -> torch.Tensor:
+        cache = runner.new_cache(rows, 32)
+        prompts = [runner.prefill(cache, [(s, ids[s, :-1], 0)]) for s in range(rows)]
+        pos = torch.full((rows,), length - 1)
+        batch = DecodeBatch(
+            tokens=ids[:, -1],
+            positions=pos,
+            write_index=runner.write_rows(cache, pos),
+            mask=torch.ones((rows, 1, 1, length), dtype=torch.bool),
+            rows=torch.arange(rows),
+        )
+        return torch.cat([*prompts, runner.forward(cache, batch, [])])
+
+    fused = logits()
+    runner._fused_norms = False
+    unfused = logits()
+    tolerance = 1e-5 if dtype is torch.float32 else 0.05
+    torch.testing.assert_close(fused.float(), unfused.float(), rtol=tolerance, atol=tolerance)
+    assert torch.equal(fused.argmax(-1), unfused.argmax(-1))
