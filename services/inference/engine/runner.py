@@ -178,8 +178,9 @@ class Runner(ForwardSteps):
         self._gguf = None  # the file's reader: only needed while building
         keep = None if quantized else inner.embed_tokens.weight
         self.released_bytes = _release(self._copied, keep) if take_weights else 0
-        # One call per RMSNorm (csrc/cpu_ops.cpp) instead of eight PyTorch ops.
-        self._fused_norms = self.device.type == "cpu" and cpu_kernels.OPS.available()
+        # One call per RMSNorm and per rotary (csrc/cpu_ops.cpp) instead of PyTorch's
+        # eight and five ops.
+        self._fused_ops = self.device.type == "cpu" and cpu_kernels.OPS.available()
         self.rotary_dim = int(cos.shape[-1])  # less than head_dim: partial rotary (Phi-4-mini)
         half = self.rotary_dim // 2
         sign = torch.ones(self.rotary_dim, dtype=sin.dtype, device=self.device)
@@ -265,7 +266,7 @@ class Runner(ForwardSteps):
 
     def _rms_norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         # Same as transformers' LlamaRMSNorm: normalise in float32, scale in model dtype.
-        if self._fused_norms and x.dim() == 2 and x.is_contiguous():
+        if self._fused_ops and x.dim() == 2 and x.is_contiguous():
             out: torch.Tensor = torch.ops.tokenyard_ops.rms_norm(x, weight, self.eps)
             return out
         normed = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
@@ -273,12 +274,15 @@ class Runner(ForwardSteps):
 
     def _add_norm(self, x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """``x += delta`` (x is the step's own residual stream), then `x` normalised."""
-        if self._fused_norms and delta.is_contiguous():
+        if self._fused_ops and delta.is_contiguous():
             out: torch.Tensor = torch.ops.tokenyard_ops.add_rms_norm_(x, delta, weight, self.eps)
             return out
         return self._rms_norm(x.add_(delta), weight)
 
     def _rope(self, qk: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        if self._fused_ops:
+            out: torch.Tensor = torch.ops.tokenyard_ops.rope(qk, cos, sin)
+            return out
         rd = self.rotary_dim
         if rd == self.head_dim:
             return qk * cos + torch.roll(qk, rd // 2, -1) * sin
@@ -353,8 +357,9 @@ class Runner(ForwardSteps):
             if isinstance(self.embed, Int8Weight)
             else F.embedding(flat, self.embed)
         )
-        cos = self.cos[pos][:, None]
-        sin = self.sin_signed[pos][:, None]
+        cos, sin = self.cos[pos], self.sin_signed[pos]
+        if not self._fused_ops:  # broadcast over the heads
+            cos, sin = cos[:, None], sin[:, None]
         h = self._rms_norm(x, self.layers[0].ln1)
         for i, layer in enumerate(self.layers):
             qkv = self._linear(h, layer.w_qkv, layer.b_qkv).view(total, nh + 2 * nkv, hd)

@@ -1,4 +1,4 @@
-"""The fused per-layer ops (engine/cpu_kernels.py OPS, csrc/cpu_ops.cpp).
+"""The fused per-layer ops: RMSNorm and rotary (engine/cpu_kernels.py OPS, csrc/cpu_ops.cpp).
 
 They build without ISA flags, so they must build and run on any CPU the suite runs
 on; a failed build fails here.
@@ -58,6 +58,23 @@ def test_add_rms_norm_adds_in_place_then_normalises(dtype: torch.dtype) -> None:
     assert torch.equal(got, torch.ops.tokenyard_ops.rms_norm(summed, weight, EPS))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rotary_dim", [64, 32])  # all of each head, or part (Phi-4-mini)
+def test_rope_is_pytorchs_rotation_on_a_slice_of_the_qkv_output(
+    dtype: torch.dtype, rotary_dim: int
+) -> None:
+    torch.manual_seed(rotary_dim)
+    rows, heads, kv_heads, hd = 5, 6, 2, 64
+    qkv = torch.randn(rows, heads + 2 * kv_heads, hd).to(dtype)
+    qk = qkv[:, : heads + kv_heads]  # a view: rows strided past the values
+    cos, sin = torch.randn(rows, rotary_dim).to(dtype), torch.randn(rows, rotary_dim).to(dtype)
+    got = torch.ops.tokenyard_ops.rope(qk, cos, sin)
+    rot = qk[..., :rotary_dim]
+    turned = rot * cos[:, None] + torch.roll(rot, rotary_dim // 2, -1) * sin[:, None]
+    want = torch.cat([turned, qk[..., rotary_dim:]], dim=-1)
+    assert torch.equal(got, want)  # bit for bit: the same roundings in the same order
+
+
 def test_bad_input_is_refused_with_what_is_wrong() -> None:
     x, weight = torch.randn(2, 8), torch.randn(8)
     with pytest.raises(RuntimeError, match="contiguous 2-D"):
@@ -70,13 +87,20 @@ def test_bad_input_is_refused_with_what_is_wrong() -> None:
         torch.ops.tokenyard_ops.rms_norm(x, weight.bfloat16(), EPS)
     with pytest.raises(RuntimeError, match="delta must be"):
         torch.ops.tokenyard_ops.add_rms_norm_(x, torch.randn(2, 4), weight, EPS)
+    qk, cos = torch.randn(2, 3, 8), torch.randn(2, 8)
+    with pytest.raises(RuntimeError, match="whole heads side by side"):
+        torch.ops.tokenyard_ops.rope(qk.transpose(1, 2), cos, cos)
+    with pytest.raises(RuntimeError, match="one row of rotary dims per row"):
+        torch.ops.tokenyard_ops.rope(qk, cos[:1], cos[:1])
+    with pytest.raises(RuntimeError, match="even and at most head_dim"):
+        torch.ops.tokenyard_ops.rope(qk, torch.randn(2, 3), torch.randn(2, 3))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_a_step_with_fused_norms_gives_the_unfused_logits(dtype: torch.dtype) -> None:
+def test_a_step_with_fused_ops_gives_the_unfused_logits(dtype: torch.dtype) -> None:
     loaded = build_tiny_model(dtype=dtype)
     runner = Runner(loaded.model)
-    assert runner._fused_norms
+    assert runner._fused_ops
     rows, length = 4, 20
     ids = torch.randint(
         0, runner.vocab_size, (rows, length), generator=torch.Generator().manual_seed(3)
@@ -96,7 +120,7 @@ def test_a_step_with_fused_norms_gives_the_unfused_logits(dtype: torch.dtype) ->
         return torch.cat([*prompts, runner.forward(cache, batch, [])])
 
     fused = logits()
-    runner._fused_norms = False
+    runner._fused_ops = False
     unfused = logits()
     tolerance = 1e-5 if dtype is torch.float32 else 0.05
     torch.testing.assert_close(fused.float(), unfused.float(), rtol=tolerance, atol=tolerance)

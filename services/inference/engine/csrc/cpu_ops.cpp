@@ -6,6 +6,9 @@
 // arithmetic as transformers' LlamaRMSNorm: in float32, the normalised row rounded
 // to the model's dtype before the weight multiplies it.
 //
+// Rotary positions likewise: one call for the query and key heads of a layer
+// instead of five (two multiplies, a roll as two slices and a cat, an add).
+//
 // Compiled without ISA flags (baseline x86-64, auto-vectorised): it runs wherever
 // PyTorch does.
 
@@ -77,14 +80,61 @@ at::Tensor add_rms_norm_(at::Tensor& x, const at::Tensor& delta, const at::Tenso
   return out;
 }
 
+template <typename T>
+void rope_rows(const T* x, int64_t row_stride, const T* cos, const T* sin, T* out, int64_t rows,
+               int64_t heads, int64_t hd, int64_t rd) {
+  const int64_t half = rd / 2;
+  for (int64_t r = 0; r < rows; ++r) {
+    const T* c = cos + r * rd;
+    const T* s = sin + r * rd;
+    for (int64_t h = 0; h < heads; ++h) {
+      const T* xh = x + r * row_stride + h * hd;
+      T* o = out + (r * heads + h) * hd;
+      for (int64_t i = 0; i < rd; ++i) {
+        const T turned = xh[i < half ? i + half : i - half];  // roll(x, rd / 2)
+        const T a = static_cast<T>(static_cast<float>(xh[i]) * static_cast<float>(c[i]));
+        const T b = static_cast<T>(static_cast<float>(turned) * static_cast<float>(s[i]));
+        o[i] = static_cast<T>(static_cast<float>(a) + static_cast<float>(b));
+      }
+      for (int64_t i = rd; i < hd; ++i) o[i] = xh[i];
+    }
+  }
+}
+
+// Rotary positions on every head of `qk` ([rows, heads, head_dim], rows and heads
+// strided as a slice of the fused QKV output may be): ``x * cos + roll(x, rd / 2) *
+// sin`` on the first rd = cos.size(1) dims with `sin` already signed, the rest copied;
+// each product and the sum rounded to x's dtype as PyTorch's ops round them.
+at::Tensor rope(const at::Tensor& qk, const at::Tensor& cos, const at::Tensor& sin) {
+  TORCH_CHECK(qk.dim() == 3 && qk.stride(2) == 1 && qk.stride(1) == qk.size(2),
+              "qk must be [rows, heads, head_dim] with whole heads side by side");
+  TORCH_CHECK(qk.scalar_type() == at::kFloat || qk.scalar_type() == at::kBFloat16,
+              "qk must be float32 or bfloat16");
+  const int64_t rows = qk.size(0), rd = cos.size(-1);
+  TORCH_CHECK(cos.sizes() == sin.sizes() && cos.numel() == rows * rd && cos.is_contiguous() &&
+                  sin.is_contiguous() && cos.scalar_type() == qk.scalar_type() &&
+                  sin.scalar_type() == qk.scalar_type(),
+              "cos and sin must be contiguous, qk's dtype, one row of rotary dims per row");
+  TORCH_CHECK(rd % 2 == 0 && rd <= qk.size(2), "rotary dims must be even and at most head_dim");
+  at::Tensor out = at::empty({rows, qk.size(1), qk.size(2)}, qk.options());
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, qk.scalar_type(), "rope", [&] {
+    rope_rows(qk.data_ptr<scalar_t>(), qk.stride(0), cos.data_ptr<scalar_t>(),
+              sin.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), rows, qk.size(1), qk.size(2),
+              rd);
+  });
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(tokenyard_ops, m) {
   m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
   m.def("add_rms_norm_(Tensor(a!) x, Tensor delta, Tensor weight, float eps) -> Tensor");
+  m.def("rope(Tensor qk, Tensor cos, Tensor sin) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(tokenyard_ops, CPU, m) {
   m.impl("rms_norm", &rms_norm);
   m.impl("add_rms_norm_", &add_rms_norm_);
+  m.impl("rope", &rope);
 }
