@@ -62,6 +62,9 @@ class GenericCache:
         """Record the room asked for; transformers caches grow as they are written."""
         self._capacity = max(self._capacity, min(needed, limit))
 
+    def ensure_slots(self, count: int) -> None:
+        """Nothing to do: every slot's entry is made when its sequence first runs."""
+
     def move(self, src: int, dst: int, length: int) -> None:
         """Hand slot `src`'s cache (exactly `length` positions) to slot `dst`."""
         self.entries[dst], self.entries[src] = self.entries[src], None
@@ -103,8 +106,11 @@ class GenericRunner(ForwardSteps):
         """Bytes of the model's parameters (transformers holds and reads them)."""
         return sum(p.numel() * p.element_size() for p in self.model.parameters())
 
-    def new_cache(self, slots: int, capacity: int = CAPACITY_STEP) -> GenericCache:
-        """Empty slots for `slots` sequences."""
+    def new_cache(
+        self, slots: int, capacity: int = CAPACITY_STEP, *, held: int | None = None
+    ) -> GenericCache:
+        """Empty slots for `slots` sequences (an entry costs nothing until used: `held`
+        changes nothing)."""
         return GenericCache(slots, min(capacity, self.context_length))
 
     def kv_bytes_per_position(self) -> int:

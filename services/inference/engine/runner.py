@@ -253,8 +253,10 @@ class Runner(ForwardSteps):
         element = torch.empty(0, dtype=self.dtype).element_size()
         return 2 * self.n_layers * self.n_kv_heads * self.head_dim * element
 
-    def new_cache(self, slots: int, capacity: int = CAPACITY_STEP) -> KVCache:
-        """An empty cache for `slots` sequences."""
+    def new_cache(
+        self, slots: int, capacity: int = CAPACITY_STEP, *, held: int | None = None
+    ) -> KVCache:
+        """An empty cache for `slots` sequences, `held` of them usable now (default all)."""
         shape = (
             self.n_layers,
             slots,
@@ -262,7 +264,7 @@ class Runner(ForwardSteps):
             min(capacity, self.context_length),
             self.head_dim,
         )
-        return KVCache(shape, self.dtype, self.device)
+        return KVCache(shape, self.dtype, self.device, held=held)
 
     def _rms_norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         # Same as transformers' LlamaRMSNorm: normalise in float32, scale in model dtype.

@@ -67,7 +67,7 @@ class Scheduler:
         self.eos_token_ids = eos_token_ids
         self.prefix_cache = prefix_cache
         self._initial_capacity = min(initial_capacity, context_length)
-        self.cache: SlotCache = runner.new_cache(max_running, self._initial_capacity)
+        self.cache: SlotCache = self._new_cache()
         self.running: list[Sequence] = []
         self.waiting = WaitQueue()
         self._deliver = deliver
@@ -190,6 +190,7 @@ class Scheduler:
             seq.admitted_at = now
             seq.slot = len(self.running)
             self.running.append(seq)
+            self.cache.ensure_slots(len(self.running))
             if self.prefix_cache is None:
                 continue
             self.prefix_queries += 1
@@ -230,6 +231,10 @@ class Scheduler:
         seq.preemptions += 1
         self.total_preemptions += 1
         self.waiting.push(seq, front=True)
+
+    def _new_cache(self) -> SlotCache:
+        """An empty cache holding one slot; more as sequences take them."""
+        return self.runner.new_cache(self.max_running, self._initial_capacity, held=1)
 
     def _ensure_capacity(self, needed: int) -> None:
         self.cache.ensure_capacity(needed, self.context_length)
@@ -310,7 +315,7 @@ class Scheduler:
         self._flush()
         if not self.running and self.cache.capacity > self._initial_capacity:
             # One long request must not pin a large cache for every slot forever.
-            self.cache = self.runner.new_cache(self.max_running, self._initial_capacity)
+            self.cache = self._new_cache()
         return len(ready)
 
     def _fork(self, seq: Sequence) -> list[Sequence]:
@@ -324,6 +329,7 @@ class Scheduler:
                 continue
             fork.slot = len(self.running)
             self.running.append(fork)
+            self.cache.ensure_slots(len(self.running))
             self.cache.move(seq.slot, fork.slot, seq.computed)
             fork.computed = seq.computed
             fork.admitted_at = seq.admitted_at

@@ -8,6 +8,7 @@ import time
 from collections.abc import Callable
 
 import pytest
+import torch
 
 from services.inference.engine import (
     FINISH_CANCELLED,
@@ -206,6 +207,44 @@ async def test_kv_cache_grows_for_long_sequences_and_shrinks_when_idle(
     await engine.wait_idle()
     assert engine.stats().kv_cache_bytes == idle_bytes
     assert engine.stats().total_steps > 0
+
+
+def test_the_cache_holds_slots_as_asked_and_keeps_what_they_hold(tiny: LoadedModel) -> None:
+    runner = Runner(tiny.model)
+    per_position = runner.kv_bytes_per_position()
+    cache = runner.new_cache(64, 64, held=1)
+    assert cache.nbytes() == per_position * 64  # one slot of 64 positions, not 64 slots
+    torch.manual_seed(0)
+    cache.k[:, 0].normal_()
+    cache.v[:, 0].normal_()
+    k0, v0 = cache.k[:, 0].clone(), cache.v[:, 0].clone()
+    cache.ensure_slots(3)
+    assert cache.nbytes() == per_position * 64 * 3
+    assert torch.equal(cache.k[:, 0], k0) and torch.equal(cache.v[:, 0], v0)
+    assert not cache.k[:, 1:].any() and not cache.v[:, 1:].any()
+    cache.ensure_capacity(100, 1000)  # grows the slots held, keeps their positions
+    assert cache.capacity >= 100 and cache.k.shape[1] == 3
+    assert torch.equal(cache.k[:, 0, :, :64], k0) and not cache.k[:, 0, :, 64:].any()
+    cache.ensure_slots(4)
+    assert cache.k.shape[1] == 6  # twice as many, so n arrivals cost log n copies
+    cache.ensure_slots(64)
+    assert cache.k.shape[1] == 64
+    with pytest.raises(ValueError, match="slot 64 asked of a cache of 64 slots"):
+        cache.ensure_slots(65)
+
+
+async def test_one_stream_on_a_many_slot_engine_holds_one_slot(
+    make_engine: EngineFactory, tiny: LoadedModel, prompts: list[list[int]]
+) -> None:
+    slots = 32
+    engine = make_engine(max_running=slots)
+    per_position = Runner(tiny.model).kv_bytes_per_position()
+    long_prompt = (prompts[7] * 8)[:200]  # past the initial capacity: the cache grows
+    seen = []
+    async for _ in engine.generate(request(long_prompt, temperature=0.0, max_tokens=12)):
+        seen.append(engine.stats().kv_cache_bytes)
+    assert max(seen) >= per_position * 200  # the one sequence's positions
+    assert max(seen) < per_position * slots * 64  # far less than every slot at 64
 
 
 async def test_kv_cache_budget_caps_the_context_and_the_cache(
