@@ -10,11 +10,13 @@ wherever it runs; numbers in docs/models.md.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from services.inference.engine.cpu_kernels import CpuExtension
 
-__all__ = ["EXTENSION", "available", "int4pack_linear", "int8_linear"]
+__all__ = ["EXTENSION", "available", "decode_attention", "int4pack_linear", "int8_linear"]
 
 EXTENSION = CpuExtension(
     name="tokenyard_avx2_woq",
@@ -24,6 +26,7 @@ EXTENSION = CpuExtension(
 )
 
 
+@functools.cache  # asked on every quantised matmul: one cached call
 def available() -> bool:
     """Whether the kernels run here (checked, and built if needed, once)."""
     return EXTENSION.available()
@@ -50,4 +53,15 @@ def int4pack_linear(
     out: torch.Tensor = torch.ops.tokenyard_avx2.int4pack_linear(
         x.contiguous(), packed, scales_zeros, block_n
     )
+    return out
+
+
+def decode_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """Each row's query heads ``q [rows, kv_heads, group, head_dim]`` against positions
+    ``0..lengths[r]-1`` of cache slot r (``k``, ``v``: one layer's ``[slots, kv_heads,
+    capacity, head_dim]``); returns ``[rows, kv_heads * group * head_dim]``."""
+    _require()
+    out: torch.Tensor = torch.ops.tokenyard_avx2.decode_attention(q, k, v, lengths, scale)
     return out

@@ -22,9 +22,11 @@ class DecodeBatch:
 
     `positions` are rotary positions, `write_index` the flat cache rows (see
     `Runner.write_rows`) receiving the new keys/values, `mask` ``[B, 1, 1, L]`` which
-    of the first L cached positions each row attends to, and `rows` the rows whose
-    logits are wanted (slots that ride along as no-ops are left out). L is the
-    longest row's length: attention reads the cache in place, so shorter is cheaper.
+    of the first L cached positions each row attends to (its positions up to
+    ``positions[r]``: the fast path's own attention reads the lengths from there),
+    and `rows` the rows whose logits are wanted (slots that ride along as no-ops are
+    left out). L is the longest row's length: attention reads the cache in place, so
+    shorter is cheaper.
     """
 
     tokens: torch.Tensor

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from services.inference.engine import cpu_kernels
+from services.inference.engine import avx2, cpu_kernels
 from services.inference.engine.families import (
     FAST_MODEL_TYPES,
     Layer,
@@ -181,6 +181,14 @@ class Runner(ForwardSteps):
         # One call per RMSNorm and per rotary (csrc/cpu_ops.cpp) instead of PyTorch's
         # eight and five ops.
         self._fused_ops = self.device.type == "cpu" and cpu_kernels.OPS.available()
+        # A decode step's attention in one call per layer (csrc/avx2_woq.cpp) where
+        # SDPA's fixed cost dominated.
+        self._decode_attention = (
+            self.device.type == "cpu"
+            and self.dtype in (torch.float32, torch.bfloat16)
+            and self.head_dim % 8 == 0
+            and avx2.available()
+        )
         self.rotary_dim = int(cos.shape[-1])  # less than head_dim: partial rotary (Phi-4-mini)
         half = self.rotary_dim // 2
         sign = torch.ones(self.rotary_dim, dtype=sin.dtype, device=self.device)
@@ -332,12 +340,17 @@ class Runner(ForwardSteps):
         tokens: list[torch.Tensor] = []
         positions: list[torch.Tensor] = []
         b = length = 0
+        lengths: torch.Tensor | None = None  # positions each decode row attends to
+        decode_mask: torch.Tensor | None = None
         if decode is not None:
             b, length = int(decode.tokens.shape[0]), int(decode.mask.shape[-1])
-            # Additive, once per step: given the boolean mask, SDPA converts it in
-            # every layer (same result, bit for bit).
-            decode_mask = torch.zeros((b, 1, 1, length), dtype=self.dtype, device=device)
-            decode_mask.masked_fill_(~decode.mask.reshape(b, 1, 1, length), float("-inf"))
+            if self._decode_attention:
+                lengths = decode.positions + 1  # the mask is that prefix (DecodeBatch)
+            else:
+                # Additive, once per step: given the boolean mask, SDPA converts it in
+                # every layer (same result, bit for bit).
+                decode_mask = torch.zeros((b, 1, 1, length), dtype=self.dtype, device=device)
+                decode_mask.masked_fill_(~decode.mask.reshape(b, 1, 1, length), float("-inf"))
             tokens.append(decode.tokens)
             positions.append(decode.positions)
         meta: list[tuple[int, int, int, int, torch.Tensor]] = []
@@ -378,17 +391,25 @@ class Runner(ForwardSteps):
                 )
                 # Query heads grouped under their kv head: (b, kv heads, group, head_dim)
                 # against the cache slots' keys in place (a strided view, no copy).
-                # SDPA's fused CPU kernel against bmm, softmax, bmm (bf16, 2 cores): a
-                # quarter to 0.4x of the time at 1-64 rows over 128 positions alone, a
-                # 64-row step over 129 positions 67.9 against 72.8 ms.
-                attn = F.scaled_dot_product_attention(
-                    qk[:b, :nh].reshape(b, nkv, g, hd),
-                    cache.k[i, :b, :, :length],
-                    cache.v[i, :b, :, :length],
-                    attn_mask=decode_mask,
-                    scale=self.scaling,
-                )
-                outs.append(attn.reshape(b, nh * hd))
+                queries = qk[:b, :nh].reshape(b, nkv, g, hd)
+                if lengths is not None:
+                    outs.append(
+                        avx2.decode_attention(
+                            queries, cache.k[i], cache.v[i], lengths, self.scaling
+                        )
+                    )
+                else:
+                    # SDPA's fused CPU kernel against bmm, softmax, bmm (bf16, 2 cores): a
+                    # quarter to 0.4x of the time at 1-64 rows over 128 positions alone,
+                    # a 64-row step over 129 positions 67.9 against 72.8 ms.
+                    attn = F.scaled_dot_product_attention(
+                        queries,
+                        cache.k[i, :b, :, :length],
+                        cache.v[i, :b, :, :length],
+                        attn_mask=decode_mask,
+                        scale=self.scaling,
+                    )
+                    outs.append(attn.reshape(b, nh * hd))
             for slot, off, start, end, mask in meta:
                 n = end - start
                 cache.k[i, slot, :, start:end] = qk[off : off + n, nh:].transpose(0, 1)

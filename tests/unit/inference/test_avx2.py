@@ -169,6 +169,7 @@ def test_a_float32_decode_batch_through_the_kernels_gives_pytorchs_logits(
     assert {"int8_linear"} <= set(calls)  # the output head is int8 in both modes
     assert mode == "int8" or "int4pack_linear" in calls
     monkeypatch.setattr(avx2, "available", lambda: False)
+    runner._decode_attention = False  # decided when the runner was built
     calls.clear()
     pytorchs = decode_logits()
     assert not calls
@@ -222,3 +223,93 @@ def test_a_kernel_call_leaves_the_compute_threads_count_alone() -> None:
         released.set()
         torch.set_num_threads(default)
     assert seen == [2]
+
+
+@needs_avx2
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("rows", "kv_heads", "group"), [(1, 3, 3), (3, 2, 1), (17, 1, 4)])
+def test_decode_attention_is_sdpa_over_each_rows_positions(
+    dtype: torch.dtype, rows: int, kv_heads: int, group: int
+) -> None:
+    torch.manual_seed(rows)
+    hd, capacity, slots = 64, 48, rows + 2
+    k = torch.randn(slots, kv_heads, capacity, hd).to(dtype)
+    v = torch.randn(slots, kv_heads, capacity, hd).to(dtype)
+    lengths = torch.randint(1, capacity + 1, (rows,))
+    lengths[0] = capacity  # every position, and (below) one row of one position
+    lengths[-1] = 1 if rows > 1 else lengths[-1]
+    qkv = torch.randn(rows, kv_heads * group + 2 * kv_heads, hd).to(dtype)
+    q = qkv[:, : kv_heads * group].reshape(rows, kv_heads, group, hd)  # rows strided
+    got = avx2.decode_attention(q, k, v, lengths, 0.125)
+    width = int(lengths.max())
+    mask = (torch.arange(width)[None] < lengths[:, None])[:, None, None]
+    want = F.scaled_dot_product_attention(
+        q.float(), k[:rows, :, :width].float(), v[:rows, :, :width].float(), mask, scale=0.125
+    ).reshape(rows, -1)
+    assert got.dtype == dtype and got.shape == (rows, kv_heads * group * hd)
+    tolerance = 1e-5 if dtype is torch.float32 else 8e-3  # bf16: the result rounded once
+    torch.testing.assert_close(got.float(), want, rtol=tolerance, atol=tolerance)
+
+
+@needs_avx2
+def test_decode_attention_refuses_what_it_cannot_read() -> None:
+    k = v = torch.zeros(2, 1, 8, 64)
+    q = torch.zeros(2, 1, 2, 64)
+    with pytest.raises(RuntimeError, match=r"lengths\[1\] = 9 is outside 1..8"):
+        avx2.decode_attention(q, k, v, torch.tensor([3, 9]), 1.0)
+    with pytest.raises(RuntimeError, match=r"lengths\[0\] = 0 is outside"):
+        avx2.decode_attention(q, k, v, torch.tensor([0, 1]), 1.0)
+    with pytest.raises(RuntimeError, match="of q's dtype"):
+        avx2.decode_attention(q, k.bfloat16(), v.bfloat16(), torch.tensor([1, 1]), 1.0)
+    with pytest.raises(RuntimeError, match="a slot per row"):
+        avx2.decode_attention(torch.zeros(3, 1, 2, 64), k, v, torch.tensor([1, 1, 1]), 1.0)
+    with pytest.raises(RuntimeError, match="multiple of 8"):
+        avx2.decode_attention(
+            torch.zeros(2, 1, 2, 12),
+            torch.zeros(2, 1, 8, 12),
+            torch.zeros(2, 1, 8, 12),
+            torch.tensor([1, 1]),
+            1.0,
+        )
+
+
+@needs_avx2
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_decode_step_through_the_attention_kernel_gives_sdpas_logits(
+    dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    loaded = build_tiny_model(dtype=dtype)
+    runner = Runner(loaded.model)
+    assert runner._decode_attention
+    calls: list[int] = []
+    monkeypatch.setattr(
+        avx2, "decode_attention", spy(avx2.decode_attention, calls, lambda q, *_: q.shape[0])
+    )
+    rows, length = 5, 30
+    ids = torch.randint(
+        0, runner.vocab_size, (rows, length), generator=torch.Generator().manual_seed(9)
+    )
+
+    def step() -> torch.Tensor:
+        cache = runner.new_cache(rows, 64)
+        for slot in range(rows):  # rows of different lengths
+            runner.prefill(cache, [(slot, ids[slot, : length - 1 - slot], 0)])
+        pos = torch.tensor([length - 1 - slot for slot in range(rows)])
+        batch = DecodeBatch(
+            tokens=ids[torch.arange(rows), pos],
+            positions=pos,
+            write_index=runner.write_rows(cache, pos),
+            mask=(torch.arange(length)[None] <= pos[:, None])[:, None, None],
+            rows=torch.arange(rows),
+        )
+        return runner.forward(cache, batch, [])
+
+    ours = step()
+    assert calls and set(calls) == {rows}
+    runner._decode_attention = False
+    calls.clear()
+    sdpa = step()
+    assert not calls
+    tolerance = 1e-4 if dtype is torch.float32 else 0.05
+    torch.testing.assert_close(ours.float(), sdpa.float(), rtol=tolerance, atol=tolerance)
+    assert torch.equal(ours.argmax(-1), sdpa.argmax(-1))
