@@ -5,7 +5,9 @@ where PyTorch's weight-only kernels are slower than the float32 matmul they woul
 replace. csrc/avx2_woq.cpp streams the int8 codes or the packed int4 layout quant.py
 already keeps, widening them in registers (one row) or once per block into L1
 (several rows); built by cpu_kernels.py. quant.py calls it for float32 activations
-wherever it runs; numbers in docs/models.md.
+wherever it runs; numbers in docs/models.md. Also here: a float32 matrix-vector
+product for unquantised float32 layers at a few rows (MKL's is slow on AMD CPUs),
+and a decode step's attention.
 """
 
 from __future__ import annotations
@@ -16,7 +18,15 @@ import torch
 
 from services.inference.engine.cpu_kernels import CpuExtension
 
-__all__ = ["EXTENSION", "available", "decode_attention", "int4pack_linear", "int8_linear"]
+__all__ = [
+    "DENSE_ROWS",
+    "EXTENSION",
+    "available",
+    "decode_attention",
+    "dense_linear",
+    "int4pack_linear",
+    "int8_linear",
+]
 
 EXTENSION = CpuExtension(
     name="tokenyard_avx2_woq",
@@ -64,4 +74,16 @@ def decode_attention(
     capacity, head_dim]``); returns ``[rows, kv_heads * group * head_dim]``."""
     _require()
     out: torch.Tensor = torch.ops.tokenyard_avx2.decode_attention(q, k, v, lengths, scale)
+    return out
+
+
+# Rows up to which float32 layers without quantisation take `dense_linear`.
+DENSE_ROWS = 4
+
+
+def dense_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``x @ weight.T`` for float32 `x` of 1 to `DENSE_ROWS` rows and a contiguous
+    float32 weight ``[out, in]`` (in a multiple of 16)."""
+    _require()
+    out: torch.Tensor = torch.ops.tokenyard_avx2.dense_linear(x.contiguous(), weight)
     return out

@@ -87,6 +87,21 @@ def _packed_linear(
     return out
 
 
+def _plain_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    # float32 at a few rows: avx2.py's matrix-vector product where it runs (2-core
+    # EPYC, the demo model's float32 decode step: MKL read the weights at 5-7 GB/s).
+    if (
+        x.dtype is torch.float32
+        and x.shape[0] <= avx2.DENSE_ROWS
+        and weight.shape[1] % 16 == 0
+        and weight.is_contiguous()
+        and avx2.available()
+    ):
+        out = avx2.dense_linear(x, weight)
+        return out if bias is None else out + bias
+    return F.linear(x, weight, bias)
+
+
 def _quant_linear(x: torch.Tensor, weight: QuantWeight, bias: torch.Tensor | None) -> torch.Tensor:
     return weight.linear(x, bias)
 
@@ -155,7 +170,7 @@ class Runner(ForwardSteps):
         self.packed = not quantized and (
             packs_weights(self.dtype, self.device) if pack_weights is None else pack_weights
         )
-        linear = _quant_linear if quantized else _packed_linear if self.packed else F.linear
+        linear = _quant_linear if quantized else _packed_linear if self.packed else _plain_linear
         self._linear: Callable[[torch.Tensor, Any, torch.Tensor | None], torch.Tensor] = linear
         self._copied: list[Any] = []  # modules whose weights the runner holds copies of
         # int4 codes straight from the file, while the layers are built.

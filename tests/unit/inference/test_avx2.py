@@ -313,3 +313,53 @@ def test_a_decode_step_through_the_attention_kernel_gives_sdpas_logits(
     tolerance = 1e-4 if dtype is torch.float32 else 0.05
     torch.testing.assert_close(ours.float(), sdpa.float(), rtol=tolerance, atol=tolerance)
     assert torch.equal(ours.argmax(-1), sdpa.argmax(-1))
+
+
+@needs_avx2
+@pytest.mark.parametrize(("out_features", "in_features"), [(64, 32), (960, 576), (200, 1536)])
+@pytest.mark.parametrize("rows", [1, 2, 3, 4])
+def test_dense_linear_is_f_linear(out_features: int, in_features: int, rows: int) -> None:
+    torch.manual_seed(rows)
+    weight = torch.randn(out_features, in_features)
+    x = torch.randn(rows, in_features)
+    got = avx2.dense_linear(x, weight)
+    torch.testing.assert_close(got, F.linear(x, weight), rtol=1e-5, atol=1e-4)
+    with pytest.raises(RuntimeError, match="1 to 4 rows, not 5"):
+        avx2.dense_linear(torch.randn(5, in_features), weight)
+    with pytest.raises(RuntimeError, match="multiple of 16"):
+        avx2.dense_linear(torch.randn(rows, 24), torch.randn(8, 24))
+
+
+@needs_avx2
+def test_a_float32_model_decodes_through_dense_linear_with_mkls_tokens(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    loaded = build_tiny_model(dtype=torch.float32)
+    runner = Runner(loaded.model)
+    calls: list[int] = []
+    monkeypatch.setattr(
+        avx2, "dense_linear", spy(avx2.dense_linear, calls, lambda x, *_: x.shape[0])
+    )
+    ids = torch.randint(0, runner.vocab_size, (24,), generator=torch.Generator().manual_seed(2))
+
+    def greedy() -> tuple[list[int], torch.Tensor]:
+        cache = runner.new_cache(1, 64)
+        logits = runner.prefill(cache, [(0, ids, 0)])
+        first, tokens = logits, []
+        for position in range(24, 40):
+            token = logits.argmax(-1)
+            tokens.append(int(token))
+            pos = torch.tensor([position])
+            mask = torch.ones((1, 1, 1, position + 1), dtype=torch.bool)
+            logits = runner.decode(cache, token, pos, runner.write_rows(cache, pos), mask)
+        return tokens, first
+
+    ours, ours_first = greedy()
+    assert calls and set(calls) == {1}  # every decode row; the prompt's 24 rows are MKL's
+    monkeypatch.setattr(avx2, "available", lambda: False)
+    runner._decode_attention = False
+    calls.clear()
+    mkl, mkl_first = greedy()
+    assert not calls
+    assert ours == mkl
+    torch.testing.assert_close(ours_first, mkl_first, rtol=1e-4, atol=1e-4)
