@@ -13,11 +13,11 @@ import torch
 import torch.nn.functional as F
 
 from services.inference.engine import amx
-from services.inference.engine.kv_cache import DecodeBatch
 from services.inference.engine.quant import AMX_ROWS, _unpack_int4, quantize_int4, quantize_int8
 from services.inference.engine.runner import Runner
 from services.inference.engine.threads import claim_torch_threads, release_default_threads
 from tests.doubles.tiny_model import build_tiny_model
+from tests.unit.inference.helpers import prefill_then_decode
 
 # On a CPU with AMX the kernels must build and run: a failed build fails here.
 needs_amx = pytest.mark.skipif(not amx.cpu_has_amx(), reason="this CPU has no AMX")
@@ -99,18 +99,7 @@ def test_a_bf16_decode_batch_through_amx_gives_pytorchs_logits(
     )
 
     def decode_logits() -> torch.Tensor:
-        cache = runner.new_cache(rows, 32)
-        for slot in range(rows):
-            runner.prefill(cache, [(slot, ids[slot, :-1], 0)])
-        pos = torch.full((rows,), length - 1)
-        batch = DecodeBatch(
-            tokens=ids[:, -1],
-            positions=pos,
-            write_index=runner.write_rows(cache, pos),
-            mask=torch.ones((rows, 1, 1, length), dtype=torch.bool),
-            rows=torch.arange(rows),
-        )
-        return runner.forward(cache, batch, [])
+        return prefill_then_decode(runner, ids, capacity=32)[1]
 
     with_amx = decode_logits()
     monkeypatch.setattr(amx, "available", lambda: False)

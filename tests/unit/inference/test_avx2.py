@@ -16,7 +16,6 @@ import torch.nn.functional as F
 
 from services.inference.engine import amx, avx2, quant
 from services.inference.engine.cpu_kernels import build_all
-from services.inference.engine.kv_cache import DecodeBatch
 from services.inference.engine.quant import (
     AVX2_INT4_ROWS,
     AVX2_INT8_ROWS,
@@ -27,6 +26,7 @@ from services.inference.engine.quant import (
 from services.inference.engine.runner import Runner
 from services.inference.engine.threads import claim_torch_threads, release_default_threads
 from tests.doubles.tiny_model import build_tiny_model
+from tests.unit.inference.helpers import prefill_then_decode
 
 # On a CPU with AVX2 the kernels must build and run: a failed build fails here.
 needs_avx2 = pytest.mark.skipif(not avx2.EXTENSION.runs_on(), reason="this CPU has no AVX2")
@@ -152,18 +152,7 @@ def test_a_float32_decode_batch_through_the_kernels_gives_pytorchs_logits(
         monkeypatch.setattr(avx2, name, spy(getattr(avx2, name), calls, lambda *_, _n=name: _n))
 
     def decode_logits() -> torch.Tensor:
-        cache = runner.new_cache(rows, 32)
-        for slot in range(rows):
-            runner.prefill(cache, [(slot, ids[slot, :-1], 0)])
-        pos = torch.full((rows,), length - 1)
-        batch = DecodeBatch(
-            tokens=ids[:, -1],
-            positions=pos,
-            write_index=runner.write_rows(cache, pos),
-            mask=torch.ones((rows, 1, 1, length), dtype=torch.bool),
-            rows=torch.arange(rows),
-        )
-        return runner.forward(cache, batch, [])
+        return prefill_then_decode(runner, ids, capacity=32)[1]
 
     ours = decode_logits()
     assert {"int8_linear"} <= set(calls)  # the output head is int8 in both modes
@@ -290,19 +279,8 @@ def test_a_decode_step_through_the_attention_kernel_gives_sdpas_logits(
         0, runner.vocab_size, (rows, length), generator=torch.Generator().manual_seed(9)
     )
 
-    def step() -> torch.Tensor:
-        cache = runner.new_cache(rows, 64)
-        for slot in range(rows):  # rows of different lengths
-            runner.prefill(cache, [(slot, ids[slot, : length - 1 - slot], 0)])
-        pos = torch.tensor([length - 1 - slot for slot in range(rows)])
-        batch = DecodeBatch(
-            tokens=ids[torch.arange(rows), pos],
-            positions=pos,
-            write_index=runner.write_rows(cache, pos),
-            mask=(torch.arange(length)[None] <= pos[:, None])[:, None, None],
-            rows=torch.arange(rows),
-        )
-        return runner.forward(cache, batch, [])
+    def step() -> torch.Tensor:  # rows of different lengths
+        return prefill_then_decode(runner, ids, [length - slot for slot in range(rows)])[1]
 
     ours = step()
     assert calls and set(calls) == {rows}

@@ -11,9 +11,9 @@ import torch
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
 from services.inference.engine import cpu_kernels
-from services.inference.engine.kv_cache import DecodeBatch
 from services.inference.engine.runner import Runner
 from tests.doubles.tiny_model import build_tiny_model
+from tests.unit.inference.helpers import prefill_then_decode
 
 EPS = 1e-5
 
@@ -107,17 +107,7 @@ def test_a_step_with_fused_ops_gives_the_unfused_logits(dtype: torch.dtype) -> N
     )
 
     def logits() -> torch.Tensor:
-        cache = runner.new_cache(rows, 32)
-        prompts = [runner.prefill(cache, [(s, ids[s, :-1], 0)]) for s in range(rows)]
-        pos = torch.full((rows,), length - 1)
-        batch = DecodeBatch(
-            tokens=ids[:, -1],
-            positions=pos,
-            write_index=runner.write_rows(cache, pos),
-            mask=torch.ones((rows, 1, 1, length), dtype=torch.bool),
-            rows=torch.arange(rows),
-        )
-        return torch.cat([*prompts, runner.forward(cache, batch, [])])
+        return torch.cat(prefill_then_decode(runner, ids, capacity=32))
 
     fused = logits()
     runner._fused_ops = False
