@@ -269,7 +269,8 @@ def test_a_decode_step_through_the_attention_kernel_gives_sdpas_logits(
 ) -> None:
     loaded = build_tiny_model(dtype=dtype)
     runner = Runner(loaded.model)
-    assert runner._decode_attention
+    assert runner._decode_attention or dtype is torch.bfloat16  # bf16 on AVX-512: SDPA
+    runner._decode_attention = True  # the kernel itself runs on every AVX2 CPU
     calls: list[int] = []
     monkeypatch.setattr(
         avx2, "decode_attention", spy(avx2.decode_attention, calls, lambda q, *_: q.shape[0])
