@@ -11,6 +11,7 @@ PyTorch's kernels: same results, slower.
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,12 +41,17 @@ class CpuExtension:
         """Compile (or load the cached build of) the extension; raises if it cannot.
 
         Compiling needs no particular CPU: an image built anywhere carries every build.
+        The build folder is named after the source's content, so two checkouts or
+        versions on one machine each keep their own build instead of rebuilding over
+        each other's in the shared extensions folder.
         """
         from torch.utils.cpp_extension import load
 
+        source = _CSRC / self.source
+        digest = hashlib.sha256(source.read_bytes()).hexdigest()[:12]
         load(
-            name=self.name,
-            sources=[str(_CSRC / self.source)],
+            name=f"{self.name}_{digest}",
+            sources=[str(source)],
             extra_cflags=["-O3", "-fopenmp", *self.isa_cflags],
             extra_ldflags=["-fopenmp"],
             is_python_module=False,
