@@ -121,32 +121,7 @@ at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& codes, const at::T
       for (int64_t j = 0; j < kInt8Block; ++j)
         for (int64_t i = 0; i < k; i += 8)
           _mm256_storeu_ps(tile.data() + j * k + i, widen8(block + j * k + i));
-      // Two rows at a time over 4 channels: each load from the tile feeds two FMAs.
-      int64_t m = 0;
-      for (; m + 1 < m_rows; m += 2) {
-        const float* x0 = xp + m * k;
-        __m256 acc0[kInt8Block], acc1[kInt8Block];
-        for (int64_t h = 0; h < kInt8Block; h += 4) {
-          __m256 a0[4], a1[4];
-          for (int c = 0; c < 4; ++c) a0[c] = a1[c] = _mm256_setzero_ps();
-          for (int64_t i = 0; i < k; i += 8) {
-            const __m256 v0 = _mm256_loadu_ps(x0 + i), v1 = _mm256_loadu_ps(x0 + k + i);
-            for (int c = 0; c < 4; ++c) {
-              const __m256 w = _mm256_loadu_ps(tile.data() + (h + c) * k + i);
-              a0[c] = _mm256_fmadd_ps(w, v0, a0[c]);
-              a1[c] = _mm256_fmadd_ps(w, v1, a1[c]);
-            }
-          }
-          for (int c = 0; c < 4; ++c) {
-            acc0[h + c] = a0[c];
-            acc1[h + c] = a1[c];
-          }
-        }
-        _mm256_storeu_ps(op + m * n_out + b * kInt8Block, _mm256_mul_ps(hsum8(acc0), scale));
-        _mm256_storeu_ps(op + (m + 1) * n_out + b * kInt8Block,
-                         _mm256_mul_ps(hsum8(acc1), scale));
-      }
-      for (; m < m_rows; ++m) {
+      for (int64_t m = 0; m < m_rows; ++m) {
         const float* xr = xp + m * k;
         __m256 acc[kInt8Block];
         for (auto& a : acc) a = _mm256_setzero_ps();
