@@ -67,11 +67,6 @@ def cpu_has_fast_bf16(cpuinfo: str | None = None) -> bool:
     So "auto" picks bf16 on CPU only where the hardware has it.
     """
     return not _FAST_BF16_FLAGS.isdisjoint(cpu_flags(cpuinfo))
-    for line in cpuinfo.splitlines():
-        key, _, value = line.partition(":")
-        if key.strip() == "flags":
-            return not _FAST_BF16_FLAGS.isdisjoint(value.split())
-    return False
 
 
 def available_memory_bytes(device: torch.device) -> int:

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import threading
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -10,6 +11,7 @@ import torch
 from services.inference.engine import Engine, EngineRequest, Sampling, TokenEvent
 from services.inference.engine.kv_cache import DecodeBatch
 from services.inference.engine.runner import Runner
+from services.inference.engine.threads import claim_torch_threads, release_default_threads
 from services.inference.model_loading import LoadedModel
 
 
@@ -70,3 +72,35 @@ def prefill_then_decode(
         rows=torch.arange(rows),
     )
     return torch.cat(prompts), runner.forward(cache, batch, [])
+
+
+def threads_after(call: Callable[[], object]) -> int:
+    """torch's thread count on a worker's compute thread after `call` ran there.
+
+    A worker's layout (threads.py): one thread by default, the engine's compute thread
+    claims two. Kernels that split work themselves once reset the caller to the
+    default on first use, and the engine's 1-row steps ran on one core.
+    """
+    seen: list[int] = []
+    claimed, released = threading.Event(), threading.Event()
+
+    def compute() -> None:
+        claim_torch_threads(2)
+        claimed.set()
+        released.wait(timeout=60)
+        call()
+        seen.append(torch.get_num_threads())
+
+    default = torch.get_num_threads()
+    thread = threading.Thread(target=compute)
+    try:
+        thread.start()
+        assert claimed.wait(timeout=60)
+        release_default_threads()  # as Engine.start does once the compute thread claimed
+        released.set()
+        thread.join(timeout=60)
+    finally:
+        released.set()
+        torch.set_num_threads(default)
+    assert len(seen) == 1, "the call did not finish on the compute thread"
+    return seen[0]

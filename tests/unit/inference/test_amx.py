@@ -6,8 +6,6 @@ keeps to PyTorch's kernels (the flag parsing and the fallback are tested anyway)
 
 from __future__ import annotations
 
-import threading
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -15,9 +13,8 @@ import torch.nn.functional as F
 from services.inference.engine import amx
 from services.inference.engine.quant import AMX_ROWS, _unpack_int4, quantize_int4, quantize_int8
 from services.inference.engine.runner import Runner
-from services.inference.engine.threads import claim_torch_threads, release_default_threads
 from tests.doubles.tiny_model import build_tiny_model
-from tests.unit.inference.helpers import prefill_then_decode
+from tests.unit.inference.helpers import prefill_then_decode, threads_after
 
 # On a CPU with AMX the kernels must build and run: a failed build fails here.
 needs_amx = pytest.mark.skipif(not amx.cpu_has_amx(), reason="this CPU has no AMX")
@@ -110,32 +107,13 @@ def test_a_bf16_decode_batch_through_amx_gives_pytorchs_logits(
 
 @needs_amx
 def test_an_amx_call_leaves_the_compute_threads_count_alone() -> None:
-    # A worker's layout (threads.py): one thread by default, the engine's compute
-    # thread claims two. The kernels once reset the caller to the default on first
-    # use, and the engine's 1-row steps ran on one core.
+    # The kernels once reset the caller to the default on first use (at::parallel_for).
     q = quantize_int8(torch.randn(64, 64).to(BF16))
+    q4 = quantize_int4(torch.randn(64, 64).to(BF16))
     x = torch.randn(2 * AMX_ROWS, 64, dtype=BF16)
-    seen: list[int] = []
-    claimed, released = threading.Event(), threading.Event()
 
-    def compute() -> None:
-        claim_torch_threads(2)
-        claimed.set()
-        released.wait(timeout=60)
+    def kernels() -> None:
         amx.int8_linear(x, q.codes, q.scales)
-        q4 = quantize_int4(torch.randn(64, 64).to(BF16))
         amx.int4pack_linear(x, q4.packed, q4.scales_zeros)
-        seen.append(torch.get_num_threads())
 
-    default = torch.get_num_threads()
-    thread = threading.Thread(target=compute)
-    try:
-        thread.start()
-        assert claimed.wait(timeout=60)
-        release_default_threads()  # as Engine.start does once the compute thread claimed
-        released.set()
-        thread.join(timeout=60)
-    finally:
-        released.set()
-        torch.set_num_threads(default)
-    assert seen == [2]
+    assert threads_after(kernels) == 2

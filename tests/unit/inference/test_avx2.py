@@ -6,7 +6,6 @@ quant.py keeps to PyTorch's kernels (the flag parsing is tested anyway).
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -24,9 +23,8 @@ from services.inference.engine.quant import (
     quantize_int8,
 )
 from services.inference.engine.runner import Runner
-from services.inference.engine.threads import claim_torch_threads, release_default_threads
 from tests.doubles.tiny_model import build_tiny_model
-from tests.unit.inference.helpers import prefill_then_decode
+from tests.unit.inference.helpers import prefill_then_decode, threads_after
 
 # On a CPU with AVX2 the kernels must build and run: a failed build fails here.
 needs_avx2 = pytest.mark.skipif(not avx2.EXTENSION.runs_on(), reason="this CPU has no AVX2")
@@ -184,34 +182,15 @@ def test_from_the_limit_on_rows_go_through_the_dequantised_weight(
 
 @needs_avx2
 def test_a_kernel_call_leaves_the_compute_threads_count_alone() -> None:
-    # A worker's layout (threads.py): one thread by default, the engine's compute
-    # thread claims two; the kernels must not reset it (see test_amx.py).
     q = quantize_int8(torch.randn(64, 64))
     q4 = quantize_int4(torch.randn(64, 64))
     x = torch.randn(4, 64)
-    seen: list[int] = []
-    claimed, released = threading.Event(), threading.Event()
 
-    def compute() -> None:
-        claim_torch_threads(2)
-        claimed.set()
-        released.wait(timeout=60)
+    def kernels() -> None:
         avx2.int8_linear(x, q.codes, q.scales)
         avx2.int4pack_linear(x, q4.packed, q4.scales_zeros, int4_block_n() or 64)
-        seen.append(torch.get_num_threads())
 
-    default = torch.get_num_threads()
-    thread = threading.Thread(target=compute)
-    try:
-        thread.start()
-        assert claimed.wait(timeout=60)
-        release_default_threads()  # as Engine.start does once the compute thread claimed
-        released.set()
-        thread.join(timeout=60)
-    finally:
-        released.set()
-        torch.set_num_threads(default)
-    assert seen == [2]
+    assert threads_after(kernels) == 2
 
 
 @needs_avx2
@@ -225,8 +204,9 @@ def test_decode_attention_is_sdpa_over_each_rows_positions(
     k = torch.randn(slots, kv_heads, capacity, hd).to(dtype)
     v = torch.randn(slots, kv_heads, capacity, hd).to(dtype)
     lengths = torch.randint(1, capacity + 1, (rows,))
-    lengths[0] = capacity  # every position, and (below) one row of one position
-    lengths[-1] = 1 if rows > 1 else lengths[-1]
+    lengths[0] = capacity  # every position
+    if rows > 1:
+        lengths[-1] = 1  # and one position
     qkv = torch.randn(rows, kv_heads * group + 2 * kv_heads, hd).to(dtype)
     q = qkv[:, : kv_heads * group].reshape(rows, kv_heads, group, hd)  # rows strided
     got = avx2.decode_attention(q, k, v, lengths, 0.125)
