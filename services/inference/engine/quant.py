@@ -12,7 +12,8 @@ the weights at 0.60x (int8) and 0.43x (int4) of bf16; int4 on the head costs the
 most quality for the least speed (bench/quality.py).
 
 From `AMX_ROWS` rows on, CPUs with AMX run amx.py's kernels over the same layouts
-for bf16 activations; for float32 ones (CPUs without AVX-512 BF16), avx2.py's.
+for bf16 activations; CPUs with AVX-512 BF16 but no AMX, avx512.py's at every row
+count; for float32 activations (CPUs without AVX-512 BF16), avx2.py's.
 Dequantisation follows the kernels: int8 ``w = q * scale``; int4
 ``w = (q - 8) * scale + zero`` per group, q in 0..15. Numbers measured with
 bench/quality.py and bench/engine_bench.py are in docs/models.md.
@@ -26,7 +27,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from services.inference.engine import amx, avx2
+from services.inference.engine import amx, avx2, avx512
 from services.inference.engine.gguf_blocks import BLOCK, Int4Blocks
 from services.inference.settings import QUANTIZATIONS
 
@@ -105,7 +106,9 @@ class Int8Weight:
         # loaded 2-core machine; bf16 packed: 102 ms).
         rows = x.shape[0]
         shape = (self.codes.shape[0], self.codes.shape[1])
-        if rows < AVX2_INT8_ROWS and _avx2_runs(x, shape, 8):
+        if avx512.takes(x, shape):
+            out = avx512.int8_linear(x, self.codes, self.scales)
+        elif rows < AVX2_INT8_ROWS and _avx2_runs(x, shape, 8):
             out = avx2.int8_linear(x, self.codes, self.scales)
         elif rows >= AMX_ROWS and _amx_runs(x, shape):
             out = amx.int8_linear(x, self.codes, self.scales)
@@ -151,7 +154,9 @@ class Int4Weight:
         shape = (self.packed.shape[0], self.packed.shape[1] * 2)
         ours = self.unpackable and self.group == BLOCK  # the layout the kernels read
         block = int4_block_n() or 0
-        if ours and rows < AVX2_INT4_ROWS and _avx2_runs(x, shape, block):
+        if ours and block == 64 and avx512.takes(x, shape):
+            out = avx512.int4pack_linear(x, self.packed, self.scales_zeros)
+        elif ours and rows < AVX2_INT4_ROWS and _avx2_runs(x, shape, block):
             out = avx2.int4pack_linear(x, self.packed, self.scales_zeros, block)
         elif ours and block == 64 and rows >= AMX_ROWS and _amx_runs(x, shape):
             out = amx.int4pack_linear(x, self.packed, self.scales_zeros)

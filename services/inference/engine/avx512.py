@@ -1,0 +1,104 @@
+"""AVX-512 BF16 kernels for the quantised layers in bf16 (csrc/avx512_woq.cpp).
+
+CPUs with AVX-512 BF16 but without AMX (AMD Zen 4 and 5) run the engine in bf16,
+where PyTorch's weight-only kernels unpack the weight again for every row: 16
+streams of int8 or int4 lost to bf16. csrc/avx512_woq.cpp widens each block of
+codes to bf16 once per call and multiplies every row with VDPBF16PS; it reads the
+layouts quant.py already keeps. quant.py calls it for bf16 activations where AMX is
+absent; numbers in docs/models.md. Built by cpu_kernels.py.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from services.inference.engine import amx
+from services.inference.engine.cpu_kernels import CpuExtension
+
+__all__ = [
+    "EXTENSION",
+    "available",
+    "dense_linear",
+    "int4pack_linear",
+    "int8_linear",
+    "serves",
+    "takes",
+]
+
+EXTENSION = CpuExtension(
+    name="tokenyard_avx512_woq",
+    source="avx512_woq.cpp",
+    isa_cflags=(
+        "-mavx512f",
+        "-mavx512bw",
+        "-mavx512vl",
+        "-mavx512dq",
+        "-mavx512bf16",
+        "-mavx512vbmi",
+    ),
+    cpu_flags=frozenset(
+        {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16", "avx512vbmi"}
+    ),
+)
+
+
+@functools.cache  # asked on every quantised matmul: one cached call
+def available() -> bool:
+    """Whether the kernels run here (checked, and built if needed, once)."""
+    return EXTENSION.available()
+
+
+@functools.cache
+def serves() -> bool:
+    """Whether bf16 layers take these kernels here: they run, and the CPU has no AMX
+    (whose kernels, amx.py, and oneDNN's packed bf16 were measured there instead)."""
+    return available() and not amx.cpu_has_amx()
+
+
+def takes(x: torch.Tensor, shape: tuple[int, int]) -> bool:
+    """Whether `x` against a weight of `shape` ``(out, in)`` takes these kernels."""
+    out_features, in_features = shape
+    return (
+        x.dtype is torch.bfloat16
+        and out_features % OUT_MULTIPLE == 0
+        and in_features % IN_MULTIPLE == 0
+        and serves()
+    )
+
+
+# What the kernels need of a weight's shape (int4: quant.py's int4 layout blocks 64).
+OUT_MULTIPLE = 32
+IN_MULTIPLE = 32
+
+
+def _require() -> None:
+    if not available():
+        raise RuntimeError("the AVX-512 kernels do not run here (avx512.available() is False)")
+
+
+def int8_linear(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """``x @ (codes * scales[:, None]).T`` for bf16 `x` and scales."""
+    _require()
+    out: torch.Tensor = torch.ops.tokenyard_avx512.int8_linear(x.contiguous(), codes, scales)
+    return out
+
+
+def dense_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``x @ weight.T`` for bf16 `x` and a contiguous bf16 weight ``[out, in]``."""
+    _require()
+    out: torch.Tensor = torch.ops.tokenyard_avx512.dense_linear(x.contiguous(), weight)
+    return out
+
+
+def int4pack_linear(
+    x: torch.Tensor, packed: torch.Tensor, scales_zeros: torch.Tensor
+) -> torch.Tensor:
+    """``x @ w.T`` for bf16 `x`, w in the CPU int4 layout of 64-channel blocks with
+    groups of 32 (bf16 scales and zeros, ``w = (q - 8) * scale + zero``)."""
+    _require()
+    out: torch.Tensor = torch.ops.tokenyard_avx512.int4pack_linear(
+        x.contiguous(), packed, scales_zeros
+    )
+    return out

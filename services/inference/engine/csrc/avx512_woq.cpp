@@ -1,0 +1,481 @@
+// Weight-only int8/int4 linear layers for bf16 activations on AVX-512 BF16 CPUs
+// without AMX (AMD Zen 4 and 5, Intel Cooper Lake).
+//
+// There the engine runs in bf16 and PyTorch's weight-only kernels unpack the weight
+// again for every row of x: on a 2-core Zen 5 a 16-row decode step lost to bf16
+// (int8 0.84x, int4 0.62x) and one row gained little (int4 1.01x). Here each call
+// reads the codes once: every block of output channels is widened to bf16 (exact,
+// the codes are small integers) into a buffer in L1 and every row of x multiplies it
+// with VDPBF16PS (16 float32 sums of 32 products per instruction).
+//
+// The layouts are the ones quant.py keeps (x: bf16 [M, K], contiguous):
+//   int8: codes int8 [N, K], scales bf16 [N]: w = code * scale (N a multiple of 16,
+//         K of 32).
+//   int4: PyTorch's packed CPU layout for AVX-512 CPUs, [N / 64][K][32] bytes, byte
+//         (k, j) holding channel j's code in its low nibble and channel j + 32's in
+//         its high one; scales_zeros bf16 [K / 32, N, 2]: w = (q - 8) * scale + zero
+//         for each group of 32 inputs (N a multiple of 64, K of 32).
+// The result is bf16 [M, N], sums in float32.
+
+#include <ATen/ATen.h>
+#include <immintrin.h>
+#include <torch/library.h>
+
+#include <cstdint>
+#include <vector>
+
+#include "parallel_blocks.h"
+
+namespace {
+#ifndef I4PF
+#define I4PF 16
+#endif
+
+using tokenyard::parallel_blocks;
+
+constexpr int64_t kChunk = 32;  // inputs per VDPBF16PS vector, and per int4 group
+constexpr int64_t kRows = 4;   // rows of x per register block
+constexpr int64_t kCols = 4;  // channels per register block (int8, dense)
+
+inline __m512bh as_bh(__m512i v) { return (__m512bh)v; }
+
+inline __m512bh load_bh(const void* p) { return as_bh(_mm512_loadu_si512(p)); }
+
+void check_x(const at::Tensor& x, int64_t k) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kBFloat16 && x.is_contiguous(),
+              "x must be a contiguous 2-D bfloat16 tensor");
+  TORCH_CHECK(x.size(1) == k, "x has ", x.size(1), " columns, the weight ", k);
+}
+
+// 32 int8 codes -> 32 bf16 (exact: small integers).
+inline __m512i int8_bf16(const int8_t* codes) {
+  const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(codes));
+  const __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(b)));
+  const __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256(b, 1)));
+  return (__m512i)_mm512_cvtne2ps_pbh(hi, lo);
+}
+
+// Channel groups ahead of the one being read whose weights a 1-row product
+// prefetches: two measured best on a 49152x576 bf16 layer (2-core Zen 5, ~54 GB/s,
+// oneDNN's ~52; without it 31).
+constexpr int64_t kAhead = 2;
+
+inline void prefetch(const void* p) { _mm_prefetch(static_cast<const char*>(p), _MM_HINT_T0); }
+
+// Rows x channels dot products over k of bf16 x rows and weight rows (`load(c, i)`:
+// channel c's 32 weights from input i, as bf16), each sum times its channel's scale
+// (none: 1), into out (bf16, row stride n_out).
+template <int64_t R, typename Load>
+inline void dots(const at::BFloat16* x, const Load& load, const float* scale, int64_t k,
+                 at::BFloat16* out, int64_t n_out) {
+  // One row: each channel's sum split over two chains, even and odd chunks, so that
+  // eight VDPBF16PS are in flight (four chains ran 1.6x slower from cache).
+  constexpr int64_t kSplit = R == 1 ? 2 : 1;
+  __m512 acc[kSplit][R][kCols];
+  for (auto& half : acc)
+    for (auto& row : half)
+      for (auto& a : row) a = _mm512_setzero_ps();
+  for (int64_t i = 0; i < k; i += kChunk) {
+    auto& part = acc[(i / kChunk) % kSplit];
+    __m512bh wv[kCols];
+    for (int64_t c = 0; c < kCols; ++c) wv[c] = as_bh(load(c, i));
+    for (int64_t r = 0; r < R; ++r) {
+      const __m512bh xv = load_bh(x + r * k + i);
+      for (int64_t c = 0; c < kCols; ++c) part[r][c] = _mm512_dpbf16_ps(part[r][c], wv[c], xv);
+    }
+  }
+  for (int64_t r = 0; r < R; ++r)
+    for (int64_t c = 0; c < kCols; ++c) {
+      __m512 total = acc[0][r][c];
+      if (kSplit == 2) total = _mm512_add_ps(total, acc[kSplit - 1][r][c]);
+      const float sum = _mm512_reduce_add_ps(total);
+      out[r * n_out + c] = static_cast<at::BFloat16>(scale ? sum * scale[c] : sum);
+    }
+}
+
+// Several rows: channels in blocks of kPairBlock, the block's weights over all of k
+// widened once into a buffer as [k / 2 input pairs][kPairVecs][16 channels x 2]
+// bf16, and every kPairRows rows of x multiplied by it with each row's input pair
+// broadcast, so each sum lands in its channel's lane (no horizontal sums).
+constexpr int64_t kPairVecs = 2;
+constexpr int64_t kPairBlock = 16 * kPairVecs;
+constexpr int64_t kPairRows = 8;
+
+// v[i] (16 dwords) <-> lane i of every v: a 16x16 transpose of dwords.
+inline void transpose16(__m512i* v) {
+  __m512i t[16], u[16];
+  for (int i = 0; i < 16; i += 2) {
+    t[i] = _mm512_unpacklo_epi32(v[i], v[i + 1]);
+    t[i + 1] = _mm512_unpackhi_epi32(v[i], v[i + 1]);
+  }
+  for (int i = 0; i < 16; i += 4) {  // u[i + e]: element e of each 128-bit lane, 4 rows
+    u[i] = _mm512_unpacklo_epi64(t[i], t[i + 2]);
+    u[i + 1] = _mm512_unpackhi_epi64(t[i], t[i + 2]);
+    u[i + 2] = _mm512_unpacklo_epi64(t[i + 1], t[i + 3]);
+    u[i + 3] = _mm512_unpackhi_epi64(t[i + 1], t[i + 3]);
+  }
+  for (int e = 0; e < 4; ++e) {
+    const __m512i w0 = _mm512_shuffle_i32x4(u[e], u[4 + e], 0x44);
+    const __m512i w1 = _mm512_shuffle_i32x4(u[e], u[4 + e], 0xee);
+    const __m512i w2 = _mm512_shuffle_i32x4(u[8 + e], u[12 + e], 0x44);
+    const __m512i w3 = _mm512_shuffle_i32x4(u[8 + e], u[12 + e], 0xee);
+    v[e] = _mm512_shuffle_i32x4(w0, w2, 0x88);
+    v[4 + e] = _mm512_shuffle_i32x4(w0, w2, 0xdd);
+    v[8 + e] = _mm512_shuffle_i32x4(w1, w3, 0x88);
+    v[12 + e] = _mm512_shuffle_i32x4(w1, w3, 0xdd);
+  }
+}
+
+// A block's pair buffer from `load(c, i)` (channel c's 32 weights from input i, bf16).
+template <typename Load>
+void pair_tile(const Load& load, int64_t k, __m512i* tile) {
+  for (int64_t i = 0; i < k; i += kChunk)
+    for (int64_t v = 0; v < kPairVecs; ++v) {
+      __m512i rows[16];
+      for (int64_t c = 0; c < 16; ++c) rows[c] = load(v * 16 + c, i);
+      transpose16(rows);
+      for (int64_t p = 0; p < 16; ++p) _mm512_store_si512(tile + (i / 2 + p) * kPairVecs + v, rows[p]);
+    }
+}
+
+// R rows of x (row stride k) against a block's pair buffer, each sum times its
+// channel's scale (none: 1), into out (bf16, row stride n_out).
+template <int64_t R>
+void pair_rows(const at::BFloat16* x, const __m512i* tile, const float* scale, int64_t k,
+               at::BFloat16* out, int64_t n_out) {
+  __m512 acc[R][kPairVecs];
+  for (auto& row : acc)
+    for (auto& a : row) a = _mm512_setzero_ps();
+  const int32_t* xd = reinterpret_cast<const int32_t*>(x);
+  for (int64_t p = 0; p < k / 2; ++p) {
+    __m512bh w[kPairVecs];
+    for (int64_t v = 0; v < kPairVecs; ++v) w[v] = as_bh(_mm512_load_si512(tile + p * kPairVecs + v));
+    for (int64_t r = 0; r < R; ++r) {
+      const __m512bh xv = as_bh(_mm512_set1_epi32(xd[r * k / 2 + p]));
+      for (int64_t v = 0; v < kPairVecs; ++v) acc[r][v] = _mm512_dpbf16_ps(acc[r][v], w[v], xv);
+    }
+  }
+  for (int64_t r = 0; r < R; ++r)
+    for (int64_t v = 0; v < kPairVecs; ++v) {
+      const __m512 sum = scale ? _mm512_mul_ps(acc[r][v], _mm512_loadu_ps(scale + v * 16)) : acc[r][v];
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + r * n_out + v * 16),
+                          (__m256i)_mm512_cvtneps_pbh(sum));
+    }
+}
+
+// Every row of x ([m_rows, k]) against a block's pair buffer.
+void pair_all_rows(const at::BFloat16* x, int64_t m_rows, const __m512i* tile, const float* scale,
+                   int64_t k, at::BFloat16* out, int64_t n_out) {
+  int64_t m = 0;
+  for (; m + kPairRows <= m_rows; m += kPairRows)
+    pair_rows<kPairRows>(x + m * k, tile, scale, k, out + m * n_out, n_out);
+  x += m * k;
+  out += m * n_out;
+  switch (m_rows - m) {
+    case 7: pair_rows<7>(x, tile, scale, k, out, n_out); break;
+    case 6: pair_rows<6>(x, tile, scale, k, out, n_out); break;
+    case 5: pair_rows<5>(x, tile, scale, k, out, n_out); break;
+    case 4: pair_rows<4>(x, tile, scale, k, out, n_out); break;
+    case 3: pair_rows<3>(x, tile, scale, k, out, n_out); break;
+    case 2: pair_rows<2>(x, tile, scale, k, out, n_out); break;
+    case 1: pair_rows<1>(x, tile, scale, k, out, n_out); break;
+    default: break;
+  }
+}
+
+// The weights of kPairBlock channels [n0, n0 + kPairBlock), by `load`, against every
+// row: one row reads them once straight from memory; more, through the pair buffer.
+// Rows up to which a block streams its weights from memory once into `dots` (a
+// horizontal sum per row and channel) rather than through the pair buffer.
+constexpr int64_t kDotRows = 4;
+
+// The weights of kPairBlock channels [n0, n0 + kPairBlock), by `load`, against every
+// row: a few rows read them straight from memory; more, through the pair buffer.
+template <typename Load>
+void block_linear(const at::BFloat16* x, int64_t m_rows, const Load& load, const float* scale,
+                  int64_t k, __m512i* tile, at::BFloat16* out, int64_t n_out) {
+  if (m_rows > kDotRows) {
+    pair_tile(load, k, tile);
+    pair_all_rows(x, m_rows, tile, scale, k, out, n_out);
+    return;
+  }
+  for (int64_t c0 = 0; c0 < kPairBlock; c0 += kCols) {
+    const auto at = [&](int64_t c, int64_t i) { return load(c0 + c, i); };
+    const float* s = scale ? scale + c0 : nullptr;
+    switch (m_rows) {
+      case 4: dots<4>(x, at, s, k, out + c0, n_out); break;
+      case 3: dots<3>(x, at, s, k, out + c0, n_out); break;
+      case 2: dots<2>(x, at, s, k, out + c0, n_out); break;
+      default: dots<1>(x, at, s, k, out + c0, n_out); break;
+    }
+  }
+}
+
+// out[m, n] = scale[n] * sum_k code[n, k] x[m, k].
+at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scales) {
+  TORCH_CHECK(codes.dim() == 2 && codes.scalar_type() == at::kChar && codes.is_contiguous(),
+              "codes must be a contiguous 2-D int8 tensor");
+  const int64_t n_out = codes.size(0), k = codes.size(1);
+  check_x(x, k);
+  TORCH_CHECK(k % kChunk == 0 && n_out % kPairBlock == 0,
+              "in_features must be a multiple of 32 and out_features of 32");
+  TORCH_CHECK(scales.numel() == n_out && scales.scalar_type() == at::kBFloat16 &&
+                  scales.is_contiguous(),
+              "scales must be bfloat16, one per output channel");
+  const int64_t m_rows = x.size(0);
+  at::Tensor out = at::empty({m_rows, n_out}, x.options());
+  if (m_rows == 0) return out;
+  const int8_t* cp = codes.data_ptr<int8_t>();
+  const at::BFloat16* sp = scales.data_ptr<at::BFloat16>();
+  const at::BFloat16* xp = x.data_ptr<at::BFloat16>();
+  at::BFloat16* op = out.data_ptr<at::BFloat16>();
+  parallel_blocks(n_out / kPairBlock, [&](int64_t begin, int64_t end) {
+    std::vector<__m512i> tile(m_rows > kDotRows ? k / 2 * kPairVecs : 0);
+    float scale[kPairBlock];
+    for (int64_t b = begin; b < end; ++b) {
+      const int64_t n0 = b * kPairBlock;
+      for (int64_t j = 0; j < kPairBlock; ++j) scale[j] = static_cast<float>(sp[n0 + j]);
+      const int8_t* w = cp + n0 * k;
+      block_linear(xp, m_rows, [&](int64_t c, int64_t i) {
+                     prefetch(w + (c + kAhead * kCols) * k + i);
+                     return int8_bf16(w + c * k + i);
+                   }, scale, k, tile.data(), op + n0, n_out);
+    }
+  });
+  return out;
+}
+
+// out[m, n] = sum_k w[n, k] x[m, k] for a bf16 weight [N, K] (contiguous).
+at::Tensor dense_linear(const at::Tensor& x, const at::Tensor& weight) {
+  TORCH_CHECK(weight.dim() == 2 && weight.scalar_type() == at::kBFloat16 && weight.is_contiguous(),
+              "weight must be a contiguous 2-D bfloat16 tensor");
+  const int64_t n_out = weight.size(0), k = weight.size(1), m_rows = x.size(0);
+  check_x(x, k);
+  TORCH_CHECK(k % kChunk == 0 && n_out % kPairBlock == 0,
+              "in_features must be a multiple of 32 and out_features of 32");
+  at::Tensor out = at::empty({m_rows, n_out}, x.options());
+  if (m_rows == 0) return out;
+  const at::BFloat16* wp = weight.data_ptr<at::BFloat16>();
+  const at::BFloat16* xp = x.data_ptr<at::BFloat16>();
+  at::BFloat16* op = out.data_ptr<at::BFloat16>();
+  parallel_blocks(n_out / kPairBlock, [&](int64_t begin, int64_t end) {
+    std::vector<__m512i> tile(m_rows > kDotRows ? k / 2 * kPairVecs : 0);
+    for (int64_t b = begin; b < end; ++b) {
+      const int64_t n0 = b * kPairBlock;
+      const at::BFloat16* w = wp + n0 * k;
+      block_linear(xp, m_rows, [&](int64_t c, int64_t i) {
+                     prefetch(w + (c + kAhead * kCols) * k + i);
+                     return _mm512_loadu_si512(w + c * k + i);
+                   }, nullptr, k, tile.data(), op + n0, n_out);
+    }
+  });
+  return out;
+}
+
+// int4. A group's codes q become bf16 128 + q (0x4300 | q: exact), so with
+// D = sum x (128 + q) and X = sum x over the group,
+//   x . w = scale * D + (zero - 136 * scale) * X.
+constexpr int64_t kInt4Block = 64;  // channels per block of the packed layout
+constexpr int64_t kVecs = kInt4Block / 16;
+
+// 64 channels' scales and offsets (zero - 136 scale) of one group, from their
+// (scale, zero) bf16 pairs read as dwords (scale in the low half).
+inline void group_scales(const uint32_t* pairs, __m512* scale, __m512* offset) {
+  for (int64_t v = 0; v < kVecs; ++v) {
+    const __m512i sz = _mm512_loadu_si512(pairs + v * 16);
+    scale[v] = _mm512_castsi512_ps(_mm512_slli_epi32(sz, 16));
+    const __m512 zero = _mm512_castsi512_ps(_mm512_and_si512(sz, _mm512_set1_epi32(-65536)));
+    offset[v] = _mm512_fnmadd_ps(_mm512_set1_ps(136.0f), scale[v], zero);
+  }
+}
+
+// One group of a 64-channel block as [16 input pairs][64 channels x 2] bf16: vector
+// (p, v) holds channels 16v..16v+15, each as the pair (inputs 2p, 2p + 1). Inputs 2p
+// and 2p + 1 are 64 adjacent bytes; one VPERMB per 16 channels puts each channel's
+// two bytes in a dword, zero-extended to words, and the low or high nibble or'ed
+// into bf16 128.0 gives 128 + q.
+template <typename F>
+inline void int4_pairs(const uint8_t* group, const F& f) {
+  const __m512i nibble = _mm512_set1_epi16(0x0F);
+  const __m512i magic = _mm512_set1_epi16(0x4300);
+  // Word 2j of vector `half`: byte 16 half + j (input 2p), word 2j + 1: byte 32 + 16 half + j.
+  alignas(64) uint8_t order[2][64];
+  for (int half = 0; half < 2; ++half)
+    for (int j = 0; j < 16; ++j) {
+      order[half][4 * j] = static_cast<uint8_t>(16 * half + j);
+      order[half][4 * j + 2] = static_cast<uint8_t>(32 + 16 * half + j);
+      order[half][4 * j + 1] = order[half][4 * j + 3] = 0;
+    }
+  const __m512i idx0 = _mm512_load_si512(order[0]), idx1 = _mm512_load_si512(order[1]);
+  constexpr __mmask64 kEvenBytes = 0x5555555555555555ULL;
+  for (int64_t p = 0; p < kChunk / 2; ++p) {
+    prefetch(group + I4PF * kChunk * 32 + p * 64);  // a group is 16 cache lines
+    const __m512i rows = _mm512_loadu_si512(group + p * 64);
+    const __m512i w0 = _mm512_maskz_permutexvar_epi8(kEvenBytes, idx0, rows);
+    const __m512i w1 = _mm512_maskz_permutexvar_epi8(kEvenBytes, idx1, rows);
+    const __m512i w[kVecs] = {
+        _mm512_ternarylogic_epi32(w0, nibble, magic, 0xEA),  // (a & b) | c
+        _mm512_ternarylogic_epi32(w1, nibble, magic, 0xEA),
+        _mm512_or_si512(_mm512_srli_epi16(w0, 4), magic),
+        _mm512_or_si512(_mm512_srli_epi16(w1, 4), magic),
+    };
+    f(p, w);
+  }
+}
+
+inline void int4_group(const uint8_t* group, __m512i* tile) {
+  int4_pairs(group, [&](int64_t p, const __m512i* w) {
+    for (int64_t v = 0; v < kVecs; ++v) _mm512_store_si512(tile + p * kVecs + v, w[v]);
+  });
+}
+
+// One row of x against 64-channel blocks [begin, end): each group's codes widened in
+// registers and multiplied at once, two chains per vector (even and odd pairs).
+void int4_one_row(const at::BFloat16* x, const float* xsum, const uint8_t* pp, const uint32_t* szp,
+                  int64_t n_out, int64_t k, int64_t begin, int64_t end, at::BFloat16* out) {
+  const int64_t groups = k / kChunk;
+  const int32_t* xd = reinterpret_cast<const int32_t*>(x);
+  for (int64_t b = begin; b < end; ++b) {
+    const int64_t n0 = b * kInt4Block;
+    __m512 total[kVecs];
+    for (auto& t : total) t = _mm512_setzero_ps();
+    for (int64_t g = 0; g < groups; ++g) {
+      __m512 d[2][kVecs];
+      for (auto& half : d)
+        for (auto& a : half) a = _mm512_setzero_ps();
+      int4_pairs(pp + (b * k + g * kChunk) * (kInt4Block / 2), [&](int64_t p, const __m512i* w) {
+        const __m512bh xv = as_bh(_mm512_set1_epi32(xd[g * kChunk / 2 + p]));
+        for (int64_t v = 0; v < kVecs; ++v) d[p % 2][v] = _mm512_dpbf16_ps(d[p % 2][v], as_bh(w[v]), xv);
+      });
+      __m512 scale[kVecs], offset[kVecs];
+      group_scales(szp + g * n_out + n0, scale, offset);
+      const __m512 xs = _mm512_set1_ps(xsum[g]);
+      for (int64_t v = 0; v < kVecs; ++v)
+        total[v] = _mm512_fmadd_ps(offset[v], xs,
+                                   _mm512_fmadd_ps(scale[v], _mm512_add_ps(d[0][v], d[1][v]), total[v]));
+    }
+    for (int64_t v = 0; v < kVecs; ++v)
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + n0 + v * 16),
+                          (__m256i)_mm512_cvtneps_pbh(total[v]));
+  }
+}
+
+// D for R rows (x at the group's first input, row stride k) against one group tile.
+template <int64_t R>
+inline void int4_sums(const at::BFloat16* x, int64_t k, const __m512i* tile, __m512* d) {
+  // One row: two chains per vector (even and odd pairs), as in `dots`.
+  constexpr int64_t kSplit = R == 1 ? 2 : 1;
+  __m512 part[kSplit][R * kVecs];
+  for (auto& half : part)
+    for (auto& a : half) a = _mm512_setzero_ps();
+  for (int64_t p = 0; p < kChunk / 2; ++p) {
+    auto& acc = part[p % kSplit];
+    __m512bh w[kVecs];
+    for (int64_t v = 0; v < kVecs; ++v) w[v] = as_bh(_mm512_load_si512(tile + p * kVecs + v));
+    for (int64_t r = 0; r < R; ++r) {
+      const __m512bh xv =
+          as_bh(_mm512_set1_epi32(*reinterpret_cast<const int32_t*>(x + r * k + 2 * p)));
+      for (int64_t v = 0; v < kVecs; ++v) acc[r * kVecs + v] = _mm512_dpbf16_ps(acc[r * kVecs + v], w[v], xv);
+    }
+  }
+  for (int64_t i = 0; i < R * kVecs; ++i)
+    d[i] = kSplit == 2 ? _mm512_add_ps(part[0][i], part[kSplit - 1][i]) : part[0][i];
+}
+
+// acc[r] (64 float32) += scale * D + offset * X for R rows.
+template <int64_t R>
+inline void int4_rows(const at::BFloat16* x, int64_t k, const __m512i* tile, const __m512* scale,
+                      const __m512* offset, const float* xsum, int64_t groups, float* acc) {
+  __m512 d[R * kVecs];
+  int4_sums<R>(x, k, tile, d);
+  for (int64_t r = 0; r < R; ++r) {
+    const __m512 xs = _mm512_set1_ps(xsum[r * groups]);
+    for (int64_t v = 0; v < kVecs; ++v) {
+      float* a = acc + r * kInt4Block + v * 16;
+      _mm512_storeu_ps(a, _mm512_fmadd_ps(offset[v], xs,
+                                          _mm512_fmadd_ps(scale[v], d[r * kVecs + v],
+                                                          _mm512_loadu_ps(a))));
+    }
+  }
+}
+
+at::Tensor int4pack_linear(const at::Tensor& x, const at::Tensor& packed,
+                           const at::Tensor& scales_zeros) {
+  TORCH_CHECK(packed.dim() == 2 && packed.scalar_type() == at::kByte && packed.is_contiguous(),
+              "packed must be the contiguous uint8 int4 layout");
+  const int64_t n_out = packed.size(0), k = packed.size(1) * 2, groups = k / kChunk;
+  check_x(x, k);
+  TORCH_CHECK(k % kChunk == 0 && n_out % kInt4Block == 0,
+              "in_features must be a multiple of 32 and out_features of 64");
+  TORCH_CHECK(scales_zeros.scalar_type() == at::kBFloat16 && scales_zeros.is_contiguous() &&
+                  scales_zeros.dim() == 3 && scales_zeros.size(0) == groups &&
+                  scales_zeros.size(1) == n_out && scales_zeros.size(2) == 2,
+              "scales_zeros must be contiguous bfloat16 [in / 32, out, 2]");
+  const int64_t m_rows = x.size(0);
+  at::Tensor out = at::empty({m_rows, n_out}, x.options());
+  if (m_rows == 0) return out;
+  const uint8_t* pp = packed.data_ptr<uint8_t>();
+  const uint32_t* szp = reinterpret_cast<const uint32_t*>(scales_zeros.data_ptr<at::BFloat16>());
+  const at::BFloat16* xp = x.data_ptr<at::BFloat16>();
+  at::BFloat16* op = out.data_ptr<at::BFloat16>();
+  // Each row's sum over each group: [M][groups] float32.
+  std::vector<float> xsum(m_rows * groups);
+  for (int64_t m = 0; m < m_rows; ++m)
+    for (int64_t g = 0; g < groups; ++g) {
+      const __m512i v = _mm512_loadu_si512(xp + m * k + g * kChunk);
+      const __m512 lo = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_castsi512_si256(v)), 16));
+      const __m512 hi = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(v, 1)), 16));
+      xsum[m * groups + g] = _mm512_reduce_add_ps(_mm512_add_ps(lo, hi));
+    }
+  if (m_rows == 1) {
+    parallel_blocks(n_out / kInt4Block, [&](int64_t begin, int64_t end) {
+      int4_one_row(xp, xsum.data(), pp, szp, n_out, k, begin, end, op);
+    });
+    return out;
+  }
+  parallel_blocks(n_out / kInt4Block, [&](int64_t begin, int64_t end) {
+    alignas(64) __m512i tile[kChunk / 2 * kVecs];
+    std::vector<float> acc(m_rows * kInt4Block);
+    for (int64_t b = begin; b < end; ++b) {
+      const int64_t n0 = b * kInt4Block;
+      std::fill(acc.begin(), acc.end(), 0.0f);
+      for (int64_t g = 0; g < groups; ++g) {
+        int4_group(pp + (b * k + g * kChunk) * (kInt4Block / 2), tile);
+        __m512 scale[kVecs], offset[kVecs];
+        group_scales(szp + g * n_out + n0, scale, offset);
+        const at::BFloat16* xg = xp + g * kChunk;
+        int64_t m = 0;
+        for (; m + kRows <= m_rows; m += kRows)
+          int4_rows<kRows>(xg + m * k, k, tile, scale, offset, xsum.data() + m * groups + g, groups,
+                           acc.data() + m * kInt4Block);
+        const float* xs = xsum.data() + m * groups + g;
+        float* a = acc.data() + m * kInt4Block;
+        switch (m_rows - m) {
+          case 3: int4_rows<3>(xg + m * k, k, tile, scale, offset, xs, groups, a); break;
+          case 2: int4_rows<2>(xg + m * k, k, tile, scale, offset, xs, groups, a); break;
+          case 1: int4_rows<1>(xg + m * k, k, tile, scale, offset, xs, groups, a); break;
+          default: break;
+        }
+      }
+      for (int64_t m = 0; m < m_rows; ++m)
+        for (int64_t v = 0; v < kVecs; ++v)
+          _mm256_storeu_si256(reinterpret_cast<__m256i*>(op + m * n_out + n0 + v * 16),
+                              (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(acc.data() + m * kInt4Block + v * 16)));
+    }
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY(tokenyard_avx512, m) {
+  m.def("int8_linear(Tensor x, Tensor codes, Tensor scales) -> Tensor");
+  m.def("int4pack_linear(Tensor x, Tensor packed, Tensor scales_zeros) -> Tensor");
+  m.def("dense_linear(Tensor x, Tensor weight) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(tokenyard_avx512, CPU, m) {
+  m.impl("int8_linear", &int8_linear);
+  m.impl("int4pack_linear", &int4pack_linear);
+  m.impl("dense_linear", &dense_linear);
+}
