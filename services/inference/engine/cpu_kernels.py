@@ -41,14 +41,17 @@ class CpuExtension:
         """Compile (or load the cached build of) the extension; raises if it cannot.
 
         Compiling needs no particular CPU: an image built anywhere carries every build.
-        The build folder is named after the source's content, so two checkouts or
-        versions on one machine each keep their own build instead of rebuilding over
-        each other's in the shared extensions folder.
+        The build folder is named after the source's content (and the headers
+        beside it), so two checkouts or versions on one machine each keep their own
+        build instead of rebuilding over each other's in the shared extensions folder.
         """
         from torch.utils.cpp_extension import load
 
         source = _CSRC / self.source
-        digest = hashlib.sha256(source.read_bytes()).hexdigest()[:12]
+        sha = hashlib.sha256(source.read_bytes())
+        for header in sorted(_CSRC.glob("*.h")):
+            sha.update(header.read_bytes())
+        digest = sha.hexdigest()[:12]
         load(
             name=f"{self.name}_{digest}",
             sources=[str(source)],
@@ -87,12 +90,13 @@ def build_all() -> dict[str, str]:
     Returns each extension's name -> "runs here", "built, not for this CPU" or why it
     was not built; a failed build is reported, not raised: PyTorch's kernels remain.
     """
-    from services.inference.engine import amx, avx2
+    from services.inference.engine import amx, avx2, avx512
 
     built = {}
     for extension, runs in (
         (amx.EXTENSION, amx.available),
         (avx2.EXTENSION, avx2.available),
+        (avx512.EXTENSION, avx512.available),
         (OPS, OPS.available),
     ):
         try:

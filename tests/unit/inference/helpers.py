@@ -104,3 +104,27 @@ def threads_after(call: Callable[[], object]) -> int:
         torch.set_num_threads(default)
     assert len(seen) == 1, "the call did not finish on the compute thread"
     return seen[0]
+
+
+def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
+    return float((got.float() - want.float()).norm() / want.float().norm())
+
+
+def pack_int4(codes: torch.Tensor, block: int) -> torch.Tensor:
+    """Codes ``[out, in]`` in PyTorch's CPU int4 layout with blocks of `block` channels,
+    written independently of quant.py: ``[out / B][in][B / 2]`` bytes, channel j in the
+    low nibble and j + B / 2 in the high one."""
+    n, k = codes.shape
+    blocks = codes.to(torch.uint8).view(n // block, block, k).transpose(1, 2)
+    half = block // 2
+    return (blocks[..., :half] | (blocks[..., half:] << 4)).contiguous().view(n, k // 2)
+
+
+def spy(kernel: Callable[..., torch.Tensor], calls: list[Any], note: Callable[..., Any]) -> Any:
+    """`kernel`, noting ``note(*args)`` in `calls` on every call."""
+
+    def call(*args: Any) -> torch.Tensor:
+        calls.append(note(*args))
+        return kernel(*args)
+
+    return call

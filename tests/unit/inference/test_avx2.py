@@ -6,9 +6,6 @@ quant.py keeps to PyTorch's kernels (the flag parsing is tested anyway).
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -24,36 +21,12 @@ from services.inference.engine.quant import (
 )
 from services.inference.engine.runner import Runner
 from tests.doubles.tiny_model import build_tiny_model
-from tests.unit.inference.helpers import prefill_then_decode, threads_after
+from tests.unit.inference.helpers import pack_int4, prefill_then_decode, spy, threads_after
 
 # On a CPU with AVX2 the kernels must build and run: a failed build fails here.
 needs_avx2 = pytest.mark.skipif(not avx2.EXTENSION.runs_on(), reason="this CPU has no AVX2")
 SHAPES = [(64, 32), (960, 576), (128, 1536)]
 ROWS = [1, 2, 5, 17, 40]
-
-
-def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
-    return float((got.float() - want.float()).norm() / want.float().norm())
-
-
-def pack(codes: torch.Tensor, block: int) -> torch.Tensor:
-    """Codes ``[out, in]`` in PyTorch's CPU int4 layout with blocks of `block` channels,
-    written independently of quant.py: ``[out / B][in][B / 2]`` bytes, channel j in the
-    low nibble and j + B / 2 in the high one."""
-    n, k = codes.shape
-    blocks = codes.to(torch.uint8).view(n // block, block, k).transpose(1, 2)
-    half = block // 2
-    return (blocks[..., :half] | (blocks[..., half:] << 4)).contiguous().view(n, k // 2)
-
-
-def spy(kernel: Callable[..., torch.Tensor], calls: list[Any], note: Callable[..., Any]) -> Any:
-    """`kernel`, noting ``note(*args)`` in `calls` on every call."""
-
-    def call(*args: Any) -> torch.Tensor:
-        calls.append(note(*args))
-        return kernel(*args)
-
-    return call
 
 
 def test_the_cpu_needs_avx2_and_fma() -> None:
@@ -77,7 +50,7 @@ def test_the_layout_pytorch_packs_here_is_one_the_kernels_read() -> None:
     block = int4_block_n()
     assert block in (32, 64)
     packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 8)
-    assert torch.equal(packed, pack(codes, block))
+    assert torch.equal(packed, pack_int4(codes, block))
 
 
 @needs_avx2
@@ -110,7 +83,7 @@ def test_int4_reads_either_packed_layout(
         out_features, in_features
     )
     x = torch.randn(rows, in_features)
-    got = avx2.int4pack_linear(x, pack(codes, block), scales_zeros, block)
+    got = avx2.int4pack_linear(x, pack_int4(codes, block), scales_zeros, block)
     assert got.shape == (rows, out_features)
     torch.testing.assert_close(got, F.linear(x, weight), rtol=1e-4, atol=1e-5)
 
@@ -249,8 +222,7 @@ def test_a_decode_step_through_the_attention_kernel_gives_sdpas_logits(
 ) -> None:
     loaded = build_tiny_model(dtype=dtype)
     runner = Runner(loaded.model)
-    assert runner._decode_attention or dtype is torch.bfloat16  # bf16 on AVX-512: SDPA
-    runner._decode_attention = True  # the kernel itself runs on every AVX2 CPU
+    assert runner._decode_attention
     calls: list[int] = []
     monkeypatch.setattr(
         avx2, "decode_attention", spy(avx2.decode_attention, calls, lambda q, *_: q.shape[0])

@@ -25,9 +25,7 @@ pytestmark = pytest.mark.timeout(60)
 MKLDNN = torch.backends.mkldnn.is_available()  # type: ignore[no-untyped-call]
 # oneDNN packs bf16 weights only on CPUs with AVX-512 or AVX-NE-CONVERT; where
 # avx512.py serves bf16 layers (no AMX) the runner keeps plain weights for it.
-PACKS_BF16 = (
-    MKLDNN and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()) and not avx512.serves()
-)
+PACKS_BF16 = MKLDNN and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()) and not avx512.serves()
 
 
 @pytest.fixture(scope="module")

@@ -23,23 +23,11 @@
 #include <cstdint>
 #include <vector>
 
+#include "parallel_blocks.h"
+
 namespace {
 
-// `f(begin, end)` over [0, n) split across the calling thread's OpenMP team. Not
-// at::parallel_for: inlined into this library, its first call on a thread resets
-// that thread's team to the process default, which a worker sets to one thread
-// for every thread but the engine's (threads.py): the engine's 1-row decode steps
-// then ran on one core (24 -> 38 ms).
-template <typename F>
-void parallel_blocks(int64_t n, const F& f) {
-#pragma omp parallel
-  {
-    const int64_t threads = omp_get_num_threads(), tid = omp_get_thread_num();
-    const int64_t per = (n + threads - 1) / threads;
-    const int64_t begin = std::min(n, tid * per), end = std::min(n, begin + per);
-    if (begin < end) f(begin, end);
-  }
-}
+using tokenyard::parallel_blocks;
 
 constexpr int64_t kChunk = 32;  // inputs per tile step (one int4 group)
 constexpr int64_t kBlock = 16;  // output channels per tile, and rows of x per tile

@@ -31,20 +31,11 @@
 #include <cstdint>
 #include <vector>
 
+#include "parallel_blocks.h"
+
 namespace {
 
-// `f(begin, end)` over [0, n) split across the calling thread's OpenMP team (not
-// at::parallel_for: see amx_woq.cpp, it resets the engine thread's team).
-template <typename F>
-void parallel_blocks(int64_t n, const F& f) {
-#pragma omp parallel
-  {
-    const int64_t threads = omp_get_num_threads(), tid = omp_get_thread_num();
-    const int64_t per = (n + threads - 1) / threads;
-    const int64_t begin = std::min(n, tid * per), end = std::min(n, begin + per);
-    if (begin < end) f(begin, end);
-  }
-}
+using tokenyard::parallel_blocks;
 
 constexpr int64_t kGroup = 32;     // int4 inputs per scale and zero
 constexpr int64_t kInt8Block = 8;   // int8 output channels per step

@@ -27,9 +27,6 @@
 #include "parallel_blocks.h"
 
 namespace {
-#ifndef I4PF
-#define I4PF 16
-#endif
 
 using tokenyard::parallel_blocks;
 
@@ -309,7 +306,7 @@ inline void int4_pairs(const uint8_t* group, const F& f) {
   const __m512i idx0 = _mm512_load_si512(order[0]), idx1 = _mm512_load_si512(order[1]);
   constexpr __mmask64 kEvenBytes = 0x5555555555555555ULL;
   for (int64_t p = 0; p < kChunk / 2; ++p) {
-    prefetch(group + I4PF * kChunk * 32 + p * 64);  // a group is 16 cache lines
+    prefetch(group + kAhead * kChunk * 32 + p * 64);  // a group is 16 cache lines
     const __m512i rows = _mm512_loadu_si512(group + p * 64);
     const __m512i w0 = _mm512_maskz_permutexvar_epi8(kEvenBytes, idx0, rows);
     const __m512i w1 = _mm512_maskz_permutexvar_epi8(kEvenBytes, idx1, rows);

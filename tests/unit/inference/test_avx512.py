@@ -1,0 +1,212 @@
+"""The AVX-512 BF16 kernels for bf16 layers on CPUs without AMX (engine/avx512.py,
+csrc/avx512_woq.cpp).
+
+They run on CPUs with AVX-512 BF16 and VBMI; elsewhere the kernel tests are skipped
+and the engine keeps oneDNN's packed bf16 and PyTorch's weight-only kernels (the flag
+parsing is tested anyway).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from services.inference.engine import avx512, quant
+from services.inference.engine.cpu_kernels import build_all
+from services.inference.engine.quant import quantize_int4, quantize_int8
+from services.inference.engine.runner import Runner, packs_weights
+from tests.doubles.tiny_model import build_tiny_model
+from tests.unit.inference.helpers import (
+    pack_int4,
+    prefill_then_decode,
+    relative_error,
+    spy,
+    threads_after,
+)
+
+BF16 = torch.bfloat16
+# On a CPU with AVX-512 BF16 the kernels must build and run: a failed build fails here.
+needs_avx512 = pytest.mark.skipif(
+    not avx512.EXTENSION.runs_on(), reason="this CPU has no AVX-512 BF16 and VBMI"
+)
+# The engine takes them only where they serve (no AMX); the kernels run regardless.
+needs_serving = pytest.mark.skipif(
+    not avx512.EXTENSION.runs_on() or not avx512.serves(),
+    reason="the engine does not take the AVX-512 kernels on this CPU",
+)
+SHAPES = [(32, 32), (960, 576), (128, 1536)]
+# One row, the register-only rows (up to 4), the pair buffer's (5 on) with remainders.
+ROWS = [1, 2, 3, 4, 5, 8, 9, 17, 40]
+# A bf16 result is rounded once: its error against float32 sums is about 2^-9.
+TOLERANCE = 4e-3
+
+AVX512_FLAGS = "avx512f avx512bw avx512vl avx512dq avx512_bf16 avx512vbmi"
+
+
+def float_weight(q: quant.QuantWeight) -> torch.Tensor:
+    """The weight `q` stands for, in float32 (`dequantized` rounds to bf16 twice)."""
+    if isinstance(q, quant.Int8Weight):
+        return q.codes.float() * q.scales.float()[:, None]
+    codes = quant._unpack_int4(q.packed).float()
+    n, k = codes.shape
+    scales, zeros = q.scales_zeros.float().transpose(0, 1).unbind(-1)
+    weight = (codes.view(n, k // 32, 32) - 8) * scales[..., None] + zeros[..., None]
+    return weight.view(n, k)
+
+
+def test_the_cpu_needs_avx512_bf16_and_vbmi() -> None:
+    assert avx512.EXTENSION.runs_on(f"processor\t: 0\nflags\t\t: fpu avx2 {AVX512_FLAGS}\n")
+    no_vbmi = AVX512_FLAGS.replace(" avx512vbmi", "")
+    assert not avx512.EXTENSION.runs_on(f"flags\t\t: fpu avx2 {no_vbmi}\n")  # Cooper Lake
+    assert not avx512.EXTENSION.runs_on("flags\t\t: fpu sse avx avx2 fma\n")
+
+
+@needs_avx512
+def test_the_kernels_build_and_run_on_this_cpu() -> None:
+    assert avx512.available()
+    assert build_all()[avx512.EXTENSION.name] == "runs here"
+
+
+@needs_avx512
+@pytest.mark.parametrize(("out_features", "in_features"), SHAPES)
+@pytest.mark.parametrize("rows", ROWS)
+def test_int8_multiplies_by_the_dequantised_weight(
+    out_features: int, in_features: int, rows: int
+) -> None:
+    torch.manual_seed(rows)
+    q = quantize_int8((torch.randn(out_features, in_features) * 0.05).to(BF16))
+    x = torch.randn(rows, in_features, dtype=BF16)
+    got = avx512.int8_linear(x, q.codes, q.scales)
+    assert got.dtype == BF16 and got.shape == (rows, out_features)
+    assert relative_error(got, F.linear(x.float(), float_weight(q))) < TOLERANCE
+
+
+@needs_avx512
+@pytest.mark.parametrize(("out_features", "in_features"), [(64, 32), (960, 576), (128, 1536)])
+@pytest.mark.parametrize("rows", ROWS)
+def test_int4_reads_pytorchs_avx512_layout(out_features: int, in_features: int, rows: int) -> None:
+    torch.manual_seed(rows)
+    codes = torch.randint(0, 16, (out_features, in_features))
+    groups = (out_features, in_features // 32)
+    scales = (torch.rand(groups) * 0.01).to(BF16)
+    zeros = (torch.randn(groups) * 0.01).to(BF16)
+    scales_zeros = torch.stack([scales, zeros], -1).transpose(0, 1).contiguous()
+    weight = (codes.float().view(*groups, 32) - 8) * scales.float()[..., None]
+    weight = (weight + zeros.float()[..., None]).view(out_features, in_features)
+    x = torch.randn(rows, in_features, dtype=BF16)
+    got = avx512.int4pack_linear(x, pack_int4(codes, 64), scales_zeros)
+    assert got.dtype == BF16 and got.shape == (rows, out_features)
+    assert relative_error(got, F.linear(x.float(), weight)) < TOLERANCE
+
+
+@needs_avx512
+@pytest.mark.parametrize(("out_features", "in_features"), SHAPES)
+@pytest.mark.parametrize("rows", ROWS)
+def test_dense_linear_is_f_linear(out_features: int, in_features: int, rows: int) -> None:
+    torch.manual_seed(rows)
+    weight = torch.randn(out_features, in_features, dtype=BF16)
+    x = torch.randn(rows, in_features, dtype=BF16)
+    got = avx512.dense_linear(x, weight)
+    assert got.dtype == BF16 and got.shape == (rows, out_features)
+    assert relative_error(got, F.linear(x.float(), weight.float())) < TOLERANCE
+
+
+@needs_avx512
+def test_no_rows_give_an_empty_result() -> None:
+    weight = torch.randn(32, 32, dtype=BF16)
+    q, q4 = quantize_int8(weight), quantize_int4(torch.randn(64, 32, dtype=BF16))
+    empty = torch.zeros(0, 32, dtype=BF16)
+    assert avx512.dense_linear(empty, weight).shape == (0, 32)
+    assert avx512.int8_linear(empty, q.codes, q.scales).shape == (0, 32)
+    assert avx512.int4pack_linear(empty, q4.packed, q4.scales_zeros).shape == (0, 64)
+
+
+@needs_avx512
+def test_bad_input_is_refused_with_what_is_wrong() -> None:
+    weight = torch.randn(64, 64, dtype=BF16)
+    q = quantize_int8(weight)
+    x = torch.randn(2, 64, dtype=BF16)
+    with pytest.raises(RuntimeError, match="bfloat16"):
+        avx512.int8_linear(x.float(), q.codes, q.scales)
+    with pytest.raises(RuntimeError, match="32 columns, the weight 64"):
+        avx512.int8_linear(x[:, :32], q.codes, q.scales)
+    with pytest.raises(RuntimeError, match="scales must be bfloat16"):
+        avx512.int8_linear(x, q.codes, q.scales.float())
+    with pytest.raises(RuntimeError, match="out_features of 32"):
+        avx512.dense_linear(x, weight[:48])
+    with pytest.raises(RuntimeError, match="weight must be a contiguous 2-D bfloat16"):
+        avx512.dense_linear(x, weight.float())
+    q4 = quantize_int4(torch.randn(96, 64, dtype=BF16))
+    with pytest.raises(RuntimeError, match="out_features of 64"):
+        avx512.int4pack_linear(x, q4.packed, q4.scales_zeros)
+    q4 = quantize_int4(weight)
+    with pytest.raises(RuntimeError, match="scales_zeros must be contiguous bfloat16"):
+        avx512.int4pack_linear(x, q4.packed, q4.scales_zeros[:1])
+
+
+@needs_avx512
+def test_a_kernel_call_leaves_the_compute_threads_count_alone() -> None:
+    weight = torch.randn(64, 64, dtype=BF16)
+    q, q4 = quantize_int8(weight), quantize_int4(weight)
+    x = torch.randn(6, 64, dtype=BF16)
+
+    def kernels() -> None:
+        avx512.dense_linear(x, weight)
+        avx512.int8_linear(x, q.codes, q.scales)
+        avx512.int4pack_linear(x, q4.packed, q4.scales_zeros)
+
+    assert threads_after(kernels) == 2
+
+
+@needs_serving
+def test_bf16_weights_stay_plain_where_the_kernels_serve() -> None:
+    assert not packs_weights(BF16, torch.device("cpu"))
+    runner = Runner(build_tiny_model(dtype=BF16).model)
+    assert not runner.packed
+
+
+@needs_serving
+@pytest.mark.parametrize("mode", ["none", "int8", "int4"])
+@pytest.mark.parametrize("rows", [1, 6])
+def test_a_bf16_decode_batch_through_the_kernels_gives_onednns_and_pytorchs_logits(
+    mode: str, rows: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Against what the engine computes without them: oneDNN's packed bf16 (none), or
+    PyTorch's weight-only kernels (int8, int4)."""
+    loaded = build_tiny_model(dtype=BF16)
+    ours_runner = Runner(loaded.model, quantize=mode)
+    ids = torch.randint(
+        0, ours_runner.vocab_size, (rows, 24), generator=torch.Generator().manual_seed(4)
+    )
+    calls: list[str] = []
+    for name in ("dense_linear", "int8_linear", "int4pack_linear"):
+        monkeypatch.setattr(avx512, name, spy(getattr(avx512, name), calls, lambda *_, n=name: n))
+    ours = prefill_then_decode(ours_runner, ids, capacity=32)[1]
+    expected = {"none": "dense_linear", "int8": "int8_linear", "int4": "int4pack_linear"}[mode]
+    assert expected in calls
+    monkeypatch.setattr(avx512, "serves", lambda: False)
+    theirs_runner = Runner(loaded.model, quantize=mode, pack_weights=None)
+    assert theirs_runner.packed == (mode == "none")
+    calls.clear()
+    theirs = prefill_then_decode(theirs_runner, ids, capacity=32)[1]
+    assert not calls
+    torch.testing.assert_close(ours.float(), theirs.float(), rtol=0.05, atol=0.05)
+    assert torch.equal(ours.argmax(-1), theirs.argmax(-1))
+
+
+@needs_serving
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_every_row_count_of_a_quantised_layer_takes_the_kernels(
+    mode: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    torch.manual_seed(5)
+    q = quant.quantize(torch.randn(128, 96, dtype=BF16) * 0.05, mode)
+    calls: list[int] = []
+    name = "int8_linear" if mode == "int8" else "int4pack_linear"
+    monkeypatch.setattr(avx512, name, spy(getattr(avx512, name), calls, lambda x, *_: x.shape[0]))
+    for rows in (1, 16, 512):
+        x = torch.randn(rows, 96, dtype=BF16)
+        got = q.linear(x, None)
+        assert relative_error(got, F.linear(x.float(), float_weight(q))) < TOLERANCE
+    assert calls == [1, 16, 512]
