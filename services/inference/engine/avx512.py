@@ -18,8 +18,11 @@ from services.inference.engine import amx
 from services.inference.engine.cpu_kernels import CpuExtension
 
 __all__ = [
+    "ATTENTION_MAX_DIM",
+    "ATTENTION_MAX_GROUP",
     "EXTENSION",
     "available",
+    "decode_attention",
     "dense_linear",
     "int4pack_linear",
     "int8_linear",
@@ -89,6 +92,21 @@ def dense_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """``x @ weight.T`` for bf16 `x` and a contiguous bf16 weight ``[out, in]``."""
     _require()
     out: torch.Tensor = torch.ops.tokenyard_avx512.dense_linear(x.contiguous(), weight)
+    return out
+
+
+# What `decode_attention` holds in registers: query heads per kv head, head_dim.
+ATTENTION_MAX_GROUP = 8
+ATTENTION_MAX_DIM = 256
+
+
+def decode_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """avx2.decode_attention for bf16 (head_dim a multiple of 32 up to
+    `ATTENTION_MAX_DIM`, at most `ATTENTION_MAX_GROUP` query heads per kv head)."""
+    _require()
+    out: torch.Tensor = torch.ops.tokenyard_avx512.decode_attention(q, k, v, lengths, scale)
     return out
 
 

@@ -16,6 +16,7 @@ import ctypes
 import dataclasses
 from collections.abc import Callable
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import torch
@@ -79,6 +80,33 @@ def packs_weights(dtype: torch.dtype, device: torch.device) -> bool:
         return False
     mkldnn: bool = torch.backends.mkldnn.is_available()  # type: ignore[no-untyped-call]
     return mkldnn and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def attention_kernels(
+    dtype: torch.dtype, device: torch.device, group: int, head_dim: int
+) -> ModuleType | None:
+    """The kernel module (avx512 or avx2) whose `decode_attention` runs a decode step's
+    attention, one call per layer, or None for SDPA.
+
+    SDPA's fixed cost dominated at decode shapes. The AVX2 kernel (float32 or bf16)
+    measured 1.25-1.4x SDPA at 1-64 rows on an AVX2 EPYC (37 against 50 us at one);
+    on a Zen 5 in bf16 (the demo model's shapes, 174 positions) 28 against 88 us at
+    one row, 0.67 against 4.7 ms at 64; the AVX-512 one there 2.2-2.6x the AVX2 one
+    (12 us at one row, 0.40 ms at 64).
+    """
+    if device.type != "cpu":
+        return None
+    if (
+        dtype is torch.bfloat16
+        and head_dim % 32 == 0
+        and head_dim <= avx512.ATTENTION_MAX_DIM
+        and group <= avx512.ATTENTION_MAX_GROUP
+        and avx512.available()
+    ):
+        return avx512
+    if dtype in (torch.float32, torch.bfloat16) and head_dim % 8 == 0 and avx2.available():
+        return avx2
+    return None
 
 
 def _packed_linear(
@@ -200,16 +228,8 @@ class Runner(ForwardSteps):
         # One call per RMSNorm and per rotary (csrc/cpu_ops.cpp) instead of PyTorch's
         # eight and five ops.
         self._fused_ops = self.device.type == "cpu" and cpu_kernels.OPS.available()
-        # A decode step's attention in one call per layer (csrc/avx2_woq.cpp), measured
-        # faster than SDPA on an AVX2 EPYC in float32 and bf16 (1.25-1.4x at 1-64
-        # rows) and on an AVX-512 Zen 5 in bf16 (demo model's shapes, 174 positions:
-        # 28 against 88 us at one row, 0.67 against 4.7 ms at 64).
-        self._decode_attention = (
-            self.device.type == "cpu"
-            and self.dtype in (torch.float32, torch.bfloat16)
-            and self.head_dim % 8 == 0
-            and avx2.available()
-        )
+        # A decode step's attention in one call per layer (`attention_kernels`).
+        self._attention = attention_kernels(self.dtype, self.device, self.groups, self.head_dim)
         self.rotary_dim = int(cos.shape[-1])  # less than head_dim: partial rotary (Phi-4-mini)
         half = self.rotary_dim // 2
         sign = torch.ones(self.rotary_dim, dtype=sin.dtype, device=self.device)
@@ -365,7 +385,7 @@ class Runner(ForwardSteps):
         decode_mask: torch.Tensor | None = None
         if decode is not None:
             b, length = int(decode.tokens.shape[0]), int(decode.mask.shape[-1])
-            if self._decode_attention:
+            if self._attention is not None:
                 lengths = decode.positions + 1  # the mask is that prefix (DecodeBatch)
             else:
                 # Additive, once per step: given the boolean mask, SDPA converts it in
@@ -413,9 +433,9 @@ class Runner(ForwardSteps):
                 # Query heads grouped under their kv head: (b, kv heads, group, head_dim)
                 # against the cache slots' keys in place (a strided view, no copy).
                 queries = qk[:b, :nh].reshape(b, nkv, g, hd)
-                if lengths is not None:
+                if self._attention is not None and lengths is not None:
                     outs.append(
-                        avx2.decode_attention(
+                        self._attention.decode_attention(
                             queries, cache.k[i], cache.v[i], lengths, self.scaling
                         )
                     )

@@ -129,7 +129,7 @@ def test_a_float32_decode_batch_through_the_kernels_gives_pytorchs_logits(
     assert {"int8_linear"} <= set(calls)  # the output head is int8 in both modes
     assert mode == "int8" or "int4pack_linear" in calls
     monkeypatch.setattr(avx2, "available", lambda: False)
-    runner._decode_attention = False  # decided when the runner was built
+    runner._attention = None  # decided when the runner was built
     calls.clear()
     pytorchs = decode_logits()
     assert not calls
@@ -222,7 +222,8 @@ def test_a_decode_step_through_the_attention_kernel_gives_sdpas_logits(
 ) -> None:
     loaded = build_tiny_model(dtype=dtype)
     runner = Runner(loaded.model)
-    assert runner._decode_attention
+    assert runner._attention is not None
+    runner._attention = avx2  # bf16 on AVX-512 CPUs takes avx512's: this tests AVX2's
     calls: list[int] = []
     monkeypatch.setattr(
         avx2, "decode_attention", spy(avx2.decode_attention, calls, lambda q, *_: q.shape[0])
@@ -237,7 +238,7 @@ def test_a_decode_step_through_the_attention_kernel_gives_sdpas_logits(
 
     ours = step()
     assert calls and set(calls) == {rows}
-    runner._decode_attention = False
+    runner._attention = None
     calls.clear()
     sdpa = step()
     assert not calls
@@ -288,7 +289,7 @@ def test_a_float32_model_decodes_through_dense_linear_with_mkls_tokens(
     ours, ours_first = greedy()
     assert calls and set(calls) == {1}  # every decode row; the prompt's 24 rows are MKL's
     monkeypatch.setattr(avx2, "available", lambda: False)
-    runner._decode_attention = False
+    runner._attention = None
     calls.clear()
     mkl, mkl_first = greedy()
     assert not calls

@@ -210,3 +210,74 @@ def test_every_row_count_of_a_quantised_layer_takes_the_kernels(
         got = q.linear(x, None)
         assert relative_error(got, F.linear(x.float(), float_weight(q))) < TOLERANCE
     assert calls == [1, 16, 512]
+
+
+@needs_avx512
+@pytest.mark.parametrize(
+    ("rows", "kv_heads", "group", "head_dim"),
+    [(1, 3, 3, 64), (3, 2, 1, 32), (17, 1, 8, 128), (4, 2, 4, 256)],
+)
+def test_decode_attention_is_sdpa_over_each_rows_positions(
+    rows: int, kv_heads: int, group: int, head_dim: int
+) -> None:
+    torch.manual_seed(rows)
+    capacity, slots = 53, rows + 2
+    k = torch.randn(slots, kv_heads, capacity, head_dim, dtype=BF16)
+    v = torch.randn(slots, kv_heads, capacity, head_dim, dtype=BF16)
+    lengths = torch.randint(1, capacity + 1, (rows,))
+    lengths[0] = capacity  # every position (not a multiple of 16)
+    if rows > 1:
+        lengths[-1] = 1  # and one position
+    qkv = torch.randn(rows, kv_heads * group + 2 * kv_heads, head_dim, dtype=BF16)
+    q = qkv[:, : kv_heads * group].reshape(rows, kv_heads, group, head_dim)  # rows strided
+    got = avx512.decode_attention(q, k, v, lengths, 0.1)
+    width = int(lengths.max())
+    mask = (torch.arange(width)[None] < lengths[:, None])[:, None, None]
+    want = F.scaled_dot_product_attention(
+        q.float(), k[:rows, :, :width].float(), v[:rows, :, :width].float(), mask, scale=0.1
+    ).reshape(rows, -1)
+    assert got.dtype == BF16 and got.shape == (rows, kv_heads * group * head_dim)
+    assert relative_error(got, want) < TOLERANCE
+
+
+@needs_avx512
+def test_decode_attention_refuses_what_it_cannot_hold_or_read() -> None:
+    k = v = torch.zeros(2, 1, 8, 64, dtype=BF16)
+    q = torch.zeros(2, 1, 2, 64, dtype=BF16)
+    with pytest.raises(RuntimeError, match=r"lengths\[1\] = 9 is outside 1..8"):
+        avx512.decode_attention(q, k, v, torch.tensor([3, 9]), 1.0)
+    with pytest.raises(RuntimeError, match="q must be bfloat16"):
+        avx512.decode_attention(q.float(), k, v, torch.tensor([1, 1]), 1.0)
+    with pytest.raises(RuntimeError, match="at most 8 query heads per kv head, not 9"):
+        avx512.decode_attention(
+            torch.zeros(2, 1, 9, 64, dtype=BF16), k, v, torch.tensor([1, 1]), 1.0
+        )
+    small = torch.zeros(2, 1, 8, 48, dtype=BF16)
+    with pytest.raises(RuntimeError, match="head_dim must be a multiple of 32"):
+        avx512.decode_attention(
+            torch.zeros(2, 1, 2, 48, dtype=BF16), small, small, torch.tensor([1, 1]), 1.0
+        )
+
+
+@needs_avx512
+def test_a_bf16_decode_step_through_the_attention_kernel_gives_sdpas_logits() -> None:
+    loaded = build_tiny_model(dtype=BF16, hidden_size=128)  # head_dim 32
+    runner = Runner(loaded.model)
+    assert runner._attention is avx512
+    rows, length = 5, 30
+    ids = torch.randint(
+        0, runner.vocab_size, (rows, length), generator=torch.Generator().manual_seed(9)
+    )
+
+    def step() -> torch.Tensor:  # rows of different lengths
+        return prefill_then_decode(runner, ids, [length - slot for slot in range(rows)])[1]
+
+    ours = step()
+    runner._attention = None
+    sdpa = step()
+    torch.testing.assert_close(ours.float(), sdpa.float(), rtol=0.05, atol=0.05)
+    # A random bf16 model has near ties: each row's greedy token is one SDPA's logits
+    # also rank top, within the two results' largest difference.
+    gap = float((ours.float() - sdpa.float()).abs().max())
+    chosen = sdpa.float().gather(1, ours.argmax(-1, keepdim=True))[:, 0]
+    assert (chosen >= sdpa.float().max(-1).values - gap).all()
