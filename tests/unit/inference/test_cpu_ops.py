@@ -48,9 +48,10 @@ def test_rms_norm_is_transformers_llama_rms_norm(dtype: torch.dtype, rows: int) 
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_add_rms_norm_adds_in_place_then_normalises(dtype: torch.dtype) -> None:
+@pytest.mark.parametrize("rows", [5, 37])  # one thread; rows split across the team
+def test_add_rms_norm_adds_in_place_then_normalises(dtype: torch.dtype, rows: int) -> None:
     torch.manual_seed(1)
-    x, delta = torch.randn(5, 64).to(dtype), torch.randn(5, 64).to(dtype)
+    x, delta = torch.randn(rows, 64).to(dtype), torch.randn(rows, 64).to(dtype)
     weight = torch.rand(64).to(dtype)
     summed = x + delta
     got = torch.ops.tokenyard_ops.add_rms_norm_(x, delta, weight, EPS)
@@ -60,11 +61,12 @@ def test_add_rms_norm_adds_in_place_then_normalises(dtype: torch.dtype) -> None:
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("rotary_dim", [64, 32])  # all of each head, or part (Phi-4-mini)
+@pytest.mark.parametrize("rows", [5, 37])
 def test_rope_is_pytorchs_rotation_on_a_slice_of_the_qkv_output(
-    dtype: torch.dtype, rotary_dim: int
+    dtype: torch.dtype, rotary_dim: int, rows: int
 ) -> None:
     torch.manual_seed(rotary_dim)
-    rows, heads, kv_heads, hd = 5, 6, 2, 64
+    heads, kv_heads, hd = 6, 2, 64
     qkv = torch.randn(rows, heads + 2 * kv_heads, hd).to(dtype)
     qk = qkv[:, : heads + kv_heads]  # a view: rows strided past the values
     cos, sin = torch.randn(rows, rotary_dim).to(dtype), torch.randn(rows, rotary_dim).to(dtype)

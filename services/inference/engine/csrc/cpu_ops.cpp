@@ -10,7 +10,9 @@
 // instead of five (two multiplies, a roll as two slices and a cat, an add).
 //
 // Compiled without ISA flags (baseline x86-64, auto-vectorised): it runs wherever
-// PyTorch does.
+// PyTorch does. From `kParallelRows` rows the rows are split across the calling
+// thread's OpenMP team (64 rows of the demo model, bf16, 2-core Zen 5: an add and
+// RMSNorm took 102 us on one core).
 
 #include <ATen/ATen.h>
 #include <torch/library.h>
@@ -18,7 +20,22 @@
 #include <cmath>
 #include <cstdint>
 
+#include "parallel_blocks.h"
+
 namespace {
+
+constexpr int64_t kParallelRows = 8;
+
+// f(begin, end) over the rows [0, rows): on this thread below kParallelRows, else
+// split across the team.
+template <typename F>
+void over_rows(int64_t rows, const F& f) {
+  if (rows < kParallelRows) {
+    f(0, rows);
+  } else {
+    tokenyard::parallel_blocks(rows, f);
+  }
+}
 
 template <typename T>
 void norm_rows(const T* x, const T* w, T* out, int64_t rows, int64_t h, double eps) {
@@ -57,9 +74,12 @@ void check(const at::Tensor& x, const at::Tensor& weight) {
 at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
   check(x, weight);
   at::Tensor out = at::empty_like(x);
+  const int64_t h = x.size(1);
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "rms_norm", [&] {
-    norm_rows(x.data_ptr<scalar_t>(), weight.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(),
-              x.size(0), x.size(1), eps);
+    over_rows(x.size(0), [&](int64_t begin, int64_t end) {
+      norm_rows(x.data_ptr<scalar_t>() + begin * h, weight.data_ptr<scalar_t>(),
+                out.data_ptr<scalar_t>() + begin * h, end - begin, h, eps);
+    });
   });
   return out;
 }
@@ -72,10 +92,14 @@ at::Tensor add_rms_norm_(at::Tensor& x, const at::Tensor& delta, const at::Tenso
                   delta.is_contiguous(),
               "delta must be a contiguous tensor of x's shape and dtype");
   at::Tensor out = at::empty_like(x);
+  const int64_t h = x.size(1);
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "add_rms_norm_", [&] {
-    add_rows(x.data_ptr<scalar_t>(), delta.data_ptr<scalar_t>(), x.numel());
-    norm_rows(x.data_ptr<scalar_t>(), weight.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(),
-              x.size(0), x.size(1), eps);
+    over_rows(x.size(0), [&](int64_t begin, int64_t end) {
+      scalar_t* xr = x.data_ptr<scalar_t>() + begin * h;
+      add_rows(xr, delta.data_ptr<scalar_t>() + begin * h, (end - begin) * h);
+      norm_rows(xr, weight.data_ptr<scalar_t>(), out.data_ptr<scalar_t>() + begin * h,
+                end - begin, h, eps);
+    });
   });
   return out;
 }
@@ -117,10 +141,13 @@ at::Tensor rope(const at::Tensor& qk, const at::Tensor& cos, const at::Tensor& s
               "cos and sin must be contiguous, qk's dtype, one row of rotary dims per row");
   TORCH_CHECK(rd % 2 == 0 && rd <= qk.size(2), "rotary dims must be even and at most head_dim");
   at::Tensor out = at::empty({rows, qk.size(1), qk.size(2)}, qk.options());
+  const int64_t heads = qk.size(1), hd = qk.size(2);
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, qk.scalar_type(), "rope", [&] {
-    rope_rows(qk.data_ptr<scalar_t>(), qk.stride(0), cos.data_ptr<scalar_t>(),
-              sin.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), rows, qk.size(1), qk.size(2),
-              rd);
+    over_rows(rows, [&](int64_t begin, int64_t end) {
+      rope_rows(qk.data_ptr<scalar_t>() + begin * qk.stride(0), qk.stride(0),
+                cos.data_ptr<scalar_t>() + begin * rd, sin.data_ptr<scalar_t>() + begin * rd,
+                out.data_ptr<scalar_t>() + begin * heads * hd, end - begin, heads, hd, rd);
+    });
   });
   return out;
 }

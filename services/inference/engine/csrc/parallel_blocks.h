@@ -1,6 +1,6 @@
 // `parallel_blocks(n, f)`: f(begin, end) over [0, n) split across the calling
 // thread's OpenMP team, for the engine's kernels (amx_woq.cpp, avx2_woq.cpp,
-// avx512_woq.cpp).
+// avx512_woq.cpp, cpu_ops.cpp).
 //
 // Not at::parallel_for: inlined into an extension, its first call on a thread resets
 // that thread's team to the process default, which a worker sets to one thread for
