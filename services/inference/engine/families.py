@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from services.inference.engine.avx512 import PairWeight
 from services.inference.engine.quant import QuantWeight
 
 FAST_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3", "phi3"})
@@ -70,19 +71,24 @@ def attention_span(config: Any) -> int:
     return span
 
 
+# A projection's weight as the runner keeps it: plain or oneDNN-packed, quantised,
+# or in avx512.py's pair layout.
+Weight = torch.Tensor | QuantWeight | PairWeight
+
+
 @dataclass
 class Layer:
     """One decoder layer's weights as the runner uses them."""
 
     ln1: torch.Tensor
     ln2: torch.Tensor
-    w_qkv: torch.Tensor | QuantWeight
+    w_qkv: Weight
     b_qkv: torch.Tensor | None
-    w_o: torch.Tensor | QuantWeight
+    w_o: Weight
     b_o: torch.Tensor | None
-    w_gate_up: torch.Tensor | QuantWeight
+    w_gate_up: Weight
     b_gate_up: torch.Tensor | None
-    w_down: torch.Tensor | QuantWeight
+    w_down: Weight
     b_down: torch.Tensor | None
     q_norm: torch.Tensor | None  # per-head RMSNorm weights (Qwen3)
     k_norm: torch.Tensor | None

@@ -27,6 +27,7 @@ from services.inference.engine.families import (
     FAST_MODEL_TYPES,
     Layer,
     UnsupportedModelError,
+    Weight,
     attention_span,
     bias,
     cat_bias,
@@ -116,7 +117,11 @@ def _packed_linear(
     return out
 
 
-def _plain_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+def _plain_linear(
+    x: torch.Tensor, weight: torch.Tensor | avx512.PairWeight, bias: torch.Tensor | None
+) -> torch.Tensor:
+    if isinstance(weight, avx512.PairWeight):
+        return weight.linear(x, bias)
     # float32 at a few rows: avx2.py's matrix-vector product where it runs (2-core
     # EPYC, the demo model's float32 decode step: MKL read the weights at 5-7 GB/s).
     if (
@@ -169,7 +174,8 @@ class Runner(ForwardSteps):
         quantize: str = "none",
         gguf: Path | None = None,
     ) -> None:
-        """`pack_weights`: None packs where `packs_weights` says it pays.
+        """`pack_weights`: None packs where `packs_weights` says it pays (or, where
+        avx512.py serves bf16, into its pair layout); False keeps plain weights.
 
         `take_weights` frees the model's own copies of the weights the runner keeps
         in another form (fused QKV and gate/up, packed, quantised), about as much
@@ -202,6 +208,14 @@ class Runner(ForwardSteps):
         self.packed = not quantized and (
             packs_weights(self.dtype, self.device) if pack_weights is None else pack_weights
         )
+        # Where avx512.py serves bf16 layers, weights in its own pair layout instead.
+        self.pairs = (
+            not quantized
+            and pack_weights is None
+            and self.device.type == "cpu"
+            and self.dtype is torch.bfloat16
+            and avx512.serves()
+        )
         linear = _quant_linear if quantized else _packed_linear if self.packed else _plain_linear
         self._linear: Callable[[torch.Tensor, Any, torch.Tensor | None], torch.Tensor] = linear
         self._copied: list[Any] = []  # modules whose weights the runner holds copies of
@@ -212,7 +226,7 @@ class Runner(ForwardSteps):
             self.embed: torch.Tensor | Int8Weight = inner.embed_tokens.weight.detach()
             self.norm = inner.norm.weight.detach()
             if quantized:
-                self.lm_head: torch.Tensor | QuantWeight = quantize_int8(model.lm_head.weight)
+                self.lm_head: Weight = quantize_int8(model.lm_head.weight)
                 tied = model.lm_head.weight is inner.embed_tokens.weight
                 self.embed = self.lm_head if tied else quantize_int8(self.embed)
                 self._copied += [model.lm_head] if tied else [model.lm_head, inner.embed_tokens]
@@ -257,10 +271,10 @@ class Runner(ForwardSteps):
             k_norm=k_norm,
         )
 
-    def _weight(self, *modules: Any) -> torch.Tensor | QuantWeight:
+    def _weight(self, *modules: Any) -> Weight:
         """The modules' weights as the runner uses them: fused if several, packed if
-        `packed`, quantised if asked. A copy is recorded in `_copied`; a lone unpacked
-        weight is used as is."""
+        `packed` (or in avx512.py's pair layout, `pairs`), quantised if asked. A copy
+        is recorded in `_copied`; a lone unpacked weight is used as is."""
         if self._gguf is not None:
             parts = [self._gguf.blocks(m) for m in modules]
             blocks = [p for p in parts if p is not None]
@@ -273,6 +287,9 @@ class Runner(ForwardSteps):
         if self.quantization != "none":
             self._copied += modules
             return quantize(weight, self.quantization)
+        if self.pairs and avx512.fits((weight.shape[0], weight.shape[1])):
+            self._copied += modules
+            return avx512.pack(weight)
         if self.packed:
             weight = torch.ops.mkldnn._reorder_linear_weight(weight)
         if self.packed or len(weights) > 1:

@@ -160,10 +160,32 @@ def test_a_kernel_call_leaves_the_compute_threads_count_alone() -> None:
 
 
 @needs_serving
-def test_bf16_weights_stay_plain_where_the_kernels_serve() -> None:
-    assert not packs_weights(BF16, torch.device("cpu"))
+def test_bf16_weights_are_kept_in_the_pair_layout_where_the_kernels_serve() -> None:
+    assert not packs_weights(BF16, torch.device("cpu"))  # not oneDNN's
     runner = Runner(build_tiny_model(dtype=BF16).model)
-    assert not runner.packed
+    assert runner.pairs and not runner.packed
+    layer = runner.layers[0]
+    for weight in (layer.w_qkv, layer.w_o, layer.w_gate_up, layer.w_down):
+        assert isinstance(weight, avx512.PairWeight)
+    plain = Runner(build_tiny_model(dtype=BF16).model, pack_weights=False)
+    assert not plain.pairs and isinstance(plain.layers[0].w_o, torch.Tensor)
+
+
+@needs_avx512
+@pytest.mark.parametrize(("out_features", "in_features"), SHAPES)
+@pytest.mark.parametrize("rows", ROWS)
+def test_a_weight_in_the_pair_layout_is_f_linear(
+    out_features: int, in_features: int, rows: int
+) -> None:
+    torch.manual_seed(rows)
+    weight = torch.randn(out_features, in_features, dtype=BF16)
+    packed = avx512.pack(weight)
+    assert packed.nbytes == weight.numel() * 2
+    x = torch.randn(rows, in_features, dtype=BF16)
+    bias = torch.randn(out_features, dtype=BF16)
+    got = packed.linear(x, bias)
+    assert got.dtype == BF16 and got.shape == (rows, out_features)
+    assert relative_error(got, F.linear(x.float(), weight.float(), bias.float())) < TOLERANCE
 
 
 @needs_serving
@@ -180,10 +202,10 @@ def test_a_bf16_decode_batch_through_the_kernels_gives_onednns_and_pytorchs_logi
         0, ours_runner.vocab_size, (rows, 24), generator=torch.Generator().manual_seed(4)
     )
     calls: list[str] = []
-    for name in ("dense_linear", "int8_linear", "int4pack_linear"):
+    for name in ("pair_linear", "int8_linear", "int4pack_linear"):
         monkeypatch.setattr(avx512, name, spy(getattr(avx512, name), calls, lambda *_, n=name: n))
     ours = prefill_then_decode(ours_runner, ids, capacity=32)[1]
-    expected = {"none": "dense_linear", "int8": "int8_linear", "int4": "int4pack_linear"}[mode]
+    expected = {"none": "pair_linear", "int8": "int8_linear", "int4": "int4pack_linear"}[mode]
     assert expected in calls
     monkeypatch.setattr(avx512, "serves", lambda: False)
     theirs_runner = Runner(loaded.model, quantize=mode, pack_weights=None)

@@ -271,6 +271,50 @@ at::Tensor dense_linear(const at::Tensor& x, const at::Tensor& weight) {
   return out;
 }
 
+// A bf16 weight [N, K] kept in the pair buffer's layout, block after block
+// (`pack_pairs`): every row count then multiplies it as `pair_rows` does, with no
+// transpose per call, and one row streams each thread's blocks as one sequential run.
+at::Tensor pack_pairs(const at::Tensor& weight) {
+  TORCH_CHECK(weight.dim() == 2 && weight.scalar_type() == at::kBFloat16 && weight.is_contiguous(),
+              "weight must be a contiguous 2-D bfloat16 tensor");
+  const int64_t n_out = weight.size(0), k = weight.size(1);
+  TORCH_CHECK(k % kChunk == 0 && n_out % kPairBlock == 0,
+              "in_features must be a multiple of 32 and out_features of 32");
+  at::Tensor packed = at::empty({n_out, k}, weight.options().memory_format(at::MemoryFormat::Contiguous));
+  TORCH_CHECK(reinterpret_cast<uintptr_t>(packed.data_ptr()) % 64 == 0, "unaligned allocation");
+  const at::BFloat16* wp = weight.data_ptr<at::BFloat16>();
+  __m512i* out = reinterpret_cast<__m512i*>(packed.data_ptr<at::BFloat16>());
+  parallel_blocks(n_out / kPairBlock, [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) {
+      const at::BFloat16* w = wp + b * kPairBlock * k;
+      pair_tile([&](int64_t c, int64_t i) { return _mm512_loadu_si512(w + c * k + i); }, k,
+                out + b * (k / 2) * kPairVecs);
+    }
+  });
+  return packed;
+}
+
+// out[m, n] = sum_k w[n, k] x[m, k] for a weight packed by `pack_pairs`.
+at::Tensor pair_linear(const at::Tensor& x, const at::Tensor& packed) {
+  TORCH_CHECK(packed.dim() == 2 && packed.scalar_type() == at::kBFloat16 && packed.is_contiguous() &&
+                  reinterpret_cast<uintptr_t>(packed.data_ptr()) % 64 == 0,
+              "packed must be a weight packed by pack_pairs");
+  const int64_t n_out = packed.size(0), k = packed.size(1), m_rows = x.size(0);
+  check_x(x, k);
+  TORCH_CHECK(k % kChunk == 0 && n_out % kPairBlock == 0,
+              "in_features must be a multiple of 32 and out_features of 32");
+  at::Tensor out = at::empty({m_rows, n_out}, x.options());
+  if (m_rows == 0) return out;
+  const __m512i* pp = reinterpret_cast<const __m512i*>(packed.data_ptr<at::BFloat16>());
+  const at::BFloat16* xp = x.data_ptr<at::BFloat16>();
+  at::BFloat16* op = out.data_ptr<at::BFloat16>();
+  parallel_blocks(n_out / kPairBlock, [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b)
+      pair_all_rows(xp, m_rows, pp + b * (k / 2) * kPairVecs, nullptr, k, op + b * kPairBlock, n_out);
+  });
+  return out;
+}
+
 // int4. A group's codes q become bf16 128 + q (0x4300 | q: exact), so with
 // D = sum x (128 + q) and X = sum x over the group,
 //   x . w = scale * D + (zero - 136 * scale) * X.
@@ -617,6 +661,8 @@ TORCH_LIBRARY(tokenyard_avx512, m) {
   m.def("int8_linear(Tensor x, Tensor codes, Tensor scales) -> Tensor");
   m.def("int4pack_linear(Tensor x, Tensor packed, Tensor scales_zeros) -> Tensor");
   m.def("dense_linear(Tensor x, Tensor weight) -> Tensor");
+  m.def("pack_pairs(Tensor weight) -> Tensor");
+  m.def("pair_linear(Tensor x, Tensor packed) -> Tensor");
   m.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor lengths, float scale) -> Tensor");
 }
 
@@ -624,5 +670,7 @@ TORCH_LIBRARY_IMPL(tokenyard_avx512, CPU, m) {
   m.impl("int8_linear", &int8_linear);
   m.impl("int4pack_linear", &int4pack_linear);
   m.impl("dense_linear", &dense_linear);
+  m.impl("pack_pairs", &pack_pairs);
+  m.impl("pair_linear", &pair_linear);
   m.impl("decode_attention", &decode_attention);
 }
