@@ -204,6 +204,7 @@ async def test_an_engine_that_takes_the_weights_frees_the_copies_and_keeps_its_o
         await expected.stop()
     assert [[e.token_id for e in r] for r in got] == [[e.token_id for e in r] for r in want]
     runner = engine.runner
+    assert isinstance(runner, Runner)
     packed = runner.packed or runner.pairs
     head_packed = runner.packed or (runner.pairs and avx512.fits(head_shape))
     expected_bytes = fused + (lone if packed else 0) + (head if head_packed else 0)
