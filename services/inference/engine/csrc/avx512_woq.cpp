@@ -64,25 +64,37 @@ inline void prefetch(const void* p) { _mm_prefetch(static_cast<const char*>(p), 
 // Rows x channels dot products over k of bf16 x rows and weight rows (`load(c, i)`:
 // channel c's 32 weights from input i, as bf16), each sum times its channel's scale
 // (none: 1), into out (bf16, row stride n_out).
+// One chunk of 32 inputs of `dots` into the sums `part`.
+template <int64_t R, typename Load>
+__attribute__((always_inline)) inline void dot_chunk(const at::BFloat16* x, const Load& load,
+                                                     int64_t k, int64_t i,
+                                                     __m512 (&part)[R][kCols]) {
+  __m512bh wv[kCols];
+  for (int64_t c = 0; c < kCols; ++c) wv[c] = as_bh(load(c, i));
+  for (int64_t r = 0; r < R; ++r) {
+    const __m512bh xv = load_bh(x + r * k + i);
+    for (int64_t c = 0; c < kCols; ++c) part[r][c] = _mm512_dpbf16_ps(part[r][c], wv[c], xv);
+  }
+}
+
 template <int64_t R, typename Load>
 inline void dots(const at::BFloat16* x, const Load& load, const float* scale, int64_t k,
                  at::BFloat16* out, int64_t n_out) {
   // One row: each channel's sum split over two chains, even and odd chunks, so that
-  // eight VDPBF16PS are in flight (four chains ran 1.6x slower from cache).
+  // eight VDPBF16PS are in flight (four chains ran 1.6x slower from cache). Each
+  // chain is named at compile time: indexed by a runtime parity, the sums lived on
+  // the stack, a store and a load around every VDPBF16PS.
   constexpr int64_t kSplit = R == 1 ? 2 : 1;
   __m512 acc[kSplit][R][kCols];
   for (auto& half : acc)
     for (auto& row : half)
       for (auto& a : row) a = _mm512_setzero_ps();
-  for (int64_t i = 0; i < k; i += kChunk) {
-    auto& part = acc[(i / kChunk) % kSplit];
-    __m512bh wv[kCols];
-    for (int64_t c = 0; c < kCols; ++c) wv[c] = as_bh(load(c, i));
-    for (int64_t r = 0; r < R; ++r) {
-      const __m512bh xv = load_bh(x + r * k + i);
-      for (int64_t c = 0; c < kCols; ++c) part[r][c] = _mm512_dpbf16_ps(part[r][c], wv[c], xv);
-    }
+  int64_t i = 0;
+  for (; i + kSplit * kChunk <= k; i += kSplit * kChunk) {
+    dot_chunk<R>(x, load, k, i, acc[0]);
+    if (kSplit == 2) dot_chunk<R>(x, load, k, i + kChunk, acc[kSplit - 1]);
   }
+  if (i < k) dot_chunk<R>(x, load, k, i, acc[0]);
   for (int64_t r = 0; r < R; ++r)
     for (int64_t c = 0; c < kCols; ++c) {
       __m512 total = acc[0][r][c];
@@ -351,6 +363,9 @@ inline void int4_pairs(const uint8_t* group, const F& f) {
     }
   const __m512i idx0 = _mm512_load_si512(order[0]), idx1 = _mm512_load_si512(order[1]);
   constexpr __mmask64 kEvenBytes = 0x5555555555555555ULL;
+  // Unrolled: `p` is a constant in `f`, so a callback's chains picked by its parity
+  // stay in registers (see `dots`).
+#pragma GCC unroll 16
   for (int64_t p = 0; p < kChunk / 2; ++p) {
     prefetch(group + kAhead * kChunk * 32 + p * 64);  // a group is 16 cache lines
     const __m512i rows = _mm512_loadu_si512(group + p * 64);
@@ -411,16 +426,19 @@ inline void int4_sums(const at::BFloat16* x, int64_t k, const __m512i* tile, __m
   __m512 part[kSplit][R * kVecs];
   for (auto& half : part)
     for (auto& a : half) a = _mm512_setzero_ps();
-  for (int64_t p = 0; p < kChunk / 2; ++p) {
-    auto& acc = part[p % kSplit];
-    __m512bh w[kVecs];
-    for (int64_t v = 0; v < kVecs; ++v) w[v] = as_bh(_mm512_load_si512(tile + p * kVecs + v));
-    for (int64_t r = 0; r < R; ++r) {
-      const __m512bh xv =
-          as_bh(_mm512_set1_epi32(*reinterpret_cast<const int32_t*>(x + r * k + 2 * p)));
-      for (int64_t v = 0; v < kVecs; ++v) acc[r * kVecs + v] = _mm512_dpbf16_ps(acc[r * kVecs + v], w[v], xv);
+  for (int64_t p0 = 0; p0 < kChunk / 2; p0 += kSplit)
+    for (int64_t s = 0; s < kSplit; ++s) {  // s: a constant once unrolled (see `dots`)
+      const int64_t p = p0 + s;
+      auto& acc = part[s];
+      __m512bh w[kVecs];
+      for (int64_t v = 0; v < kVecs; ++v) w[v] = as_bh(_mm512_load_si512(tile + p * kVecs + v));
+      for (int64_t r = 0; r < R; ++r) {
+        const __m512bh xv =
+            as_bh(_mm512_set1_epi32(*reinterpret_cast<const int32_t*>(x + r * k + 2 * p)));
+        for (int64_t v = 0; v < kVecs; ++v)
+          acc[r * kVecs + v] = _mm512_dpbf16_ps(acc[r * kVecs + v], w[v], xv);
+      }
     }
-  }
   for (int64_t i = 0; i < R * kVecs; ++i)
     d[i] = kSplit == 2 ? _mm512_add_ps(part[0][i], part[kSplit - 1][i]) : part[0][i];
 }
