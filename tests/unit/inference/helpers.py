@@ -128,3 +128,12 @@ def spy(kernel: Callable[..., torch.Tensor], calls: list[Any], note: Callable[..
         return kernel(*args)
 
     return call
+
+
+def ragged_decode_step(runner: Runner, rows: int = 5, length: int = 30) -> torch.Tensor:
+    """The decode logits of `rows` rows whose prompts are `length`, `length - 1`, ...
+    tokens long (fixed random ids), each prefilled first."""
+    ids = torch.randint(
+        0, runner.vocab_size, (rows, length), generator=torch.Generator().manual_seed(9)
+    )
+    return prefill_then_decode(runner, ids, [length - slot for slot in range(rows)])[1]

@@ -21,7 +21,13 @@ from services.inference.engine.quant import (
 )
 from services.inference.engine.runner import Runner
 from tests.doubles.tiny_model import build_tiny_model
-from tests.unit.inference.helpers import pack_int4, prefill_then_decode, spy, threads_after
+from tests.unit.inference.helpers import (
+    pack_int4,
+    prefill_then_decode,
+    ragged_decode_step,
+    spy,
+    threads_after,
+)
 
 # On a CPU with AVX2 the kernels must build and run: a failed build fails here.
 needs_avx2 = pytest.mark.skipif(not avx2.EXTENSION.runs_on(), reason="this CPU has no AVX2")
@@ -228,19 +234,11 @@ def test_a_decode_step_through_the_attention_kernel_gives_sdpas_logits(
     monkeypatch.setattr(
         avx2, "decode_attention", spy(avx2.decode_attention, calls, lambda q, *_: q.shape[0])
     )
-    rows, length = 5, 30
-    ids = torch.randint(
-        0, runner.vocab_size, (rows, length), generator=torch.Generator().manual_seed(9)
-    )
-
-    def step() -> torch.Tensor:  # rows of different lengths
-        return prefill_then_decode(runner, ids, [length - slot for slot in range(rows)])[1]
-
-    ours = step()
-    assert calls and set(calls) == {rows}
+    ours = ragged_decode_step(runner, rows=5)
+    assert calls and set(calls) == {5}
     runner._attention = None
     calls.clear()
-    sdpa = step()
+    sdpa = ragged_decode_step(runner, rows=5)
     assert not calls
     tolerance = 1e-4 if dtype is torch.float32 else 0.05
     torch.testing.assert_close(ours.float(), sdpa.float(), rtol=tolerance, atol=tolerance)

@@ -20,6 +20,7 @@ from tests.doubles.tiny_model import build_tiny_model
 from tests.unit.inference.helpers import (
     pack_int4,
     prefill_then_decode,
+    ragged_decode_step,
     relative_error,
     spy,
     threads_after,
@@ -286,17 +287,9 @@ def test_a_bf16_decode_step_through_the_attention_kernel_gives_sdpas_logits() ->
     loaded = build_tiny_model(dtype=BF16, hidden_size=128)  # head_dim 32
     runner = Runner(loaded.model)
     assert runner._attention is avx512
-    rows, length = 5, 30
-    ids = torch.randint(
-        0, runner.vocab_size, (rows, length), generator=torch.Generator().manual_seed(9)
-    )
-
-    def step() -> torch.Tensor:  # rows of different lengths
-        return prefill_then_decode(runner, ids, [length - slot for slot in range(rows)])[1]
-
-    ours = step()
+    ours = ragged_decode_step(runner)
     runner._attention = None
-    sdpa = step()
+    sdpa = ragged_decode_step(runner)
     torch.testing.assert_close(ours.float(), sdpa.float(), rtol=0.05, atol=0.05)
     # A random bf16 model has near ties: each row's greedy token is one SDPA's logits
     # also rank top, within the two results' largest difference.

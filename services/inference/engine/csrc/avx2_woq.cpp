@@ -31,6 +31,7 @@
 #include <cstdint>
 #include <vector>
 
+#include "decode_attention_inputs.h"
 #include "parallel_blocks.h"
 
 namespace {
@@ -413,26 +414,11 @@ void decode_rows(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
 // dtype.
 at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                             const at::Tensor& lengths, double scale) {
-  TORCH_CHECK(q.dim() == 4 && q.stride(3) == 1 && q.stride(2) == q.size(3) &&
-                  q.stride(1) == q.size(2) * q.size(3),
-              "q must be [rows, kv_heads, group, head_dim], each row's heads side by side");
   TORCH_CHECK(q.scalar_type() == at::kFloat || q.scalar_type() == at::kBFloat16,
               "q must be float32 or bfloat16");
-  TORCH_CHECK(k.dim() == 4 && k.sizes() == v.sizes() && k.is_contiguous() && v.is_contiguous() &&
-                  k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(),
-              "k and v must be contiguous [slots, kv_heads, capacity, head_dim] of q's dtype");
+  const int64_t* lens = tokenyard::decode_attention_lengths(q, k, v, lengths);
   const int64_t rows = q.size(0), kv_heads = q.size(1), group = q.size(2), hd = q.size(3);
-  const int64_t capacity = k.size(2);
-  TORCH_CHECK(k.size(0) >= rows && k.size(1) == kv_heads && k.size(3) == hd,
-              "k and v must hold a slot per row, q's kv heads and head_dim");
   TORCH_CHECK(hd % 8 == 0, "head_dim must be a multiple of 8");
-  TORCH_CHECK(lengths.scalar_type() == at::kLong && lengths.numel() == rows &&
-                  lengths.is_contiguous(),
-              "lengths must be int64, one per row");
-  const int64_t* lens = lengths.data_ptr<int64_t>();
-  for (int64_t r = 0; r < rows; ++r)
-    TORCH_CHECK(lens[r] >= 1 && lens[r] <= capacity, "lengths[", r, "] = ", lens[r],
-                " is outside 1..", capacity);
   at::Tensor out = at::empty({rows, kv_heads * group * hd}, q.options());
   if (q.scalar_type() == at::kFloat) {
     decode_rows<float>(q, k, v, lens, scale, out);

@@ -26,6 +26,7 @@
 #include <cstdint>
 #include <vector>
 
+#include "decode_attention_inputs.h"
 #include "parallel_blocks.h"
 
 namespace {
@@ -627,28 +628,14 @@ void attend_group(const at::BFloat16* q, const at::BFloat16* k, const at::BFloat
 // [rows, kv_heads * group * head_dim] bf16, sums in float32.
 at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                             const at::Tensor& lengths, double scale) {
-  TORCH_CHECK(q.dim() == 4 && q.stride(3) == 1 && q.stride(2) == q.size(3) &&
-                  q.stride(1) == q.size(2) * q.size(3),
-              "q must be [rows, kv_heads, group, head_dim], each row's heads side by side");
   TORCH_CHECK(q.scalar_type() == at::kBFloat16, "q must be bfloat16");
-  TORCH_CHECK(k.dim() == 4 && k.sizes() == v.sizes() && k.is_contiguous() && v.is_contiguous() &&
-                  k.scalar_type() == at::kBFloat16 && v.scalar_type() == at::kBFloat16,
-              "k and v must be contiguous bfloat16 [slots, kv_heads, capacity, head_dim]");
+  const int64_t* lens = tokenyard::decode_attention_lengths(q, k, v, lengths);
   const int64_t rows = q.size(0), kv_heads = q.size(1), group = q.size(2), hd = q.size(3);
   const int64_t capacity = k.size(2);
-  TORCH_CHECK(k.size(0) >= rows && k.size(1) == kv_heads && k.size(3) == hd,
-              "k and v must hold a slot per row, q's kv heads and head_dim");
   TORCH_CHECK(hd % kChunk == 0 && hd <= kMaxDim, "head_dim must be a multiple of 32, at most ",
               kMaxDim);
   TORCH_CHECK(group >= 1 && group <= kMaxGroup, "at most ", kMaxGroup,
               " query heads per kv head, not ", group);
-  TORCH_CHECK(lengths.scalar_type() == at::kLong && lengths.numel() == rows &&
-                  lengths.is_contiguous(),
-              "lengths must be int64, one per row");
-  const int64_t* lens = lengths.data_ptr<int64_t>();
-  for (int64_t r = 0; r < rows; ++r)
-    TORCH_CHECK(lens[r] >= 1 && lens[r] <= capacity, "lengths[", r, "] = ", lens[r],
-                " is outside 1..", capacity);
   at::Tensor out = at::empty({rows, kv_heads * group * hd}, q.options());
   const at::BFloat16* qp = q.data_ptr<at::BFloat16>();
   const at::BFloat16* kp = k.data_ptr<at::BFloat16>();
