@@ -1,11 +1,13 @@
-"""AVX-512 BF16 kernels for the quantised layers in bf16 (csrc/avx512_woq.cpp).
+"""AVX-512 BF16 kernels for bf16 layers (csrc/avx512_woq.cpp).
 
 CPUs with AVX-512 BF16 but without AMX (AMD Zen 4 and 5) run the engine in bf16,
-where PyTorch's weight-only kernels unpack the weight again for every row: 16
-streams of int8 or int4 lost to bf16. csrc/avx512_woq.cpp widens each block of
-codes to bf16 once per call and multiplies every row with VDPBF16PS; it reads the
-layouts quant.py already keeps. quant.py calls it for bf16 activations where AMX is
-absent; numbers in docs/models.md. Built by cpu_kernels.py.
+where PyTorch's weight-only kernels unpack the weight again for every row (16
+streams of int8 or int4 lost to bf16) and oneDNN's packed bf16 matmul carried a
+fixed cost per call. csrc/avx512_woq.cpp widens each block of int8/int4 codes (the
+layouts quant.py keeps) to bf16 once per call, keeps plain bf16 weights in a layout
+of its own (`PairWeight`), and multiplies every row with VDPBF16PS; it also runs a
+decode step's attention. quant.py and the runner call it where it `serves`;
+numbers in docs/models.md. Built by cpu_kernels.py.
 """
 
 from __future__ import annotations
@@ -24,7 +26,6 @@ __all__ = [
     "EXTENSION",
     "available",
     "decode_attention",
-    "dense_linear",
     "fits",
     "int4pack_linear",
     "int8_linear",
@@ -61,7 +62,7 @@ def available() -> bool:
 def serves() -> bool:
     """Whether bf16 layers take these kernels here: they run, and the CPU has no AMX
     (whose kernels, amx.py, and oneDNN's packed bf16 were measured there instead)."""
-    return available() and not amx.cpu_has_amx()
+    return not amx.cpu_has_amx() and available()  # no build on AMX CPUs
 
 
 def fits(shape: tuple[int, int]) -> bool:
@@ -99,8 +100,8 @@ class PairWeight:
 
     Against oneDNN's packed bf16 over the demo model's 210 projections (2-core Zen 5,
     ms, best of 7): 4.3 against 8.8 at one row, 6.0 against 11.3 at 8, 8.6 against
-    13.5 at 16, 20.1 against 28.5 at 64 (the plain weight through `dense_linear`:
-    5.3, 12.4, 14.0, 27.1: a transpose per call from 5 rows on).
+    13.5 at 16, 20.1 against 28.5 at 64 (the plain weight, read by a kernel like
+    int8's, took 5.3, 12.4, 14.0, 27.1: a transpose per call from 5 rows on).
     """
 
     packed: torch.Tensor  # bf16 [out, in] elements, the pair layout
@@ -129,13 +130,6 @@ def pair_linear(x: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
     """``x @ w.T`` for bf16 `x` and w in the pair layout (`PairWeight.packed`)."""
     _require()
     out: torch.Tensor = torch.ops.tokenyard_avx512.pair_linear(x.contiguous(), packed)
-    return out
-
-
-def dense_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """``x @ weight.T`` for bf16 `x` and a contiguous bf16 weight ``[out, in]``."""
-    _require()
-    out: torch.Tensor = torch.ops.tokenyard_avx512.dense_linear(x.contiguous(), weight)
     return out
 
 

@@ -133,9 +133,6 @@ def _plain_linear(
     ):
         out = avx2.dense_linear(x, weight)
         return out if bias is None else out + bias
-    if weight.is_contiguous() and avx512.takes(x, (weight.shape[0], weight.shape[1])):
-        out = avx512.dense_linear(x, weight)
-        return out if bias is None else out + bias
     return F.linear(x, weight, bias)
 
 

@@ -7,6 +7,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from services.inference.engine import Engine, EngineRequest, Sampling, TokenEvent
 from services.inference.engine.kv_cache import DecodeBatch
@@ -137,3 +138,34 @@ def ragged_decode_step(runner: Runner, rows: int = 5, length: int = 30) -> torch
         0, runner.vocab_size, (rows, length), generator=torch.Generator().manual_seed(9)
     )
     return prefill_then_decode(runner, ids, [length - slot for slot in range(rows)])[1]
+
+
+def attention_case(
+    rows: int, kv_heads: int, group: int, head_dim: int, capacity: int, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Random ``q, k, v, lengths`` for a decode-attention kernel (seeded by `rows`):
+    q rows strided as a slice of a fused QKV output, row 0 over every position and the
+    last row (if another) over one."""
+    torch.manual_seed(rows)
+    slots = rows + 2
+    k = torch.randn(slots, kv_heads, capacity, head_dim).to(dtype)
+    v = torch.randn(slots, kv_heads, capacity, head_dim).to(dtype)
+    lengths = torch.randint(1, capacity + 1, (rows,))
+    lengths[0] = capacity
+    if rows > 1:
+        lengths[-1] = 1
+    qkv = torch.randn(rows, kv_heads * group + 2 * kv_heads, head_dim).to(dtype)
+    q = qkv[:, : kv_heads * group].reshape(rows, kv_heads, group, head_dim)
+    return q, k, v, lengths
+
+
+def sdpa_over_lengths(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """What a decode-attention kernel computes, by float32 SDPA: ``[rows, heads * dim]``."""
+    rows, width = q.shape[0], int(lengths.max())
+    mask = (torch.arange(width)[None] < lengths[:, None])[:, None, None]
+    out = F.scaled_dot_product_attention(
+        q.float(), k[:rows, :, :width].float(), v[:rows, :, :width].float(), mask, scale=scale
+    )
+    return out.reshape(rows, -1)

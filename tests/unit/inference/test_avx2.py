@@ -22,9 +22,11 @@ from services.inference.engine.quant import (
 from services.inference.engine.runner import Runner
 from tests.doubles.tiny_model import build_tiny_model
 from tests.unit.inference.helpers import (
+    attention_case,
     pack_int4,
     prefill_then_decode,
     ragged_decode_step,
+    sdpa_over_lengths,
     spy,
     threads_after,
 )
@@ -178,22 +180,10 @@ def test_a_kernel_call_leaves_the_compute_threads_count_alone() -> None:
 def test_decode_attention_is_sdpa_over_each_rows_positions(
     dtype: torch.dtype, rows: int, kv_heads: int, group: int
 ) -> None:
-    torch.manual_seed(rows)
-    hd, capacity, slots = 64, 48, rows + 2
-    k = torch.randn(slots, kv_heads, capacity, hd).to(dtype)
-    v = torch.randn(slots, kv_heads, capacity, hd).to(dtype)
-    lengths = torch.randint(1, capacity + 1, (rows,))
-    lengths[0] = capacity  # every position
-    if rows > 1:
-        lengths[-1] = 1  # and one position
-    qkv = torch.randn(rows, kv_heads * group + 2 * kv_heads, hd).to(dtype)
-    q = qkv[:, : kv_heads * group].reshape(rows, kv_heads, group, hd)  # rows strided
+    hd = 64
+    q, k, v, lengths = attention_case(rows, kv_heads, group, hd, 48, dtype)
     got = avx2.decode_attention(q, k, v, lengths, 0.125)
-    width = int(lengths.max())
-    mask = (torch.arange(width)[None] < lengths[:, None])[:, None, None]
-    want = F.scaled_dot_product_attention(
-        q.float(), k[:rows, :, :width].float(), v[:rows, :, :width].float(), mask, scale=0.125
-    ).reshape(rows, -1)
+    want = sdpa_over_lengths(q, k, v, lengths, 0.125)
     assert got.dtype == dtype and got.shape == (rows, kv_heads * group * hd)
     tolerance = 1e-5 if dtype is torch.float32 else 8e-3  # bf16: the result rounded once
     torch.testing.assert_close(got.float(), want, rtol=tolerance, atol=tolerance)

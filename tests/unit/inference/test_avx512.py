@@ -18,10 +18,12 @@ from services.inference.engine.quant import quantize_int4, quantize_int8
 from services.inference.engine.runner import Runner, packs_weights
 from tests.doubles.tiny_model import build_tiny_model
 from tests.unit.inference.helpers import (
+    attention_case,
     pack_int4,
     prefill_then_decode,
     ragged_decode_step,
     relative_error,
+    sdpa_over_lengths,
     spy,
     threads_after,
 )
@@ -102,23 +104,11 @@ def test_int4_reads_pytorchs_avx512_layout(out_features: int, in_features: int, 
 
 
 @needs_avx512
-@pytest.mark.parametrize(("out_features", "in_features"), SHAPES)
-@pytest.mark.parametrize("rows", ROWS)
-def test_dense_linear_is_f_linear(out_features: int, in_features: int, rows: int) -> None:
-    torch.manual_seed(rows)
-    weight = torch.randn(out_features, in_features, dtype=BF16)
-    x = torch.randn(rows, in_features, dtype=BF16)
-    got = avx512.dense_linear(x, weight)
-    assert got.dtype == BF16 and got.shape == (rows, out_features)
-    assert relative_error(got, F.linear(x.float(), weight.float())) < TOLERANCE
-
-
-@needs_avx512
 def test_no_rows_give_an_empty_result() -> None:
     weight = torch.randn(32, 32, dtype=BF16)
     q, q4 = quantize_int8(weight), quantize_int4(torch.randn(64, 32, dtype=BF16))
     empty = torch.zeros(0, 32, dtype=BF16)
-    assert avx512.dense_linear(empty, weight).shape == (0, 32)
+    assert avx512.pack(weight).linear(empty, None).shape == (0, 32)
     assert avx512.int8_linear(empty, q.codes, q.scales).shape == (0, 32)
     assert avx512.int4pack_linear(empty, q4.packed, q4.scales_zeros).shape == (0, 64)
 
@@ -135,9 +125,9 @@ def test_bad_input_is_refused_with_what_is_wrong() -> None:
     with pytest.raises(RuntimeError, match="scales must be bfloat16"):
         avx512.int8_linear(x, q.codes, q.scales.float())
     with pytest.raises(RuntimeError, match="out_features of 32"):
-        avx512.dense_linear(x, weight[:48])
+        avx512.pack(weight[:48])
     with pytest.raises(RuntimeError, match="weight must be a contiguous 2-D bfloat16"):
-        avx512.dense_linear(x, weight.float())
+        avx512.pack(weight.float())
     q4 = quantize_int4(torch.randn(96, 64, dtype=BF16))
     with pytest.raises(RuntimeError, match="out_features of 64"):
         avx512.int4pack_linear(x, q4.packed, q4.scales_zeros)
@@ -153,7 +143,7 @@ def test_a_kernel_call_leaves_the_compute_threads_count_alone() -> None:
     x = torch.randn(6, 64, dtype=BF16)
 
     def kernels() -> None:
-        avx512.dense_linear(x, weight)
+        avx512.pack(weight).linear(x, None)
         avx512.int8_linear(x, q.codes, q.scales)
         avx512.int4pack_linear(x, q4.packed, q4.scales_zeros)
 
@@ -243,22 +233,10 @@ def test_every_row_count_of_a_quantised_layer_takes_the_kernels(
 def test_decode_attention_is_sdpa_over_each_rows_positions(
     rows: int, kv_heads: int, group: int, head_dim: int
 ) -> None:
-    torch.manual_seed(rows)
-    capacity, slots = 53, rows + 2
-    k = torch.randn(slots, kv_heads, capacity, head_dim, dtype=BF16)
-    v = torch.randn(slots, kv_heads, capacity, head_dim, dtype=BF16)
-    lengths = torch.randint(1, capacity + 1, (rows,))
-    lengths[0] = capacity  # every position (not a multiple of 16)
-    if rows > 1:
-        lengths[-1] = 1  # and one position
-    qkv = torch.randn(rows, kv_heads * group + 2 * kv_heads, head_dim, dtype=BF16)
-    q = qkv[:, : kv_heads * group].reshape(rows, kv_heads, group, head_dim)  # rows strided
+    # 53 positions: not a multiple of 16 (the exp's vectors)
+    q, k, v, lengths = attention_case(rows, kv_heads, group, head_dim, 53, BF16)
     got = avx512.decode_attention(q, k, v, lengths, 0.1)
-    width = int(lengths.max())
-    mask = (torch.arange(width)[None] < lengths[:, None])[:, None, None]
-    want = F.scaled_dot_product_attention(
-        q.float(), k[:rows, :, :width].float(), v[:rows, :, :width].float(), mask, scale=0.1
-    ).reshape(rows, -1)
+    want = sdpa_over_lengths(q, k, v, lengths, 0.1)
     assert got.dtype == BF16 and got.shape == (rows, kv_heads * group * head_dim)
     assert relative_error(got, want) < TOLERANCE
 

@@ -23,6 +23,7 @@
 #include <cstdint>
 #include <vector>
 
+#include "bf16_woq_inputs.h"
 #include "parallel_blocks.h"
 
 namespace {
@@ -112,9 +113,7 @@ std::vector<uint32_t> interleave(const at::BFloat16* x, int64_t m_rows, int64_t 
 }
 
 void check(const at::Tensor& x, int64_t n_out, int64_t k) {
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kBFloat16 && x.is_contiguous(),
-              "x must be a contiguous 2-D bfloat16 tensor");
-  TORCH_CHECK(x.size(1) == k, "x has ", x.size(1), " columns, the weight ", k);
+  tokenyard::check_bf16_x(x, k);
   TORCH_CHECK(k % kChunk == 0 && n_out % kBlock == 0,
               "in_features must be a multiple of 32 and out_features of 16");
 }
@@ -122,8 +121,7 @@ void check(const at::Tensor& x, int64_t n_out, int64_t k) {
 // out[m, n] = sum_k x[m, k] code[n, k] * scale[n]: the codes are the A tile (16
 // channels x 32 inputs, exact in bf16), x the B tile, interleaved once per call.
 at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scales) {
-  TORCH_CHECK(codes.dim() == 2 && codes.scalar_type() == at::kChar && codes.is_contiguous(),
-              "codes must be a contiguous 2-D int8 tensor");
+  tokenyard::check_int8_codes(codes);
   const int64_t n_out = codes.size(0), k = codes.size(1), chunks = k / kChunk;
   check(x, n_out, k);
   TORCH_CHECK(scales.numel() == n_out, "one scale per output channel");
@@ -240,15 +238,10 @@ std::vector<float> chunk_sums(const at::BFloat16* x, int64_t m_rows, int64_t k) 
 
 at::Tensor int4pack_linear(const at::Tensor& x, const at::Tensor& packed,
                            const at::Tensor& scales_zeros) {
-  TORCH_CHECK(packed.dim() == 2 && packed.scalar_type() == at::kByte && packed.is_contiguous(),
-              "packed must be the contiguous uint8 int4 layout");
+  tokenyard::check_int4_bf16(packed, scales_zeros);
   const int64_t n_out = packed.size(0), k = packed.size(1) * 2, chunks = k / kChunk;
   check(x, n_out, k);
   TORCH_CHECK(n_out % 64 == 0, "in_features must be a multiple of 32 and out_features of 64");
-  TORCH_CHECK(scales_zeros.scalar_type() == at::kBFloat16 && scales_zeros.is_contiguous() &&
-                  scales_zeros.dim() == 3 && scales_zeros.size(0) == chunks &&
-                  scales_zeros.size(1) == n_out && scales_zeros.size(2) == 2,
-              "scales_zeros must be contiguous bfloat16 [in / 32, out, 2]");
   const int64_t m_rows = x.size(0);
   at::Tensor out = at::empty({m_rows, n_out}, x.options());
   if (m_rows == 0) return out;

@@ -1,5 +1,6 @@
-// Weight-only int8/int4 linear layers for bf16 activations on AVX-512 BF16 CPUs
-// without AMX (AMD Zen 4 and 5, Intel Cooper Lake).
+// bf16 layers on AVX-512 BF16 CPUs without AMX (AMD Zen 4 and 5): weight-only
+// int8/int4, bf16 weights in a layout of our own (`pack_pairs`), and a decode
+// step's attention.
 //
 // There the engine runs in bf16 and PyTorch's weight-only kernels unpack the weight
 // again for every row of x: on a 2-core Zen 5 a 16-row decode step lost to bf16
@@ -9,7 +10,7 @@
 // with VDPBF16PS (16 float32 sums of 32 products per instruction).
 //
 // The layouts are the ones quant.py keeps (x: bf16 [M, K], contiguous):
-//   int8: codes int8 [N, K], scales bf16 [N]: w = code * scale (N a multiple of 16,
+//   int8: codes int8 [N, K], scales bf16 [N]: w = code * scale (N a multiple of 32,
 //         K of 32).
 //   int4: PyTorch's packed CPU layout for AVX-512 CPUs, [N / 64][K][32] bytes, byte
 //         (k, j) holding channel j's code in its low nibble and channel j + 32's in
@@ -26,6 +27,7 @@
 #include <cstdint>
 #include <vector>
 
+#include "bf16_woq_inputs.h"
 #include "decode_attention_inputs.h"
 #include "parallel_blocks.h"
 
@@ -35,17 +37,11 @@ using tokenyard::parallel_blocks;
 
 constexpr int64_t kChunk = 32;  // inputs per VDPBF16PS vector, and per int4 group
 constexpr int64_t kRows = 4;   // rows of x per register block
-constexpr int64_t kCols = 4;  // channels per register block (int8, dense)
+constexpr int64_t kCols = 4;  // int8 channels per register block of `dots`
 
 inline __m512bh as_bh(__m512i v) { return (__m512bh)v; }
 
 inline __m512bh load_bh(const void* p) { return as_bh(_mm512_loadu_si512(p)); }
-
-void check_x(const at::Tensor& x, int64_t k) {
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kBFloat16 && x.is_contiguous(),
-              "x must be a contiguous 2-D bfloat16 tensor");
-  TORCH_CHECK(x.size(1) == k, "x has ", x.size(1), " columns, the weight ", k);
-}
 
 // 32 int8 codes -> 32 bf16 (exact: small integers).
 inline __m512i int8_bf16(const int8_t* codes) {
@@ -62,9 +58,6 @@ constexpr int64_t kAhead = 2;
 
 inline void prefetch(const void* p) { _mm_prefetch(static_cast<const char*>(p), _MM_HINT_T0); }
 
-// Rows x channels dot products over k of bf16 x rows and weight rows (`load(c, i)`:
-// channel c's 32 weights from input i, as bf16), each sum times its channel's scale
-// (none: 1), into out (bf16, row stride n_out).
 // One chunk of 32 inputs of `dots` into the sums `part`.
 template <int64_t R, typename Load>
 __attribute__((always_inline)) inline void dot_chunk(const at::BFloat16* x, const Load& load,
@@ -78,6 +71,9 @@ __attribute__((always_inline)) inline void dot_chunk(const at::BFloat16* x, cons
   }
 }
 
+// Rows x channels dot products over k of bf16 x rows and weight rows (`load(c, i)`:
+// channel c's 32 weights from input i, as bf16), each sum times its channel's scale
+// (none: 1), into out (bf16, row stride n_out).
 template <int64_t R, typename Load>
 inline void dots(const at::BFloat16* x, const Load& load, const float* scale, int64_t k,
                  at::BFloat16* out, int64_t n_out) {
@@ -195,8 +191,6 @@ void pair_all_rows(const at::BFloat16* x, int64_t m_rows, const __m512i* tile, c
   }
 }
 
-// The weights of kPairBlock channels [n0, n0 + kPairBlock), by `load`, against every
-// row: one row reads them once straight from memory; more, through the pair buffer.
 // Rows up to which a block streams its weights from memory once into `dots` (a
 // horizontal sum per row and channel) rather than through the pair buffer.
 constexpr int64_t kDotRows = 4;
@@ -225,10 +219,9 @@ void block_linear(const at::BFloat16* x, int64_t m_rows, const Load& load, const
 
 // out[m, n] = scale[n] * sum_k code[n, k] x[m, k].
 at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scales) {
-  TORCH_CHECK(codes.dim() == 2 && codes.scalar_type() == at::kChar && codes.is_contiguous(),
-              "codes must be a contiguous 2-D int8 tensor");
+  tokenyard::check_int8_codes(codes);
   const int64_t n_out = codes.size(0), k = codes.size(1);
-  check_x(x, k);
+  tokenyard::check_bf16_x(x, k);
   TORCH_CHECK(k % kChunk == 0 && n_out % kPairBlock == 0,
               "in_features must be a multiple of 32 and out_features of 32");
   TORCH_CHECK(scales.numel() == n_out && scales.scalar_type() == at::kBFloat16 &&
@@ -252,33 +245,6 @@ at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& codes, const at::T
                      prefetch(w + (c + kAhead * kCols) * k + i);
                      return int8_bf16(w + c * k + i);
                    }, scale, k, tile.data(), op + n0, n_out);
-    }
-  });
-  return out;
-}
-
-// out[m, n] = sum_k w[n, k] x[m, k] for a bf16 weight [N, K] (contiguous).
-at::Tensor dense_linear(const at::Tensor& x, const at::Tensor& weight) {
-  TORCH_CHECK(weight.dim() == 2 && weight.scalar_type() == at::kBFloat16 && weight.is_contiguous(),
-              "weight must be a contiguous 2-D bfloat16 tensor");
-  const int64_t n_out = weight.size(0), k = weight.size(1), m_rows = x.size(0);
-  check_x(x, k);
-  TORCH_CHECK(k % kChunk == 0 && n_out % kPairBlock == 0,
-              "in_features must be a multiple of 32 and out_features of 32");
-  at::Tensor out = at::empty({m_rows, n_out}, x.options());
-  if (m_rows == 0) return out;
-  const at::BFloat16* wp = weight.data_ptr<at::BFloat16>();
-  const at::BFloat16* xp = x.data_ptr<at::BFloat16>();
-  at::BFloat16* op = out.data_ptr<at::BFloat16>();
-  parallel_blocks(n_out / kPairBlock, [&](int64_t begin, int64_t end) {
-    std::vector<__m512i> tile(m_rows > kDotRows ? k / 2 * kPairVecs : 0);
-    for (int64_t b = begin; b < end; ++b) {
-      const int64_t n0 = b * kPairBlock;
-      const at::BFloat16* w = wp + n0 * k;
-      block_linear(xp, m_rows, [&](int64_t c, int64_t i) {
-                     prefetch(w + (c + kAhead * kCols) * k + i);
-                     return _mm512_loadu_si512(w + c * k + i);
-                   }, nullptr, k, tile.data(), op + n0, n_out);
     }
   });
   return out;
@@ -313,7 +279,7 @@ at::Tensor pair_linear(const at::Tensor& x, const at::Tensor& packed) {
                   reinterpret_cast<uintptr_t>(packed.data_ptr()) % 64 == 0,
               "packed must be a weight packed by pack_pairs");
   const int64_t n_out = packed.size(0), k = packed.size(1), m_rows = x.size(0);
-  check_x(x, k);
+  tokenyard::check_bf16_x(x, k);
   TORCH_CHECK(k % kChunk == 0 && n_out % kPairBlock == 0,
               "in_features must be a multiple of 32 and out_features of 32");
   at::Tensor out = at::empty({m_rows, n_out}, x.options());
@@ -463,16 +429,10 @@ inline void int4_rows(const at::BFloat16* x, int64_t k, const __m512i* tile, con
 
 at::Tensor int4pack_linear(const at::Tensor& x, const at::Tensor& packed,
                            const at::Tensor& scales_zeros) {
-  TORCH_CHECK(packed.dim() == 2 && packed.scalar_type() == at::kByte && packed.is_contiguous(),
-              "packed must be the contiguous uint8 int4 layout");
+  tokenyard::check_int4_bf16(packed, scales_zeros);
   const int64_t n_out = packed.size(0), k = packed.size(1) * 2, groups = k / kChunk;
-  check_x(x, k);
-  TORCH_CHECK(k % kChunk == 0 && n_out % kInt4Block == 0,
-              "in_features must be a multiple of 32 and out_features of 64");
-  TORCH_CHECK(scales_zeros.scalar_type() == at::kBFloat16 && scales_zeros.is_contiguous() &&
-                  scales_zeros.dim() == 3 && scales_zeros.size(0) == groups &&
-                  scales_zeros.size(1) == n_out && scales_zeros.size(2) == 2,
-              "scales_zeros must be contiguous bfloat16 [in / 32, out, 2]");
+  tokenyard::check_bf16_x(x, k);
+  TORCH_CHECK(n_out % kInt4Block == 0, "in_features must be a multiple of 32 and out_features of 64");
   const int64_t m_rows = x.size(0);
   at::Tensor out = at::empty({m_rows, n_out}, x.options());
   if (m_rows == 0) return out;
@@ -665,7 +625,6 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
 TORCH_LIBRARY(tokenyard_avx512, m) {
   m.def("int8_linear(Tensor x, Tensor codes, Tensor scales) -> Tensor");
   m.def("int4pack_linear(Tensor x, Tensor packed, Tensor scales_zeros) -> Tensor");
-  m.def("dense_linear(Tensor x, Tensor weight) -> Tensor");
   m.def("pack_pairs(Tensor weight) -> Tensor");
   m.def("pair_linear(Tensor x, Tensor packed) -> Tensor");
   m.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor lengths, float scale) -> Tensor");
@@ -674,7 +633,6 @@ TORCH_LIBRARY(tokenyard_avx512, m) {
 TORCH_LIBRARY_IMPL(tokenyard_avx512, CPU, m) {
   m.impl("int8_linear", &int8_linear);
   m.impl("int4pack_linear", &int4pack_linear);
-  m.impl("dense_linear", &dense_linear);
   m.impl("pack_pairs", &pack_pairs);
   m.impl("pair_linear", &pair_linear);
   m.impl("decode_attention", &decode_attention);
