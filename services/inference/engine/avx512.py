@@ -27,9 +27,13 @@ __all__ = [
     "available",
     "decode_attention",
     "fits",
+    "int4_vnni_linear",
     "int4pack_linear",
     "int8_linear",
+    "int8_vnni_linear",
     "pack",
+    "pack_int4_vnni",
+    "pack_int8_vnni",
     "pair_linear",
     "serves",
     "takes",
@@ -45,9 +49,18 @@ EXTENSION = CpuExtension(
         "-mavx512dq",
         "-mavx512bf16",
         "-mavx512vbmi",
+        "-mavx512vnni",
     ),
     cpu_flags=frozenset(
-        {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16", "avx512vbmi"}
+        {
+            "avx512f",
+            "avx512bw",
+            "avx512vl",
+            "avx512dq",
+            "avx512_bf16",
+            "avx512vbmi",
+            "avx512_vnni",
+        }
     ),
 )
 
@@ -157,4 +170,59 @@ def int4pack_linear(
     out: torch.Tensor = torch.ops.tokenyard_avx512.int4pack_linear(
         x.contiguous(), packed, scales_zeros
     )
+    return out
+
+
+# The VNNI kernels: int8/int4 weights against activations quantised to int8 in each
+# call, in blocks of `VNNI_BLOCK` inputs with a scale each (csrc/avx512_woq.cpp).
+VNNI_BLOCK = 32
+_VNNI_LANES = 16  # output channels per vector
+
+
+def pack_int8_vnni(codes: torch.Tensor) -> torch.Tensor:
+    """int8 codes ``[out, in]`` (a shape that `fits`) in the VNNI int8 layout:
+    ``[out / 16][in / 4][16 channels][4 inputs]`` bytes, code + 128."""
+    n, k = codes.shape
+    shifted = (codes.to(torch.int16) + 128).to(torch.uint8)
+    blocks = shifted.view(n // _VNNI_LANES, _VNNI_LANES, k // 4, 4).permute(0, 2, 1, 3)
+    return blocks.reshape(n // _VNNI_LANES, k * _VNNI_LANES).contiguous()
+
+
+def int8_vnni_from_packed(packed: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """The int8 codes of output channels `ids` (``[len(ids), in]``) of a VNNI int8 weight."""
+    blocks, width = packed.shape
+    lanes = packed.view(blocks, width // (4 * _VNNI_LANES), _VNNI_LANES, 4)
+    rows = lanes[ids // _VNNI_LANES, :, ids % _VNNI_LANES]  # [len(ids), in / 4, 4]
+    return (rows.reshape(ids.shape[0], -1).to(torch.int16) - 128).to(torch.int8)
+
+
+def pack_int4_vnni(
+    codes: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor
+) -> torch.Tensor:
+    """4-bit codes ``[out, in]`` (uint8, 0..15) with a scale d and offset m per group of
+    32 inputs (``[out, in / 32]``, ``w = d * q + m``) in the VNNI int4 layout:
+    ``[out / 16][in / 32][320]`` bytes, each group's codes as four vectors of
+    [16 channels][4 bytes] (byte j of vector s: input 8s + j low, 8s + 4 + j high),
+    then d and m as bf16 ``[2][16]``."""
+    n, k = codes.shape
+    blocks, groups = n // _VNNI_LANES, k // VNNI_BLOCK
+    halves = codes.view(blocks, _VNNI_LANES, groups, 4, 2, 4)
+    nibbles = halves[..., 0, :] | (halves[..., 1, :] << 4)  # [block, channel, group, s, j]
+    code_bytes = nibbles.permute(0, 2, 3, 1, 4).reshape(blocks, groups, 256)
+    dm = torch.stack([scales, offsets]).to(torch.bfloat16).view(2, blocks, _VNNI_LANES, groups)
+    dm_bytes = dm.permute(1, 3, 0, 2).contiguous().view(torch.uint8).view(blocks, groups, 64)
+    return torch.cat([code_bytes, dm_bytes], dim=-1).view(blocks, groups * 320).contiguous()
+
+
+def int8_vnni_linear(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """``x @ w.T`` for bf16 `x`, w in the VNNI int8 layout with float32 `scales`."""
+    _require()
+    out: torch.Tensor = torch.ops.tokenyard_avx512.int8_vnni_linear(x.contiguous(), packed, scales)
+    return out
+
+
+def int4_vnni_linear(x: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
+    """``x @ w.T`` for bf16 `x`, w in the VNNI int4 layout."""
+    _require()
+    out: torch.Tensor = torch.ops.tokenyard_avx512.int4_vnni_linear(x.contiguous(), packed)
     return out

@@ -46,9 +46,11 @@ from services.inference.engine.kv_cache import (
     SlotCache,
 )
 from services.inference.engine.quant import (
+    Int8Vnni,
     Int8Weight,
     QuantWeight,
     check_quantizable,
+    for_kernels,
     int4_from_blocks,
     quantize,
     quantize_int8,
@@ -220,12 +222,13 @@ class Runner(ForwardSteps):
         self._gguf = GgufInt4(gguf, model) if quantize == "int4" and gguf is not None else None
         self.from_file = 0  # projections whose int4 codes are the GGUF file's
         with torch.no_grad():
-            self.embed: torch.Tensor | Int8Weight = inner.embed_tokens.weight.detach()
+            self.embed: torch.Tensor | Int8Weight | Int8Vnni = inner.embed_tokens.weight.detach()
             self.norm = inner.norm.weight.detach()
             if quantized:
-                self.lm_head: Weight = quantize_int8(model.lm_head.weight)
+                head = for_kernels(quantize_int8(model.lm_head.weight), self.dtype)
+                self.lm_head: Weight = head
                 tied = model.lm_head.weight is inner.embed_tokens.weight
-                self.embed = self.lm_head if tied else quantize_int8(self.embed)
+                self.embed = head if tied else quantize_int8(self.embed)
                 self._copied += [model.lm_head] if tied else [model.lm_head, inner.embed_tokens]
             else:
                 self.lm_head = self._weight(model.lm_head)
@@ -278,12 +281,12 @@ class Runner(ForwardSteps):
             if len(blocks) == len(modules):
                 self._copied += modules
                 self.from_file += len(blocks)
-                return int4_from_blocks(blocks, self.dtype)
+                return for_kernels(int4_from_blocks(blocks, self.dtype), self.dtype)
         weights = [m.weight.detach() for m in modules]
         weight = torch.cat(weights) if len(weights) > 1 else weights[0]
         if self.quantization != "none":
             self._copied += modules
-            return quantize(weight, self.quantization)
+            return for_kernels(quantize(weight, self.quantization), self.dtype)
         if self.pairs and avx512.fits((weight.shape[0], weight.shape[1])):
             self._copied += modules
             return avx512.pack(weight)
@@ -423,9 +426,9 @@ class Runner(ForwardSteps):
         pos = torch.cat(positions) if len(positions) > 1 else positions[0]
         total = int(flat.shape[0])
         x = (
-            self.embed.rows(flat)
-            if isinstance(self.embed, Int8Weight)
-            else F.embedding(flat, self.embed)
+            F.embedding(flat, self.embed)
+            if isinstance(self.embed, torch.Tensor)
+            else self.embed.rows(flat)
         )
         cos, sin = self.cos[pos], self.sin_signed[pos]
         if not self._fused_ops:  # broadcast over the heads

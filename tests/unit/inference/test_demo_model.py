@@ -32,13 +32,17 @@ def _cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.mark.parametrize("quantize", ["none", "int4"])
-async def test_demo_model_knows_the_capital_of_france(
+async def test_demo_model_knows_the_capital_of_germany(
     tmp_path_factory: pytest.TempPathFactory, quantize: str
 ) -> None:
     loaded = load_model("smollm2-135m", device="cpu", cache_dir=_cache_dir(tmp_path_factory))
     tok = loaded.tokenizer
     prompt = tok.apply_chat_template(
-        [{"role": "user", "content": "What is the capital of France?"}],
+        # Not France: there the first token is a near tie in the demo model ("The"
+        # 25.625 against "L" 25.5 through int4's weight-only kernels, one bf16 step),
+        # which int4 with quantised activations (avx512.py's VNNI kernels) tips to
+        # "L'Étoile, ...". Germany's answer is the same through every kernel.
+        [{"role": "user", "content": "What is the capital of Germany?"}],
         add_generation_prompt=True,
         tokenize=False,
     )
@@ -54,7 +58,7 @@ async def test_demo_model_knows_the_capital_of_france(
         await engine.stop()
     detok = IncrementalDetokenizer(tok, ids)
     text = detok.feed(e.token_id for e in events) + detok.flush()
-    assert "Paris" in text
+    assert "Berlin" in text
     assert events[-1].finish == "stop"
 
 
