@@ -6,8 +6,11 @@ streams of int8 or int4 lost to bf16) and oneDNN's packed bf16 matmul carried a
 fixed cost per call. csrc/avx512_woq.cpp widens each block of int8/int4 codes (the
 layouts quant.py keeps) to bf16 once per call, keeps plain bf16 weights in a layout
 of its own (`PairWeight`), and multiplies every row with VDPBF16PS; it also runs a
-decode step's attention. quant.py and the runner call it where it `serves`;
-numbers in docs/models.md. Built by cpu_kernels.py.
+decode step's attention. The VNNI kernels (`int8_vnni_linear`, `int4_vnni_linear`)
+quantise each call's rows of x to int8 in blocks of 32 and multiply integers with
+VPDPBUSD, twice the products an instruction and no widening of the codes; the runner
+keeps quantised weights in their layouts (quant.for_kernels). quant.py and the
+runner call it where it `serves`; numbers in docs/models.md. Built by cpu_kernels.py.
 """
 
 from __future__ import annotations

@@ -3,8 +3,9 @@
 `--quantize int8` keeps each projection as int8 with one scale per output channel
 (`torch.ops.aten._weight_int8pack_mm`); `--quantize int4` as 4-bit codes with a scale
 and offset per group of `INT4_GROUP` input columns, in the layout of
-`_weight_int4pack_mm_for_cpu`. Activations stay in the model's dtype: only weights
-are compressed, so a decode step reads a half or a quarter of the bytes.
+`_weight_int4pack_mm_for_cpu`. Activations stay in the model's dtype (a decode step
+reads a half or a quarter of the bytes), except where avx512.py's VNNI kernels serve
+(`for_kernels`): there each call quantises its rows to int8 in blocks of 32 too.
 
 The output head (and the embedding, which small models tie to it) is int8 in both
 modes: on the demo model it is a fifth of the weights, so a bf16 head would leave

@@ -47,7 +47,7 @@ TOLERANCE = 4e-3
 AVX512_FLAGS = "avx512f avx512bw avx512vl avx512dq avx512_bf16 avx512vbmi avx512_vnni"
 
 
-def float_weight(q: quant.QuantWeight) -> torch.Tensor:
+def float_weight(q: quant.Int8Weight | quant.Int4Weight) -> torch.Tensor:
     """The weight `q` stands for, in float32 (`dequantized` rounds to bf16 twice)."""
     if isinstance(q, quant.Int8Weight):
         return q.codes.float() * q.scales.float()[:, None]
@@ -198,9 +198,7 @@ def test_a_bf16_decode_batch_through_the_kernels_gives_onednns_and_pytorchs_logi
     for name in ("pair_linear", "int8_vnni_linear", "int4_vnni_linear"):
         monkeypatch.setattr(avx512, name, spy(getattr(avx512, name), calls, lambda *_, n=name: n))
     ours = prefill_then_decode(ours_runner, ids, capacity=32)[1]
-    expected = {"none": "pair_linear", "int8": "int8_vnni_linear", "int4": "int4_vnni_linear"}[
-        mode
-    ]
+    expected = {"none": "pair_linear", "int8": "int8_vnni_linear", "int4": "int4_vnni_linear"}[mode]
     assert expected in calls
     monkeypatch.setattr(avx512, "serves", lambda: False)
     theirs_runner = Runner(loaded.model, quantize=mode, pack_weights=None)
