@@ -366,8 +366,13 @@ class Runner(ForwardSteps):
         return torch.cat([q, self._rms_norm(qk[:, nh:], layer.k_norm)], dim=1)
 
     def _mlp(self, h: torch.Tensor, layer: Layer) -> torch.Tensor:
-        gate, up = self._linear(h, layer.w_gate_up, layer.b_gate_up).chunk(2, dim=-1)
-        return self._linear(F.silu(gate) * up, layer.w_down, layer.b_down)
+        gate_up = self._linear(h, layer.w_gate_up, layer.b_gate_up)
+        if self._fused_ops:  # one call for chunk, silu and the product
+            act: torch.Tensor = torch.ops.tokenyard_ops.silu_mul(gate_up)
+        else:
+            gate, up = gate_up.chunk(2, dim=-1)
+            act = F.silu(gate) * up
+        return self._linear(act, layer.w_down, layer.b_down)
 
     def write_rows(self, cache: SlotCache, write_pos: torch.Tensor) -> torch.Tensor:
         """Flat row indices in a layer's ``[slots*kv_heads*capacity, head_dim]`` view."""
@@ -434,11 +439,22 @@ class Runner(ForwardSteps):
         if not self._fused_ops:  # broadcast over the heads
             cos, sin = cos[:, None], sin[:, None]
         h = self._rms_norm(x, self.layers[0].ln1)
+        # A decode step alone (no prompt chunks, no per-head norms): rotary and the
+        # cache writes in one call per layer (`tokenyard_ops.rope_write_`).
+        fused_write = (
+            self._fused_ops and decode is not None and not meta and self.layers[0].q_norm is None
+        )
         for i, layer in enumerate(self.layers):
-            qkv = self._linear(h, layer.w_qkv, layer.b_qkv).view(total, nh + 2 * nkv, hd)
-            qk = self._rope(self._head_norms(qkv[:, : nh + nkv], layer), cos, sin)
+            fused_qkv = self._linear(h, layer.w_qkv, layer.b_qkv)
             outs: list[torch.Tensor] = []
-            if decode is not None:
+            if fused_write and decode is not None:
+                q = torch.ops.tokenyard_ops.rope_write_(
+                    fused_qkv, cos, sin, cache.k[i], cache.v[i], decode.write_index, nh, nkv
+                )
+                queries = q.view(b, nkv, g, hd)
+            elif decode is not None:
+                qkv = fused_qkv.view(total, nh + 2 * nkv, hd)
+                qk = self._rope(self._head_norms(qkv[:, : nh + nkv], layer), cos, sin)
                 # Written before the chunks: a prompt slot riding along in the decode
                 # batch scribbles on the position its chunk then overwrites.
                 cache.k[i].view(-1, hd).index_copy_(
@@ -450,6 +466,10 @@ class Runner(ForwardSteps):
                 # Query heads grouped under their kv head: (b, kv heads, group, head_dim)
                 # against the cache slots' keys in place (a strided view, no copy).
                 queries = qk[:b, :nh].reshape(b, nkv, g, hd)
+            else:
+                qkv = fused_qkv.view(total, nh + 2 * nkv, hd)
+                qk = self._rope(self._head_norms(qkv[:, : nh + nkv], layer), cos, sin)
+            if decode is not None:
                 if self._attention is not None and lengths is not None:
                     outs.append(
                         self._attention.decode_attention(

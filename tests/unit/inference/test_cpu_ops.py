@@ -1,4 +1,5 @@
-"""The fused per-layer ops: RMSNorm and rotary (engine/cpu_kernels.py OPS, csrc/cpu_ops.cpp).
+"""The fused per-layer ops: RMSNorm, rotary, the decode step's cache writes and the MLP's
+silu * up (engine/cpu_kernels.py OPS, csrc/cpu_ops.cpp).
 
 They build without ISA flags, so they must build and run on any CPU the suite runs
 on; a failed build fails here.
@@ -96,6 +97,65 @@ def test_bad_input_is_refused_with_what_is_wrong() -> None:
         torch.ops.tokenyard_ops.rope(qk, cos[:1], cos[:1])
     with pytest.raises(RuntimeError, match="even and at most head_dim"):
         torch.ops.tokenyard_ops.rope(qk, torch.randn(2, 3), torch.randn(2, 3))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rotary_dim", [64, 32])
+@pytest.mark.parametrize("rows", [1, 3, 37])  # one thread; rows split across the team
+def test_rope_write_is_rotary_then_index_copy_into_the_cache(
+    dtype: torch.dtype, rotary_dim: int, rows: int
+) -> None:
+    torch.manual_seed(rows)
+    heads, kv_heads, hd, slots, capacity = 6, 2, 64, 40, 16
+    qkv = torch.randn(rows, (heads + 2 * kv_heads) * hd).to(dtype)
+    cos, sin = torch.randn(rows, rotary_dim).to(dtype), torch.randn(rows, rotary_dim).to(dtype)
+    k = torch.randn(slots, kv_heads, capacity, hd).to(dtype)
+    v = torch.randn(slots, kv_heads, capacity, hd).to(dtype)
+    # Row r writes slot 39 - r's heads at position r % capacity, as Runner.write_rows.
+    where = (torch.arange(rows) * 7) % capacity
+    cache_rows = ((39 - torch.arange(rows))[:, None] * kv_heads + torch.arange(kv_heads)) * capacity
+    cache_rows = (cache_rows + where[:, None]).reshape(-1)
+    want_k, want_v = k.clone(), v.clone()
+    split = qkv.view(rows, heads + 2 * kv_heads, hd)
+    turned = torch.ops.tokenyard_ops.rope(split[:, : heads + kv_heads], cos, sin)
+    want_k.view(-1, hd).index_copy_(0, cache_rows, turned[:, heads:].reshape(-1, hd))
+    want_v.view(-1, hd).index_copy_(0, cache_rows, split[:, heads + kv_heads :].reshape(-1, hd))
+    q = torch.ops.tokenyard_ops.rope_write_(qkv, cos, sin, k, v, cache_rows, heads, kv_heads)
+    assert torch.equal(q, turned[:, :heads])
+    assert torch.equal(k, want_k) and torch.equal(v, want_v)  # and nothing else written
+
+
+def test_rope_write_refuses_a_row_outside_the_cache_and_writes_nothing() -> None:
+    qkv, cos = torch.randn(2, 4 * 8), torch.randn(2, 8)
+    k, v = torch.zeros(3, 1, 4, 8), torch.zeros(3, 1, 4, 8)
+    for bad in (12, -1):
+        with pytest.raises(RuntimeError, match=rf"rows\[1\] = {bad} is outside 0..11"):
+            torch.ops.tokenyard_ops.rope_write_(qkv, cos, cos, k, v, torch.tensor([0, bad]), 2, 1)
+    assert not k.any() and not v.any()
+    with pytest.raises(RuntimeError, match="whole heads"):
+        torch.ops.tokenyard_ops.rope_write_(qkv, cos, cos, k, v, torch.tensor([0, 1]), 3, 1)
+    with pytest.raises(RuntimeError, match="one cache row per row of qkv and kv head"):
+        torch.ops.tokenyard_ops.rope_write_(qkv, cos, cos, k, v, torch.tensor([0]), 2, 1)
+    with pytest.raises(RuntimeError, match=r"\[slots, kv_heads, capacity, head_dim\]"):
+        torch.ops.tokenyard_ops.rope_write_(
+            qkv, cos, cos, k[:, :, :, :4], v, torch.tensor([0, 1]), 2, 1
+        )
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [1, 37])
+def test_silu_mul_is_pytorchs_silu_times_up(dtype: torch.dtype, rows: int) -> None:
+    torch.manual_seed(rows)
+    gate_up = (torch.randn(rows, 2 * 96) * 4).to(dtype)
+    gate, up = gate_up.chunk(2, dim=-1)
+    got = torch.ops.tokenyard_ops.silu_mul(gate_up)
+    want = torch.nn.functional.silu(gate) * up
+    assert got.dtype == dtype and got.shape == (rows, 96)
+    # The same roundings; the exp (libm's against PyTorch's vectorised one) may differ
+    # in float32's last bit, which bf16 rounds away but at a rounding boundary.
+    torch.testing.assert_close(got, want, rtol=1e-6 if dtype is torch.float32 else 8e-3, atol=1e-6)
+    with pytest.raises(RuntimeError, match="even width"):
+        torch.ops.tokenyard_ops.silu_mul(gate_up[:, 1:].contiguous())
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

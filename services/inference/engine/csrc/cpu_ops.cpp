@@ -17,6 +17,7 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 
@@ -152,16 +153,107 @@ at::Tensor rope(const at::Tensor& qk, const at::Tensor& cos, const at::Tensor& s
   return out;
 }
 
+// A decode step's keys and values into the cache, with rotary positions: `qkv` is
+// the fused projection's output [rows, (q_heads + 2 kv_heads) * head_dim]; the
+// query heads come back rotated ([rows, q_heads, head_dim]), and each row's kv
+// heads are rotated (keys) or copied (values) into rows `rows[r * kv_heads + h]` of
+// one layer's cache ([slots, kv_heads, capacity, head_dim], seen as rows of
+// head_dim). One call for what took a rotary, two slices, two reshapes and two
+// index_copy_ (~25 us a layer at one row, 2-core Zen 4).
+at::Tensor rope_write_(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin,
+                       at::Tensor& k_cache, at::Tensor& v_cache, const at::Tensor& rows,
+                       int64_t q_heads, int64_t kv_heads) {
+  TORCH_CHECK(qkv.dim() == 2 && qkv.is_contiguous(), "qkv must be a contiguous 2-D tensor");
+  TORCH_CHECK(qkv.scalar_type() == at::kFloat || qkv.scalar_type() == at::kBFloat16,
+              "qkv must be float32 or bfloat16");
+  TORCH_CHECK(q_heads > 0 && kv_heads > 0, "q_heads and kv_heads must be positive");
+  const int64_t n = qkv.size(0), heads = q_heads + 2 * kv_heads;
+  TORCH_CHECK(qkv.size(1) % heads == 0, "qkv's width must be whole heads");
+  const int64_t hd = qkv.size(1) / heads, rd = cos.size(-1);
+  TORCH_CHECK(cos.sizes() == sin.sizes() && cos.numel() == n * rd && cos.is_contiguous() &&
+                  sin.is_contiguous() && cos.scalar_type() == qkv.scalar_type() &&
+                  sin.scalar_type() == qkv.scalar_type(),
+              "cos and sin must be contiguous, qkv's dtype, one row of rotary dims per row");
+  TORCH_CHECK(rd % 2 == 0 && rd <= hd, "rotary dims must be even and at most head_dim");
+  for (const at::Tensor* cache : {&k_cache, &v_cache})
+    TORCH_CHECK(cache->dim() == 4 && cache->is_contiguous() &&
+                    cache->scalar_type() == qkv.scalar_type() && cache->size(1) == kv_heads &&
+                    cache->size(3) == hd,
+                "the caches must be contiguous [slots, kv_heads, capacity, head_dim] in qkv's dtype");
+  TORCH_CHECK(rows.dim() == 1 && rows.scalar_type() == at::kLong && rows.is_contiguous() &&
+                  rows.numel() == n * kv_heads,
+              "rows must be int64, one cache row per row of qkv and kv head");
+  const int64_t cache_rows = k_cache.numel() / hd;
+  const int64_t* rp = rows.data_ptr<int64_t>();
+  for (int64_t i = 0; i < rows.numel(); ++i)
+    TORCH_CHECK(rp[i] >= 0 && rp[i] < cache_rows, "rows[", i, "] = ", rp[i], " is outside 0..",
+                cache_rows - 1);
+  at::Tensor q = at::empty({n, q_heads, hd}, qkv.options());
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, qkv.scalar_type(), "rope_write_", [&] {
+    const scalar_t* x = qkv.data_ptr<scalar_t>();
+    const scalar_t* c = cos.data_ptr<scalar_t>();
+    const scalar_t* s = sin.data_ptr<scalar_t>();
+    scalar_t* k = k_cache.data_ptr<scalar_t>();
+    scalar_t* v = v_cache.data_ptr<scalar_t>();
+    scalar_t* qp = q.data_ptr<scalar_t>();
+    const int64_t stride = heads * hd;
+    over_rows(n, [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        const scalar_t* xr = x + r * stride;
+        rope_rows(xr, stride, c + r * rd, s + r * rd, qp + r * q_heads * hd, 1, q_heads, hd, rd);
+        for (int64_t h = 0; h < kv_heads; ++h) {
+          const int64_t at = rp[r * kv_heads + h] * hd;
+          rope_rows(xr + (q_heads + h) * hd, stride, c + r * rd, s + r * rd, k + at, 1, 1, hd, rd);
+          std::copy(xr + (q_heads + kv_heads + h) * hd, xr + (q_heads + kv_heads + h + 1) * hd,
+                    v + at);
+        }
+      }
+    });
+  });
+  return q;
+}
+
+// silu(gate) * up for the fused gate/up projection's output [rows, 2 * inter] (gate
+// first), each step rounded to x's dtype as PyTorch's silu and multiply round them.
+at::Tensor silu_mul(const at::Tensor& gate_up) {
+  TORCH_CHECK(gate_up.dim() == 2 && gate_up.is_contiguous() && gate_up.size(1) % 2 == 0,
+              "gate_up must be a contiguous 2-D tensor of even width");
+  TORCH_CHECK(gate_up.scalar_type() == at::kFloat || gate_up.scalar_type() == at::kBFloat16,
+              "gate_up must be float32 or bfloat16");
+  const int64_t n = gate_up.size(0), inter = gate_up.size(1) / 2;
+  at::Tensor out = at::empty({n, inter}, gate_up.options());
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, gate_up.scalar_type(), "silu_mul", [&] {
+    const scalar_t* x = gate_up.data_ptr<scalar_t>();
+    scalar_t* o = out.data_ptr<scalar_t>();
+    over_rows(n, [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r)
+        for (int64_t i = 0; i < inter; ++i) {
+          const float g = static_cast<float>(x[r * 2 * inter + i]);
+          const scalar_t act = static_cast<scalar_t>(g / (1.f + std::exp(-g)));
+          o[r * inter + i] = static_cast<scalar_t>(static_cast<float>(act) *
+                                                   static_cast<float>(x[r * 2 * inter + inter + i]));
+        }
+    });
+  });
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(tokenyard_ops, m) {
   m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
   m.def("add_rms_norm_(Tensor(a!) x, Tensor delta, Tensor weight, float eps) -> Tensor");
   m.def("rope(Tensor qk, Tensor cos, Tensor sin) -> Tensor");
+  m.def(
+      "rope_write_(Tensor qkv, Tensor cos, Tensor sin, Tensor(a!) k_cache, Tensor(b!) v_cache, "
+      "Tensor rows, int q_heads, int kv_heads) -> Tensor");
+  m.def("silu_mul(Tensor gate_up) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(tokenyard_ops, CPU, m) {
   m.impl("rms_norm", &rms_norm);
   m.impl("add_rms_norm_", &add_rms_norm_);
   m.impl("rope", &rope);
+  m.impl("rope_write_", &rope_write_);
+  m.impl("silu_mul", &silu_mul);
 }
