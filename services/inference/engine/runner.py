@@ -366,13 +366,8 @@ class Runner(ForwardSteps):
         return torch.cat([q, self._rms_norm(qk[:, nh:], layer.k_norm)], dim=1)
 
     def _mlp(self, h: torch.Tensor, layer: Layer) -> torch.Tensor:
-        gate_up = self._linear(h, layer.w_gate_up, layer.b_gate_up)
-        if self._fused_ops:  # one call for chunk, silu and the product
-            act: torch.Tensor = torch.ops.tokenyard_ops.silu_mul(gate_up)
-        else:
-            gate, up = gate_up.chunk(2, dim=-1)
-            act = F.silu(gate) * up
-        return self._linear(act, layer.w_down, layer.b_down)
+        gate, up = self._linear(h, layer.w_gate_up, layer.b_gate_up).chunk(2, dim=-1)
+        return self._linear(F.silu(gate) * up, layer.w_down, layer.b_down)
 
     def write_rows(self, cache: SlotCache, write_pos: torch.Tensor) -> torch.Tensor:
         """Flat row indices in a layer's ``[slots*kv_heads*capacity, head_dim]`` view."""

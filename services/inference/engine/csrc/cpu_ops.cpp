@@ -159,7 +159,7 @@ at::Tensor rope(const at::Tensor& qk, const at::Tensor& cos, const at::Tensor& s
 // heads are rotated (keys) or copied (values) into rows `rows[r * kv_heads + h]` of
 // one layer's cache ([slots, kv_heads, capacity, head_dim], seen as rows of
 // head_dim). One call for what took a rotary, two slices, two reshapes and two
-// index_copy_ (~25 us a layer at one row, 2-core Zen 4).
+// index_copy_ calls from Python (ten op calls a layer, the profile of a one-row step said).
 at::Tensor rope_write_(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin,
                        at::Tensor& k_cache, at::Tensor& v_cache, const at::Tensor& rows,
                        int64_t q_heads, int64_t kv_heads) {
@@ -213,31 +213,6 @@ at::Tensor rope_write_(const at::Tensor& qkv, const at::Tensor& cos, const at::T
   return q;
 }
 
-// silu(gate) * up for the fused gate/up projection's output [rows, 2 * inter] (gate
-// first), each step rounded to x's dtype as PyTorch's silu and multiply round them.
-at::Tensor silu_mul(const at::Tensor& gate_up) {
-  TORCH_CHECK(gate_up.dim() == 2 && gate_up.is_contiguous() && gate_up.size(1) % 2 == 0,
-              "gate_up must be a contiguous 2-D tensor of even width");
-  TORCH_CHECK(gate_up.scalar_type() == at::kFloat || gate_up.scalar_type() == at::kBFloat16,
-              "gate_up must be float32 or bfloat16");
-  const int64_t n = gate_up.size(0), inter = gate_up.size(1) / 2;
-  at::Tensor out = at::empty({n, inter}, gate_up.options());
-  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, gate_up.scalar_type(), "silu_mul", [&] {
-    const scalar_t* x = gate_up.data_ptr<scalar_t>();
-    scalar_t* o = out.data_ptr<scalar_t>();
-    over_rows(n, [&](int64_t begin, int64_t end) {
-      for (int64_t r = begin; r < end; ++r)
-        for (int64_t i = 0; i < inter; ++i) {
-          const float g = static_cast<float>(x[r * 2 * inter + i]);
-          const scalar_t act = static_cast<scalar_t>(g / (1.f + std::exp(-g)));
-          o[r * inter + i] = static_cast<scalar_t>(static_cast<float>(act) *
-                                                   static_cast<float>(x[r * 2 * inter + inter + i]));
-        }
-    });
-  });
-  return out;
-}
-
 }  // namespace
 
 TORCH_LIBRARY(tokenyard_ops, m) {
@@ -247,7 +222,6 @@ TORCH_LIBRARY(tokenyard_ops, m) {
   m.def(
       "rope_write_(Tensor qkv, Tensor cos, Tensor sin, Tensor(a!) k_cache, Tensor(b!) v_cache, "
       "Tensor rows, int q_heads, int kv_heads) -> Tensor");
-  m.def("silu_mul(Tensor gate_up) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(tokenyard_ops, CPU, m) {
@@ -255,5 +229,4 @@ TORCH_LIBRARY_IMPL(tokenyard_ops, CPU, m) {
   m.impl("add_rms_norm_", &add_rms_norm_);
   m.impl("rope", &rope);
   m.impl("rope_write_", &rope_write_);
-  m.impl("silu_mul", &silu_mul);
 }
