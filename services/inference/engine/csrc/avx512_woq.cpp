@@ -521,64 +521,117 @@ inline __m512 widen_bf16(const at::BFloat16* p) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
 }
 
+// Lane t of the result: the sum of d[t]'s 16 lanes (16 dot products at once: 45
+// shuffles and adds where 16 horizontal sums took ~130 instructions).
+inline __m512 sum16(const __m512* d) {
+  __m512 e[8], f[4];
+  for (int t = 0; t < 8; ++t)  // each 128-bit lane: d[2t] and d[2t+1], two partials each
+    e[t] = _mm512_add_ps(_mm512_unpacklo_ps(d[2 * t], d[2 * t + 1]),
+                         _mm512_unpackhi_ps(d[2 * t], d[2 * t + 1]));
+  for (int t = 0; t < 4; ++t) {  // each 128-bit lane: d[4t..4t+3], one partial each
+    const __m512d a = _mm512_castps_pd(e[2 * t]), b = _mm512_castps_pd(e[2 * t + 1]);
+    f[t] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(a, b)),
+                         _mm512_castpd_ps(_mm512_unpackhi_pd(a, b)));
+  }
+  const __m512 h01 = _mm512_add_ps(_mm512_shuffle_f32x4(f[0], f[1], 0x88),
+                                   _mm512_shuffle_f32x4(f[0], f[1], 0xDD));
+  const __m512 h23 = _mm512_add_ps(_mm512_shuffle_f32x4(f[2], f[3], 0x88),
+                                   _mm512_shuffle_f32x4(f[2], f[3], 0xDD));
+  return _mm512_add_ps(_mm512_shuffle_f32x4(h01, h23, 0x88), _mm512_shuffle_f32x4(h01, h23, 0xDD));
+}
+
 // The `group` query heads q (rows of hd, side by side) of one kv head against its
 // first `len` cached keys and values (rows of hd): softmax(scale q.k) v into out.
+// Scores for 16 positions at a time (`sum16`); the weights rounded to bf16 (as
+// PyTorch's CPU flash attention rounds them before its product with v) and each two
+// positions' values interleaved, so one VDPBF16PS adds both positions' terms.
+// `scores`: group * len floats; `weights`: group * (len + 1) bf16 (scratch).
 void attend_group(const at::BFloat16* q, const at::BFloat16* k, const at::BFloat16* v,
                   int64_t group, int64_t len, int64_t hd, float scale, float* scores,
-                  at::BFloat16* out) {
+                  uint16_t* weights, at::BFloat16* out) {
   const int64_t chunks = hd / kChunk;
   __m512bh qv[kMaxGroup][kMaxDim / kChunk];
   for (int64_t i = 0; i < group; ++i)
     for (int64_t c = 0; c < chunks; ++c) qv[i][c] = load_bh(q + i * hd + c * kChunk);
   float top[kMaxGroup];
-  for (int64_t i = 0; i < group; ++i) top[i] = -INFINITY;
-  for (int64_t j = 0; j < len; ++j) {
-    __m512bh kv[kMaxDim / kChunk];
-    for (int64_t c = 0; c < chunks; ++c) kv[c] = load_bh(k + j * hd + c * kChunk);
-    for (int64_t i = 0; i < group; ++i) {
+  for (int64_t i = 0; i < group; ++i) {
+    __m512 best = _mm512_set1_ps(-INFINITY);
+    int64_t j = 0;
+    for (; j + 16 <= len; j += 16) {
+      __m512 dot[16];
+      for (int64_t t = 0; t < 16; ++t) {
+        dot[t] = _mm512_setzero_ps();
+        for (int64_t c = 0; c < chunks; ++c)
+          dot[t] = _mm512_dpbf16_ps(dot[t], qv[i][c], load_bh(k + (j + t) * hd + c * kChunk));
+      }
+      const __m512 s = _mm512_mul_ps(sum16(dot), _mm512_set1_ps(scale));
+      _mm512_storeu_ps(scores + i * len + j, s);
+      best = _mm512_max_ps(best, s);
+    }
+    top[i] = _mm512_reduce_max_ps(best);
+    for (; j < len; ++j) {
       __m512 dot = _mm512_setzero_ps();
-      for (int64_t c = 0; c < chunks; ++c) dot = _mm512_dpbf16_ps(dot, qv[i][c], kv[c]);
+      for (int64_t c = 0; c < chunks; ++c)
+        dot = _mm512_dpbf16_ps(dot, qv[i][c], load_bh(k + j * hd + c * kChunk));
       const float score = _mm512_reduce_add_ps(dot) * scale;
       scores[i * len + j] = score;
       top[i] = std::max(top[i], score);
     }
   }
+  const int64_t stride = len + 1;  // weights per head, padded to a whole pair
   float total[kMaxGroup];
   for (int64_t i = 0; i < group; ++i) {
     float* row = scores + i * len;
+    uint16_t* w = weights + i * stride;
     const __m512 m = _mm512_set1_ps(top[i]);
     __m512 sum = _mm512_setzero_ps();
     int64_t j = 0;
     for (; j + 16 <= len; j += 16) {
       const __m512 e = exp_ps(_mm512_sub_ps(_mm512_loadu_ps(row + j), m));
-      _mm512_storeu_ps(row + j, e);
       sum = _mm512_add_ps(sum, e);
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(w + j), (__m256i)_mm512_cvtneps_pbh(e));
     }
     if (j < len) {
       const __mmask16 tail = static_cast<__mmask16>((1u << (len - j)) - 1);
-      const __m512 e = exp_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(tail, row + j), m));
-      _mm512_mask_storeu_ps(row + j, tail, e);
-      sum = _mm512_add_ps(sum, _mm512_maskz_mov_ps(tail, e));
+      const __m512 e = _mm512_maskz_mov_ps(tail, exp_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(tail, row + j), m)));
+      sum = _mm512_add_ps(sum, e);
+      _mm256_mask_storeu_epi16(w + j, tail, (__m256i)_mm512_cvtneps_pbh(e));
     }
+    w[len] = 0;  // the odd position's partner
     total[i] = _mm512_reduce_add_ps(sum);
   }
-  const int64_t vecs = hd / 16;
-  __m512 acc[kMaxGroup][kMaxDim / 16];
+  // Values: positions j and j + 1 interleaved per dimension (VPUNPCK{L,H}WD: each
+  // 128-bit lane's dims 0-3 in `lo`, 4-7 in `hi`), times the pair of weights.
+  __m512 lo[kMaxGroup][kMaxDim / kChunk], hi[kMaxGroup][kMaxDim / kChunk];
   for (int64_t i = 0; i < group; ++i)
-    for (int64_t d = 0; d < vecs; ++d) acc[i][d] = _mm512_setzero_ps();
-  for (int64_t j = 0; j < len; ++j) {
-    __m512 vv[kMaxDim / 16];
-    for (int64_t d = 0; d < vecs; ++d) vv[d] = widen_bf16(v + j * hd + d * 16);
+    for (int64_t c = 0; c < chunks; ++c) lo[i][c] = hi[i][c] = _mm512_setzero_ps();
+  for (int64_t j = 0; j < len; j += 2) {
+    __m512bh vl[kMaxDim / kChunk], vh[kMaxDim / kChunk];
+    for (int64_t c = 0; c < chunks; ++c) {
+      const __m512i a = _mm512_loadu_si512(v + j * hd + c * kChunk);
+      const __m512i b = j + 1 < len ? _mm512_loadu_si512(v + (j + 1) * hd + c * kChunk)
+                                    : _mm512_setzero_si512();
+      vl[c] = as_bh(_mm512_unpacklo_epi16(a, b));
+      vh[c] = as_bh(_mm512_unpackhi_epi16(a, b));
+    }
     for (int64_t i = 0; i < group; ++i) {
-      const __m512 p = _mm512_set1_ps(scores[i * len + j]);
-      for (int64_t d = 0; d < vecs; ++d) acc[i][d] = _mm512_fmadd_ps(p, vv[d], acc[i][d]);
+      const __m512bh p = as_bh(_mm512_set1_epi32(*reinterpret_cast<const int32_t*>(weights + i * stride + j)));
+      for (int64_t c = 0; c < chunks; ++c) {
+        lo[i][c] = _mm512_dpbf16_ps(lo[i][c], vl[c], p);
+        hi[i][c] = _mm512_dpbf16_ps(hi[i][c], vh[c], p);
+      }
     }
   }
   for (int64_t i = 0; i < group; ++i) {
     const __m512 inv = _mm512_set1_ps(1.0f / total[i]);
-    for (int64_t d = 0; d < vecs; ++d)
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + i * hd + d * 16),
-                          (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(acc[i][d], inv)));
+    for (int64_t c = 0; c < chunks; ++c) {
+      // lanes (lo.0, hi.0, lo.1, hi.1) hold dims 0-15, (lo.2, hi.2, lo.3, hi.3) 16-31
+      const __m512 first = _mm512_shuffle_f32x4(lo[i][c], hi[i][c], 0x44);
+      const __m512 second = _mm512_shuffle_f32x4(lo[i][c], hi[i][c], 0xEE);
+      const __m512 d0 = _mm512_mul_ps(_mm512_shuffle_f32x4(first, first, 0xD8), inv);
+      const __m512 d1 = _mm512_mul_ps(_mm512_shuffle_f32x4(second, second, 0xD8), inv);
+      _mm512_storeu_si512(out + i * hd + c * kChunk, (__m512i)_mm512_cvtne2ps_pbh(d1, d0));
+    }
   }
 }
 
@@ -604,11 +657,12 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
   const int64_t row_stride = q.stride(0);
   auto run = [&](int64_t begin, int64_t end) {
     std::vector<float> scores(group * capacity);
+    std::vector<uint16_t> weights(group * (capacity + 1));
     for (int64_t w = begin; w < end; ++w) {
       const int64_t r = w / kv_heads, h = w % kv_heads;
       const int64_t cache_at = (r * kv_heads + h) * capacity * hd;
       attend_group(qp + r * row_stride + h * group * hd, kp + cache_at, vp + cache_at, group,
-                   lens[r], hd, static_cast<float>(scale), scores.data(),
+                   lens[r], hd, static_cast<float>(scale), scores.data(), weights.data(),
                    op + (r * kv_heads + h) * group * hd);
     }
   };
