@@ -38,15 +38,27 @@ void over_rows(int64_t rows, const F& f) {
   }
 }
 
+constexpr int64_t kLanes = 16;
+
 template <typename T>
 void norm_rows(const T* x, const T* w, T* out, int64_t rows, int64_t h, double eps) {
   for (int64_t r = 0; r < rows; ++r) {
     const T* xr = x + r * h;
-    float sq = 0.f;
-    for (int64_t i = 0; i < h; ++i) {
+    // kLanes partial sums: one chain of adds over the row took ~0.7 us a row of 576
+    // (each add waits for the last); split, the compiler vectorises them.
+    float part[kLanes] = {};
+    int64_t i = 0;
+    for (; i + kLanes <= h; i += kLanes)
+      for (int64_t j = 0; j < kLanes; ++j) {
+        const float v = static_cast<float>(xr[i + j]);
+        part[j] += v * v;
+      }
+    for (; i < h; ++i) {
       const float v = static_cast<float>(xr[i]);
-      sq += v * v;
+      part[0] += v * v;
     }
+    float sq = 0.f;
+    for (const float p : part) sq += p;
     const float inv = 1.f / std::sqrt(sq / static_cast<float>(h) + static_cast<float>(eps));
     T* o = out + r * h;
     for (int64_t i = 0; i < h; ++i) {
