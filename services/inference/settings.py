@@ -98,9 +98,11 @@ class InferenceSettings:
         default="none",
         flag="--quantize",
         help=(
-            "Weight-only quantisation of the model's linear layers on CPU: none, int8 "
-            "(per channel) or int4 (groups of 32); the output head is int8 in both. "
-            "Smaller and faster at few streams, at a measured quality cost (docs/models.md)."
+            "Quantisation of the model's linear layers on CPU: none, int8 (per channel) "
+            "or int4 (groups of 32); the output head is int8 in both. Weights only, except "
+            "on AVX-512 BF16 CPUs without AMX, where each layer also quantises its input "
+            "rows to int8. Smaller, and faster at every concurrency there and at few "
+            "streams elsewhere, at a measured quality cost (docs/models.md)."
         ),
     )
     max_running: int = setting(

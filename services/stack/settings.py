@@ -71,7 +71,7 @@ class StackSettings:
         parse_choice(*QUANTIZATIONS),
         default="none",
         flag="--quantize",
-        help="Weight-only quantisation every worker applies: none, int8 or int4 "
+        help="Quantisation every worker applies: none, int8 or int4 "
         "(CPU; the worker's --quantize, docs/models.md).",
     )
     host: str = setting(

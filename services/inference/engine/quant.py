@@ -1,4 +1,4 @@
-"""Weight-only quantisation of the fast path's linear layers (CPU).
+"""Quantisation of the fast path's linear layers (CPU).
 
 `--quantize int8` keeps each projection as int8 with one scale per output channel
 (`torch.ops.aten._weight_int8pack_mm`); `--quantize int4` as 4-bit codes with a scale
