@@ -34,6 +34,7 @@ __all__ = [
     "int4pack_linear",
     "int8_linear",
     "int8_vnni_linear",
+    "int8_vnni_rows",
     "pack",
     "pack_int4_vnni",
     "pack_int8_vnni",
@@ -182,21 +183,33 @@ VNNI_BLOCK = 32
 _VNNI_LANES = 16  # output channels per vector
 
 
-def pack_int8_vnni(codes: torch.Tensor) -> torch.Tensor:
-    """int8 codes ``[out, in]`` (a shape that `fits`) in the VNNI int8 layout:
-    ``[out / 16][in / 4][16 channels][4 inputs]`` bytes, code + 128."""
+def pack_int8_vnni(codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """int8 codes ``[out, in]`` (a shape that `fits`) with a scale per channel and group of
+    32 inputs (``[out, in / 32]``, ``w = code * scale``) in the VNNI int8 layout:
+    ``[out / 16][in / 32][544]`` bytes, each group's codes + 128 as eight vectors of
+    [16 channels][4 inputs], then the scales as bf16 ``[16]``."""
     n, k = codes.shape
+    blocks, groups = n // _VNNI_LANES, k // VNNI_BLOCK
     shifted = (codes.to(torch.int16) + 128).to(torch.uint8)
-    blocks = shifted.view(n // _VNNI_LANES, _VNNI_LANES, k // 4, 4).permute(0, 2, 1, 3)
-    return blocks.reshape(n // _VNNI_LANES, k * _VNNI_LANES).contiguous()
+    lanes = shifted.view(blocks, _VNNI_LANES, groups, 8, 4).permute(0, 2, 3, 1, 4)
+    code_bytes = lanes.reshape(blocks, groups, 512)
+    scale_bf16 = scales.to(torch.bfloat16).view(blocks, _VNNI_LANES, groups).transpose(1, 2)
+    scale_bytes = scale_bf16.contiguous().view(torch.uint8).view(blocks, groups, 32)
+    return torch.cat([code_bytes, scale_bytes], dim=-1).view(blocks, groups * 544).contiguous()
 
 
-def int8_vnni_from_packed(packed: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    """The int8 codes of output channels `ids` (``[len(ids), in]``) of a VNNI int8 weight."""
+def int8_vnni_rows(packed: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The int8 codes (``[len(ids), in]``) and group scales (``[len(ids), in / 32]``,
+    float32) of output channels `ids` of a weight in the VNNI int8 layout."""
     blocks, width = packed.shape
-    lanes = packed.view(blocks, width // (4 * _VNNI_LANES), _VNNI_LANES, 4)
-    rows = lanes[ids // _VNNI_LANES, :, ids % _VNNI_LANES]  # [len(ids), in / 4, 4]
-    return (rows.reshape(ids.shape[0], -1).to(torch.int16) - 128).to(torch.int8)
+    groups = width // 544
+    layout = packed.view(blocks, groups, 544)
+    codes = layout[..., :512].view(blocks, groups, 8, _VNNI_LANES, 4)
+    picked = codes[ids // _VNNI_LANES, :, :, ids % _VNNI_LANES]  # [len(ids), groups, 8, 4]
+    scales = layout[..., 512:].contiguous().view(torch.bfloat16).view(blocks, groups, _VNNI_LANES)
+    chosen = scales[ids // _VNNI_LANES, :, ids % _VNNI_LANES].float()  # [len(ids), groups]
+    signed = (picked.reshape(ids.shape[0], -1).to(torch.int16) - 128).to(torch.int8)
+    return signed, chosen
 
 
 def pack_int4_vnni(
@@ -217,10 +230,10 @@ def pack_int4_vnni(
     return torch.cat([code_bytes, dm_bytes], dim=-1).view(blocks, groups * 320).contiguous()
 
 
-def int8_vnni_linear(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    """``x @ w.T`` for bf16 `x`, w in the VNNI int8 layout with float32 `scales`."""
+def int8_vnni_linear(x: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
+    """``x @ w.T`` for bf16 `x`, w in the VNNI int8 layout."""
     _require()
-    out: torch.Tensor = torch.ops.tokenyard_avx512.int8_vnni_linear(x.contiguous(), packed, scales)
+    out: torch.Tensor = torch.ops.tokenyard_avx512.int8_vnni_linear(x.contiguous(), packed)
     return out
 
 

@@ -52,7 +52,7 @@ from services.inference.engine.quant import (
     check_quantizable,
     for_kernels,
     int4_from_blocks,
-    quantize,
+    quantize_for,
     quantize_int8,
 )
 
@@ -225,7 +225,8 @@ class Runner(ForwardSteps):
             self.embed: torch.Tensor | Int8Weight | Int8Vnni = inner.embed_tokens.weight.detach()
             self.norm = inner.norm.weight.detach()
             if quantized:
-                head = for_kernels(quantize_int8(model.lm_head.weight), self.dtype)
+                head = quantize_for(model.lm_head.weight, "int8", self.dtype)
+                assert isinstance(head, (Int8Weight, Int8Vnni))
                 self.lm_head: Weight = head
                 tied = model.lm_head.weight is inner.embed_tokens.weight
                 self.embed = head if tied else quantize_int8(self.embed)
@@ -286,7 +287,7 @@ class Runner(ForwardSteps):
         weight = torch.cat(weights) if len(weights) > 1 else weights[0]
         if self.quantization != "none":
             self._copied += modules
-            return for_kernels(quantize(weight, self.quantization), self.dtype)
+            return quantize_for(weight, self.quantization, self.dtype)
         if self.pairs and avx512.fits((weight.shape[0], weight.shape[1])):
             self._copied += modules
             return avx512.pack(weight)

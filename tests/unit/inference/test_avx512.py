@@ -310,6 +310,15 @@ def int4_case(out_features: int, in_features: int) -> tuple[quant.Int4Weight, to
     return q, float_weight(q)
 
 
+def int8_groups(out_features: int, in_features: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random int8 codes with a scale per channel and group of 32 in the VNNI int8 layout,
+    and the float32 weight they stand for (the scales rounded to bf16, as kept)."""
+    codes = torch.randint(-127, 128, (out_features, in_features), dtype=torch.int8)
+    scales = (torch.rand(out_features, in_features // 32) * 0.001).to(BF16).float()
+    weight = codes.float().view(out_features, -1, 32) * scales[..., None]
+    return avx512.pack_int8_vnni(codes, scales), weight.view(out_features, in_features)
+
+
 VNNI_SHAPES = [(16, 32), (960, 576), (48, 1536)]
 # One row (four channel blocks at once, three, two, one), two and three (two blocks),
 # four to eight (one block), and more rows split into even tiles of at most eight.
@@ -323,15 +332,15 @@ def test_int8_vnni_multiplies_the_weight_by_the_quantised_rows(
     out_features: int, in_features: int, rows: int
 ) -> None:
     torch.manual_seed(rows)
-    q = quantize_int8((torch.randn(out_features, in_features) * 0.05).to(BF16))
-    packed = avx512.pack_int8_vnni(q.codes)
-    assert packed.dtype == torch.uint8 and packed.numel() == q.codes.numel()
+    packed, weight = int8_groups(out_features, in_features)
+    # The codes' bytes and a bf16 scale per 32 of them.
+    assert packed.dtype == torch.uint8 and packed.numel() == weight.numel() * 34 // 32
     x = torch.randn(rows, in_features, dtype=BF16)
-    got = avx512.int8_vnni_linear(x, packed, q.scales.float())
+    got = avx512.int8_vnni_linear(x, packed)
     assert got.dtype == BF16 and got.shape == (rows, out_features)
-    assert relative_error(got, through_quantized_x(x, float_weight(q))) < TOLERANCE
+    assert relative_error(got, through_quantized_x(x, weight)) < TOLERANCE
     # Quantising the rows costs about 0.6 % on normal activations, not more.
-    assert relative_error(got, F.linear(x.float(), float_weight(q))) < 0.015
+    assert relative_error(got, F.linear(x.float(), weight)) < 0.015
 
 
 @needs_avx512
@@ -357,9 +366,9 @@ def test_int4_vnni_multiplies_the_weight_by_the_quantised_rows(
 def test_a_row_gives_the_same_result_alone_and_in_a_batch() -> None:
     # Each row is quantised on its own: batching never changes a stream's tokens.
     torch.manual_seed(8)
-    q8 = quant.for_kernels(quantize_int8(torch.randn(128, 64, dtype=BF16)), BF16)
+    q8 = quant.Int8Vnni(int8_groups(128, 64)[0], BF16)
     q4 = quant.for_kernels(quantize_int4(torch.randn(128, 64, dtype=BF16)), BF16)
-    assert isinstance(q8, quant.Int8Vnni) and isinstance(q4, quant.Int4Vnni)
+    assert isinstance(q4, quant.Int4Vnni)
     x = torch.randn(17, 64, dtype=BF16) * torch.logspace(-3, 3, 17)[:, None].to(BF16)
     for q in (q8, q4):
         batch = q.linear(x, None)
@@ -370,52 +379,50 @@ def test_a_row_gives_the_same_result_alone_and_in_a_batch() -> None:
 @needs_avx512
 def test_an_all_zero_block_and_large_values_stay_finite_and_exact() -> None:
     torch.manual_seed(9)
-    q = quantize_int8(torch.randn(32, 96, dtype=BF16))
-    packed = avx512.pack_int8_vnni(q.codes)
+    packed, weight = int8_groups(32, 96)
     x = torch.randn(3, 96, dtype=BF16)
     x[0, 32:64] = 0  # a block whose scale is 0
     x[1] *= 1e4  # the quantiser scales per block, whatever the magnitude
     x[2] = 0
-    got = avx512.int8_vnni_linear(x, packed, q.scales.float())
+    got = avx512.int8_vnni_linear(x, packed)
     assert torch.isfinite(got).all() and not got[2].any()
-    assert relative_error(got[:2], through_quantized_x(x[:2], float_weight(q))) < TOLERANCE
+    assert relative_error(got[:2], through_quantized_x(x[:2], weight)) < TOLERANCE
 
 
 @needs_avx512
-def test_the_int8_vnni_layout_gives_back_any_channels_codes() -> None:
+def test_the_int8_vnni_layout_gives_back_any_channels_codes_and_scales() -> None:
     codes = torch.randint(-127, 128, (48, 64), dtype=torch.int8)
-    packed = avx512.pack_int8_vnni(codes)
+    scales = torch.rand(48, 2).to(BF16).float()
+    packed = avx512.pack_int8_vnni(codes, scales)
     ids = torch.tensor([0, 47, 17, 17, 31])
-    assert torch.equal(avx512.int8_vnni_from_packed(packed, ids), codes[ids])
+    got_codes, got_scales = avx512.int8_vnni_rows(packed, ids)
+    assert torch.equal(got_codes, codes[ids]) and torch.equal(got_scales, scales[ids])
 
 
 @needs_avx512
 def test_the_vnni_kernels_refuse_bad_input_with_what_is_wrong() -> None:
-    q = quantize_int8(torch.randn(32, 64, dtype=BF16))
-    packed, scales = avx512.pack_int8_vnni(q.codes), q.scales.float()
+    packed = int8_groups(32, 64)[0]
     x = torch.randn(2, 64, dtype=BF16)
     with pytest.raises(RuntimeError, match="bfloat16"):
-        avx512.int8_vnni_linear(x.float(), packed, scales)
+        avx512.int8_vnni_linear(x.float(), packed)
     with pytest.raises(RuntimeError, match="32 columns, the weight 64"):
-        avx512.int8_vnni_linear(x[:, :32], packed, scales)
-    with pytest.raises(RuntimeError, match="scales must be float32, one per output channel"):
-        avx512.int8_vnni_linear(x, packed, q.scales)
+        avx512.int8_vnni_linear(x[:, :32], packed)
     with pytest.raises(RuntimeError, match="packed must be the contiguous uint8 VNNI int8"):
-        avx512.int8_vnni_linear(x, q.codes, scales)
+        avx512.int8_vnni_linear(x, torch.zeros(32, 64, dtype=torch.int8))
     with pytest.raises(RuntimeError, match="packed must be the contiguous uint8 VNNI int4"):
-        avx512.int4_vnni_linear(x, packed)  # 1,024 bytes a row: not whole groups of 320
+        avx512.int4_vnni_linear(x, packed)  # 1,088 bytes a row: not whole groups of 320
     q4 = quant.for_kernels(quantize_int4(torch.randn(64, 64, dtype=BF16)), BF16)
     assert isinstance(q4, quant.Int4Vnni)
     with pytest.raises(RuntimeError, match="32 columns, the weight 64"):
         q4.linear(x[:, :32], None)
     empty = torch.zeros(0, 64, dtype=BF16)
-    assert avx512.int8_vnni_linear(empty, packed, scales).shape == (0, 32)
+    assert avx512.int8_vnni_linear(empty, packed).shape == (0, 32)
     assert q4.linear(empty, None).shape == (0, 64)
 
 
 @needs_avx512
 def test_the_vnni_kernels_leave_the_compute_threads_count_alone() -> None:
-    q8 = quant.for_kernels(quantize_int8(torch.randn(64, 64, dtype=BF16)), BF16)
+    q8 = quant.Int8Vnni(int8_groups(64, 64)[0], BF16)
     q4 = quant.for_kernels(quantize_int4(torch.randn(64, 64, dtype=BF16)), BF16)
     x = torch.randn(6, 64, dtype=BF16)
 
@@ -427,15 +434,34 @@ def test_the_vnni_kernels_leave_the_compute_threads_count_alone() -> None:
 
 
 @pytest.mark.parametrize("mode", ["int8", "int4"])
-def test_for_kernels_keeps_the_layout_where_the_vnni_kernels_do_not_serve(
+def test_quantize_for_keeps_quant_pys_layouts_where_the_vnni_kernels_do_not_serve(
     mode: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    q = quant.quantize(torch.randn(64, 64, dtype=BF16), mode)
-    assert quant.for_kernels(q, torch.float32) is q  # float32 activations
-    odd = quant.quantize(torch.randn(48, 64, dtype=BF16), mode)
-    assert quant.for_kernels(odd, BF16) is odd  # 48 channels: not a shape that avx512 fits
+    kind = quant.Int8Weight if mode == "int8" else quant.Int4Weight
+    weight = torch.randn(64, 64, dtype=BF16)
+    assert isinstance(quant.quantize_for(weight, mode, torch.float32), kind)  # float32 x
+    # 48 channels: not a shape that avx512 fits
+    assert isinstance(quant.quantize_for(torch.randn(48, 64, dtype=BF16), mode, BF16), kind)
     monkeypatch.setattr(avx512, "serves", lambda: False)
-    assert quant.for_kernels(q, BF16) is q
+    assert isinstance(quant.quantize_for(weight, mode, BF16), kind)
+
+
+@needs_serving
+def test_int8_for_the_vnni_kernels_scales_each_group_and_loses_less_than_per_channel() -> None:
+    torch.manual_seed(10)
+    # Groups of a row 100x apart in magnitude: one scale per channel leaves the small
+    # groups few codes.
+    weight = (torch.randn(64, 8, 32) * torch.logspace(-2, 0, 8)[None, :, None]).view(64, 256)
+    weight = weight.to(BF16)
+    grouped = quant.quantize_for(weight, "int8", BF16)
+    assert isinstance(grouped, quant.Int8Vnni)
+    ids = torch.arange(64)
+    by_group = relative_error(grouped.rows(ids), weight)
+    by_channel = relative_error(quantize_int8(weight).rows(ids), weight)
+    assert by_group < 0.5 * by_channel
+    x = torch.randn(3, 256, dtype=BF16)
+    want = through_quantized_x(x, grouped.rows(ids).float())
+    assert relative_error(grouped.linear(x, None), want) < TOLERANCE
 
 
 @needs_serving
@@ -451,5 +477,6 @@ def test_a_quantised_bf16_runner_keeps_its_weights_in_the_vnni_layout(mode: str)
     assert isinstance(runner.lm_head, quant.Int8Vnni)
     assert runner.embed is runner.lm_head  # the embedding reads the head's codes
     ids = torch.tensor([3, 0, 250, 3])
-    plain = quantize_int8(model.lm_head.weight)
-    assert torch.equal(runner.embed.rows(ids), plain.rows(ids))
+    embedded = runner.embed.rows(ids)
+    assert embedded.dtype == BF16
+    assert relative_error(embedded, model.lm_head.weight.detach()[ids]) < 0.01

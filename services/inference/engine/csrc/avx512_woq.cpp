@@ -683,17 +683,19 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
 //
 // Layouts (quant.py's `VnniInt8` and `VnniInt4` build them from its int8/int4
 // weights), in blocks of 16 output channels, a channel per int32 lane:
-//   int8: [N / 16][K / 4][16 channels][4 inputs] bytes, code + 128 (unsigned, as
-//         VPDPBUSD's first operand must be); float32 scales [N].
+//   int8: [N / 16][K / 32][544 bytes] for each group of 32 inputs: eight vectors of
+//         [16 channels][4 inputs], code + 128 (unsigned, as VPDPBUSD's first operand
+//         must be), then each channel's bf16 scale for the group [16].
 //   int4: [N / 16][K / 32][320 bytes] for each group of 32 inputs: four vectors of
 //         [16 channels][4 bytes], byte j of vector s holding input 8s + j in its low
 //         nibble and 8s + 4 + j in its high one, then bf16 [2][16]: each channel's
 //         scale d and offset m, w = d * q + m (q in 0..15).
 // With x ~ s * a per block (a int8) and A = sum a over the block:
-//   int8: x . w = scale_n * sum_blocks s * (sum (code + 128) a - 128 A)
+//   int8: x . w = sum_groups scale * s * (sum (code + 128) a - 128 A)
 //   int4: x . w = sum_groups s * (d * sum q a + m * A).
 constexpr int64_t kVnniBlock = 32;     // inputs per activation scale and per int4 group
 constexpr int64_t kVnniGroupBytes = 320;  // one int4 group of 16 channels
+constexpr int64_t kVnniInt8GroupBytes = 544;  // one int8 group of 16 channels
 constexpr int64_t kVnniMaxRows = 8;    // rows of x per register tile
 constexpr int64_t kVnniAhead8 = 1024, kVnniAhead4 = 640;  // prefetch distances (bytes)
 
@@ -734,8 +736,8 @@ inline __m512i broadcast4(const int8_t* p) {
 // C blocks of 16 channels (`w` at the first, `stride` bytes apart) against R rows of
 // quantised x from row m0, into out (bf16, row stride n_out) at the first channel.
 template <int64_t C, int64_t R>
-void int8_vnni_tile(const uint8_t* w, int64_t stride, const float* wscale, const QuantizedX& q,
-                    int64_t m0, int64_t k, at::BFloat16* out, int64_t n_out) {
+void int8_vnni_tile(const uint8_t* w, int64_t stride, const QuantizedX& q, int64_t m0, int64_t k,
+                    at::BFloat16* out, int64_t n_out) {
   const int64_t blocks = k / kVnniBlock;
   __m512 acc[C][R];
   for (auto& row : acc)
@@ -749,7 +751,7 @@ void int8_vnni_tile(const uint8_t* w, int64_t stride, const float* wscale, const
 #pragma GCC unroll 8
     for (int64_t s = 0; s < kVnniBlock / 4; ++s) {
       for (int64_t c = 0; c < C; ++c) {
-        const uint8_t* at = w + c * stride + (g * kVnniBlock / 4 + s) * 64;
+        const uint8_t* at = w + c * stride + g * kVnniInt8GroupBytes + s * 64;
         prefetch(at + kVnniAhead8);
         const __m512i wv = _mm512_loadu_si512(at);
         for (int64_t r = 0; r < R; ++r)
@@ -757,22 +759,25 @@ void int8_vnni_tile(const uint8_t* w, int64_t stride, const float* wscale, const
                                           broadcast4(q.codes.data() + (m0 + r) * k + g * kVnniBlock + 4 * s));
       }
     }
-    for (int64_t r = 0; r < R; ++r) {
-      const __m512 s = _mm512_set1_ps(q.scale[(m0 + r) * blocks + g]);
-      for (int64_t c = 0; c < C; ++c) acc[c][r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot[c][r]), s, acc[c][r]);
+    for (int64_t c = 0; c < C; ++c) {
+      const __m256i sb = _mm256_loadu_si256(
+          reinterpret_cast<const __m256i*>(w + c * stride + g * kVnniInt8GroupBytes + 512));
+      const __m512 ws = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(sb), 16));
+      for (int64_t r = 0; r < R; ++r) {
+        const __m512 s = _mm512_mul_ps(ws, _mm512_set1_ps(q.scale[(m0 + r) * blocks + g]));
+        acc[c][r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot[c][r]), s, acc[c][r]);
+      }
     }
   }
-  for (int64_t c = 0; c < C; ++c) {
-    const __m512 scale = _mm512_loadu_ps(wscale + c * 16);
+  for (int64_t c = 0; c < C; ++c)
     for (int64_t r = 0; r < R; ++r)
       _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + (m0 + r) * n_out + c * 16),
-                          (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(acc[c][r], scale)));
-  }
+                          (__m256i)_mm512_cvtneps_pbh(acc[c][r]));
 }
 
 template <int64_t C, int64_t R>
-void int4_vnni_tile(const uint8_t* w, int64_t stride, const float* /*unused*/, const QuantizedX& q,
-                    int64_t m0, int64_t k, at::BFloat16* out, int64_t n_out) {
+void int4_vnni_tile(const uint8_t* w, int64_t stride, const QuantizedX& q, int64_t m0, int64_t k,
+                    at::BFloat16* out, int64_t n_out) {
   const int64_t groups = k / kVnniBlock;
   const __m512i nibble = _mm512_set1_epi8(0x0F);
   __m512 acc[C][R];
@@ -819,10 +824,10 @@ void int4_vnni_tile(const uint8_t* w, int64_t stride, const float* /*unused*/, c
 // independent chains of VPDPBUSD), two or three rows two blocks, more rows one block
 // and up to kVnniMaxRows rows, each block's codes reused from L1 by every row tile.
 #define TOKENYARD_VNNI_TILE(TILE, C, R) \
-  TILE<C, R>(w + b * stride, stride, wscale ? wscale + b * 16 : nullptr, q, m0, k, out + b * 16, n_out)
+  TILE<C, R>(w + b * stride, stride, q, m0, k, out + b * 16, n_out)
 
 template <int64_t R, bool Int4>
-inline void vnni_rows(const uint8_t* w, int64_t stride, const float* wscale, const QuantizedX& q,
+inline void vnni_rows(const uint8_t* w, int64_t stride, const QuantizedX& q,
                       int64_t m0, int64_t k, at::BFloat16* out, int64_t n_out, int64_t b, int64_t c) {
   // c channel blocks from block b (c at most 4 for one row, 2 for two or three rows).
 #define TOKENYARD_VNNI_CASE(C)                                                   \
@@ -840,7 +845,7 @@ inline void vnni_rows(const uint8_t* w, int64_t stride, const float* wscale, con
 }
 
 template <bool Int4>
-void vnni_linear(const uint8_t* w, int64_t stride, const float* wscale, const QuantizedX& q,
+void vnni_linear(const uint8_t* w, int64_t stride, const QuantizedX& q,
                  int64_t m_rows, int64_t k, at::BFloat16* out, int64_t n_out) {
   const int64_t tiles = (m_rows + kVnniMaxRows - 1) / kVnniMaxRows;
   const int64_t across = m_rows == 1 ? 4 : m_rows < 4 ? 2 : 1;  // channel blocks per tile
@@ -850,14 +855,14 @@ void vnni_linear(const uint8_t* w, int64_t stride, const float* wscale, const Qu
       for (int64_t t = 0; t < tiles; ++t) {  // rows split evenly over the tiles
         const int64_t m0 = t * m_rows / tiles, rows = (t + 1) * m_rows / tiles - m0;
         switch (rows) {
-          case 8: vnni_rows<8, Int4>(w, stride, wscale, q, m0, k, out, n_out, b, 1); break;
-          case 7: vnni_rows<7, Int4>(w, stride, wscale, q, m0, k, out, n_out, b, 1); break;
-          case 6: vnni_rows<6, Int4>(w, stride, wscale, q, m0, k, out, n_out, b, 1); break;
-          case 5: vnni_rows<5, Int4>(w, stride, wscale, q, m0, k, out, n_out, b, 1); break;
-          case 4: vnni_rows<4, Int4>(w, stride, wscale, q, m0, k, out, n_out, b, 1); break;
-          case 3: vnni_rows<3, Int4>(w, stride, wscale, q, m0, k, out, n_out, b, std::min<int64_t>(c, 2)); break;
-          case 2: vnni_rows<2, Int4>(w, stride, wscale, q, m0, k, out, n_out, b, std::min<int64_t>(c, 2)); break;
-          default: vnni_rows<1, Int4>(w, stride, wscale, q, m0, k, out, n_out, b, c); break;
+          case 8: vnni_rows<8, Int4>(w, stride, q, m0, k, out, n_out, b, 1); break;
+          case 7: vnni_rows<7, Int4>(w, stride, q, m0, k, out, n_out, b, 1); break;
+          case 6: vnni_rows<6, Int4>(w, stride, q, m0, k, out, n_out, b, 1); break;
+          case 5: vnni_rows<5, Int4>(w, stride, q, m0, k, out, n_out, b, 1); break;
+          case 4: vnni_rows<4, Int4>(w, stride, q, m0, k, out, n_out, b, 1); break;
+          case 3: vnni_rows<3, Int4>(w, stride, q, m0, k, out, n_out, b, std::min<int64_t>(c, 2)); break;
+          case 2: vnni_rows<2, Int4>(w, stride, q, m0, k, out, n_out, b, std::min<int64_t>(c, 2)); break;
+          default: vnni_rows<1, Int4>(w, stride, q, m0, k, out, n_out, b, c); break;
         }
       }
     }
@@ -865,22 +870,18 @@ void vnni_linear(const uint8_t* w, int64_t stride, const float* wscale, const Qu
 }
 #undef TOKENYARD_VNNI_TILE
 
-// x [M, K] bf16 against an int8 weight in the VNNI layout ([N / 16, K * 16] uint8)
-// and its float32 scales [N].
-at::Tensor int8_vnni_linear(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales) {
-  TORCH_CHECK(packed.dim() == 2 && packed.scalar_type() == at::kByte && packed.is_contiguous(),
-              "packed must be the contiguous uint8 VNNI int8 layout [out / 16, in * 16]");
-  const int64_t n_out = packed.size(0) * 16, k = packed.size(1) / 16;
+// x [M, K] bf16 against an int8 weight in the VNNI layout ([N / 16, K / 32 * 544] uint8).
+at::Tensor int8_vnni_linear(const at::Tensor& x, const at::Tensor& packed) {
+  TORCH_CHECK(packed.dim() == 2 && packed.scalar_type() == at::kByte && packed.is_contiguous() &&
+                  packed.size(1) % kVnniInt8GroupBytes == 0,
+              "packed must be the contiguous uint8 VNNI int8 layout [out / 16, in / 32 * 544]");
+  const int64_t n_out = packed.size(0) * 16, k = packed.size(1) / kVnniInt8GroupBytes * kVnniBlock;
   tokenyard::check_bf16_x(x, k);
-  TORCH_CHECK(k % kVnniBlock == 0 && packed.size(1) % 16 == 0, "in_features must be a multiple of 32");
-  TORCH_CHECK(scales.dim() == 1 && scales.numel() == n_out && scales.scalar_type() == at::kFloat &&
-                  scales.is_contiguous(),
-              "scales must be float32, one per output channel");
   const int64_t m_rows = x.size(0);
   at::Tensor out = at::empty({m_rows, n_out}, x.options());
   if (m_rows == 0) return out;
   const QuantizedX q = quantize_x(x.data_ptr<at::BFloat16>(), m_rows, k);
-  vnni_linear<false>(packed.data_ptr<uint8_t>(), k * 16, scales.data_ptr<float>(), q, m_rows, k,
+  vnni_linear<false>(packed.data_ptr<uint8_t>(), packed.size(1), q, m_rows, k,
                      out.data_ptr<at::BFloat16>(), n_out);
   return out;
 }
@@ -896,7 +897,7 @@ at::Tensor int4_vnni_linear(const at::Tensor& x, const at::Tensor& packed) {
   at::Tensor out = at::empty({m_rows, n_out}, x.options());
   if (m_rows == 0) return out;
   const QuantizedX q = quantize_x(x.data_ptr<at::BFloat16>(), m_rows, k);
-  vnni_linear<true>(packed.data_ptr<uint8_t>(), packed.size(1), nullptr, q, m_rows, k,
+  vnni_linear<true>(packed.data_ptr<uint8_t>(), packed.size(1), q, m_rows, k,
                     out.data_ptr<at::BFloat16>(), n_out);
   return out;
 }
@@ -909,7 +910,7 @@ TORCH_LIBRARY(tokenyard_avx512, m) {
   m.def("pack_pairs(Tensor weight) -> Tensor");
   m.def("pair_linear(Tensor x, Tensor packed) -> Tensor");
   m.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor lengths, float scale) -> Tensor");
-  m.def("int8_vnni_linear(Tensor x, Tensor packed, Tensor scales) -> Tensor");
+  m.def("int8_vnni_linear(Tensor x, Tensor packed) -> Tensor");
   m.def("int4_vnni_linear(Tensor x, Tensor packed) -> Tensor");
 }
 
