@@ -1,8 +1,8 @@
 """The engine's own CPU kernels (csrc/*.cpp): built on first use, used where they run.
 
 Each source compiles once per source version with the machine's C++ compiler (10-25 s;
-`make setup` and the worker image do it ahead, `build_all`) into torch's extensions
-folder (`TORCH_EXTENSIONS_DIR`, by default ~/.cache/torch_extensions), for the
+`make setup` and the worker image do it ahead, `build_all`) into tokenyard/ in torch's
+extensions folder (`TORCH_EXTENSIONS_DIR`, by default ~/.cache/torch_extensions), for the
 instruction sets it names. Without those instructions on this CPU, a compiler or the
 ``ninja`` build tool, an extension is not `available` and quant.py keeps to
 PyTorch's kernels: same results, slower.
@@ -10,9 +10,11 @@ PyTorch's kernels: same results, slower.
 
 from __future__ import annotations
 
+import fcntl
 import functools
 import hashlib
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,6 +39,13 @@ class CpuExtension:
         """Whether this CPU (or the given /proc/cpuinfo text) has every instruction set."""
         return cpu_flags(cpuinfo) >= self.cpu_flags
 
+    def folder(self) -> Path:
+        """The build folder: named after the source's content and the headers beside it."""
+        sha = hashlib.sha256((_CSRC / self.source).read_bytes())
+        for header in sorted(_CSRC.glob("*.h")):
+            sha.update(header.read_bytes())
+        return _build_root() / f"{self.name}_{sha.hexdigest()[:12]}"
+
     def build(self) -> None:
         """Compile (or load the cached build of) the extension; raises if it cannot.
 
@@ -47,23 +56,37 @@ class CpuExtension:
         """
         from torch.utils.cpp_extension import load
 
-        source = _CSRC / self.source
-        sha = hashlib.sha256(source.read_bytes())
-        for header in sorted(_CSRC.glob("*.h")):
-            sha.update(header.read_bytes())
-        digest = sha.hexdigest()[:12]
-        load(
-            name=f"{self.name}_{digest}",
-            sources=[str(source)],
-            extra_cflags=["-O3", "-fopenmp", *self.isa_cflags],
-            extra_ldflags=["-fopenmp"],
-            is_python_module=False,
-            verbose=False,
-        )
+        folder = self.folder()
+        name = folder.name
+        folder.mkdir(parents=True, exist_ok=True)
+        # PyTorch marks a build in progress with a `lock` file that its other callers
+        # wait on until it is gone: a builder killed mid-build (a worker stopped
+        # during its first start) left it behind, and every later start hung there.
+        # Our builders take an flock first, which the kernel drops when a process
+        # dies: whoever holds it is the only live builder, so a `lock` it finds is
+        # stale.
+        with (folder.parent / f"{name}.flock").open("w") as held:
+            fcntl.flock(held, fcntl.LOCK_EX)
+            (folder / "lock").unlink(missing_ok=True)
+            load(
+                name=name,
+                sources=[str(_CSRC / self.source)],
+                extra_cflags=["-O3", "-fopenmp", *self.isa_cflags],
+                extra_ldflags=["-fopenmp"],
+                build_directory=str(folder),
+                is_python_module=False,
+                verbose=False,
+            )
 
     def available(self) -> bool:
         """Whether the kernels run here (checked, and built if needed, once)."""
         return _loaded(self)
+
+
+def _build_root() -> Path:
+    """Where the extensions are built: tokenyard/ in torch's extensions folder."""
+    root = os.environ.get("TORCH_EXTENSIONS_DIR") or Path.home() / ".cache" / "torch_extensions"
+    return Path(root) / "tokenyard"
 
 
 @functools.cache

@@ -7,6 +7,11 @@ on; a failed build fails here.
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
@@ -163,3 +168,42 @@ def test_a_step_with_fused_ops_gives_the_unfused_logits(dtype: torch.dtype) -> N
     tolerance = 1e-5 if dtype is torch.float32 else 0.05
     torch.testing.assert_close(fused.float(), unfused.float(), rtol=tolerance, atol=tolerance)
     assert torch.equal(fused.argmax(-1), unfused.argmax(-1))
+
+
+BUILD = "from services.inference.engine.cpu_kernels import OPS; OPS.build(); print('built')"
+
+
+def test_a_build_killed_midway_does_not_block_later_builds_and_two_builders_share(
+    tmp_path: Path,
+) -> None:
+    """PyTorch's `lock` file, left by a builder killed mid-build, made every later
+    build wait forever; and two workers starting at once must both load the kernels."""
+    env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(tmp_path)}
+    folder = Path(
+        subprocess.run(
+            [
+                sys.executable,
+                "-c",
+                "from services.inference.engine.cpu_kernels import OPS; print(OPS.folder())",
+            ],
+            env=env,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+    )
+    assert folder.is_relative_to(tmp_path)
+    folder.mkdir(parents=True)
+    (folder / "lock").touch()  # what a killed builder leaves
+    builders = [
+        subprocess.Popen([sys.executable, "-c", BUILD], env=env, stdout=subprocess.PIPE, text=True)
+        for _ in range(2)
+    ]
+    try:
+        outputs = [b.communicate(timeout=300)[0] for b in builders]
+    finally:
+        for b in builders:
+            b.kill()
+    assert [b.returncode for b in builders] == [0, 0]
+    assert all("built" in out for out in outputs)
+    assert not (folder / "lock").exists()
