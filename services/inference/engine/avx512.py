@@ -9,7 +9,7 @@ of its own (`PairWeight`), and multiplies every row with VDPBF16PS; it also runs
 decode step's attention. The VNNI kernels (`int8_vnni_linear`, `int4_vnni_linear`)
 quantise each call's rows of x to int8 in blocks of 32 and multiply integers with
 VPDPBUSD, twice the products an instruction and no widening of the codes; the runner
-keeps quantised weights in their layouts (quant.for_kernels). quant.py and the
+keeps quantised weights in their layouts (quant.quantize_for). quant.py and the
 runner call it where it `serves`; numbers in docs/models.md. Built by cpu_kernels.py.
 """
 
@@ -181,6 +181,8 @@ def int4pack_linear(
 # call, in blocks of `VNNI_BLOCK` inputs with a scale each (csrc/avx512_woq.cpp).
 VNNI_BLOCK = 32
 _VNNI_LANES = 16  # output channels per vector
+_INT8_GROUP_BYTES = 544  # a group of 16 channels: 512 bytes of codes, 16 bf16 scales
+_INT4_GROUP_BYTES = 320  # 256 bytes of codes, 16 bf16 scales and 16 offsets
 
 
 def pack_int8_vnni(codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
@@ -195,15 +197,16 @@ def pack_int8_vnni(codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     code_bytes = lanes.reshape(blocks, groups, 512)
     scale_bf16 = scales.to(torch.bfloat16).view(blocks, _VNNI_LANES, groups).transpose(1, 2)
     scale_bytes = scale_bf16.contiguous().view(torch.uint8).view(blocks, groups, 32)
-    return torch.cat([code_bytes, scale_bytes], dim=-1).view(blocks, groups * 544).contiguous()
+    packed = torch.cat([code_bytes, scale_bytes], dim=-1)
+    return packed.view(blocks, groups * _INT8_GROUP_BYTES).contiguous()
 
 
 def int8_vnni_rows(packed: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The int8 codes (``[len(ids), in]``) and group scales (``[len(ids), in / 32]``,
     float32) of output channels `ids` of a weight in the VNNI int8 layout."""
     blocks, width = packed.shape
-    groups = width // 544
-    layout = packed.view(blocks, groups, 544)
+    groups = width // _INT8_GROUP_BYTES
+    layout = packed.view(blocks, groups, _INT8_GROUP_BYTES)
     codes = layout[..., :512].view(blocks, groups, 8, _VNNI_LANES, 4)
     picked = codes[ids // _VNNI_LANES, :, :, ids % _VNNI_LANES]  # [len(ids), groups, 8, 4]
     scales = layout[..., 512:].contiguous().view(torch.bfloat16).view(blocks, groups, _VNNI_LANES)
@@ -227,7 +230,8 @@ def pack_int4_vnni(
     code_bytes = nibbles.permute(0, 2, 3, 1, 4).reshape(blocks, groups, 256)
     dm = torch.stack([scales, offsets]).to(torch.bfloat16).view(2, blocks, _VNNI_LANES, groups)
     dm_bytes = dm.permute(1, 3, 0, 2).contiguous().view(torch.uint8).view(blocks, groups, 64)
-    return torch.cat([code_bytes, dm_bytes], dim=-1).view(blocks, groups * 320).contiguous()
+    packed = torch.cat([code_bytes, dm_bytes], dim=-1)
+    return packed.view(blocks, groups * _INT4_GROUP_BYTES).contiguous()
 
 
 def int8_vnni_linear(x: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:

@@ -5,7 +5,7 @@
 and offset per group of `INT4_GROUP` input columns, in the layout of
 `_weight_int4pack_mm_for_cpu`. Activations stay in the model's dtype (a decode step
 reads a half or a quarter of the bytes), except where avx512.py's VNNI kernels serve
-(`for_kernels`): there each call quantises its rows to int8 in blocks of 32 too.
+(`quantize_for`): there each call quantises its rows to int8 in blocks of 32 too.
 
 The output head (and the embedding, which small models tie to it) is int8 in both
 modes: on the demo model it is a fifth of the weights, so a bf16 head would leave
@@ -239,12 +239,9 @@ def quantize_for(weight: torch.Tensor, mode: str, dtype: torch.dtype) -> QuantWe
     perplexity 0.996x bf16 against 1.011x with one scale per channel), else
     `quantize`'s."""
     shape = (int(weight.shape[0]), int(weight.shape[1]))
-    if mode == "int8" and vnni_serves(dtype, shape) and shape[1] % avx512.VNNI_BLOCK == 0:
-        w = weight.detach().float().view(shape[0], -1, avx512.VNNI_BLOCK)
-        scales = (w.abs().amax(dim=-1) / 127).clamp(min=torch.finfo(torch.float32).tiny)
-        scales = scales.to(torch.bfloat16).float()  # as the layout keeps them
-        codes = torch.round(w / scales[..., None]).clamp(-127, 127).to(torch.int8)
-        return Int8Vnni(avx512.pack_int8_vnni(codes.view(shape), scales), dtype)
+    if mode == "int8" and vnni_serves(dtype, shape):  # bf16 scales, as the layout keeps
+        codes, scales = _symmetric_int8(weight, avx512.VNNI_BLOCK, torch.bfloat16)
+        return Int8Vnni(avx512.pack_int8_vnni(codes, scales), dtype)
     quantized = quantize(weight, mode)
     return for_kernels(quantized, dtype) if isinstance(quantized, Int4Weight) else quantized
 
@@ -298,12 +295,23 @@ def _nbytes(*tensors: torch.Tensor) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
+def _symmetric_int8(
+    weight: torch.Tensor, group: int, scale_dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Codes ``[out, in]`` and scales ``[out, in / group]`` (scale = max |w| / 127 per
+    group of a row, rounded to `scale_dtype` before the codes are taken against it)."""
+    out_features, in_features = weight.shape
+    w = weight.detach().float().view(out_features, in_features // group, group)
+    scales = (w.abs().amax(dim=-1) / 127).clamp(min=torch.finfo(torch.float32).tiny)
+    scales = scales.to(scale_dtype).float()
+    codes = torch.round(w / scales[..., None]).clamp(-127, 127).to(torch.int8)
+    return codes.view(out_features, in_features), scales
+
+
 def quantize_int8(weight: torch.Tensor) -> Int8Weight:
     """Symmetric int8 per output channel: scale = max |w| / 127 per row."""
-    w = weight.detach().float()
-    scales = (w.abs().amax(dim=1) / 127).clamp(min=torch.finfo(torch.float32).tiny)
-    codes = torch.round(w / scales[:, None]).clamp(-127, 127).to(torch.int8)
-    return Int8Weight(codes.contiguous(), scales.to(weight.dtype))
+    codes, scales = _symmetric_int8(weight, int(weight.shape[1]), torch.float32)
+    return Int8Weight(codes.contiguous(), scales[:, 0].to(weight.dtype))
 
 
 def quantize_int4(weight: torch.Tensor, group: int | None = None) -> Int4Weight:

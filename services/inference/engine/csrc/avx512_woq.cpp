@@ -870,36 +870,32 @@ void vnni_linear(const uint8_t* w, int64_t stride, const QuantizedX& q,
 }
 #undef TOKENYARD_VNNI_TILE
 
-// x [M, K] bf16 against an int8 weight in the VNNI layout ([N / 16, K / 32 * 544] uint8).
-at::Tensor int8_vnni_linear(const at::Tensor& x, const at::Tensor& packed) {
+// x [M, K] bf16 against a weight in a VNNI layout ([N / 16, K / 32 * group_bytes]
+// uint8): int8 (544 bytes a group) or int4 (320).
+template <bool Int4>
+at::Tensor vnni_entry(const at::Tensor& x, const at::Tensor& packed) {
+  constexpr int64_t group_bytes = Int4 ? kVnniGroupBytes : kVnniInt8GroupBytes;
   TORCH_CHECK(packed.dim() == 2 && packed.scalar_type() == at::kByte && packed.is_contiguous() &&
-                  packed.size(1) % kVnniInt8GroupBytes == 0,
-              "packed must be the contiguous uint8 VNNI int8 layout [out / 16, in / 32 * 544]");
-  const int64_t n_out = packed.size(0) * 16, k = packed.size(1) / kVnniInt8GroupBytes * kVnniBlock;
+                  packed.size(1) % group_bytes == 0,
+              "packed must be the contiguous uint8 VNNI ", Int4 ? "int4" : "int8",
+              " layout [out / 16, in / 32 * ", group_bytes, "]");
+  const int64_t n_out = packed.size(0) * 16, k = packed.size(1) / group_bytes * kVnniBlock;
   tokenyard::check_bf16_x(x, k);
   const int64_t m_rows = x.size(0);
   at::Tensor out = at::empty({m_rows, n_out}, x.options());
   if (m_rows == 0) return out;
   const QuantizedX q = quantize_x(x.data_ptr<at::BFloat16>(), m_rows, k);
-  vnni_linear<false>(packed.data_ptr<uint8_t>(), packed.size(1), q, m_rows, k,
-                     out.data_ptr<at::BFloat16>(), n_out);
+  vnni_linear<Int4>(packed.data_ptr<uint8_t>(), packed.size(1), q, m_rows, k,
+                    out.data_ptr<at::BFloat16>(), n_out);
   return out;
 }
 
-// x [M, K] bf16 against an int4 weight in the VNNI layout ([N / 16, K / 32 * 320] uint8).
+at::Tensor int8_vnni_linear(const at::Tensor& x, const at::Tensor& packed) {
+  return vnni_entry<false>(x, packed);
+}
+
 at::Tensor int4_vnni_linear(const at::Tensor& x, const at::Tensor& packed) {
-  TORCH_CHECK(packed.dim() == 2 && packed.scalar_type() == at::kByte && packed.is_contiguous() &&
-                  packed.size(1) % kVnniGroupBytes == 0,
-              "packed must be the contiguous uint8 VNNI int4 layout [out / 16, in / 32 * 320]");
-  const int64_t n_out = packed.size(0) * 16, k = packed.size(1) / kVnniGroupBytes * kVnniBlock;
-  tokenyard::check_bf16_x(x, k);
-  const int64_t m_rows = x.size(0);
-  at::Tensor out = at::empty({m_rows, n_out}, x.options());
-  if (m_rows == 0) return out;
-  const QuantizedX q = quantize_x(x.data_ptr<at::BFloat16>(), m_rows, k);
-  vnni_linear<true>(packed.data_ptr<uint8_t>(), packed.size(1), q, m_rows, k,
-                    out.data_ptr<at::BFloat16>(), n_out);
-  return out;
+  return vnni_entry<true>(x, packed);
 }
 
 }  // namespace
