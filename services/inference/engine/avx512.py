@@ -29,6 +29,7 @@ __all__ = [
     "EXTENSION",
     "available",
     "decode_attention",
+    "decode_layers",
     "fits",
     "int4_vnni_linear",
     "int4pack_linear",
@@ -110,6 +111,11 @@ def int8_linear(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor) -> t
     return out
 
 
+# The projection kinds `decode_layers` takes (csrc/avx512_woq.cpp's ProjectionKind):
+# a weight in the pair layout, the VNNI int8 layout, the VNNI int4 layout.
+PAIR, INT8_VNNI, INT4_VNNI = 0, 1, 2
+
+
 @dataclass(frozen=True)
 class PairWeight:
     """A bf16 weight kept in the kernels' own layout (`pack`): each block of 32 output
@@ -124,6 +130,7 @@ class PairWeight:
     packed: torch.Tensor  # bf16 [out, in] elements, the pair layout
     out_features: int
     in_features: int
+    kind = PAIR  # for decode_layers
 
     @property
     def nbytes(self) -> int:
@@ -205,13 +212,15 @@ def int8_vnni_rows(packed: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tenso
     """The int8 codes (``[len(ids), in]``) and group scales (``[len(ids), in / 32]``,
     float32) of output channels `ids` of a weight in the VNNI int8 layout."""
     blocks, width = packed.shape
-    groups = width // _INT8_GROUP_BYTES
-    layout = packed.view(blocks, groups, _INT8_GROUP_BYTES)
-    codes = layout[..., :512].view(blocks, groups, 8, _VNNI_LANES, 4)
-    picked = codes[ids // _VNNI_LANES, :, :, ids % _VNNI_LANES]  # [len(ids), groups, 8, 4]
-    scales = layout[..., 512:].contiguous().view(torch.bfloat16).view(blocks, groups, _VNNI_LANES)
-    chosen = scales[ids // _VNNI_LANES, :, ids % _VNNI_LANES].float()  # [len(ids), groups]
-    signed = (picked.reshape(ids.shape[0], -1).to(torch.int16) - 128).to(torch.int8)
+    n, groups = ids.shape[0], width // _INT8_GROUP_BYTES
+    # The blocks holding the channels first: the whole layout's scales are 1.8 MB of
+    # the demo model's head, copied on every step's embedding lookup otherwise.
+    held = packed.view(blocks, groups, _INT8_GROUP_BYTES)[ids // _VNNI_LANES]
+    each, lane = torch.arange(n), ids % _VNNI_LANES
+    codes = held[..., :512].reshape(n, groups, 8, _VNNI_LANES, 4)[each, :, :, lane]
+    scales = held[..., 512:].contiguous().view(torch.bfloat16).view(n, groups, _VNNI_LANES)
+    chosen = scales[each, :, lane].float()  # [n, groups]
+    signed = (codes.reshape(n, -1).to(torch.int16) - 128).to(torch.int8)
     return signed, chosen
 
 
@@ -245,4 +254,39 @@ def int4_vnni_linear(x: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
     """``x @ w.T`` for bf16 `x`, w in the VNNI int4 layout."""
     _require()
     out: torch.Tensor = torch.ops.tokenyard_avx512.int4_vnni_linear(x.contiguous(), packed)
+    return out
+
+
+@dataclass(frozen=True)
+class LayerStack:
+    """A model's decoder layers as `decode_layers` takes them: per layer its input norm,
+    QKV, output, post-attention norm, gate/up and down weights (the projections'
+    packed tensors) and the four projections' kinds (`PAIR`, `INT8_VNNI`,
+    `INT4_VNNI`)."""
+
+    weights: list[torch.Tensor]
+    kinds: list[int]
+
+
+def decode_layers(
+    x: torch.Tensor,
+    stack: LayerStack,
+    *,
+    rotary: tuple[torch.Tensor, torch.Tensor],
+    cache: tuple[torch.Tensor, torch.Tensor],
+    rows: torch.Tensor,
+    lengths: torch.Tensor,
+    shape: tuple[int, int, float, float],
+) -> torch.Tensor:
+    """A decode step's decoder layers in one call, the runner's loop bit for bit:
+    `x` ([rows, hidden] bf16, the residual stream) updated in place and returned.
+    `rotary`: cos and sin as tokenyard_ops.rope_write_ takes them; `cache`: keys and
+    values ``[layers, slots, kv_heads, capacity, head_dim]``; `rows` their rows to
+    write (rope_write_'s); `lengths`: positions each row attends to;
+    `shape`: query heads, kv heads, attention scale, RMSNorm epsilon."""
+    _require()
+    q_heads, kv_heads, scale, eps = shape
+    out: torch.Tensor = torch.ops.tokenyard_avx512.decode_layers(
+        x, stack.weights, stack.kinds, *rotary, *cache, rows, lengths, scale, eps, q_heads, kv_heads
+    )
     return out

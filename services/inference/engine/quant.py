@@ -187,6 +187,7 @@ class Int8Vnni:
 
     packed: torch.Tensor  # uint8, avx512.pack_int8_vnni
     dtype: torch.dtype  # the activations'
+    kind = avx512.INT8_VNNI  # for avx512.decode_layers
 
     @property
     def nbytes(self) -> int:
@@ -210,6 +211,7 @@ class Int4Vnni:
     """An `Int4Weight` in avx512.py's VNNI layout (`for_kernels`)."""
 
     packed: torch.Tensor  # uint8, avx512.pack_int4_vnni
+    kind = avx512.INT4_VNNI  # for avx512.decode_layers
 
     @property
     def nbytes(self) -> int:

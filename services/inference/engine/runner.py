@@ -46,6 +46,7 @@ from services.inference.engine.kv_cache import (
     SlotCache,
 )
 from services.inference.engine.quant import (
+    Int4Vnni,
     Int8Vnni,
     Int8Weight,
     QuantWeight,
@@ -252,6 +253,30 @@ class Runner(ForwardSteps):
         # rotate_half(x) * sin == roll(x, half) * (sign * sin): one op fewer per layer.
         self.cos = cos[0].contiguous()
         self.sin_signed = (sin[0] * sign).contiguous()
+        self._stack = self._layer_stack()
+
+    def _layer_stack(self) -> avx512.LayerStack | None:
+        """The layers for `avx512.decode_layers` (a decode step's layers in one call),
+        where it runs them: AVX-512 attention and fused ops, every projection in a
+        layout of its own kernels, no biases and no per-head norms."""
+        if self._attention is not avx512 or not self._fused_ops:
+            return None
+        weights: list[torch.Tensor] = []
+        kinds: list[int] = []
+        for layer in self.layers:
+            projections = [layer.w_qkv, layer.w_o, layer.w_gate_up, layer.w_down]
+            biases = [layer.b_qkv, layer.b_o, layer.b_gate_up, layer.b_down, layer.q_norm]
+            if any(b is not None for b in biases):
+                return None
+            packed: list[torch.Tensor] = []
+            for weight in projections:
+                if not isinstance(weight, (avx512.PairWeight, Int8Vnni, Int4Vnni)):
+                    return None
+                packed.append(weight.packed)
+                kinds.append(weight.kind)
+            qkv, o, gate_up, down = packed
+            weights += [layer.ln1, qkv, o, layer.ln2, gate_up, down]
+        return avx512.LayerStack(weights, kinds)
 
     def _layer(self, layer: Any) -> Layer:
         attn, mlp = layer.self_attn, layer.mlp
@@ -434,76 +459,88 @@ class Runner(ForwardSteps):
         cos, sin = self.cos[pos], self.sin_signed[pos]
         if not self._fused_ops:  # broadcast over the heads
             cos, sin = cos[:, None], sin[:, None]
-        h = self._rms_norm(x, self.layers[0].ln1)
         # A decode step alone (no prompt chunks, no per-head norms): rotary and the
-        # cache writes in one call per layer (`tokenyard_ops.rope_write_`).
+        # cache writes in one call per layer (`tokenyard_ops.rope_write_`), or every
+        # layer in one call where `avx512.decode_layers` runs them.
         fused_write = (
             self._fused_ops and decode is not None and not meta and self.layers[0].q_norm is None
         )
-        for i, layer in enumerate(self.layers):
-            fused_qkv = self._linear(h, layer.w_qkv, layer.b_qkv)
-            outs: list[torch.Tensor] = []
-            if fused_write and decode is not None:
-                q = torch.ops.tokenyard_ops.rope_write_(
-                    fused_qkv, cos, sin, cache.k[i], cache.v[i], decode.write_index, nh, nkv
-                )
-                queries = q.view(b, nkv, g, hd)
-            elif decode is not None:
-                qkv = fused_qkv.view(total, nh + 2 * nkv, hd)
-                qk = self._rope(self._head_norms(qkv[:, : nh + nkv], layer), cos, sin)
-                # Written before the chunks: a prompt slot riding along in the decode
-                # batch scribbles on the position its chunk then overwrites.
-                cache.k[i].view(-1, hd).index_copy_(
-                    0, decode.write_index, qk[:b, nh:].reshape(-1, hd)
-                )
-                cache.v[i].view(-1, hd).index_copy_(
-                    0, decode.write_index, qkv[:b, nh + nkv :].reshape(-1, hd)
-                )
-                # Query heads grouped under their kv head: (b, kv heads, group, head_dim)
-                # against the cache slots' keys in place (a strided view, no copy).
-                queries = qk[:b, :nh].reshape(b, nkv, g, hd)
-            else:
-                qkv = fused_qkv.view(total, nh + 2 * nkv, hd)
-                qk = self._rope(self._head_norms(qkv[:, : nh + nkv], layer), cos, sin)
-            if decode is not None:
-                if self._attention is not None and lengths is not None:
-                    outs.append(
-                        self._attention.decode_attention(
-                            queries, cache.k[i], cache.v[i], lengths, self.scaling
-                        )
+        if fused_write and self._stack is not None and decode is not None and lengths is not None:
+            x = avx512.decode_layers(
+                x,
+                self._stack,
+                rotary=(cos, sin),
+                cache=(cache.k, cache.v),
+                rows=decode.write_index,
+                lengths=lengths,
+                shape=(nh, nkv, self.scaling, self.eps),
+            )
+        else:
+            h = self._rms_norm(x, self.layers[0].ln1)
+            for i, layer in enumerate(self.layers):
+                fused_qkv = self._linear(h, layer.w_qkv, layer.b_qkv)
+                outs: list[torch.Tensor] = []
+                if fused_write and decode is not None:
+                    q = torch.ops.tokenyard_ops.rope_write_(
+                        fused_qkv, cos, sin, cache.k[i], cache.v[i], decode.write_index, nh, nkv
                     )
+                    queries = q.view(b, nkv, g, hd)
+                elif decode is not None:
+                    qkv = fused_qkv.view(total, nh + 2 * nkv, hd)
+                    qk = self._rope(self._head_norms(qkv[:, : nh + nkv], layer), cos, sin)
+                    # Written before the chunks: a prompt slot riding along in the decode
+                    # batch scribbles on the position its chunk then overwrites.
+                    cache.k[i].view(-1, hd).index_copy_(
+                        0, decode.write_index, qk[:b, nh:].reshape(-1, hd)
+                    )
+                    cache.v[i].view(-1, hd).index_copy_(
+                        0, decode.write_index, qkv[:b, nh + nkv :].reshape(-1, hd)
+                    )
+                    # Query heads grouped under their kv head: (b, kv heads, group, head_dim)
+                    # against the cache slots' keys in place (a strided view, no copy).
+                    queries = qk[:b, :nh].reshape(b, nkv, g, hd)
                 else:
-                    # SDPA's fused CPU kernel against bmm, softmax, bmm (bf16, 2 cores): a
-                    # quarter to 0.4x of the time at 1-64 rows over 128 positions alone,
-                    # a 64-row step over 129 positions 67.9 against 72.8 ms.
+                    qkv = fused_qkv.view(total, nh + 2 * nkv, hd)
+                    qk = self._rope(self._head_norms(qkv[:, : nh + nkv], layer), cos, sin)
+                if decode is not None:
+                    if self._attention is not None and lengths is not None:
+                        outs.append(
+                            self._attention.decode_attention(
+                                queries, cache.k[i], cache.v[i], lengths, self.scaling
+                            )
+                        )
+                    else:
+                        # SDPA's fused CPU kernel against bmm, softmax, bmm (bf16, 2 cores): a
+                        # quarter to 0.4x of the time at 1-64 rows over 128 positions alone,
+                        # a 64-row step over 129 positions 67.9 against 72.8 ms.
+                        attn = F.scaled_dot_product_attention(
+                            queries,
+                            cache.k[i, :b, :, :length],
+                            cache.v[i, :b, :, :length],
+                            attn_mask=decode_mask,
+                            scale=self.scaling,
+                        )
+                        outs.append(attn.reshape(b, nh * hd))
+                for slot, off, start, end, mask in meta:
+                    n = end - start
+                    cache.k[i, slot, :, start:end] = qk[off : off + n, nh:].transpose(0, 1)
+                    cache.v[i, slot, :, start:end] = qkv[off : off + n, nh + nkv :].transpose(0, 1)
                     attn = F.scaled_dot_product_attention(
-                        queries,
-                        cache.k[i, :b, :, :length],
-                        cache.v[i, :b, :, :length],
-                        attn_mask=decode_mask,
+                        qk[off : off + n, :nh].transpose(0, 1)[None],
+                        cache.k[i, slot : slot + 1, :, :end],
+                        cache.v[i, slot : slot + 1, :, :end],
+                        attn_mask=mask,
                         scale=self.scaling,
+                        enable_gqa=True,
                     )
-                    outs.append(attn.reshape(b, nh * hd))
-            for slot, off, start, end, mask in meta:
-                n = end - start
-                cache.k[i, slot, :, start:end] = qk[off : off + n, nh:].transpose(0, 1)
-                cache.v[i, slot, :, start:end] = qkv[off : off + n, nh + nkv :].transpose(0, 1)
-                attn = F.scaled_dot_product_attention(
-                    qk[off : off + n, :nh].transpose(0, 1)[None],
-                    cache.k[i, slot : slot + 1, :, :end],
-                    cache.v[i, slot : slot + 1, :, :end],
-                    attn_mask=mask,
-                    scale=self.scaling,
-                    enable_gqa=True,
-                )
-                outs.append(attn[0].transpose(0, 1).reshape(n, nh * hd))
-            merged = torch.cat(outs) if len(outs) > 1 else outs[0]
-            h = self._add_norm(x, self._linear(merged, layer.w_o, layer.b_o), layer.ln2)
-            down = self._mlp(h, layer)
-            if i + 1 < len(self.layers):
-                h = self._add_norm(x, down, self.layers[i + 1].ln1)
-            else:
-                x.add_(down)
+                    outs.append(attn[0].transpose(0, 1).reshape(n, nh * hd))
+                merged = torch.cat(outs) if len(outs) > 1 else outs[0]
+                h = self._add_norm(x, self._linear(merged, layer.w_o, layer.b_o), layer.ln2)
+                down = self._mlp(h, layer)
+                if i + 1 < len(self.layers):
+                    h = self._add_norm(x, down, self.layers[i + 1].ln1)
+                else:
+                    x.add_(down)
         last = torch.tensor(
             [off + (end - start) - 1 for _, off, start, end, _ in meta],
             dtype=torch.long,

@@ -124,9 +124,9 @@ def pack_int4(codes: torch.Tensor, block: int) -> torch.Tensor:
 def spy(kernel: Callable[..., torch.Tensor], calls: list[Any], note: Callable[..., Any]) -> Any:
     """`kernel`, noting ``note(*args)`` in `calls` on every call."""
 
-    def call(*args: Any) -> torch.Tensor:
+    def call(*args: Any, **kwargs: Any) -> torch.Tensor:
         calls.append(note(*args))
-        return kernel(*args)
+        return kernel(*args, **kwargs)
 
     return call
 

@@ -14,9 +14,11 @@ import torch.nn.functional as F
 
 from services.inference.engine import avx512, quant
 from services.inference.engine.cpu_kernels import build_all
+from services.inference.engine.kv_cache import DecodeBatch, KVCache
 from services.inference.engine.quant import quantize_int4, quantize_int8
 from services.inference.engine.runner import Runner, packs_weights
 from tests.doubles.tiny_model import build_tiny_model
+from tests.unit.inference.families import build_family
 from tests.unit.inference.helpers import (
     attention_case,
     pack_int4,
@@ -480,3 +482,102 @@ def test_a_quantised_bf16_runner_keeps_its_weights_in_the_vnni_layout(mode: str)
     embedded = runner.embed.rows(ids)
     assert embedded.dtype == BF16
     assert relative_error(embedded, model.lm_head.weight.detach()[ids]) < 0.01
+
+
+# A decode step's layers in one call (avx512.decode_layers).
+
+
+def decode_steps(runner: Runner, steps: int = 3) -> tuple[torch.Tensor, KVCache]:
+    """Logits of `steps` decode steps over five rows of ragged lengths (prefilled
+    first, every row one step further each time) and the cache after them."""
+    rows, length = 5, 20
+    ids = torch.randint(
+        0, runner.vocab_size, (rows, length), generator=torch.Generator().manual_seed(3)
+    )
+    cache = runner.new_cache(rows, 32)
+    pos = torch.tensor([length - 2 * r for r in range(rows)])
+    for r in range(rows):
+        runner.prefill(cache, [(r, ids[r, : int(pos[r])], 0)])
+    logits = []
+    for step in range(steps):
+        tokens = ids[torch.arange(rows), (pos + step) % length]
+        width = int(pos.max()) + 1
+        batch = DecodeBatch(
+            tokens=tokens,
+            positions=pos,
+            write_index=runner.write_rows(cache, pos),
+            mask=(torch.arange(width)[None] <= pos[:, None])[:, None, None],
+            rows=torch.arange(rows),
+        )
+        logits.append(runner.forward(cache, batch, []))
+        pos = pos + 1
+    assert isinstance(cache, KVCache)
+    return torch.stack(logits), cache
+
+
+@needs_serving
+@pytest.mark.parametrize("mode", ["none", "int8", "int4"])
+def test_a_decode_steps_layers_in_one_call_are_the_runners_loop_bit_for_bit(
+    mode: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model = build_tiny_model(dtype=BF16, hidden_size=128, num_layers=3).model  # head_dim 32
+    runner = Runner(model, quantize=mode)
+    stack = runner._stack
+    assert stack is not None
+    calls: list[int] = []
+    monkeypatch.setattr(
+        avx512, "decode_layers", spy(avx512.decode_layers, calls, lambda x, *_: x.shape[0])
+    )
+    ours, our_cache = decode_steps(runner)
+    assert calls == [5, 5, 5]  # every decode step, no prefill
+    runner._stack = None
+    loop, loop_cache = decode_steps(runner)
+    assert calls == [5, 5, 5]
+    assert torch.equal(ours, loop)
+    assert torch.equal(our_cache.k, loop_cache.k) and torch.equal(our_cache.v, loop_cache.v)
+
+
+@needs_serving
+def test_layers_one_call_cannot_run_keep_the_loop() -> None:
+    tokenizer = build_tiny_model().tokenizer
+    qwen3 = build_family("qwen3", tokenizer).model.to(BF16)  # per-head norms
+    assert Runner(qwen3)._attention is avx512
+    assert Runner(qwen3)._stack is None
+    llama = build_tiny_model(dtype=BF16, hidden_size=128).model
+    assert Runner(llama, pack_weights=False)._stack is None  # plain weights
+    assert Runner(build_tiny_model(hidden_size=128).model)._stack is None  # float32
+    with_bias = build_tiny_model(dtype=BF16, hidden_size=128).model
+    with torch.no_grad():
+        o_proj = with_bias.model.layers[1].self_attn.o_proj
+        o_proj.bias = torch.nn.Parameter(torch.ones(o_proj.out_features, dtype=BF16))
+    assert Runner(with_bias)._stack is None
+
+
+@needs_serving
+def test_decode_layers_refuses_a_stack_that_does_not_match_the_cache() -> None:
+    runner = Runner(build_tiny_model(dtype=BF16, hidden_size=128).model)
+    stack = runner._stack
+    assert stack is not None
+    cache = runner.new_cache(1, 32)
+    pos = torch.tensor([0])
+    x = torch.randn(1, 128, generator=torch.Generator().manual_seed(2)).to(BF16)
+
+    def run(layers: avx512.LayerStack) -> torch.Tensor:
+        return avx512.decode_layers(
+            x,
+            layers,
+            rotary=(runner.cos[pos], runner.sin_signed[pos]),
+            cache=(cache.k, cache.v),
+            rows=runner.write_rows(cache, pos),
+            lengths=pos + 1,
+            shape=(runner.n_heads, runner.n_kv_heads, runner.scaling, runner.eps),
+        )
+
+    with pytest.raises(RuntimeError, match="6 tensors a layer, 12 in all, not 11"):
+        run(avx512.LayerStack(stack.weights[:-1], stack.kinds))
+    with pytest.raises(RuntimeError, match="kinds: 7 is not a projection kind"):
+        run(avx512.LayerStack(stack.weights, [*stack.kinds[:-1], 7]))  # the last layer's
+    assert not cache.k.any() and not cache.v.any()  # refused before a write
+    # and the runner goes on serving
+    assert run(stack).shape == (1, 128)
+    assert cache.k.any()
