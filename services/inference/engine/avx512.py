@@ -34,8 +34,8 @@ __all__ = [
     "int4_vnni_linear",
     "int4pack_linear",
     "int8_linear",
+    "int8_vnni_embed",
     "int8_vnni_linear",
-    "int8_vnni_rows",
     "pack",
     "pack_int4_vnni",
     "pack_int8_vnni",
@@ -208,20 +208,13 @@ def pack_int8_vnni(codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     return packed.view(blocks, groups * _INT8_GROUP_BYTES).contiguous()
 
 
-def int8_vnni_rows(packed: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The int8 codes (``[len(ids), in]``) and group scales (``[len(ids), in / 32]``,
-    float32) of output channels `ids` of a weight in the VNNI int8 layout."""
-    blocks, width = packed.shape
-    n, groups = ids.shape[0], width // _INT8_GROUP_BYTES
-    # The blocks holding the channels first: the whole layout's scales are 1.8 MB of
-    # the demo model's head, copied on every step's embedding lookup otherwise.
-    held = packed.view(blocks, groups, _INT8_GROUP_BYTES)[ids // _VNNI_LANES]
-    each, lane = torch.arange(n), ids % _VNNI_LANES
-    codes = held[..., :512].reshape(n, groups, 8, _VNNI_LANES, 4)[each, :, :, lane]
-    scales = held[..., 512:].contiguous().view(torch.bfloat16).view(n, groups, _VNNI_LANES)
-    chosen = scales[each, :, lane].float()  # [n, groups]
-    signed = (codes.reshape(n, -1).to(torch.int16) - 128).to(torch.int8)
-    return signed, chosen
+def int8_vnni_embed(packed: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Output channels `ids` of a weight in the VNNI int8 layout, dequantised to bf16
+    (``[len(ids), in]``, each code times its group's scale rounded once): a tied
+    embedding's lookup."""
+    _require()
+    out: torch.Tensor = torch.ops.tokenyard_avx512.int8_vnni_embed(packed, ids.contiguous())
+    return out
 
 
 def pack_int4_vnni(

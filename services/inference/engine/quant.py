@@ -201,9 +201,8 @@ class Int8Vnni:
 
     def rows(self, ids: torch.Tensor) -> torch.Tensor:
         """Dequantised rows `ids` (an embedding lookup on a tied table)."""
-        codes, scales = avx512.int8_vnni_rows(self.packed, ids)
-        groups = codes.float().view(ids.shape[0], -1, avx512.VNNI_BLOCK) * scales[..., None]
-        return groups.view(ids.shape[0], -1).to(self.dtype)
+        rows = avx512.int8_vnni_embed(self.packed, ids)
+        return rows if self.dtype is torch.bfloat16 else rows.to(self.dtype)
 
 
 @dataclass(frozen=True)

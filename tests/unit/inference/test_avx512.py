@@ -392,13 +392,19 @@ def test_an_all_zero_block_and_large_values_stay_finite_and_exact() -> None:
 
 
 @needs_avx512
-def test_the_int8_vnni_layout_gives_back_any_channels_codes_and_scales() -> None:
+def test_the_int8_vnni_layout_gives_back_any_channels_weights() -> None:
     codes = torch.randint(-127, 128, (48, 64), dtype=torch.int8)
     scales = torch.rand(48, 2).to(BF16).float()
     packed = avx512.pack_int8_vnni(codes, scales)
     ids = torch.tensor([0, 47, 17, 17, 31])
-    got_codes, got_scales = avx512.int8_vnni_rows(packed, ids)
-    assert torch.equal(got_codes, codes[ids]) and torch.equal(got_scales, scales[ids])
+    weights = codes.float().view(48, 2, 32) * scales[..., None]  # a scale per group of 32
+    got = avx512.int8_vnni_embed(packed, ids)
+    assert got.dtype == BF16 and torch.equal(got, weights.view(48, 64)[ids].to(BF16))
+    assert avx512.int8_vnni_embed(packed, torch.tensor([], dtype=torch.long)).shape == (0, 64)
+    with pytest.raises(RuntimeError, match=r"ids\[1\] = 48 is outside 0..47"):
+        avx512.int8_vnni_embed(packed, torch.tensor([3, 48]))
+    with pytest.raises(RuntimeError, match="ids must be a contiguous 1-D int64 tensor"):
+        avx512.int8_vnni_embed(packed, torch.tensor([3.0]))
 
 
 @needs_avx512
