@@ -698,7 +698,13 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
 constexpr int64_t kVnniBlock = 32;     // inputs per activation scale and per int4 group
 constexpr int64_t kVnniGroupBytes = 320;  // one int4 group of 16 channels
 constexpr int64_t kVnniInt8GroupBytes = 544;  // one int8 group of 16 channels
-constexpr int64_t kVnniMaxRows = 8;    // rows of x per register tile
+constexpr int64_t kVnniMaxRows = 8;    // rows of x per register tile, up to 8 rows
+// Past 8 rows, tiles of up to 4 rows and 3 channel blocks: 12 chains of VPDPBUSD, each
+// broadcast of x serving 3 blocks. Against 8-row tiles of one block (2-core Zen 5,
+// the demo model's four projections and int8 head, best of 15 interleaved): int8
+// 1.22x and 1.26x at 64 rows, 1.44x and 1.34x at 12; int4 1.09x and 1.24x at 64,
+// 1.43x and 1.33x at 12. At 8 rows one 8-row tile stayed faster for the head.
+constexpr int64_t kVnniWideRows = 4, kVnniWideBlocks = 3;
 constexpr int64_t kVnniAhead8 = 1024, kVnniAhead4 = 640;  // prefetch distances (bytes)
 
 // x ([m_rows, k] bf16) quantised in blocks of 32: codes [m_rows, k], and per block its
@@ -823,15 +829,16 @@ void int4_vnni_tile(const uint8_t* w, int64_t stride, const QuantizedX& q, int64
 }
 
 // The tile shapes a call uses: one row takes four channel blocks at once (four
-// independent chains of VPDPBUSD), two or three rows two blocks, more rows one block
-// and up to kVnniMaxRows rows, each block's codes reused from L1 by every row tile.
+// independent chains of VPDPBUSD), two or three rows two blocks, up to kVnniMaxRows
+// rows one block, more rows kVnniWideBlocks blocks in tiles of kVnniWideRows, each
+// block's codes reused from L1 by every row tile.
 #define TOKENYARD_VNNI_TILE(TILE, C, R) \
   TILE<C, R>(w + b * stride, stride, q, m0, k, out + b * 16, n_out)
 
 template <int64_t R, bool Int4>
 inline void vnni_rows(const uint8_t* w, int64_t stride, const QuantizedX& q,
                       int64_t m0, int64_t k, at::BFloat16* out, int64_t n_out, int64_t b, int64_t c) {
-  // c channel blocks from block b (c at most 4 for one row, 2 for two or three rows).
+  // c channel blocks from block b (`vnni_linear`'s `across` at most).
 #define TOKENYARD_VNNI_CASE(C)                                                   \
   case C:                                                                        \
     if constexpr (Int4) TOKENYARD_VNNI_TILE(int4_vnni_tile, C, R);               \
@@ -849,21 +856,24 @@ inline void vnni_rows(const uint8_t* w, int64_t stride, const QuantizedX& q,
 template <bool Int4>
 void vnni_linear(const uint8_t* w, int64_t stride, const QuantizedX& q,
                  int64_t m_rows, int64_t k, at::BFloat16* out, int64_t n_out) {
-  const int64_t tiles = (m_rows + kVnniMaxRows - 1) / kVnniMaxRows;
-  const int64_t across = m_rows == 1 ? 4 : m_rows < 4 ? 2 : 1;  // channel blocks per tile
+  const bool wide = m_rows > kVnniMaxRows;
+  const int64_t max_rows = wide ? kVnniWideRows : kVnniMaxRows;
+  const int64_t tiles = (m_rows + max_rows - 1) / max_rows;
+  // channel blocks per tile
+  const int64_t across = wide ? kVnniWideBlocks : m_rows == 1 ? 4 : m_rows < 4 ? 2 : 1;
   parallel_blocks(n_out / 16, [&](int64_t begin, int64_t end) {
     for (int64_t b = begin; b < end; b += across) {
       const int64_t c = std::min(across, end - b);
       for (int64_t t = 0; t < tiles; ++t) {  // rows split evenly over the tiles
         const int64_t m0 = t * m_rows / tiles, rows = (t + 1) * m_rows / tiles - m0;
         switch (rows) {
-          case 8: vnni_rows<8, Int4>(w, stride, q, m0, k, out, n_out, b, 1); break;
-          case 7: vnni_rows<7, Int4>(w, stride, q, m0, k, out, n_out, b, 1); break;
-          case 6: vnni_rows<6, Int4>(w, stride, q, m0, k, out, n_out, b, 1); break;
-          case 5: vnni_rows<5, Int4>(w, stride, q, m0, k, out, n_out, b, 1); break;
-          case 4: vnni_rows<4, Int4>(w, stride, q, m0, k, out, n_out, b, 1); break;
-          case 3: vnni_rows<3, Int4>(w, stride, q, m0, k, out, n_out, b, std::min<int64_t>(c, 2)); break;
-          case 2: vnni_rows<2, Int4>(w, stride, q, m0, k, out, n_out, b, std::min<int64_t>(c, 2)); break;
+          case 8: vnni_rows<8, Int4>(w, stride, q, m0, k, out, n_out, b, c); break;
+          case 7: vnni_rows<7, Int4>(w, stride, q, m0, k, out, n_out, b, c); break;
+          case 6: vnni_rows<6, Int4>(w, stride, q, m0, k, out, n_out, b, c); break;
+          case 5: vnni_rows<5, Int4>(w, stride, q, m0, k, out, n_out, b, c); break;
+          case 4: vnni_rows<4, Int4>(w, stride, q, m0, k, out, n_out, b, c); break;
+          case 3: vnni_rows<3, Int4>(w, stride, q, m0, k, out, n_out, b, c); break;
+          case 2: vnni_rows<2, Int4>(w, stride, q, m0, k, out, n_out, b, c); break;
           default: vnni_rows<1, Int4>(w, stride, q, m0, k, out, n_out, b, c); break;
         }
       }
