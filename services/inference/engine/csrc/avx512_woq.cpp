@@ -550,7 +550,8 @@ inline __m512 sum16(const __m512* d) {
 // `scores`: group * len floats; `weights`: group * (len + 1) bf16 (scratch).
 void attend_group(const at::BFloat16* q, const at::BFloat16* k, const at::BFloat16* v,
                   int64_t group, int64_t len, int64_t hd, float scale, float* scores,
-                  uint16_t* weights, at::BFloat16* out) {
+                  uint16_t* weights, at::BFloat16* out, const at::BFloat16* next_k,
+                  int64_t next_len) {
   const int64_t chunks = hd / kChunk;
   __m512bh qv[kMaxGroup][kMaxDim / kChunk];
   for (int64_t i = 0; i < group; ++i)
@@ -562,6 +563,8 @@ void attend_group(const at::BFloat16* q, const at::BFloat16* k, const at::BFloat
     for (; j + 16 <= len; j += 16) {
       __m512 dot[16];
       for (int64_t t = 0; t < 16; ++t) {
+        if (i == 0)  // the values' rows, read after the softmax
+          for (int64_t c = 0; c < chunks; ++c) prefetch(v + (j + t) * hd + c * kChunk);
         dot[t] = _mm512_setzero_ps();
         for (int64_t c = 0; c < chunks; ++c)
           dot[t] = _mm512_dpbf16_ps(dot[t], qv[i][c], load_bh(k + (j + t) * hd + c * kChunk));
@@ -608,6 +611,8 @@ void attend_group(const at::BFloat16* q, const at::BFloat16* k, const at::BFloat
   for (int64_t i = 0; i < group; ++i)
     for (int64_t c = 0; c < chunks; ++c) lo[i][c] = hi[i][c] = _mm512_setzero_ps();
   for (int64_t j = 0; j < len; j += 2) {
+    if (next_k != nullptr && j + 1 < next_len)  // the next group's keys, two rows a step
+      for (int64_t c = 0; c < 2 * chunks; ++c) prefetch(next_k + j * hd + c * kChunk);
     __m512bh vl[kMaxDim / kChunk], vh[kMaxDim / kChunk];
     for (int64_t c = 0; c < chunks; ++c) {
       const __m512i a = _mm512_loadu_si512(v + j * hd + c * kChunk);
@@ -663,9 +668,17 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
     for (int64_t w = begin; w < end; ++w) {
       const int64_t r = w / kv_heads, h = w % kv_heads;
       const int64_t cache_at = (r * kv_heads + h) * capacity * hd;
+      // Each group's keys and values are a few KB from memory, too short a stream for
+      // the hardware prefetcher: the values and the next group's keys are fetched
+      // ahead (64 rows of the demo model, 111 positions, 30 layers' caches: 0.37-0.47
+      // ms a layer before, 0.14-0.16 with the cache hot).
+      const bool more = w + 1 < end;
+      const int64_t next_r = (w + 1) / kv_heads, next_h = (w + 1) % kv_heads;
       attend_group(qp + r * row_stride + h * group * hd, kp + cache_at, vp + cache_at, group,
                    lens[r], hd, static_cast<float>(scale), scores.data(), weights.data(),
-                   op + (r * kv_heads + h) * group * hd);
+                   op + (r * kv_heads + h) * group * hd,
+                   more ? kp + (next_r * kv_heads + next_h) * capacity * hd : nullptr,
+                   more ? lens[next_r] : 0);
     }
   };
   if (rows == 1) {  // one row's few heads: a thread team costs more than it saves
