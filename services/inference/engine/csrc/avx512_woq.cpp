@@ -150,14 +150,17 @@ void pair_tile(const Load& load, int64_t k, __m512i* tile) {
 
 // R rows of x (row stride k) against a block's pair buffer, each sum times its
 // channel's scale (none: 1), into out (bf16, row stride n_out).
+// `ahead`: a buffer (the next block's) to fetch into cache meanwhile, or null.
 template <int64_t R>
 void pair_rows(const at::BFloat16* x, const __m512i* tile, const float* scale, int64_t k,
-               at::BFloat16* out, int64_t n_out) {
+               at::BFloat16* out, int64_t n_out, const __m512i* ahead) {
   __m512 acc[R][kPairVecs];
   for (auto& row : acc)
     for (auto& a : row) a = _mm512_setzero_ps();
   const int32_t* xd = reinterpret_cast<const int32_t*>(x);
   for (int64_t p = 0; p < k / 2; ++p) {
+    if (ahead != nullptr)
+      for (int64_t v = 0; v < kPairVecs; ++v) prefetch(ahead + p * kPairVecs + v);
     __m512bh w[kPairVecs];
     for (int64_t v = 0; v < kPairVecs; ++v) w[v] = as_bh(_mm512_load_si512(tile + p * kPairVecs + v));
     for (int64_t r = 0; r < R; ++r) {
@@ -173,22 +176,24 @@ void pair_rows(const at::BFloat16* x, const __m512i* tile, const float* scale, i
     }
 }
 
-// Every row of x ([m_rows, k]) against a block's pair buffer.
+// Every row of x ([m_rows, k]) against a block's pair buffer; the first row tile
+// fetches `ahead` (the next block's buffer, or null) into cache meanwhile.
 void pair_all_rows(const at::BFloat16* x, int64_t m_rows, const __m512i* tile, const float* scale,
-                   int64_t k, at::BFloat16* out, int64_t n_out) {
+                   int64_t k, at::BFloat16* out, int64_t n_out, const __m512i* ahead = nullptr) {
   int64_t m = 0;
   for (; m + kPairRows <= m_rows; m += kPairRows)
-    pair_rows<kPairRows>(x + m * k, tile, scale, k, out + m * n_out, n_out);
+    pair_rows<kPairRows>(x + m * k, tile, scale, k, out + m * n_out, n_out, m == 0 ? ahead : nullptr);
   x += m * k;
   out += m * n_out;
+  ahead = m == 0 ? ahead : nullptr;
   switch (m_rows - m) {
-    case 7: pair_rows<7>(x, tile, scale, k, out, n_out); break;
-    case 6: pair_rows<6>(x, tile, scale, k, out, n_out); break;
-    case 5: pair_rows<5>(x, tile, scale, k, out, n_out); break;
-    case 4: pair_rows<4>(x, tile, scale, k, out, n_out); break;
-    case 3: pair_rows<3>(x, tile, scale, k, out, n_out); break;
-    case 2: pair_rows<2>(x, tile, scale, k, out, n_out); break;
-    case 1: pair_rows<1>(x, tile, scale, k, out, n_out); break;
+    case 7: pair_rows<7>(x, tile, scale, k, out, n_out, ahead); break;
+    case 6: pair_rows<6>(x, tile, scale, k, out, n_out, ahead); break;
+    case 5: pair_rows<5>(x, tile, scale, k, out, n_out, ahead); break;
+    case 4: pair_rows<4>(x, tile, scale, k, out, n_out, ahead); break;
+    case 3: pair_rows<3>(x, tile, scale, k, out, n_out, ahead); break;
+    case 2: pair_rows<2>(x, tile, scale, k, out, n_out, ahead); break;
+    case 1: pair_rows<1>(x, tile, scale, k, out, n_out, ahead); break;
     default: break;
   }
 }
@@ -290,8 +295,14 @@ at::Tensor pair_linear(const at::Tensor& x, const at::Tensor& packed) {
   const at::BFloat16* xp = x.data_ptr<at::BFloat16>();
   at::BFloat16* op = out.data_ptr<at::BFloat16>();
   parallel_blocks(n_out / kPairBlock, [&](int64_t begin, int64_t end) {
-    for (int64_t b = begin; b < end; ++b)
-      pair_all_rows(xp, m_rows, pp + b * (k / 2) * kPairVecs, nullptr, k, op + b * kPairBlock, n_out);
+    // Each block's weights are read from memory once, by its first row tile, which
+    // fetches the next block's meanwhile (30 layers' projections, 2-core Zen 5: 64
+    // rows took 21.5-22.3 ms from memory against 17.2 with the weights in cache).
+    for (int64_t b = begin; b < end; ++b) {
+      const __m512i* block = pp + b * (k / 2) * kPairVecs;
+      pair_all_rows(xp, m_rows, block, nullptr, k, op + b * kPairBlock, n_out,
+                    b + 1 < end ? block + (k / 2) * kPairVecs : nullptr);
+    }
   });
   return out;
 }
