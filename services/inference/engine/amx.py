@@ -27,7 +27,7 @@ __all__ = ["EXTENSION", "available", "build", "cpu_has_amx", "int4pack_linear", 
 EXTENSION = CpuExtension(
     name="tokenyard_amx_woq",
     source="amx_woq.cpp",
-    isa_cflags=(
+    cflags=(
         "-mavx512f",
         "-mavx512bw",
         "-mavx512vl",

@@ -31,7 +31,7 @@ __all__ = [
 EXTENSION = CpuExtension(
     name="tokenyard_avx2_woq",
     source="avx2_woq.cpp",
-    isa_cflags=("-mavx2", "-mfma"),
+    cflags=("-mavx2", "-mfma"),
     cpu_flags=frozenset({"avx2", "fma"}),
 )
 

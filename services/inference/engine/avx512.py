@@ -47,7 +47,7 @@ __all__ = [
 EXTENSION = CpuExtension(
     name="tokenyard_avx512_woq",
     source="avx512_woq.cpp",
-    isa_cflags=(
+    cflags=(
         "-mavx512f",
         "-mavx512bw",
         "-mavx512vl",
