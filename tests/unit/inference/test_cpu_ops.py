@@ -18,6 +18,7 @@ from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
 from services.inference.engine import cpu_kernels
 from services.inference.engine.runner import Runner
+from services.inference.engine.sampling import first_max
 from tests.doubles.tiny_model import build_tiny_model
 from tests.unit.inference.helpers import prefill_then_decode
 
@@ -30,6 +31,13 @@ def transformers_norm(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         norm.weight.copy_(weight)
         out: torch.Tensor = norm(x)
     return out
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _ops_loaded() -> None:
+    """Every test calls torch.ops.tokenyard_ops, registered when the extension loads:
+    loaded here, not by whichever test happens to run first."""
+    cpu_kernels.OPS.available()
 
 
 def test_the_ops_build_and_run_on_this_cpu() -> None:
@@ -63,6 +71,33 @@ def test_add_rms_norm_adds_in_place_then_normalises(dtype: torch.dtype, rows: in
     got = torch.ops.tokenyard_ops.add_rms_norm_(x, delta, weight, EPS)
     assert torch.equal(x, summed)  # x + delta, rounded the same way
     assert torch.equal(got, torch.ops.tokenyard_ops.rms_norm(summed, weight, EPS))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("rows", "width"), [(1, 49152), (3, 7), (5, 33), (20, 100), (64, 517)])
+def test_first_max_is_torch_max_indices_ties_and_nan_included(
+    dtype: torch.dtype, rows: int, width: int
+) -> None:
+    generator = torch.Generator().manual_seed(rows)
+    logits = torch.randn(rows, width, generator=generator).to(dtype)
+    logits[0, -1] = logits[0].max()  # a tie with the last column: the first one wins
+    if rows > 2:
+        logits[1] = float("-inf")  # every token forbidden: index 0
+        logits[2, width // 2] = float("nan")  # a NaN is the maximum, as in torch.max
+    small = torch.randint(0, 3, (rows, width), generator=generator).to(dtype)  # many ties
+    for x in (logits, small):
+        assert torch.equal(torch.ops.tokenyard_ops.first_max(x), x.max(dim=-1).indices)
+    assert torch.equal(first_max(logits), logits.max(dim=-1).indices)
+
+
+def test_first_max_refuses_what_it_cannot_read() -> None:
+    with pytest.raises(RuntimeError, match="at least one column"):
+        torch.ops.tokenyard_ops.first_max(torch.zeros(2, 0))
+    with pytest.raises(RuntimeError, match="contiguous 2-D"):
+        torch.ops.tokenyard_ops.first_max(torch.zeros(4, 3).t())
+    with pytest.raises(RuntimeError, match="float32 or bfloat16"):
+        torch.ops.tokenyard_ops.first_max(torch.zeros(2, 3, dtype=torch.float64))
+    assert torch.equal(first_max(torch.zeros(2, 3).t()), torch.zeros(3, dtype=torch.long))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
