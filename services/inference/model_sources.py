@@ -185,8 +185,12 @@ def converted(source: Path, cache_dir: Path, convert: Converter) -> Path:
 
     The entry is `cache_dir/<stem>-<content digest>`; a complete entry has a
     config.json. `convert` writes into a temporary folder renamed into place, under
-    a lock that makes concurrent callers on a cold cache wait for the first.
+    a lock that makes concurrent callers on a cold cache wait for the first. A
+    `cache_dir` under ``~`` is the user's (the setting's default is written so): a
+    library caller passing it as is once got a folder named ``~`` in its working
+    directory.
     """
+    cache_dir = cache_dir.expanduser()
     target = cache_dir / f"{source.stem}-{content_digest(source)}"
     if (target / "config.json").is_file():
         return target

@@ -144,6 +144,24 @@ def test_the_worker_start_fails_with_one_line(tmp_path: Path) -> None:
         assert reason in lines[0]
 
 
+def test_a_cache_dir_under_home_is_the_users_not_a_folder_named_tilde(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    home, work = tmp_path / "home", tmp_path / "work"
+    work.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(work)
+    source = tmp_path / "model.gguf"
+    source.write_bytes(b"GGUF")
+
+    def convert(source: Path, folder: Path) -> None:
+        (folder / "config.json").write_text("{}", encoding="utf-8")
+
+    entry = converted(source, Path("~/models"), convert)
+    assert entry.parent == home / "models" and (entry / "config.json").is_file()
+    assert not any(work.iterdir())
+
+
 def test_the_conversion_cache_is_keyed_by_content(tmp_path: Path) -> None:
     calls: list[bytes] = []
 
