@@ -37,7 +37,7 @@ def load(settings: InferenceSettings) -> LoadedModel:
         settings.model,
         device=settings.device,
         dtype=settings.dtype,
-        cache_dir=settings.cache_dir.expanduser(),
+        cache_dir=settings.cache_dir,  # model_sources.converted expands ~
     )
 
 
