@@ -185,8 +185,7 @@ class Int8Vnni:
     """int8 with a scale per output channel and group of 32 inputs (as GGUF's Q8_0), in
     avx512.py's VNNI layout (`quantize_for`)."""
 
-    packed: torch.Tensor  # uint8, avx512.pack_int8_vnni
-    dtype: torch.dtype  # the activations'
+    packed: torch.Tensor  # uint8, avx512.pack_int8_vnni (bf16 activations only)
     kind = avx512.INT8_VNNI  # for avx512.decode_layers
 
     @property
@@ -200,9 +199,8 @@ class Int8Vnni:
         return out if bias is None else out + bias
 
     def rows(self, ids: torch.Tensor) -> torch.Tensor:
-        """Dequantised rows `ids` (an embedding lookup on a tied table)."""
-        rows = avx512.int8_vnni_embed(self.packed, ids)
-        return rows if self.dtype is torch.bfloat16 else rows.to(self.dtype)
+        """Dequantised bf16 rows `ids` (an embedding lookup on a tied table)."""
+        return avx512.int8_vnni_embed(self.packed, ids)
 
 
 @dataclass(frozen=True)
@@ -242,7 +240,7 @@ def quantize_for(weight: torch.Tensor, mode: str, dtype: torch.dtype) -> QuantWe
     shape = (int(weight.shape[0]), int(weight.shape[1]))
     if mode == "int8" and vnni_serves(dtype, shape):  # bf16 scales, as the layout keeps
         codes, scales = _symmetric_int8(weight, avx512.VNNI_BLOCK, torch.bfloat16)
-        return Int8Vnni(avx512.pack_int8_vnni(codes, scales), dtype)
+        return Int8Vnni(avx512.pack_int8_vnni(codes, scales))
     quantized = quantize(weight, mode)
     return for_kernels(quantized, dtype) if isinstance(quantized, Int4Weight) else quantized
 

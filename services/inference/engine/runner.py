@@ -396,6 +396,94 @@ class Runner(ForwardSteps):
         gate, up = self._linear(h, layer.w_gate_up, layer.b_gate_up).chunk(2, dim=-1)
         return self._linear(F.silu(gate) * up, layer.w_down, layer.b_down)
 
+    def _layer_loop(
+        self,
+        x: torch.Tensor,
+        cache: KVCache,
+        decode: DecodeBatch | None,
+        meta: list[tuple[int, int, int, int, torch.Tensor]],
+        *,
+        rotary: tuple[torch.Tensor, torch.Tensor],
+        lengths: torch.Tensor | None,
+        decode_mask: torch.Tensor | None,
+        fused_write: bool,
+    ) -> None:
+        """`forward`'s decoder layers from Python, op by op, over the residual stream `x`
+        (updated in place): `meta` the prompt chunks' (slot, offset, start, end, mask),
+        `lengths` or `decode_mask` what the decode rows attend to, `fused_write`
+        whether rotary and the cache writes take `tokenyard_ops.rope_write_`."""
+        nh, nkv, hd, g = self.n_heads, self.n_kv_heads, self.head_dim, self.groups
+        cos, sin = rotary
+        total = int(x.shape[0])
+        b = length = 0
+        if decode is not None:
+            b, length = int(decode.tokens.shape[0]), int(decode.mask.shape[-1])
+        h = self._rms_norm(x, self.layers[0].ln1)
+        for i, layer in enumerate(self.layers):
+            fused_qkv = self._linear(h, layer.w_qkv, layer.b_qkv)
+            outs: list[torch.Tensor] = []
+            if fused_write and decode is not None:
+                q = torch.ops.tokenyard_ops.rope_write_(
+                    fused_qkv, cos, sin, cache.k[i], cache.v[i], decode.write_index, nh, nkv
+                )
+                queries = q.view(b, nkv, g, hd)
+            elif decode is not None:
+                qkv = fused_qkv.view(total, nh + 2 * nkv, hd)
+                qk = self._rope(self._head_norms(qkv[:, : nh + nkv], layer), cos, sin)
+                # Written before the chunks: a prompt slot riding along in the decode
+                # batch scribbles on the position its chunk then overwrites.
+                cache.k[i].view(-1, hd).index_copy_(
+                    0, decode.write_index, qk[:b, nh:].reshape(-1, hd)
+                )
+                cache.v[i].view(-1, hd).index_copy_(
+                    0, decode.write_index, qkv[:b, nh + nkv :].reshape(-1, hd)
+                )
+                # Query heads grouped under their kv head: (b, kv heads, group, head_dim)
+                # against the cache slots' keys in place (a strided view, no copy).
+                queries = qk[:b, :nh].reshape(b, nkv, g, hd)
+            else:
+                qkv = fused_qkv.view(total, nh + 2 * nkv, hd)
+                qk = self._rope(self._head_norms(qkv[:, : nh + nkv], layer), cos, sin)
+            if decode is not None:
+                if self._attention is not None and lengths is not None:
+                    outs.append(
+                        self._attention.decode_attention(
+                            queries, cache.k[i], cache.v[i], lengths, self.scaling
+                        )
+                    )
+                else:
+                    # SDPA's fused CPU kernel against bmm, softmax, bmm (bf16, 2 cores): a
+                    # quarter to 0.4x of the time at 1-64 rows over 128 positions alone,
+                    # a 64-row step over 129 positions 67.9 against 72.8 ms.
+                    attn = F.scaled_dot_product_attention(
+                        queries,
+                        cache.k[i, :b, :, :length],
+                        cache.v[i, :b, :, :length],
+                        attn_mask=decode_mask,
+                        scale=self.scaling,
+                    )
+                    outs.append(attn.reshape(b, nh * hd))
+            for slot, off, start, end, mask in meta:
+                n = end - start
+                cache.k[i, slot, :, start:end] = qk[off : off + n, nh:].transpose(0, 1)
+                cache.v[i, slot, :, start:end] = qkv[off : off + n, nh + nkv :].transpose(0, 1)
+                attn = F.scaled_dot_product_attention(
+                    qk[off : off + n, :nh].transpose(0, 1)[None],
+                    cache.k[i, slot : slot + 1, :, :end],
+                    cache.v[i, slot : slot + 1, :, :end],
+                    attn_mask=mask,
+                    scale=self.scaling,
+                    enable_gqa=True,
+                )
+                outs.append(attn[0].transpose(0, 1).reshape(n, nh * hd))
+            merged = torch.cat(outs) if len(outs) > 1 else outs[0]
+            h = self._add_norm(x, self._linear(merged, layer.w_o, layer.b_o), layer.ln2)
+            down = self._mlp(h, layer)
+            if i + 1 < len(self.layers):
+                h = self._add_norm(x, down, self.layers[i + 1].ln1)
+            else:
+                x.add_(down)
+
     def write_rows(self, cache: SlotCache, write_pos: torch.Tensor) -> torch.Tensor:
         """Flat row indices in a layer's ``[slots*kv_heads*capacity, head_dim]`` view."""
         b = write_pos.shape[0]
@@ -420,7 +508,7 @@ class Runner(ForwardSteps):
         of ``decode.rows`` followed by those of each chunk's last token.
         """
         assert isinstance(cache, KVCache), "the fast path runs over its own KVCache"
-        nh, nkv, hd, g = self.n_heads, self.n_kv_heads, self.head_dim, self.groups
+        nh, nkv = self.n_heads, self.n_kv_heads
         device = self.device
         tokens: list[torch.Tensor] = []
         positions: list[torch.Tensor] = []
@@ -451,7 +539,6 @@ class Runner(ForwardSteps):
             offset += n
         flat = torch.cat(tokens) if len(tokens) > 1 else tokens[0]
         pos = torch.cat(positions) if len(positions) > 1 else positions[0]
-        total = int(flat.shape[0])
         x = (
             F.embedding(flat, self.embed)
             if isinstance(self.embed, torch.Tensor)
@@ -477,71 +564,16 @@ class Runner(ForwardSteps):
                 shape=(nh, nkv, self.scaling, self.eps),
             )
         else:
-            h = self._rms_norm(x, self.layers[0].ln1)
-            for i, layer in enumerate(self.layers):
-                fused_qkv = self._linear(h, layer.w_qkv, layer.b_qkv)
-                outs: list[torch.Tensor] = []
-                if fused_write and decode is not None:
-                    q = torch.ops.tokenyard_ops.rope_write_(
-                        fused_qkv, cos, sin, cache.k[i], cache.v[i], decode.write_index, nh, nkv
-                    )
-                    queries = q.view(b, nkv, g, hd)
-                elif decode is not None:
-                    qkv = fused_qkv.view(total, nh + 2 * nkv, hd)
-                    qk = self._rope(self._head_norms(qkv[:, : nh + nkv], layer), cos, sin)
-                    # Written before the chunks: a prompt slot riding along in the decode
-                    # batch scribbles on the position its chunk then overwrites.
-                    cache.k[i].view(-1, hd).index_copy_(
-                        0, decode.write_index, qk[:b, nh:].reshape(-1, hd)
-                    )
-                    cache.v[i].view(-1, hd).index_copy_(
-                        0, decode.write_index, qkv[:b, nh + nkv :].reshape(-1, hd)
-                    )
-                    # Query heads grouped under their kv head: (b, kv heads, group, head_dim)
-                    # against the cache slots' keys in place (a strided view, no copy).
-                    queries = qk[:b, :nh].reshape(b, nkv, g, hd)
-                else:
-                    qkv = fused_qkv.view(total, nh + 2 * nkv, hd)
-                    qk = self._rope(self._head_norms(qkv[:, : nh + nkv], layer), cos, sin)
-                if decode is not None:
-                    if self._attention is not None and lengths is not None:
-                        outs.append(
-                            self._attention.decode_attention(
-                                queries, cache.k[i], cache.v[i], lengths, self.scaling
-                            )
-                        )
-                    else:
-                        # SDPA's fused CPU kernel against bmm, softmax, bmm (bf16, 2 cores): a
-                        # quarter to 0.4x of the time at 1-64 rows over 128 positions alone,
-                        # a 64-row step over 129 positions 67.9 against 72.8 ms.
-                        attn = F.scaled_dot_product_attention(
-                            queries,
-                            cache.k[i, :b, :, :length],
-                            cache.v[i, :b, :, :length],
-                            attn_mask=decode_mask,
-                            scale=self.scaling,
-                        )
-                        outs.append(attn.reshape(b, nh * hd))
-                for slot, off, start, end, mask in meta:
-                    n = end - start
-                    cache.k[i, slot, :, start:end] = qk[off : off + n, nh:].transpose(0, 1)
-                    cache.v[i, slot, :, start:end] = qkv[off : off + n, nh + nkv :].transpose(0, 1)
-                    attn = F.scaled_dot_product_attention(
-                        qk[off : off + n, :nh].transpose(0, 1)[None],
-                        cache.k[i, slot : slot + 1, :, :end],
-                        cache.v[i, slot : slot + 1, :, :end],
-                        attn_mask=mask,
-                        scale=self.scaling,
-                        enable_gqa=True,
-                    )
-                    outs.append(attn[0].transpose(0, 1).reshape(n, nh * hd))
-                merged = torch.cat(outs) if len(outs) > 1 else outs[0]
-                h = self._add_norm(x, self._linear(merged, layer.w_o, layer.b_o), layer.ln2)
-                down = self._mlp(h, layer)
-                if i + 1 < len(self.layers):
-                    h = self._add_norm(x, down, self.layers[i + 1].ln1)
-                else:
-                    x.add_(down)
+            self._layer_loop(
+                x,
+                cache,
+                decode,
+                meta,
+                rotary=(cos, sin),
+                lengths=lengths,
+                decode_mask=decode_mask,
+                fused_write=fused_write,
+            )
         last = torch.tensor(
             [off + (end - start) - 1 for _, off, start, end, _ in meta],
             dtype=torch.long,

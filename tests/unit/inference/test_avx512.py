@@ -368,7 +368,7 @@ def test_int4_vnni_multiplies_the_weight_by_the_quantised_rows(
 def test_a_row_gives_the_same_result_alone_and_in_a_batch() -> None:
     # Each row is quantised on its own: batching never changes a stream's tokens.
     torch.manual_seed(8)
-    q8 = quant.Int8Vnni(int8_groups(128, 64)[0], BF16)
+    q8 = quant.Int8Vnni(int8_groups(128, 64)[0])
     q4 = quant.for_kernels(quantize_int4(torch.randn(128, 64, dtype=BF16)), BF16)
     assert isinstance(q4, quant.Int4Vnni)
     x = torch.randn(17, 64, dtype=BF16) * torch.logspace(-3, 3, 17)[:, None].to(BF16)
@@ -430,7 +430,7 @@ def test_the_vnni_kernels_refuse_bad_input_with_what_is_wrong() -> None:
 
 @needs_avx512
 def test_the_vnni_kernels_leave_the_compute_threads_count_alone() -> None:
-    q8 = quant.Int8Vnni(int8_groups(64, 64)[0], BF16)
+    q8 = quant.Int8Vnni(int8_groups(64, 64)[0])
     q4 = quant.for_kernels(quantize_int4(torch.randn(64, 64, dtype=BF16)), BF16)
     x = torch.randn(6, 64, dtype=BF16)
 

@@ -9,10 +9,11 @@
 // Rotary positions likewise: one call for the query and key heads of a layer
 // instead of five (two multiplies, a roll as two slices and a cat, an add).
 //
-// Compiled without ISA flags (baseline x86-64, auto-vectorised): it runs wherever
-// PyTorch does. From `kParallelRows` rows the rows are split across the calling
-// thread's OpenMP team (64 rows of the demo model, bf16, 2-core Zen 5: an add and
-// RMSNorm took 102 us on one core).
+// Compiled without ISA flags, so it runs wherever PyTorch does; each row function is
+// cloned for AVX-512 and AVX2 and the CPU picks one at load (TOKENYARD_CLONES). From
+// `kParallelRows` rows the rows are split across the calling thread's OpenMP team (64
+// rows of the demo model, bf16, 2-core Zen 5: an add and RMSNorm took 102 us on one
+// core). float32 and bfloat16 only.
 
 #include <ATen/ATen.h>
 #include <torch/library.h>
@@ -113,7 +114,8 @@ __attribute__((always_inline)) inline void rope_rows_impl(const T* x, int64_t ro
 // at load by the CPU (GCC's target_clones). With -ffp-contract=off (cpu_kernels.py)
 // every clone rounds alike, so results do not depend on the CPU; the same
 // arithmetic, vectorised: at 64 rows of the demo model on a 2-core Zen 5 an add and
-// RMSNorm took 28 us and rotary plus cache writes 41 us in baseline x86-64.
+// RMSNorm took 28 us and rotary plus cache writes 38 us in baseline x86-64, 9 and
+// 10 us cloned.
 #define TOKENYARD_CLONES \
   __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 // 16 floats as GCC's vector extension: compiled for whatever each clone has (the
@@ -199,18 +201,17 @@ TOKENYARD_ROW_FUNCTIONS(float, f32)
 TOKENYARD_ROW_FUNCTIONS(at::BFloat16, bf16)
 #undef TOKENYARD_ROW_FUNCTIONS
 
+// The clone for T: float or at::BFloat16 (`TOKENYARD_DISPATCH` admits no other).
 template <typename T>
 void norm_rows(const T* x, const T* w, T* out, int64_t rows, int64_t h, double eps) {
   if constexpr (std::is_same_v<T, float>) norm_rows_f32(x, w, out, rows, h, eps);
-  else if constexpr (std::is_same_v<T, at::BFloat16>) norm_rows_bf16(x, w, out, rows, h, eps);
-  else norm_rows_impl(x, w, out, rows, h, eps);  // double: not worth a clone
+  else norm_rows_bf16(x, w, out, rows, h, eps);
 }
 
 template <typename T>
 void add_rows(T* x, const T* delta, int64_t n) {
   if constexpr (std::is_same_v<T, float>) add_rows_f32(x, delta, n);
-  else if constexpr (std::is_same_v<T, at::BFloat16>) add_rows_bf16(x, delta, n);
-  else add_rows_impl(x, delta, n);
+  else add_rows_bf16(x, delta, n);
 }
 
 template <typename T>
@@ -218,11 +219,20 @@ void rope_rows(const T* x, int64_t row_stride, const T* cos, const T* sin, T* ou
                int64_t heads, int64_t hd, int64_t rd) {
   if constexpr (std::is_same_v<T, float>)
     rope_rows_f32(x, row_stride, cos, sin, out, rows, heads, hd, rd);
-  else if constexpr (std::is_same_v<T, at::BFloat16>)
-    rope_rows_bf16(x, row_stride, cos, sin, out, rows, heads, hd, rd);
   else
-    rope_rows_impl(x, row_stride, cos, sin, out, rows, heads, hd, rd);
+    rope_rows_bf16(x, row_stride, cos, sin, out, rows, heads, hd, rd);
 }
+
+template <typename T>
+void first_max_rows(const T* x, int64_t rows, int64_t n, int64_t* out) {
+  if constexpr (std::is_same_v<T, float>) first_max_f32(x, rows, n, out);
+  else first_max_bf16(x, rows, n, out);
+}
+
+// AT_DISPATCH over the two dtypes the ops take (each checks it first).
+#define TOKENYARD_DISPATCH(TYPE, NAME, ...)                   \
+  AT_DISPATCH_SWITCH(TYPE, NAME, AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__) \
+                                     AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__))
 
 void check(const at::Tensor& x, const at::Tensor& weight) {
   TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "x must be a contiguous 2-D tensor");
@@ -238,7 +248,7 @@ at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
   check(x, weight);
   at::Tensor out = at::empty_like(x);
   const int64_t h = x.size(1);
-  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "rms_norm", [&] {
+  TOKENYARD_DISPATCH(x.scalar_type(), "rms_norm", [&] {
     over_rows(x.size(0), [&](int64_t begin, int64_t end) {
       norm_rows(x.data_ptr<scalar_t>() + begin * h, weight.data_ptr<scalar_t>(),
                 out.data_ptr<scalar_t>() + begin * h, end - begin, h, eps);
@@ -256,7 +266,7 @@ at::Tensor add_rms_norm_(at::Tensor& x, const at::Tensor& delta, const at::Tenso
               "delta must be a contiguous tensor of x's shape and dtype");
   at::Tensor out = at::empty_like(x);
   const int64_t h = x.size(1);
-  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "add_rms_norm_", [&] {
+  TOKENYARD_DISPATCH(x.scalar_type(), "add_rms_norm_", [&] {
     over_rows(x.size(0), [&](int64_t begin, int64_t end) {
       scalar_t* xr = x.data_ptr<scalar_t>() + begin * h;
       add_rows(xr, delta.data_ptr<scalar_t>() + begin * h, (end - begin) * h);
@@ -285,7 +295,7 @@ at::Tensor rope(const at::Tensor& qk, const at::Tensor& cos, const at::Tensor& s
   TORCH_CHECK(rd % 2 == 0 && rd <= qk.size(2), "rotary dims must be even and at most head_dim");
   at::Tensor out = at::empty({rows, qk.size(1), qk.size(2)}, qk.options());
   const int64_t heads = qk.size(1), hd = qk.size(2);
-  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, qk.scalar_type(), "rope", [&] {
+  TOKENYARD_DISPATCH(qk.scalar_type(), "rope", [&] {
     over_rows(rows, [&](int64_t begin, int64_t end) {
       rope_rows(qk.data_ptr<scalar_t>() + begin * qk.stride(0), qk.stride(0),
                 cos.data_ptr<scalar_t>() + begin * rd, sin.data_ptr<scalar_t>() + begin * rd,
@@ -331,7 +341,7 @@ at::Tensor rope_write_(const at::Tensor& qkv, const at::Tensor& cos, const at::T
     TORCH_CHECK(rp[i] >= 0 && rp[i] < cache_rows, "rows[", i, "] = ", rp[i], " is outside 0..",
                 cache_rows - 1);
   at::Tensor q = at::empty({n, q_heads, hd}, qkv.options());
-  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, qkv.scalar_type(), "rope_write_", [&] {
+  TOKENYARD_DISPATCH(qkv.scalar_type(), "rope_write_", [&] {
     const scalar_t* x = qkv.data_ptr<scalar_t>();
     const scalar_t* c = cos.data_ptr<scalar_t>();
     const scalar_t* s = sin.data_ptr<scalar_t>();
@@ -366,13 +376,10 @@ at::Tensor first_max(const at::Tensor& x) {
   const int64_t rows = x.size(0), n = x.size(1);
   at::Tensor out = at::empty({rows}, x.options().dtype(at::kLong));
   int64_t* op = out.data_ptr<int64_t>();
-  if (x.scalar_type() == at::kFloat) {
-    const float* xp = x.data_ptr<float>();
-    over_rows(rows, [&](int64_t b, int64_t e) { first_max_f32(xp + b * n, e - b, n, op + b); });
-  } else {
-    const at::BFloat16* xp = x.data_ptr<at::BFloat16>();
-    over_rows(rows, [&](int64_t b, int64_t e) { first_max_bf16(xp + b * n, e - b, n, op + b); });
-  }
+  TOKENYARD_DISPATCH(x.scalar_type(), "first_max", [&] {
+    const scalar_t* xp = x.data_ptr<scalar_t>();
+    over_rows(rows, [&](int64_t b, int64_t e) { first_max_rows(xp + b * n, e - b, n, op + b); });
+  });
   return out;
 }
 
